@@ -1,0 +1,375 @@
+//! The one multi-head attention block with adapters, shared by the CLIP, SAM and SD3 crates.
+//!
+//! Upstream shapes: transformers `CLIPAttention` (separate `q_proj`, `k_proj`, `v_proj`,
+//! `out_proj`), `SamVisionAttention` (fused `qkv` + `proj`, additive relative-position bias),
+//! `SamAttention` (cross-attention with a downsampled inner width), diffusers `Attention` +
+//! `JointAttnProcessor2_0` (SD3: two streams, qk-norm between projection and attention).
+//! Models that need a step between projection and attention (qk-norm, a bias computed from q)
+//! call [`Attention::qkv`], [`Attention::split_heads`], [`sdpa`] and [`Attention::output`]
+//! themselves; the rest call [`Attention::forward`].
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::config::{AdapterConfig, Method, Projection};
+use crate::error::{Error, Result};
+use crate::lora::{FusedQkv, LoraLinear, check_finite, replace_frozen};
+use crate::serial::SerialLora;
+
+/// Shape of an attention block.
+#[derive(Config, Debug)]
+pub struct AttentionConfig {
+    /// Width of the (query) input and of the output.
+    pub d_model: usize,
+    /// Number of heads.
+    pub num_heads: usize,
+    /// Width of q, k and v; `None` = `d_model` (SAM's mask decoder halves it).
+    #[config(default = "None")]
+    pub inner_dim: Option<usize>,
+    /// Width of the key/value inputs of cross-attention; `None` = `d_model`.
+    #[config(default = "None")]
+    pub kv_dim: Option<usize>,
+    /// Biases on the q, k, v projections.
+    #[config(default = true)]
+    pub qkv_bias: bool,
+    /// One fused `qkv` linear (SAM's image encoder) instead of three.
+    #[config(default = false)]
+    pub fused_qkv: bool,
+    /// Whether the block has an output projection (SD3's last context stream has none).
+    #[config(default = true)]
+    pub out_proj: bool,
+}
+
+impl AttentionConfig {
+    /// A block with random base weights (to be overwritten by a checkpoint).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        let inner = self.inner_dim.unwrap_or(self.d_model);
+        let kv = self.kv_dim.unwrap_or(self.d_model);
+        let lin = |i, o, bias| LoraLinear::new(LinearConfig::new(i, o).with_bias(bias).init(device));
+        let qkv = if self.fused_qkv {
+            QkvProjection::Fused(FusedQkv::new(
+                LinearConfig::new(self.d_model, 3 * inner).with_bias(self.qkv_bias).init(device),
+            ))
+        } else {
+            QkvProjection::Separate(SeparateQkv {
+                q: lin(self.d_model, inner, self.qkv_bias),
+                k: lin(kv, inner, self.qkv_bias),
+                v: lin(kv, inner, self.qkv_bias),
+            })
+        };
+        Attention {
+            serial: None,
+            qkv,
+            o: self.out_proj.then(|| lin(inner, self.d_model, true)),
+            num_heads: self.num_heads,
+        }
+    }
+}
+
+/// Separate q, k, v projections, each with an optional LoRA pair.
+#[derive(Module, Debug)]
+pub struct SeparateQkv<B: Backend> {
+    pub q: LoraLinear<B>,
+    pub k: LoraLinear<B>,
+    pub v: LoraLinear<B>,
+}
+
+/// The q, k, v projections of a block: separate or fused.
+#[derive(Module, Debug)]
+pub enum QkvProjection<B: Backend> {
+    Separate(SeparateQkv<B>),
+    Fused(FusedQkv<B>),
+}
+
+/// Multi-head attention with an optional adapter: none, LoRA on Q, K, V, O, or Serial LoRA.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Serial LoRA on the attention input (shared by q, k and v).
+    pub serial: Option<SerialLora<B>>,
+    pub qkv: QkvProjection<B>,
+    /// Output projection `[inner, d_model]`.
+    pub o: Option<LoraLinear<B>>,
+    pub num_heads: usize,
+}
+
+/// Scaled dot-product attention on `[batch, heads, tokens, head_dim]` tensors.
+///
+/// `mask` is true where attention is *not* allowed (`[batch|1, heads|1, q, k]`); `bias` is added
+/// to the scores. The mask is applied as an additive −∞ bias: burn-tch 0.21's fused attention
+/// reads boolean masks inverted (burn guide §4.1), an additive bias is read alike everywhere.
+pub fn sdpa<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let [b, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    let bias = match (mask, bias) {
+        (None, bias) => bias,
+        (Some(mask), bias) => {
+            let neg = Tensor::<B, 4>::zeros(mask.dims(), &q.device()).mask_fill(mask, f32::NEG_INFINITY);
+            Some(match bias {
+                Some(bias) => bias + neg,
+                None => neg,
+            })
+        }
+    };
+    let bias = bias.map(|t| t.expand([b, h, lq, lk]));
+    attention(q, k, v, None, bias, AttentionModuleOptions::default())
+}
+
+impl<B: Backend> Attention<B> {
+    /// Input width of the q projection.
+    pub fn d_model(&self) -> usize {
+        match &self.qkv {
+            QkvProjection::Separate(s) => s.q.dims()[0],
+            QkvProjection::Fused(f) => f.slice_dims()[0],
+        }
+    }
+
+    /// Freezes every base weight and attaches a fresh adapter per `cfg`.
+    pub fn with_adapter(mut self, cfg: &AdapterConfig, device: &B::Device) -> Result<Self> {
+        cfg.validate()?;
+        if self.has_adapter() {
+            return Err(Error::config("method", cfg.method_name(), "the block already has an adapter"));
+        }
+        let wants = |p: Projection| cfg.method == Method::Lora && cfg.target_projections.contains(&p);
+        let attach = |l: LoraLinear<B>, p| if wants(p) { l.with_lora(cfg, device) } else { l.no_grad() };
+        self.qkv = match self.qkv {
+            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv {
+                q: attach(s.q, Projection::Q),
+                k: attach(s.k, Projection::K),
+                v: attach(s.v, Projection::V),
+            }),
+            QkvProjection::Fused(f) => {
+                let [d_in, d] = f.slice_dims();
+                let pair = |p| wants(p).then(|| crate::lora::LoraPair::init(d_in, d, cfg, device));
+                QkvProjection::Fused(FusedQkv {
+                    base: f.base.no_grad(),
+                    q: pair(Projection::Q),
+                    k: pair(Projection::K),
+                    v: pair(Projection::V),
+                })
+            }
+        };
+        self.o = self.o.map(|o| attach(o, Projection::O));
+        if cfg.method == Method::SerialLora {
+            if let QkvProjection::Separate(s) = &self.qkv
+                && s.k.dims()[0] != s.q.dims()[0]
+            {
+                return Err(Error::config(
+                    "method",
+                    "serial-lora",
+                    "a cross-attention block whose key/value width differs from its query width has no single shared input",
+                ));
+            }
+            self.serial = Some(SerialLora::init(self.d_model(), cfg, device));
+        }
+        Ok(self)
+    }
+
+    /// Whether any adapter is attached.
+    pub fn has_adapter(&self) -> bool {
+        let lin = |l: &LoraLinear<B>| l.lora.is_some();
+        self.serial.is_some()
+            || self.o.as_ref().is_some_and(lin)
+            || match &self.qkv {
+                QkvProjection::Separate(s) => lin(&s.q) || lin(&s.k) || lin(&s.v),
+                QkvProjection::Fused(f) => f.pairs().iter().any(Option::is_some),
+            }
+    }
+
+    /// Projects a self-attention input `[batch, tokens, d_model]` to q, k, v `[batch, tokens, inner]`.
+    pub fn qkv(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let x = match &self.serial {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        match &self.qkv {
+            QkvProjection::Separate(s) => (s.q.forward(x.clone()), s.k.forward(x.clone()), s.v.forward(x)),
+            QkvProjection::Fused(f) => {
+                let mut parts = f.forward(x).chunk(3, 2).into_iter();
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(q), Some(k), Some(v)) => (q, k, v),
+                    _ => unreachable!("chunk(3) of a 3·d wide tensor yields three parts"),
+                }
+            }
+        }
+    }
+
+    /// Projects separate query, key and value inputs (cross-attention). Serial LoRA, when
+    /// attached, transforms each input. A fused block projects each input through `qkv` and
+    /// keeps its slice.
+    pub fn qkv_cross(
+        &self,
+        xq: Tensor<B, 3>,
+        xk: Tensor<B, 3>,
+        xv: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let serial = |x| match &self.serial {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        let (xq, xk, xv) = (serial(xq), serial(xk), serial(xv));
+        match &self.qkv {
+            QkvProjection::Separate(s) => (s.q.forward(xq), s.k.forward(xk), s.v.forward(xv)),
+            QkvProjection::Fused(f) => {
+                let d = f.slice_dims()[1];
+                let take = |x, i: usize| f.forward(x).narrow(2, i * d, d);
+                (take(xq, 0), take(xk, 1), take(xv, 2))
+            }
+        }
+    }
+
+    /// `[batch, tokens, heads·head_dim]` → `[batch, heads, tokens, head_dim]`.
+    pub fn split_heads(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, l, inner] = t.dims();
+        t.reshape([b, l, self.num_heads, inner / self.num_heads]).swap_dims(1, 2)
+    }
+
+    /// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` → output projection.
+    pub fn output(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, l, hd] = o.dims();
+        let o = o.swap_dims(1, 2).reshape([b, l, h * hd]);
+        match &self.o {
+            Some(proj) => proj.forward(o),
+            None => o,
+        }
+    }
+
+    /// Self-attention on `[batch, tokens, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let (q, k, v) = self.qkv(x);
+        let o = sdpa(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, bias);
+        self.output(o)
+    }
+
+    /// Cross-attention: queries `[batch, lq, d_model]`, keys and values `[batch, lk, kv_dim]`.
+    pub fn forward_cross(
+        &self,
+        xq: Tensor<B, 3>,
+        xk: Tensor<B, 3>,
+        xv: Tensor<B, 3>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.qkv_cross(xq, xk, xv);
+        let o = sdpa(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, bias);
+        self.output(o)
+    }
+
+    /// Maps the base weight of each q/k/v projection (`[in, out]`), as Serial LoRA merge needs.
+    fn map_qkv_weights(
+        mut self,
+        mut f: impl FnMut(Tensor<B, 2>, &str) -> Result<Tensor<B, 2>>,
+    ) -> Result<Self> {
+        let mut map = |lin: Linear<B>, name: &str| -> Result<Linear<B>> {
+            let w = f(lin.weight.val().detach(), name)?;
+            Ok(Linear { weight: replace_frozen(lin.weight, w), ..lin })
+        };
+        self.qkv = match self.qkv {
+            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv {
+                q: LoraLinear { base: map(s.q.base, "q")?, ..s.q },
+                k: LoraLinear { base: map(s.k.base, "k")?, ..s.k },
+                v: LoraLinear { base: map(s.v.base, "v")?, ..s.v },
+            }),
+            QkvProjection::Fused(fq) => QkvProjection::Fused(FusedQkv { base: map(fq.base, "qkv")?, ..fq }),
+        };
+        Ok(self)
+    }
+
+    /// Folds every adapter into the base weights (LoRA: `W + s·A·B`; Serial: `(I + s·A·B)·W`).
+    /// The adapter stays attached but inactive, so [`Attention::unmerge`] can undo it.
+    /// Refuses (with the module's name) to write non-finite weights.
+    pub fn merge(mut self) -> Result<Self> {
+        self = self.map_projections(|l, name| l.merge(name), |f| f.merge("qkv"))?;
+        if let Some(mut serial) = self.serial.take() {
+            if serial.pair.merged {
+                return Err(Error::MergeState { module: "serial".into(), message: "already merged" });
+            }
+            self = self.map_qkv_weights(|w, name| {
+                let w = serial.merge_into(w);
+                check_finite(&w, name)?;
+                Ok(w)
+            })?;
+            serial.pair.merged = true;
+            self.serial = Some(serial);
+        }
+        Ok(self)
+    }
+
+    /// Undoes [`Attention::merge`] (exact up to float rounding).
+    pub fn unmerge(mut self) -> Result<Self> {
+        if let Some(mut serial) = self.serial.take() {
+            if !serial.pair.merged {
+                return Err(Error::MergeState { module: "serial".into(), message: "not merged" });
+            }
+            self = self.map_qkv_weights(|w, name| serial.unmerge_from(w, name))?;
+            serial.pair.merged = false;
+            self.serial = Some(serial);
+        }
+        self.map_projections(|l, name| l.unmerge(name), |f| f.unmerge("qkv"))
+    }
+
+    /// Merges and drops the adapters: a plain block with the base model's cost.
+    pub fn merge_and_unload(self) -> Result<Self> {
+        let mut merged = self.merge()?;
+        merged.serial = None;
+        merged.map_projections(
+            |l, _| Ok(LoraLinear { lora: None, ..l }),
+            |f| Ok(FusedQkv { q: None, k: None, v: None, ..f }),
+        )
+    }
+
+    fn map_projections(
+        mut self,
+        mut lin: impl FnMut(LoraLinear<B>, &str) -> Result<LoraLinear<B>>,
+        fused: impl FnOnce(FusedQkv<B>) -> Result<FusedQkv<B>>,
+    ) -> Result<Self> {
+        self.qkv = match self.qkv {
+            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv {
+                q: lin(s.q, "q")?,
+                k: lin(s.k, "k")?,
+                v: lin(s.v, "v")?,
+            }),
+            QkvProjection::Fused(f) => QkvProjection::Fused(fused(f)?),
+        };
+        self.o = self.o.map(|o| lin(o, "o")).transpose()?;
+        Ok(self)
+    }
+
+    /// The effective q, k, v weights `[in, inner]` with every unmerged adapter folded in
+    /// (what [`Attention::merge`] would write), for spectrum analysis.
+    pub fn effective_qkv_weights(&self) -> [Tensor<B, 2>; 3] {
+        let eff = |l: &LoraLinear<B>| {
+            let w = l.base.weight.val().detach();
+            match &l.lora {
+                Some(p) if !p.merged => w + p.weight_delta(),
+                _ => w,
+            }
+        };
+        let [q, k, v] = match &self.qkv {
+            QkvProjection::Separate(s) => [eff(&s.q), eff(&s.k), eff(&s.v)],
+            QkvProjection::Fused(f) => {
+                let [d_in, d] = f.slice_dims();
+                let w = f.base.weight.val().detach();
+                let pairs = f.pairs();
+                [0, 1, 2].map(|i| {
+                    let slice = w.clone().slice([0..d_in, i * d..(i + 1) * d]);
+                    match pairs[i] {
+                        Some(p) if !p.merged => slice + p.weight_delta(),
+                        _ => slice,
+                    }
+                })
+            }
+        };
+        match &self.serial {
+            Some(s) if !s.pair.merged => [s.merge_into(q), s.merge_into(k), s.merge_into(v)],
+            _ => [q, k, v],
+        }
+    }
+}

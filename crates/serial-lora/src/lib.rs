@@ -1,0 +1,42 @@
+//! # serial-lora
+//!
+//! LoRA, LoRA+, Serial LoRA and Serial LoRA+ adapters for vision transformers on Burn 0.21,
+//! generic over backends.
+//!
+//! - Paper: Zhong et al., *Serial Low-rank Adaptation of Vision Transformer*, ICME 2025,
+//!   arXiv 2503.17750. The exact formulas: `shared/docs/method.md`.
+//! - Reference implementations: PEFT (`huggingface/peft`, LoRA semantics, file format,
+//!   `create_loraplus_optimizer`), transformers / diffusers attention modules.
+//!
+//! Building blocks: [`LoraLinear`], [`FusedQkv`], [`SerialLora`], the shared [`Attention`]
+//! block, model-level operations through [`AdaptedModel`], the LoRA+ optimizer
+//! [`optim::LoraPlus`], PEFT-compatible adapter files ([`io`]) and spectrum analysis
+//! ([`analysis`]). Layout convention: Burn's `[in, out]` for every weight; PyTorch's
+//! `[out, in]` exists only in files.
+pub mod analysis;
+pub mod attention;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod serial;
+
+pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, sdpa};
+pub use config::{AdapterConfig, Init, Method, Projection};
+pub use device::DeviceSpec;
+pub use error::{Error, Result};
+pub use lora::{FusedQkv, LoraLinear, LoraPair};
+pub use model::{AdaptedModel, AttentionSite, AttentionStack, ProjNames};
+pub use params::{ParamCountExt, ParamCounts};
+pub use serial::SerialLora;
+
+use burn::prelude::*;
+
+/// A tensor's values on the host as f64, row-major.
+pub fn host_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().iter::<f64>().collect()
+}

@@ -1,0 +1,117 @@
+//! Model-level adapter operations over every attention block of a model: attach, merge,
+//! unmerge, and the block list that adapter files and spectrum analysis walk.
+use burn::module::Module;
+use burn::prelude::*;
+
+use crate::attention::{Attention, AttentionConfig};
+use crate::config::AdapterConfig;
+use crate::error::{Error, Result};
+
+/// HF names of an attention block's projections (adapter-file keys are built from them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProjNames {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    /// Name of the fused projection when the block fuses q, k, v.
+    pub qkv: &'static str,
+    pub o: &'static str,
+}
+
+impl ProjNames {
+    /// transformers CLIP / SAM mask decoder: `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    pub const CLIP: Self = Self { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj" };
+    /// transformers `SamVisionAttention`: fused `qkv`, output `proj`.
+    pub const SAM_VISION: Self = Self { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj" };
+    /// diffusers `Attention` (image stream): `to_q`, `to_k`, `to_v`, `to_out.0`.
+    pub const DIFFUSERS: Self = Self { q: "to_q", k: "to_k", v: "to_v", qkv: "to_qkv", o: "to_out.0" };
+}
+
+/// One adaptable attention block of a model.
+pub struct AttentionSite<'a, B: Backend> {
+    /// HF module path of the attention module, e.g. `vision_model.encoder.layers.3.self_attn`.
+    pub path: String,
+    pub names: ProjNames,
+    pub attention: &'a Attention<B>,
+}
+
+/// A model whose attention blocks carry adapters. Each model crate implements it once.
+pub trait AdaptedModel<B: Backend>: Module<B> + Sized {
+    /// Every adaptable attention block, in a fixed order (the `target_blocks` indices).
+    fn attention_sites(&self) -> Vec<AttentionSite<'_, B>>;
+
+    /// Rebuilds the model with block `i` (same order) replaced by `f(i, block)`.
+    fn try_map_attention(self, f: &mut dyn FnMut(usize, Attention<B>) -> Result<Attention<B>>) -> Result<Self>;
+
+    /// Attaches fresh adapters per `cfg` to the targeted blocks and freezes every base weight
+    /// (including parameters outside the attention blocks).
+    fn with_adapters(self, cfg: &AdapterConfig, device: &B::Device) -> Result<Self> {
+        cfg.validate()?;
+        cfg.check_blocks(self.attention_sites().len())?;
+        self.no_grad().try_map_attention(&mut |i, a| if cfg.targets_block(i) { a.with_adapter(cfg, device) } else { Ok(a) })
+    }
+
+    /// Folds every adapter into the base weights (see [`Attention::merge`]).
+    fn merge_adapters(self) -> Result<Self> {
+        let paths = self.site_paths();
+        self.try_map_attention(&mut |i, a| a.merge().map_err(|e| e.in_module(&paths[i])))
+    }
+
+    /// Undoes [`AdaptedModel::merge_adapters`].
+    fn unmerge_adapters(self) -> Result<Self> {
+        let paths = self.site_paths();
+        self.try_map_attention(&mut |i, a| a.unmerge().map_err(|e| e.in_module(&paths[i])))
+    }
+
+    /// Merges and removes the adapters: the base model's architecture and cost.
+    fn merge_and_unload(self) -> Result<Self> {
+        let paths = self.site_paths();
+        self.try_map_attention(&mut |i, a| a.merge_and_unload().map_err(|e| e.in_module(&paths[i])))
+    }
+
+    /// The HF paths of the attention blocks, in order.
+    fn site_paths(&self) -> Vec<String> {
+        self.attention_sites().into_iter().map(|s| s.path).collect()
+    }
+}
+
+/// A plain stack of attention blocks applied in sequence (`x ← x + attn(x)`), named like a
+/// transformers encoder: `<prefix>.<i>.self_attn`. Used by tests, examples and benchmarks of the
+/// adapter machinery without a full model.
+#[derive(Module, Debug)]
+pub struct AttentionStack<B: Backend> {
+    pub layers: Vec<Attention<B>>,
+}
+
+impl<B: Backend> AttentionStack<B> {
+    /// `num_layers` blocks of the given shape with random base weights.
+    pub fn new(cfg: &AttentionConfig, num_layers: usize, device: &B::Device) -> Self {
+        Self { layers: (0..num_layers).map(|_| cfg.init(device)).collect() }
+    }
+
+    /// `[batch, tokens, d]` → `[batch, tokens, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.layers.iter().fold(x, |x, a| x.clone() + a.forward(x, None, None))
+    }
+
+    /// The HF path prefix of the blocks.
+    pub const PREFIX: &'static str = "encoder.layers";
+}
+
+impl<B: Backend> AdaptedModel<B> for AttentionStack<B> {
+    fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
+        let names = |a: &Attention<B>| match a.qkv {
+            crate::attention::QkvProjection::Fused(_) => ProjNames::SAM_VISION,
+            crate::attention::QkvProjection::Separate(_) => ProjNames::CLIP,
+        };
+        let attention = self.layers.iter().enumerate();
+        attention
+            .map(|(i, a)| AttentionSite { path: format!("{}.{i}.self_attn", Self::PREFIX), names: names(a), attention: a })
+            .collect()
+    }
+
+    fn try_map_attention(self, f: &mut dyn FnMut(usize, Attention<B>) -> Result<Attention<B>>) -> Result<Self> {
+        let layers = self.layers.into_iter().enumerate().map(|(i, a)| f(i, a)).collect::<Result<_, Error>>()?;
+        Ok(Self { layers })
+    }
+}

@@ -1,0 +1,57 @@
+//! Serial LoRA (Zhong et al., "Serial Low-rank Adaptation of Vision Transformer", ICME 2025,
+//! arXiv 2503.17750): one shared low-rank pair per attention block, applied to the attention
+//! input before the frozen Q, K, V projections: `h' = h + s·(dropout(h)·A)·B`.
+//!
+//! Merging folds it into the projections: with Burn's `[in, out]` layout `q = h'·W_q` and
+//! `h' = h·(I + s·A·B)`, so `W_q ← (I + s·A·B)·W_q = W_q + s·A·(B·W_q)` (PyTorch layout:
+//! `W_q (I + s B A)`). Unmerging uses Woodbury:
+//! `(I + s·A·B)⁻¹ = I − s·A·(I_r + s·B·A)⁻¹·B`, an r×r inverse computed on the host in f64.
+use burn::module::Module;
+use burn::prelude::*;
+
+use crate::config::AdapterConfig;
+use crate::error::{Error, Result};
+use crate::lora::LoraPair;
+use crate::host_f64;
+
+/// The shared pre-projection transform of one attention block.
+#[derive(Module, Debug)]
+pub struct SerialLora<B: Backend> {
+    /// A `[d, r]`, B `[r, d]` with d the attention input width.
+    pub pair: LoraPair<B>,
+}
+
+impl<B: Backend> SerialLora<B> {
+    /// A fresh transform for attention input width `d` (A random, B zero).
+    pub fn init(d: usize, cfg: &AdapterConfig, device: &B::Device) -> Self {
+        Self { pair: LoraPair::init(d, d, cfg, device) }
+    }
+
+    /// `h + s·(dropout(h)·A)·B`; the identity once merged.
+    pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        if self.pair.merged { h } else { h.clone() + self.pair.delta(h) }
+    }
+
+    /// `W ← (I + s·A·B)·W` for a projection weight `W ∈ [d, out]`.
+    pub fn merge_into(&self, w: Tensor<B, 2>) -> Tensor<B, 2> {
+        let (a, b) = (self.pair.lora_a.val().detach(), self.pair.lora_b.val().detach());
+        w.clone() + a.matmul(b.matmul(w)).mul_scalar(self.pair.scale)
+    }
+
+    /// `W ← (I + s·A·B)⁻¹·W = W − s·A·(I_r + s·B·A)⁻¹·(B·W)`.
+    pub fn unmerge_from(&self, w: Tensor<B, 2>, name: &str) -> Result<Tensor<B, 2>> {
+        let (a, b) = (self.pair.lora_a.val().detach(), self.pair.lora_b.val().detach());
+        let s = self.pair.scale;
+        let r = self.pair.rank();
+        let ba = host_f64(b.clone().matmul(a.clone()));
+        let m = nalgebra::DMatrix::<f64>::from_row_slice(r, r, &ba) * s + nalgebra::DMatrix::identity(r, r);
+        // I + s·B·A is invertible exactly when I + s·A·B is (same non-unit eigenvalues).
+        let inv = m.try_inverse().ok_or(Error::MergeState {
+            module: name.into(),
+            message: "I + s·B·A is singular: the merged weights cannot be unmerged",
+        })?;
+        let inv: Vec<f32> = inv.transpose().iter().map(|&x| x as f32).collect(); // row-major
+        let inv = Tensor::<B, 2>::from_data(TensorData::new(inv, [r, r]), &w.device());
+        Ok(w.clone() - a.matmul(inv.matmul(b.matmul(w))).mul_scalar(s))
+    }
+}
