@@ -1,0 +1,87 @@
+//! Shared helpers of the serial-lora integration tests.
+#![allow(dead_code)]
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{ModuleMapper, Param};
+use burn::nn::Linear;
+use burn::prelude::*;
+use serial_lora::io::{HostTensor, read_safetensors};
+use serial_lora::{AttentionConfig, AttentionStack, LoraLinear, QkvProjection};
+
+pub type B = Autodiff<Flex>;
+pub type I = Flex;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/serial-lora")
+}
+
+pub fn load_fixture() -> BTreeMap<String, HostTensor> {
+    read_safetensors(&fixtures().join("core.safetensors")).expect("fixture core.safetensors").0
+}
+
+pub fn tensor<Bk: Backend, const D: usize>(fx: &BTreeMap<String, HostTensor>, key: &str) -> Tensor<Bk, D> {
+    fx.get(key).unwrap_or_else(|| panic!("fixture key {key} missing")).to_tensor(&Default::default())
+}
+
+/// Max |a − b| over all elements.
+pub fn max_abs_diff<Bk: Backend, const D: usize>(a: Tensor<Bk, D>, b: Tensor<Bk, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).abs().max().into_scalar().to_f32()
+}
+
+/// `max|a − b| / max|b|`: error relative to the largest reference value.
+pub fn rel_err<Bk: Backend, const D: usize>(a: Tensor<Bk, D>, want: Tensor<Bk, D>) -> f32 {
+    let scale = max_abs(want.clone()).max(f32::MIN_POSITIVE);
+    max_abs_diff(a, want) / scale
+}
+
+/// Max |a| over all elements.
+pub fn max_abs<Bk: Backend, const D: usize>(a: Tensor<Bk, D>) -> f32 {
+    a.abs().max().into_scalar().to_f32()
+}
+
+fn set_linear<Bk: Backend>(l: LoraLinear<Bk>, fx: &BTreeMap<String, HostTensor>, key: &str) -> LoraLinear<Bk> {
+    let dev = Default::default();
+    let w = fx[&format!("{key}.weight")].t().to_tensor::<Bk, 2>(&dev); // [out,in] → [in,out]
+    let b = fx[&format!("{key}.bias")].to_tensor::<Bk, 1>(&dev);
+    LoraLinear { base: Linear { weight: Param::from_tensor(w), bias: Some(Param::from_tensor(b)) }, ..l }
+}
+
+/// The fixture's 2-block CLIPAttention stack (d = 16, 2 heads) with the reference base weights.
+pub fn fixture_stack<Bk: Backend>(fx: &BTreeMap<String, HostTensor>) -> AttentionStack<Bk> {
+    let mut stack = AttentionStack::new(&AttentionConfig::new(16, 2), 2, &Default::default());
+    for (i, a) in stack.layers.iter_mut().enumerate() {
+        let p = format!("base.encoder.layers.{i}.self_attn");
+        let QkvProjection::Separate(s) = &mut a.qkv else { unreachable!() };
+        s.q = set_linear(s.q.clone(), fx, &format!("{p}.q_proj"));
+        s.k = set_linear(s.k.clone(), fx, &format!("{p}.k_proj"));
+        s.v = set_linear(s.v.clone(), fx, &format!("{p}.v_proj"));
+        a.o = a.o.take().map(|o| set_linear(o, fx, &format!("{p}.out_proj")));
+    }
+    stack
+}
+
+/// Replaces every `lora_b` (zero at init) with N(0, 0.2²) values, keeping it trainable.
+pub struct RandomizeB {
+    pub stack: Vec<String>,
+}
+
+impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.stack.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.pop();
+    }
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+        if self.stack.last().is_some_and(|n| n == "lora_b") {
+            let t = p.val();
+            let r = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.2), &t.device());
+            Param::initialized(p.id, r.detach().require_grad())
+        } else {
+            p
+        }
+    }
+}
