@@ -315,9 +315,21 @@ impl<B: Backend> Attention<B> {
         self.map_projections(|l, name| l.unmerge(name), |f| f.unmerge("qkv"))
     }
 
-    /// Merges and drops the adapters: a plain block with the base model's cost.
+    /// Whether the adapter of this block is merged into the base weights.
+    pub fn is_merged(&self) -> bool {
+        let lin = |l: &LoraLinear<B>| l.lora.as_ref().is_some_and(|p| p.merged);
+        self.serial.as_ref().is_some_and(|s| s.pair.merged)
+            || self.o.as_ref().is_some_and(lin)
+            || match &self.qkv {
+                QkvProjection::Separate(s) => lin(&s.q) || lin(&s.k) || lin(&s.v),
+                QkvProjection::Fused(f) => f.pairs().iter().flatten().any(|p| p.merged),
+            }
+    }
+
+    /// Merges (unless already merged) and drops the adapters: a plain block with the base
+    /// model's cost.
     pub fn merge_and_unload(self) -> Result<Self> {
-        let mut merged = self.merge()?;
+        let mut merged = if self.is_merged() { self } else { self.merge()? };
         merged.serial = None;
         merged.map_projections(
             |l, _| Ok(LoraLinear { lora: None, ..l }),

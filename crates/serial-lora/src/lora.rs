@@ -5,7 +5,8 @@
 //! `lora_B.weight ∈ [out, r]`. Here A and B are stored in Burn's `[in, out]` layout
 //! (`lora_a ∈ [in, r]`, `lora_b ∈ [r, out]`); [`crate::io`] transposes at the file boundary.
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Initializer, Linear};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::Distribution;
 use burn::prelude::*;
 
 use crate::config::{AdapterConfig, Init};
@@ -27,30 +28,32 @@ pub struct LoraPair<B: Backend> {
 
 impl<B: Backend> LoraPair<B> {
     /// A fresh pair for a `d_in → d_out` map: A random per `cfg.init`, B zero, trainable.
+    ///
+    /// The tensors are created eagerly: a lazy Burn param is re-initialized by every `clone()`,
+    /// which would give replicas (and clones kept for comparison) different A matrices.
     pub fn init(d_in: usize, d_out: usize, cfg: &AdapterConfig, device: &B::Device) -> Self {
         let r = cfg.rank;
-        let a_init = match cfg.init {
+        let dist = match cfg.init {
             // kaiming_uniform_(a=√5) on [r, in]: gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
             Init::KaimingUniform => {
                 let bound = 1.0 / (d_in as f64).sqrt();
-                Initializer::Uniform { min: -bound, max: bound }
+                Distribution::Uniform(-bound, bound)
             }
-            Init::Gaussian => Initializer::Normal { mean: 0.0, std: 1.0 / r as f64 },
+            Init::Gaussian => Distribution::Normal(0.0, 1.0 / r as f64),
         };
-        Self {
-            lora_a: a_init.init([d_in, r], device),
-            lora_b: Initializer::Zeros.init([r, d_out], device),
-            dropout: DropoutConfig::new(cfg.dropout).init(),
-            scale: cfg.scale(),
-            merged: false,
-        }
+        Self::from_tensors(
+            Tensor::random([d_in, r], dist, device),
+            Tensor::zeros([r, d_out], device),
+            cfg.scale(),
+            cfg.dropout,
+        )
     }
 
     /// A pair from given tensors in Burn layout (`a ∈ [in, r]`, `b ∈ [r, out]`), trainable.
     pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
         Self {
-            lora_a: Param::from_tensor(a),
-            lora_b: Param::from_tensor(b),
+            lora_a: Param::from_tensor(a.detach()),
+            lora_b: Param::from_tensor(b.detach()),
             dropout: DropoutConfig::new(dropout).init(),
             scale,
             merged: false,
