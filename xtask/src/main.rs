@@ -79,7 +79,8 @@ fn main() -> Result<()> {
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            run(Command::new(&py).arg("tools/fixtures/serial_lora_core.py"))?;
+            // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
+            run(Command::new(&py).arg("tools/fixtures/serial_lora_core.py").env("PYTHONHASHSEED", "0"))?;
         }
         Cmd::PeftCheck => {
             let py = venv_python()?;

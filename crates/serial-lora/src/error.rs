@@ -22,6 +22,9 @@ pub enum Error {
     /// An adapter file does not fit the model it is loaded into.
     #[error("{path}: adapter does not fit the model:\n{report}")]
     AdapterMismatch { path: PathBuf, report: String },
+    /// A checkpoint does not fit the model it is loaded into.
+    #[error("{path}: weights do not fit the model:\n{report}")]
+    WeightsMismatch { path: PathBuf, report: String },
     /// Merging would write non-finite weights.
     #[error("merge refused: `{module}` would get non-finite weights")]
     NonFiniteMerge { module: String },

@@ -19,11 +19,13 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod layers;
 pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod serial;
+pub mod weights;
 
 pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, sdpa};
 pub use config::{AdapterConfig, Init, Method, Projection};

@@ -395,6 +395,19 @@ fn adapter_config_files_round_trip_and_name_bad_values() {
 }
 
 #[test]
+fn shipped_adapter_configs_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/adapters");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let cfg = AdapterConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.rank >= 32, "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 4);
+}
+
+#[test]
 fn devices_parse_and_uncompiled_backends_are_named() {
     use serial_lora::DeviceSpec;
     assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);

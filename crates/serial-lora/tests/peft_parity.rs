@@ -3,6 +3,7 @@
 mod common;
 
 use burn::optim::GradientsParams;
+use burn::prelude::*;
 use common::*;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AttentionStack, LoraPair, Method, QkvProjection, io};
@@ -99,6 +100,20 @@ fn base_forward_matches_clip_attention() {
     let model = fixture_stack::<I>(&fx);
     let e = rel_err(model.forward(tensor(&fx, "x")), tensor(&fx, "base.out"));
     assert!(e < FORWARD_TOL, "base output differs by {e}");
+}
+
+#[test]
+fn masked_and_biased_attention_match_clip_attention() {
+    let fx = load_fixture();
+    let model = fixture_stack::<I>(&fx);
+    let x = tensor::<I, 3>(&fx, "x");
+    let [b, l, _] = x.dims();
+    let causal = Tensor::<I, 2, Bool>::tril_mask([l, l], 0, &Default::default()).unsqueeze::<4>().expand([b, 1, l, l]);
+    let e = rel_err(model.layers[0].forward(x.clone(), Some(causal), None), tensor(&fx, "attn0.causal"));
+    assert!(e < FORWARD_TOL, "causal attention differs by {e}");
+    let bias = tensor::<I, 4>(&fx, "attn0.bias");
+    let e = rel_err(model.layers[0].forward(x, None, Some(bias)), tensor(&fx, "attn0.biased"));
+    assert!(e < FORWARD_TOL, "biased attention differs by {e}");
 }
 
 fn loraplus_steps(prefix: &str, dir: &str) {

@@ -1,0 +1,132 @@
+//! Parity with transformers `CLIPModel` on a tiny random-weight checkpoint
+//! (`tools/fixtures/clip_tiny.py`, transformers 5.24.0, torch 2.9.0), layer by layer.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use clip_cls::load_clip;
+use serial_lora::io::{HostTensor, read_safetensors};
+
+type B = Flex;
+
+/// Errors relative to the largest reference value (`max|a−b| / max|b|`). f32 through two
+/// pre-LN blocks per tower with weights of std 0.2; PyTorch sums in another order: ~1e-7 per
+/// op. 1e-5 (≈80 ulp) still fails for any wrong formula (O(1e-2) or more).
+const TOL: f32 = 1e-5;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip-tiny")
+}
+
+struct Ref {
+    floats: BTreeMap<String, HostTensor>,
+    ids: Tensor<B, 2, Int>,
+}
+
+fn reference() -> Ref {
+    let path = dir().join("reference.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("input_ids").unwrap();
+    let ids: Vec<i64> = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids = Tensor::from_data(TensorData::new(ids, v.shape().to_vec()), &Default::default());
+    // read_safetensors rejects the int tensor: copy the floats into a file of their own
+    let floats = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "input_ids")
+        .map(|(k, v)| {
+            let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (k, HostTensor { shape: v.shape().to_vec(), data })
+        })
+        .collect();
+    Ref { floats, ids }
+}
+
+fn check<const D: usize>(r: &Ref, key: &str, got: Tensor<B, D>) -> f32 {
+    let want: Tensor<B, D> = r.floats[key].to_tensor(&Default::default());
+    assert_eq!(got.dims(), want.dims(), "{key}: shape");
+    let scale = want.clone().abs().max().into_scalar();
+    let e = (got - want).abs().max().into_scalar() / scale;
+    println!("{key:28} max rel err {e:.2e}");
+    assert!(e < TOL, "{key} differs by {e} (relative)");
+    e
+}
+
+#[test]
+fn clip_matches_transformers_layer_by_layer() {
+    let (model, cfg) = load_clip::<B>(&dir(), &Default::default()).expect("load fixture");
+    assert_eq!(cfg.projection_dim, 16);
+    let r = reference();
+    let pixels: Tensor<B, 4> = r.floats["pixel_values"].to_tensor(&Default::default());
+
+    check(&r, "vision.embeddings", model.vision_model.embed(pixels.clone()));
+    let (image_embeds, vision) = model.image_features(pixels);
+    for (i, h) in vision.hidden_states.iter().enumerate() {
+        check(&r, &format!("vision.hidden_states.{i}"), h.clone());
+    }
+    check(&r, "vision.last_hidden_state", vision.last_hidden_state);
+    check(&r, "vision.pooler_output", vision.pooler_output);
+    check(&r, "image_embeds", image_embeds.clone());
+
+    let (text_embeds, text) = model.text_features(r.ids.clone());
+    for (i, h) in text.hidden_states.iter().enumerate() {
+        check(&r, &format!("text.hidden_states.{i}"), h.clone());
+    }
+    check(&r, "text.last_hidden_state", text.last_hidden_state);
+    check(&r, "text.pooler_output", text.pooler_output);
+    check(&r, "text_embeds", text_embeds.clone());
+    check(&r, "logits_per_image", model.logits_per_image(image_embeds, text_embeds));
+}
+
+#[test]
+fn bad_checkpoints_name_the_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // no config
+    let err = load_clip::<B>(d, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+    // malformed config
+    std::fs::write(d.join("config.json"), "{").unwrap();
+    let err = load_clip::<B>(d, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("invalid CLIP config"), "{err}");
+    // config without weights
+    std::fs::copy(dir().join("config.json"), d.join("config.json")).unwrap();
+    let err = load_clip::<B>(d, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    // a weights file missing one tensor and holding an unexpected one
+    let (mut t, meta) = read_safetensors(&dir().join("model.safetensors")).unwrap();
+    let w = t.remove("text_model.encoder.layers.1.mlp.fc2.weight").unwrap();
+    t.insert("text_model.encoder.layers.1.mlp.fc3.weight".into(), w);
+    serial_lora::io::write_safetensors(&d.join("model.safetensors"), &t, meta).unwrap();
+    let err = load_clip::<B>(d, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("mlp.fc2.weight") && err.contains("mlp.fc3.weight"), "{err}");
+    // a wrong shape
+    let (mut t, meta) = read_safetensors(&dir().join("model.safetensors")).unwrap();
+    t.get_mut("visual_projection.weight").unwrap().shape = vec![32, 16];
+    serial_lora::io::write_safetensors(&d.join("model.safetensors"), &t, meta).unwrap();
+    let err = load_clip::<B>(d, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("visual_projection"), "{err}");
+}
+
+/// The paper's accounting on the real ViT-B/16 shape (both towers, rank 32): LoRA on Q, K, V, O
+/// = 3,932,160 and Serial LoRA = 983,040 trainable parameters (method.md table; the paper
+/// prints 3.84M / 0.96M = these ÷ 1.024e6).
+#[test]
+fn vit_b16_adapter_parameter_counts() {
+    use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
+    let dev = Default::default();
+    let count = |method| {
+        let m = clip_cls::ClipModel::<burn::backend::Autodiff<B>>::new(&clip_cls::ClipConfig::vit_base_patch16(), &dev);
+        let m = m.with_adapters(&AdapterConfig::new(method, 32), &dev).unwrap();
+        assert_eq!(m.attention_sites().len(), 24);
+        m.param_counts()
+    };
+    let lora = count(Method::Lora);
+    let serial = count(Method::SerialLora);
+    assert_eq!(lora.trainable, 3_932_160);
+    assert_eq!(serial.trainable, 983_040);
+    assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
+    println!("ViT-B/16 base {} params", serial.total - serial.trainable);
+}

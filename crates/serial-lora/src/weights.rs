@@ -1,0 +1,171 @@
+//! Checked loading of pretrained weights from HF safetensors files into Burn modules.
+//!
+//! One declarative key table per model (ordered regex → Burn path rules, most specific first),
+//! PyTorch → Burn layout conversion in one place (`PyTorchToBurnAdapter`: transposes `Linear`
+//! weights, renames norm `weight`/`bias` to `gamma`/`beta`), half precision cast to f32, and
+//! every load checked: missing, unexpected (unless allow-listed) and mis-shaped tensors are one
+//! error that lists them all, naming the file.
+use std::path::Path;
+use std::rc::Rc;
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_store::{ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot};
+
+use crate::error::{Error, Result};
+
+/// Casts F16 / BF16 / F64 tensors to F32 on load (Burn 0.21 keeps the file dtype otherwise,
+/// and mixed dtypes fail at the first matmul).
+#[derive(Clone, Debug, Default)]
+pub struct CastFloatToF32;
+
+impl ModuleAdapter for CastFloatToF32 {
+    fn adapt(&self, s: &TensorSnapshot) -> TensorSnapshot {
+        if !matches!(s.dtype, DType::F16 | DType::BF16 | DType::F64) {
+            return s.clone();
+        }
+        let f = s.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(f()?.convert_dtype(DType::F32))),
+            DType::F32,
+            s.shape.clone(),
+            s.path_stack.clone().unwrap_or_default(),
+            s.container_stack.clone().unwrap_or_default(),
+            s.tensor_id.unwrap_or_default(),
+        )
+    }
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// How one model's checkpoint keys map onto its Burn module.
+pub struct KeyTable {
+    /// Ordered `(regex on the file key, replacement)` rules, applied in order (`$1` refers to
+    /// capture groups).
+    pub rules: &'static [(&'static str, &'static str)],
+    /// Regexes of file keys that may be present without a module parameter (buffers such as
+    /// `position_ids`).
+    pub ignore: &'static [&'static str],
+    /// Exact file keys the model loads itself (e.g. a 0-d `logit_scale`, see [`read_tensor`]).
+    pub by_hand: &'static [&'static str],
+}
+
+/// Prefix that parks [`KeyTable::by_hand`] keys away from every module path.
+const BY_HAND: &str = "__loaded_by_hand__";
+
+/// What one file contributed to a load.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub applied: Vec<String>,
+    /// Burn paths of module parameters the file did not provide.
+    pub missing: Vec<String>,
+}
+
+/// Loads the tensors of one safetensors file into `module` per `table`. Tensors of the file
+/// that match nothing are an error unless ignored; with `allow_missing` (sharded checkpoints)
+/// parameters the file lacks are returned in the report instead of failing.
+pub fn load_safetensors<B: Backend, M: Module<B>>(
+    mut module: M,
+    path: &Path,
+    table: &KeyTable,
+    allow_missing: bool,
+) -> Result<(M, LoadReport)> {
+    if !path.is_file() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found")));
+    }
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloatToF32))
+        .skip_enum_variants(false)
+        .validate(false) // shape errors come back in the result, reported below with the rest
+        .allow_partial(true);
+    for key in table.by_hand {
+        store = store.with_key_remapping(format!("^{}$", regex::escape(key)), format!("{BY_HAND}.{key}"));
+    }
+    for (from, to) in table.rules {
+        store = store.with_key_remapping(*from, *to);
+    }
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| Error::Safetensors { path: path.into(), message: format!("cannot read weights: {e}") })?;
+    let ignore: Vec<regex::Regex> = table.ignore.iter().filter_map(|r| regex::Regex::new(r).ok()).collect();
+    // burn-store lists a norm's `weight`/`bias` as unused even when it applied them as
+    // `gamma`/`beta` (its fallback name); those were loaded.
+    let applied: std::collections::HashSet<&str> = result.applied.iter().map(String::as_str).collect();
+    let loaded_as_norm = |k: &str| {
+        let alt = |suffix: &str, to: &str| k.strip_suffix(suffix).is_some_and(|p| applied.contains(format!("{p}{to}").as_str()));
+        alt(".weight", ".gamma") || alt(".bias", ".beta")
+    };
+    let unused: Vec<String> = result
+        .unused
+        .iter()
+        .filter(|k| !k.starts_with(BY_HAND) && !loaded_as_norm(k) && !ignore.iter().any(|r| r.is_match(k)))
+        .cloned()
+        .collect();
+    let missing: Vec<String> =
+        result.missing.iter().map(|(p, _)| p.clone()).filter(|p| !table.by_hand.contains(&p.as_str())).collect();
+    let errors: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
+    let mut report = String::new();
+    let mut list = |title: &str, items: &[String]| {
+        if !items.is_empty() {
+            report += &format!("  {title} ({}):\n", items.len());
+            for i in items.iter().take(20) {
+                report += &format!("    {i}\n");
+            }
+            if items.len() > 20 {
+                report += &format!("    … and {} more\n", items.len() - 20);
+            }
+        }
+    };
+    if !allow_missing {
+        list("missing (parameters of the model the file does not provide)", &missing);
+    }
+    list("unexpected (tensors of the file that match no parameter)", &unused);
+    list("wrong shape or dtype", &errors);
+    if !report.is_empty() {
+        return Err(Error::WeightsMismatch { path: path.into(), report });
+    }
+    Ok((module, LoadReport { applied: result.applied, missing }))
+}
+
+/// Reads one tensor of a safetensors file as f32 without reading the rest of the file;
+/// `None` if the file has no such key.
+pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTensor>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |message: String| Error::Safetensors { path: path.into(), message };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        return Err(bad(format!("not a valid safetensors file: header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
+    let Some(info) = header.get(key) else { return Ok(None) };
+    let field = |name: &str| info.get(name).ok_or_else(|| bad(format!("tensor `{key}`: no `{name}` in the header")));
+    let dtype = match field("dtype")?.as_str() {
+        Some("F32") => DType::F32,
+        Some("F16") => DType::F16,
+        Some("BF16") => DType::BF16,
+        Some("F64") => DType::F64,
+        other => return Err(bad(format!("tensor `{key}` has dtype {other:?}; expected a float type"))),
+    };
+    let nums = |v: &serde_json::Value| -> Option<Vec<usize>> { v.as_array()?.iter().map(|x| x.as_u64().map(|x| x as usize)).collect() };
+    let shape = nums(field("shape")?).ok_or_else(|| bad(format!("tensor `{key}`: malformed shape")))?;
+    let offsets = nums(field("data_offsets")?).filter(|o| o.len() == 2 && o[0] <= o[1]);
+    let [start, end] = offsets.map(|o| [o[0], o[1]]).ok_or_else(|| bad(format!("tensor `{key}`: malformed data_offsets")))?;
+    let expected = shape.iter().product::<usize>() * dtype.size();
+    if end - start != expected {
+        return Err(bad(format!("tensor `{key}`: {} bytes for shape {shape:?} {dtype:?}", end - start)));
+    }
+    let mut bytes = vec![0u8; end - start];
+    f.seek(SeekFrom::Start(8 + n + start as u64))
+        .and_then(|_| f.read_exact(&mut bytes))
+        .map_err(|e| bad(format!("tensor `{key}`: data cut short ({e})")))?;
+    let data = TensorData::from_bytes_vec(bytes, shape.clone(), dtype).iter::<f32>().collect();
+    Ok(Some(crate::io::HostTensor { shape, data }))
+}
