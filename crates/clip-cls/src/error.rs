@@ -7,6 +7,8 @@ pub enum ClipError {
     Io { path: PathBuf, #[source] source: std::io::Error },
     #[error("{path}: invalid CLIP config: {message}")]
     Config { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
     #[error(transparent)]
     Adapter(#[from] serial_lora::Error),
 }

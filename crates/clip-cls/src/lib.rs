@@ -10,7 +10,9 @@ pub mod encoder;
 pub mod error;
 pub mod load;
 pub mod model;
+pub mod preprocess;
 pub mod text_model;
+pub mod tokenizer;
 pub mod vision_model;
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};

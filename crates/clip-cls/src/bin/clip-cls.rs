@@ -1,0 +1,152 @@
+//! `clip-cls`: CLIP embeddings and zero-shot classification, with LoRA / Serial LoRA adapters.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use clip_cls::preprocess::{ImageProcessor, load_rgb};
+use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use clip_cls::{ClipModel, load_clip};
+use serial_lora::{AdaptedModel, DeviceSpec, io};
+
+#[derive(Parser)]
+#[command(version, about = "CLIP with LoRA / Serial LoRA adapters: embeddings and zero-shot classification")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model directory in HF layout (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Adapter directory (PEFT LoRA or Serial LoRA) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Projected, unnormalized image and text features (transformers get_image_features /
+    /// get_text_features), written to a safetensors file as `image_embeds` and `text_embeds`.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        #[arg(long, num_args = 1..)]
+        texts: Vec<String>,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Zero-shot classification: one JSON object per image.
+    ZeroShot {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated class names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        classes: Vec<String>,
+        /// Prompt template; `{}` is replaced by the class name.
+        #[arg(long, default_value = "a photo of a {}.")]
+        template: String,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+struct Loaded<B: Backend> {
+    model: ClipModel<B>,
+    tokenizer: ClipTokenizer,
+    processor: ImageProcessor,
+}
+
+fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
+    let dir = &args.model;
+    if !dir.is_dir() {
+        bail!("--model {}: not a directory (a local model directory in HF layout is expected)", dir.display());
+    }
+    let (mut model, cfg) = load_clip::<B>(dir, device)?;
+    if let Some(adapter) = &args.adapter {
+        let (m, _) = io::load_adapter(model, adapter, device)?;
+        model = m.merge_and_unload()?;
+    }
+    Ok(Loaded {
+        model,
+        tokenizer: ClipTokenizer::from_dir(dir)?,
+        processor: ImageProcessor::from_dir(dir, &cfg.vision_config)?,
+    })
+}
+
+fn ids<B: Backend>(tok: &ClipTokenizer, texts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = texts.iter().flat_map(|t| tok.tokenize(t, CONTEXT_LENGTH)).map(i64::from).collect();
+    Tensor::from_data(TensorData::new(data, [texts.len(), CONTEXT_LENGTH]), device)
+}
+
+fn pixels<B: Backend>(l: &Loaded<B>, paths: &[PathBuf], device: &B::Device) -> Result<Tensor<B, 4>> {
+    let images = paths.iter().map(|p| load_rgb(p)).collect::<Result<Vec<_>, _>>()?;
+    Ok(l.processor.batch(&images, device))
+}
+
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+    match cmd {
+        Cmd::Embed { model, images, texts, output } => {
+            if images.is_empty() && texts.is_empty() {
+                bail!("nothing to embed: give --images and/or --texts");
+            }
+            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.is_dir()
+            {
+                bail!("--output {}: directory {} does not exist", output.display(), dir.display());
+            }
+            let l = load::<B<AB>>(model, device)?;
+            let mut out = std::collections::BTreeMap::new();
+            if !images.is_empty() {
+                let e = l.model.get_image_features(pixels(&l, images, device)?);
+                out.insert("image_embeds".to_string(), io::HostTensor::from_tensor(e));
+            }
+            if !texts.is_empty() {
+                let e = l.model.get_text_features(ids(&l.tokenizer, texts, device));
+                out.insert("text_embeds".to_string(), io::HostTensor::from_tensor(e));
+            }
+            io::write_safetensors(output, &out, Default::default())?;
+            eprintln!("wrote {}", output.display());
+        }
+        Cmd::ZeroShot { model, classes, template, images } => {
+            if !template.contains("{}") {
+                bail!("--template {template:?} has no {{}} for the class name");
+            }
+            let l = load::<B<AB>>(model, device)?;
+            let prompts: Vec<String> = classes.iter().map(|c| template.replace("{}", c)).collect();
+            let text = l.model.get_text_features(ids(&l.tokenizer, &prompts, device));
+            for path in images {
+                let image = l.model.get_image_features(pixels(&l, std::slice::from_ref(path), device)?);
+                let probs = softmax(l.model.logits_per_image(image, text.clone()), 1);
+                let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
+                let best = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                let obj = serde_json::json!({
+                    "path": path.display().to_string(),
+                    "probs": classes.iter().zip(&probs).map(|(c, p)| (c.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+                    "prediction": classes[best],
+                });
+                println!("{obj}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let device_arg = match &cli.command {
+        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } => model.device.clone(),
+    };
+    let device: DeviceSpec = device_arg.parse().context("--device")?;
+    serial_lora::dispatch!(device, run(&cli.command))
+}
