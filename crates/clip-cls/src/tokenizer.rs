@@ -254,6 +254,13 @@ impl ClipTokenizer {
         ids
     }
 
+    /// The first `n` vocabulary entries in id order (the byte tokens come first).
+    pub fn vocab_prefix(&self, n: usize) -> Vec<String> {
+        let mut v: Vec<(&String, &u32)> = self.encoder.iter().filter(|e| (*e.1 as usize) < n).collect();
+        v.sort_by_key(|e| *e.1);
+        v.into_iter().map(|(t, _)| t.clone()).collect()
+    }
+
     pub fn eot_id(&self) -> u32 {
         self.eot
     }

@@ -1,0 +1,186 @@
+//! The `clip-cls` binary end to end on the tiny fixture model: output keys and shapes, equality
+//! with the library, adapters, and errors that name the culprit.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::Flex;
+use burn::module::Module;
+use burn::prelude::*;
+use clip_cls::preprocess::{ImageProcessor, load_rgb};
+use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use serial_lora::io::{self, read_safetensors};
+use serial_lora::{AdaptedModel, AdapterConfig, Method};
+
+type B = Flex;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The tiny CLIP (vocab 1000, eos 999) plus a matching tokenizer: the 512 byte tokens, the
+/// first 486 merges of the real CLIP vocabulary, start/end at 998/999.
+fn tiny_model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("clip-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    let gz = std::fs::read(fixtures().join("clip-tokenizer/bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
+    let merges: Vec<&str> = text.lines().skip(1).take(486).collect();
+    // byte tokens in GPT-2 order, as the full vocabulary numbers them
+    let full = ClipTokenizer::from_open_clip_vocab(&fixtures().join("clip-tokenizer/bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    let mut vocab: Vec<String> = full.vocab_prefix(512);
+    vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
+    vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
+    let map: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+    std::fs::write(dir.path().join("vocab.json"), serde_json::to_string(&map).unwrap()).unwrap();
+    std::fs::write(dir.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
+    dir
+}
+
+fn images() -> Vec<PathBuf> {
+    ["rgb_61x47.png", "rgb_40x90.png", "gray_33x33.png", "rgba_50x30.png"].map(|f| fixtures().join("clip-images").join(f)).to_vec()
+}
+
+fn clip(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clip-cls")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn library_embeds(model_dir: &Path, adapter: Option<&Path>, texts: &[&str]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let dev = Default::default();
+    let (mut model, cfg) = clip_cls::load_clip::<B>(model_dir, &dev).unwrap();
+    if let Some(a) = adapter {
+        model = io::load_adapter(model, a, &dev).unwrap().0;
+    }
+    let proc = ImageProcessor::from_dir(model_dir, &cfg.vision_config).unwrap();
+    let imgs: Vec<_> = images().iter().map(|p| load_rgb(p).unwrap()).collect();
+    let tok = ClipTokenizer::from_dir(model_dir).unwrap();
+    let ids: Vec<i64> = texts.iter().flat_map(|t| tok.tokenize(t, CONTEXT_LENGTH)).map(i64::from).collect();
+    let ids = Tensor::from_data(TensorData::new(ids, [texts.len(), CONTEXT_LENGTH]), &dev);
+    (model.get_image_features(proc.batch(&imgs, &dev)), model.get_text_features(ids))
+}
+
+fn max_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn embed_writes_both_keys_equal_to_the_library() {
+    let model = tiny_model_dir();
+    let out = model.path().join("out.safetensors");
+    let imgs = images();
+    let mut args = vec!["embed", "--model", s(model.path()), "--images"];
+    args.extend(imgs.iter().map(|p| s(p)));
+    args.extend(["--texts", "a photo of a dog.", "a cat", "--output", s(&out)]);
+    let (ok, _, err) = clip(&args);
+    assert!(ok, "{err}");
+    let (t, _) = read_safetensors(&out).unwrap();
+    assert_eq!(t["image_embeds"].shape, vec![4, 16]);
+    assert_eq!(t["text_embeds"].shape, vec![2, 16]);
+    let (img, txt) = library_embeds(model.path(), None, &["a photo of a dog.", "a cat"]);
+    assert_eq!(max_diff(t["image_embeds"].to_tensor(&Default::default()), img), 0.0);
+    assert_eq!(max_diff(t["text_embeds"].to_tensor(&Default::default()), txt), 0.0);
+}
+
+#[test]
+fn adapters_change_the_embeddings_as_in_the_library() {
+    let model = tiny_model_dir();
+    let dev = Default::default();
+    for method in [Method::Lora, Method::SerialLora] {
+        let (base, _) = clip_cls::load_clip::<B>(model.path(), &dev).unwrap();
+        let cfg = AdapterConfig::new(method, 2);
+        let adapted = base.with_adapters(&cfg, &dev).unwrap().map(&mut Bump::default());
+        let adapter = model.path().join(format!("adapter-{}", cfg.method_name()));
+        io::save_adapter(&adapted, &cfg, &adapter, None).unwrap();
+        let out = model.path().join("out.safetensors");
+        let imgs = images();
+        let (ok, _, err) = clip(&["embed", "--model", s(model.path()), "--adapter", s(&adapter), "--images", s(&imgs[0]), "--texts", "a cat", "--output", s(&out)]);
+        assert!(ok, "{err}");
+        let (t, _) = read_safetensors(&out).unwrap();
+        let (img, txt) = library_embeds(model.path(), Some(&adapter), &["a cat"]);
+        let (base_img, _) = library_embeds(model.path(), None, &["a cat"]);
+        let got_img: Tensor<B, 2> = t["image_embeds"].to_tensor(&dev);
+        // the binary merges the adapter; the library here runs it unmerged: f32 rounding only
+        assert!(max_diff(got_img.clone(), img.narrow(0, 0, 1)) < 1e-5);
+        assert!(max_diff(t["text_embeds"].to_tensor(&dev), txt) < 1e-5);
+        assert!(max_diff(got_img, base_img.narrow(0, 0, 1)) > 1e-3, "{method:?} adapter had no effect");
+    }
+}
+
+/// Non-zero B so that an adapter changes the output.
+#[derive(Default)]
+struct Bump(Vec<String>);
+impl burn::module::ModuleMapper<B> for Bump {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.0.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.0.pop();
+    }
+    fn map_float<const D: usize>(&mut self, p: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
+        if self.0.last().is_some_and(|n| n == "lora_b") {
+            let t = p.val();
+            let r = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.3), &t.device());
+            burn::module::Param::initialized(p.id, r)
+        } else {
+            p
+        }
+    }
+}
+
+#[test]
+fn zero_shot_prints_one_json_object_per_image() {
+    let model = tiny_model_dir();
+    let imgs = images();
+    let (ok, out, err) = clip(&["zero-shot", "--model", s(model.path()), "--classes", "dog,cat,car", s(&imgs[0]), s(&imgs[2])]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let probs = l["probs"].as_object().unwrap();
+        assert_eq!(probs.len(), 3);
+        let sum: f64 = probs.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-5);
+        let pred = l["prediction"].as_str().unwrap();
+        let best = probs.iter().max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap())).unwrap().0;
+        assert_eq!(pred, best);
+        assert!(l["path"].as_str().unwrap().ends_with(".png"));
+    }
+}
+
+#[test]
+fn bad_input_is_named_without_a_panic() {
+    let model = tiny_model_dir();
+    let m = s(model.path());
+    let img = images()[0].clone();
+    let junk = model.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let empty = model.path().join("empty.jpg");
+    std::fs::write(&empty, b"").unwrap();
+    let out = model.path().join("o.safetensors");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["embed", "--model", "/no/such/model", "--texts", "a", "--output", s(&out)], "/no/such/model"),
+        (vec!["embed", "--model", m, "--device", "gpu", "--texts", "a", "--output", s(&out)], "gpu"),
+        (vec!["embed", "--model", m, "--device", "tch-cpu", "--texts", "a", "--output", s(&out)], "--features tch"),
+        (vec!["embed", "--model", m, "--images", s(&junk), "--output", s(&out)], "junk.png"),
+        (vec!["embed", "--model", m, "--images", s(&empty), "--output", s(&out)], "empty.jpg"),
+        (vec!["embed", "--model", m, "--images", "/no/such.png", "--output", s(&out)], "/no/such.png"),
+        (vec!["embed", "--model", m, "--texts", "a", "--output", "/no/such/dir/o.safetensors"], "/no/such/dir"),
+        (vec!["embed", "--model", m, "--adapter", "/no/adapter", "--texts", "a", "--output", s(&out)], "adapter_config.json"),
+        (vec!["embed", "--model", m, "--output", s(&out)], "nothing to embed"),
+        (vec!["zero-shot", "--model", m, "--classes", "a,b", "--template", "no slot", s(&img)], "--template"),
+    ];
+    for (args, culprit) in cases {
+        let (ok, _, err) = clip(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(culprit), "{args:?}: error does not name {culprit:?}:\n{err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    }
+}
