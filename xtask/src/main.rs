@@ -72,15 +72,17 @@ fn main() -> Result<()> {
         Cmd::Ci => {
             run(cargo("").args(["test", "--workspace"]))?;
             run(cargo("").args(["run", "-p", "serial-lora", "--example", "quickstart", "--", "--device", "cpu"]))?;
-            run(cargo("cuda").args(["check", "-p", "serial-lora", "--features", "cuda", "--examples", "--tests"]))?;
+            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
             if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
                 run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
             }
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
-            run(Command::new(&py).arg("tools/fixtures/serial_lora_core.py").env("PYTHONHASHSEED", "0"))?;
+            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py"] {
+                // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
+                run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
+            }
         }
         Cmd::PeftCheck => {
             let py = venv_python()?;
