@@ -172,15 +172,20 @@ impl<B: Backend> Attention<B> {
         Ok(self)
     }
 
+    /// Every adapter pair of the block (Serial, q, k, v, o).
+    pub fn pairs(&self) -> Vec<&crate::lora::LoraPair<B>> {
+        let mut out: Vec<&crate::lora::LoraPair<B>> = self.serial.iter().map(|s| &s.pair).collect();
+        match &self.qkv {
+            QkvProjection::Separate(s) => out.extend([&s.q, &s.k, &s.v].into_iter().filter_map(|l| l.lora.as_ref())),
+            QkvProjection::Fused(f) => out.extend(f.pairs().into_iter().flatten()),
+        }
+        out.extend(self.o.as_ref().and_then(|o| o.lora.as_ref()));
+        out
+    }
+
     /// Whether any adapter is attached.
     pub fn has_adapter(&self) -> bool {
-        let lin = |l: &LoraLinear<B>| l.lora.is_some();
-        self.serial.is_some()
-            || self.o.as_ref().is_some_and(lin)
-            || match &self.qkv {
-                QkvProjection::Separate(s) => lin(&s.q) || lin(&s.k) || lin(&s.v),
-                QkvProjection::Fused(f) => f.pairs().iter().any(Option::is_some),
-            }
+        !self.pairs().is_empty()
     }
 
     /// Projects a self-attention input `[batch, tokens, d_model]` to q, k, v `[batch, tokens, inner]`.
@@ -317,13 +322,7 @@ impl<B: Backend> Attention<B> {
 
     /// Whether the adapter of this block is merged into the base weights.
     pub fn is_merged(&self) -> bool {
-        let lin = |l: &LoraLinear<B>| l.lora.as_ref().is_some_and(|p| p.merged);
-        self.serial.as_ref().is_some_and(|s| s.pair.merged)
-            || self.o.as_ref().is_some_and(lin)
-            || match &self.qkv {
-                QkvProjection::Separate(s) => lin(&s.q) || lin(&s.k) || lin(&s.v),
-                QkvProjection::Fused(f) => f.pairs().iter().flatten().any(|p| p.merged),
-            }
+        self.pairs().iter().any(|p| p.merged)
     }
 
     /// Merges (unless already merged) and drops the adapters: a plain block with the base
