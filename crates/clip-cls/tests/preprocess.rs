@@ -1,0 +1,59 @@
+//! Preprocessing parity with transformers' PIL `CLIPImageProcessor` (`CLIPImageProcessorPil`
+//! in transformers 5.24, Pillow 13.0): RGB conversion, bicubic resize and crop are compared
+//! byte for byte, `pixel_values` to f32 rounding. Fixture: `tools/fixtures/clip_text_image.py`.
+use std::path::PathBuf;
+
+use clip_cls::preprocess::{ImageProcessor, RgbImage, center_crop, load_rgb, resize_bicubic};
+use serial_lora::io::read_safetensors;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip-images")
+}
+
+/// Known gap: Pillow 13 sometimes runs the vertical pass before the horizontal one; its rule
+/// is not known here yet (it is not a cost comparison: see the closing note of the CLIP issue).
+/// We always go horizontal first, as Pillow ≤ 12's `ImagingResampleInner`, which differs from
+/// Pillow 13 by up to 7 levels on these images. When the rule is ported this list empties and
+/// the test below fails until it is updated.
+const VERTICAL_FIRST_IN_PILLOW_13: &[&str] = &["rgb_40x90.png"];
+
+/// The processor rescales in f64 then normalizes in f32; we do both in f32: ≤ 2 ulp of values
+/// of magnitude ≤ 2.2.
+const PIXEL_TOL: f32 = 1e-6;
+
+#[test]
+fn pixels_match_the_pil_image_processor() {
+    let (reference, _) = read_safetensors(&dir().join("reference.safetensors")).unwrap();
+    let processor = ImageProcessor {
+        shortest_edge: 32,
+        crop: [32, 32],
+        image_mean: clip_cls::preprocess::CLIP_MEAN,
+        image_std: clip_cls::preprocess::CLIP_STD,
+        rescale_factor: 1.0 / 255.0,
+    };
+    for name in ["rgb_61x47.png", "rgb_40x90.png", "gray_33x33.png", "rgba_50x30.png"] {
+        let img = load_rgb(&dir().join(name)).unwrap();
+        let bytes = |key: &str| -> Vec<u8> { reference[key].data.iter().map(|&v| v as u8).collect() };
+        if let Some(rgb) = reference.get(&format!("{name}.rgb")) {
+            let want: Vec<u8> = rgb.data.iter().map(|&v| v as u8).collect();
+            let diff = img.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{name}: {diff} RGB values differ after alpha compositing");
+        }
+        let shape = &reference[&format!("{name}.resized")].shape;
+        let resized = resize_bicubic(&img, shape[1], shape[0]);
+        let want = bytes(&format!("{name}.resized"));
+        let diff = resized.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+        if VERTICAL_FIRST_IN_PILLOW_13.contains(&name) {
+            let worst = resized.data.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+            assert!(diff > 0 && worst <= 7, "{name}: pass-order gap changed: {diff} values differ, worst {worst}");
+            continue;
+        }
+        assert_eq!(diff, 0, "{name}: {diff} of {} resized values differ from PIL", want.len());
+        let cropped: RgbImage = center_crop(&resized, 32, 32);
+        assert_eq!(cropped.data, bytes(&format!("{name}.cropped")), "{name}: crop");
+        let pv = processor.process(&img);
+        let want = &reference[&format!("{name}.pixel_values")].data;
+        let err = pv.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= PIXEL_TOL, "{name}: pixel_values differ by {err}");
+    }
+}
