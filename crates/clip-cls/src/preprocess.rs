@@ -2,9 +2,9 @@
 //! (alpha composited on white), resize the shortest edge with PIL's bicubic filter, center
 //! crop, rescale by 1/255, normalize with the processor's mean and std.
 //!
-//! Upstream: transformers `models/clip/image_processing_clip.py` + `image_transforms.py`;
-//! Pillow `libImaging/Resample.c` and `AlphaComposite.c` (the fixed-point arithmetic below is
-//! a transcription, so resized pixels equal PIL's byte for byte).
+//! Upstream: transformers `models/clip/image_processing_pil_clip.py` (v5.24); Pillow 13
+//! `libImaging/Resample.c` and `AlphaComposite.c` (the fixed-point arithmetic below is a
+//! transcription, so resized pixels equal PIL's byte for byte).
 use std::path::Path;
 
 use burn::prelude::*;
@@ -217,41 +217,42 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
-/// Pillow `Image.resize((w, h), Image.BICUBIC)` on RGB: horizontal pass, then vertical, each
-/// rounded to 8 bits (only the rows the vertical pass reads are resampled horizontally).
+/// Pillow `Image.resize((w, h), Image.BICUBIC)` on RGB: one pass per axis whose size
+/// changes, each rounded to 8 bits. Pass order as Pillow ≥ 13 (python-pillow/Pillow#9549):
+/// vertical first iff both sizes change, the height shrinks and `2·(w_in − w_out) < h_in − h_out`;
+/// horizontal first otherwise (Pillow ≤ 12 always went horizontal first).
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    let mut src = img.clone();
-    let (vb, vk) = coeffs(img.height, out_h);
-    if out_w != img.width {
-        let (hb, hk) = coeffs(img.width, out_w);
-        let (first, last) = (vb[0].0, vb[out_h - 1].0 + vb[out_h - 1].1);
-        let mut data = vec![0u8; (last - first) * out_w * 3];
-        for (yy, y) in (first..last).enumerate() {
-            for xx in 0..out_w {
-                let (xmin, n) = hb[xx];
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for x in 0..n {
-                        ss += img.data[(y * img.width + xmin + x) * 3 + c] as i64 * hk[xx][x] as i64;
-                    }
-                    data[(yy * out_w + xx) * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        src = RgbImage { width: out_w, height: last - first, data };
-        if out_h == img.height {
-            return src;
-        }
-        let vb: Vec<(usize, usize)> = vb.iter().map(|&(m, n)| (m - first, n)).collect();
-        return vertical(&src, out_h, &vb, &vk);
+    let (w_in, h_in) = (img.width as i64, img.height as i64);
+    let (w_changes, h_changes) = (out_w != img.width, out_h != img.height);
+    let vertical_first =
+        w_changes && h_changes && (out_h as i64) < h_in && 2 * (w_in - out_w as i64) < h_in - out_h as i64;
+    if vertical_first {
+        return horizontal(&vertical(img, out_h), out_w);
     }
-    if out_h == img.height {
-        return src;
-    }
-    vertical(&src, out_h, &vb, &vk)
+    let out = if w_changes { horizontal(img, out_w) } else { img.clone() };
+    if h_changes { vertical(&out, out_h) } else { out }
 }
 
-fn vertical(src: &RgbImage, out_h: usize, bounds: &[(usize, usize)], k: &[Vec<i32>]) -> RgbImage {
+fn horizontal(src: &RgbImage, out_w: usize) -> RgbImage {
+    let (bounds, k) = coeffs(src.width, out_w);
+    let mut data = vec![0u8; src.height * out_w * 3];
+    for y in 0..src.height {
+        for xx in 0..out_w {
+            let (xmin, n) = bounds[xx];
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for x in 0..n {
+                    ss += src.data[(y * src.width + xmin + x) * 3 + c] as i64 * k[xx][x] as i64;
+                }
+                data[(y * out_w + xx) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    RgbImage { width: out_w, height: src.height, data }
+}
+
+fn vertical(src: &RgbImage, out_h: usize) -> RgbImage {
+    let (bounds, k) = coeffs(src.height, out_h);
     let w = src.width;
     let mut data = vec![0u8; out_h * w * 3];
     for yy in 0..out_h {

@@ -130,3 +130,28 @@ fn vit_b16_adapter_parameter_counts() {
     assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
     println!("ViT-B/16 base {} params", serial.total - serial.trainable);
 }
+
+/// A LoRA adapter saved by PEFT on both towers of the tiny CLIP (q, k, v, out_proj) loads here
+/// and gives PEFT's embeddings.
+#[test]
+fn peft_lora_adapter_gives_peft_embeddings() {
+    use serial_lora::AdaptedModel;
+    let dev = Default::default();
+    let (model, _) = load_clip::<B>(&dir(), &dev).unwrap();
+    let (model, cfg) = serial_lora::io::load_adapter(model, dir().join("peft_lora"), &dev).expect("PEFT adapter");
+    assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
+    assert_eq!(model.attention_sites().iter().filter(|s| s.attention.has_adapter()).count(), 4);
+    let r = reference();
+    let (want, _) = read_safetensors(&dir().join("peft_reference.safetensors")).unwrap();
+    let r2 = Ref { floats: want, ids: r.ids.clone() };
+    let pixels: Tensor<B, 4> = r.floats["pixel_values"].to_tensor(&dev);
+    let img = model.get_image_features(pixels.clone());
+    check(&r2, "image_embeds", img.clone());
+    check(&r2, "text_embeds", model.get_text_features(r.ids.clone()));
+    // and it is not the base model's output
+    let base = (img - r.floats["image_embeds"].to_tensor::<B, 2>(&dev)).abs().max().into_scalar();
+    assert!(base > 1e-3);
+    // merged: the same
+    let merged = model.merge_and_unload().unwrap();
+    check(&r2, "image_embeds", merged.get_image_features(pixels));
+}
