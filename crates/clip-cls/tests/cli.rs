@@ -156,6 +156,37 @@ fn zero_shot_prints_one_json_object_per_image() {
 }
 
 #[test]
+fn hub_ids_resolve_through_the_hf_cache() {
+    let model = tiny_model_dir();
+    let home = tempfile::tempdir().unwrap();
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_clip-cls"))
+            .args(["zero-shot", "--model", id, "--classes", "a,b", s(&images()[0])])
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    // offline with an empty cache: a clear error naming the id
+    let out = run("openai/clip-vit-base-patch16");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("openai/clip-vit-base-patch16") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    // the same model placed in the cache layout (refs/main → snapshots/<commit>) runs by id
+    let repo = home.path().join("hub/models--org--tiny-clip");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.json", "merges.txt"] {
+        std::fs::copy(model.path().join(f), snap.join(f)).unwrap();
+    }
+    let out = run("org/tiny-clip");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+#[test]
 fn bad_input_is_named_without_a_panic() {
     let model = tiny_model_dir();
     let m = s(model.path());

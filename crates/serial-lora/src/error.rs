@@ -31,6 +31,9 @@ pub enum Error {
     /// Merging or unmerging a module in the wrong state.
     #[error("`{module}`: {message}")]
     MergeState { module: String, message: &'static str },
+    /// A model given by hub id could not be resolved.
+    #[error("model `{id}`: {message}")]
+    Hub { id: String, message: String },
     /// The requested device is unknown or its backend is not compiled in.
     #[error("device `{device}`: {message}")]
     Device { device: String, message: String },

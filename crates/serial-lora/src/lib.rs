@@ -18,6 +18,7 @@ pub mod attention;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod io;
 pub mod layers;
 pub mod lora;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::{ClipModel, load_clip};
+use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
 #[derive(Parser)]
@@ -20,9 +21,10 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
-    /// Model directory in HF layout (config.json, model.safetensors, tokenizer files).
+    /// Hub id (e.g. openai/clip-vit-base-patch16; fetched into the HF cache, honours HF_HOME and
+    /// HF_HUB_OFFLINE) or a local directory in HF layout.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Adapter directory (PEFT LoRA or Serial LoRA) to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -67,10 +69,13 @@ struct Loaded<B: Backend> {
 }
 
 fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
-    let dir = &args.model;
-    if !dir.is_dir() {
-        bail!("--model {}: not a directory (a local model directory in HF layout is expected)", dir.display());
-    }
+    let dir = &resolve_model_dir(
+        &args.model,
+        &[&["config.json"], &["model.safetensors", "model.safetensors.index.json"], &["tokenizer.json", "vocab.json+merges.txt"]],
+        &["preprocessor_config.json"],
+        &HubOptions::from_env(),
+    )
+    .context("--model")?;
     let (mut model, cfg) = load_clip::<B>(dir, device)?;
     if let Some(adapter) = &args.adapter {
         let (m, _) = io::load_adapter(model, adapter, device)?;
