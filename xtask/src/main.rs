@@ -71,7 +71,9 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Ci => {
             run(cargo("").args(["test", "--workspace"]))?;
-            run(cargo("").args(["run", "-p", "serial-lora", "--example", "quickstart", "--", "--device", "cpu"]))?;
+            // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
+            run(cargo("").args(["build", "--workspace", "--examples"]))?;
+            run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
             run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
             if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
                 run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
