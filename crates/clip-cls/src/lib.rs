@@ -6,6 +6,7 @@
 //! Upstream: transformers `src/transformers/models/clip/modeling_clip.py` (v5.24.0); weights
 //! `openai/clip-vit-base-patch16` on the HF hub.
 pub mod config;
+pub mod data;
 pub mod encoder;
 pub mod error;
 pub mod load;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod preprocess;
 pub mod text_model;
 pub mod tokenizer;
+pub mod train;
 pub mod vision_model;
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};

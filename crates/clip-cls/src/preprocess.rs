@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
+use rand::{Rng, RngExt};
 use serde::Deserialize;
 
 use crate::config::ClipVisionConfig;
@@ -97,21 +98,44 @@ impl ImageProcessor {
         let (nh, nw) = if h <= w { (self.shortest_edge, new_long) } else { (new_long, self.shortest_edge) };
         let resized = resize_bicubic(img, nw, nh);
         let [ch, cw] = self.crop;
-        let cropped = center_crop(&resized, cw, ch);
-        let mut out = vec![0f32; 3 * ch * cw];
+        self.normalize(&center_crop(&resized, cw, ch))
+    }
+
+    /// The training transform of CLIP-LoRA: torchvision `RandomResizedCrop(crop, scale=(0.08, 1),
+    /// bicubic)` + `RandomHorizontalFlip(0.5)`, then rescale and normalize.
+    pub fn augment(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<f32> {
+        let [ch, cw] = self.crop;
+        let (left, top, w, h) = random_resized_crop_params(img.width, img.height, (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0), rng);
+        let mut out = resize_bicubic(&crop(img, left, top, w, h), cw, ch);
+        if rng.random_bool(0.5) {
+            out = hflip(&out);
+        }
+        self.normalize(&out)
+    }
+
+    /// RGB pixels → `(v·rescale − mean) / std`, channel-major `[3, h, w]`.
+    pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let n = img.width * img.height;
+        let mut out = vec![0f32; 3 * n];
         for c in 0..3 {
-            for i in 0..ch * cw {
-                let v = cropped.data[i * 3 + c] as f32 * self.rescale_factor;
-                out[c * ch * cw + i] = (v - self.image_mean[c]) / self.image_std[c];
+            for i in 0..n {
+                let v = img.data[i * 3 + c] as f32 * self.rescale_factor;
+                out[c * n + i] = (v - self.image_mean[c]) / self.image_std[c];
             }
         }
         out
     }
 
+    /// Processed images (each `[3, crop_h, crop_w]` values) → `pixel_values [batch, 3, h, w]`.
+    pub fn stack<B: Backend>(&self, processed: Vec<Vec<f32>>, device: &B::Device) -> Tensor<B, 4> {
+        let n = processed.len();
+        let data: Vec<f32> = processed.into_iter().flatten().collect();
+        Tensor::from_data(TensorData::new(data, [n, 3, self.crop[0], self.crop[1]]), device)
+    }
+
     /// A batch of images → `pixel_values [batch, 3, crop_h, crop_w]`.
     pub fn batch<B: Backend>(&self, images: &[RgbImage], device: &B::Device) -> Tensor<B, 4> {
-        let data: Vec<f32> = images.iter().flat_map(|i| self.process(i)).collect();
-        Tensor::from_data(TensorData::new(data, [images.len(), 3, self.crop[0], self.crop[1]]), device)
+        self.stack(images.iter().map(|i| self.process(i)).collect(), device)
     }
 }
 
@@ -272,8 +296,11 @@ fn vertical(src: &RgbImage, out_h: usize) -> RgbImage {
 
 /// transformers `center_crop`: offsets `(size − crop) // 2`.
 pub fn center_crop(img: &RgbImage, w: usize, h: usize) -> RgbImage {
-    let top = img.height.saturating_sub(h) / 2;
-    let left = img.width.saturating_sub(w) / 2;
+    crop(img, img.width.saturating_sub(w) / 2, img.height.saturating_sub(h) / 2, w, h)
+}
+
+/// The `w × h` window at `(left, top)`; pixels past the border repeat the edge.
+pub fn crop(img: &RgbImage, left: usize, top: usize, w: usize, h: usize) -> RgbImage {
     let mut data = Vec::with_capacity(w * h * 3);
     for y in top..top + h {
         for x in left..left + w {
@@ -282,4 +309,45 @@ pub fn center_crop(img: &RgbImage, w: usize, h: usize) -> RgbImage {
         }
     }
     RgbImage { width: w, height: h, data }
+}
+
+/// Mirrors an image left to right.
+pub fn hflip(img: &RgbImage) -> RgbImage {
+    let data = img.data.chunks_exact(img.width * 3).flat_map(|row| row.chunks_exact(3).rev().flatten().copied()).collect();
+    RgbImage { data, ..*img }
+}
+
+/// torchvision `RandomResizedCrop.get_params`: `(left, top, w, h)` of a window covering a
+/// random fraction in `scale` of the area with a log-uniform aspect ratio in `ratio`; after 10
+/// misses, the largest centered window with the ratio clamped into `ratio`.
+pub fn random_resized_crop_params(
+    width: usize,
+    height: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> (usize, usize, usize, usize) {
+    let (wf, hf) = (width as f64, height as f64);
+    let area = wf * hf;
+    let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let aspect = rng.random_range(log_lo..=log_hi).exp();
+        let w = (target * aspect).sqrt().round() as usize;
+        let h = (target / aspect).sqrt().round() as usize;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = rng.random_range(0..=height - h);
+            let left = rng.random_range(0..=width - w);
+            return (left, top, w, h);
+        }
+    }
+    let in_ratio = wf / hf;
+    let (w, h) = if in_ratio < ratio.0 {
+        (width, (wf / ratio.0).round() as usize)
+    } else if in_ratio > ratio.1 {
+        ((hf * ratio.1).round() as usize, height)
+    } else {
+        (width, height)
+    };
+    ((width - w) / 2, (height - h) / 2, w, h)
 }

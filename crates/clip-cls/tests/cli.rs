@@ -1,7 +1,11 @@
 //! The `clip-cls` binary end to end on the tiny fixture model: output keys and shapes, equality
 //! with the library, adapters, and errors that name the culprit.
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
+
+use common::{clip, images, s, tiny_model_dir};
 
 use burn::backend::Flex;
 use burn::module::Module;
@@ -12,46 +16,6 @@ use serial_lora::io::{self, read_safetensors};
 use serial_lora::{AdaptedModel, AdapterConfig, Method};
 
 type B = Flex;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// The tiny CLIP (vocab 1000, eos 999) plus a matching tokenizer: the 512 byte tokens, the
-/// first 486 merges of the real CLIP vocabulary, start/end at 998/999.
-fn tiny_model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("clip-tiny").join(f), dir.path().join(f)).unwrap();
-    }
-    let gz = std::fs::read(fixtures().join("clip-tokenizer/bpe_simple_vocab_16e6.txt.gz")).unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
-    let merges: Vec<&str> = text.lines().skip(1).take(486).collect();
-    // byte tokens in GPT-2 order, as the full vocabulary numbers them
-    let full = ClipTokenizer::from_open_clip_vocab(&fixtures().join("clip-tokenizer/bpe_simple_vocab_16e6.txt.gz")).unwrap();
-    let mut vocab: Vec<String> = full.vocab_prefix(512);
-    vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
-    vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
-    let map: serde_json::Map<String, serde_json::Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
-    std::fs::write(dir.path().join("vocab.json"), serde_json::to_string(&map).unwrap()).unwrap();
-    std::fs::write(dir.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
-    dir
-}
-
-fn images() -> Vec<PathBuf> {
-    ["rgb_61x47.png", "rgb_40x90.png", "gray_33x33.png", "rgba_50x30.png"].map(|f| fixtures().join("clip-images").join(f)).to_vec()
-}
-
-fn clip(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clip-cls")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn library_embeds(model_dir: &Path, adapter: Option<&Path>, texts: &[&str]) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let dev = Default::default();

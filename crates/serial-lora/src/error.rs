@@ -43,7 +43,8 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
-    pub(crate) fn config(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
+    /// An invalid setting: `field` = `value`, and why.
+    pub fn config(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
         Error::InvalidConfig { field, value: value.to_string(), reason: reason.into() }
     }
     /// Prefixes the module name of a merge error with the path of its parent module.

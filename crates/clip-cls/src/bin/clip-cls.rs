@@ -1,4 +1,6 @@
-//! `clip-cls`: CLIP embeddings and zero-shot classification, with LoRA / Serial LoRA adapters.
+//! `clip-cls`: CLIP embeddings, zero-shot classification, few-shot LoRA / Serial LoRA (+)
+//! training and evaluation.
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -7,13 +9,16 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
+use clip_cls::data::Dataset;
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use clip_cls::train::{Progress, RunOptions, TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
+use indicatif::{ProgressBar, ProgressStyle};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
 #[derive(Parser)]
-#[command(version, about = "CLIP with LoRA / Serial LoRA adapters: embeddings and zero-shot classification")]
+#[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -60,6 +65,44 @@ enum Cmd {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Few-shot fine-tuning with LoRA / Serial LoRA (+) (the CLIP-LoRA recipe). Writes the
+    /// adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
+    Train {
+        #[command(flatten)]
+        config: TrainConfig,
+        /// Run directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// Log line every N steps when stderr is not a terminal.
+        #[arg(long, default_value_t = 10)]
+        logging_steps: usize,
+        /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Top-1 accuracy on a dataset split (JSON on stdout).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Prompt template; `{}` is replaced by the class name.
+        #[arg(long, default_value = "a photo of a {}.")]
+        template: String,
+        /// Skip (and count) unreadable images instead of failing.
+        #[arg(long)]
+        skip_bad_images: bool,
+    },
 }
 
 struct Loaded<B: Backend> {
@@ -68,14 +111,18 @@ struct Loaded<B: Backend> {
     processor: ImageProcessor,
 }
 
-fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
-    let dir = &resolve_model_dir(
-        &args.model,
+fn model_dir(spec: &str) -> Result<PathBuf> {
+    resolve_model_dir(
+        spec,
         &[&["config.json"], &["model.safetensors", "model.safetensors.index.json"], &["tokenizer.json", "vocab.json+merges.txt"]],
         &["preprocessor_config.json"],
         &HubOptions::from_env(),
     )
-    .context("--model")?;
+    .context("--model")
+}
+
+fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
+    let dir = &model_dir(&args.model)?;
     let (mut model, cfg) = load_clip::<B>(dir, device)?;
     if let Some(adapter) = &args.adapter {
         let (m, _) = io::load_adapter(model, adapter, device)?;
@@ -143,6 +190,69 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                 println!("{obj}");
             }
         }
+        Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
+            let dir = model_dir(&config.model)?;
+            let opts = RunOptions { resume: *resume, stop_after: *stop_after };
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            });
+            let mut report = |p: &Progress| {
+                let line = format!(
+                    "epoch {} loss {:.4} lr {:.3e} acc {:.3} {:.1} img/s",
+                    p.epoch + 1,
+                    p.log.loss,
+                    p.log.lr,
+                    p.log.correct as f64 / p.log.images.max(1) as f64,
+                    p.images_per_second
+                );
+                match &bar {
+                    Some(bar) => {
+                        bar.set_length(p.total as u64);
+                        bar.set_position(p.step as u64);
+                        bar.set_message(line);
+                    }
+                    None if p.step % (*logging_steps).max(1) == 0 || p.step == p.total => {
+                        eprintln!("step {}/{} {line}", p.step, p.total)
+                    }
+                    None => {}
+                }
+            };
+            let m = train::<AB>(config, &dir, out, &opts, device, &mut report)?;
+            if let Some(bar) = bar {
+                bar.finish();
+            }
+            eprintln!(
+                "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train accuracy {:.3}; {} skipped image(s)",
+                out.display(),
+                m.trainable_params,
+                m.total_params,
+                m.steps,
+                m.total_steps,
+                m.final_loss,
+                m.train_accuracy,
+                m.skipped_images.len()
+            );
+        }
+        Cmd::Eval { model, dataset, split, batch, template, skip_bad_images } => {
+            if !template.contains("{}") {
+                bail!("--template {template:?} has no {{}} for the class name");
+            }
+            let dataset = Dataset::open(dataset)?;
+            let l = load::<B<AB>>(model, device)?;
+            let bar = ProgressBar::new(0);
+            let mut progress = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let r = evaluate(&l.model, &l.tokenizer, &l.processor, &dataset, split, template, *batch, *skip_bad_images, device, &mut progress)?;
+            bar.finish_and_clear();
+            println!("{}", serde_json::to_string(&r)?);
+        }
     }
     Ok(())
 }
@@ -150,7 +260,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device_arg = match &cli.command {
-        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } => model.device.clone(),
+        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Eval { model, .. } => model.device.clone(),
+        Cmd::Train { device, .. } => device.clone(),
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command))

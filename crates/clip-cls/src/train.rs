@@ -1,0 +1,554 @@
+//! Few-shot fine-tuning and evaluation of CLIP with LoRA / Serial LoRA (+): the CLIP-LoRA
+//! recipe the paper follows.
+//!
+//! Upstream: CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024) `lora.py::run_lora` and
+//! `utils.py::cls_acc`: AdamW (0.9, 0.999, weight decay 1e-2), `CosineAnnealingLR(total_iters,
+//! eta_min=1e-6)` stepped per iteration, logits `100 · cos(image, class text)`, cross-entropy,
+//! class text features re-encoded every step when the text tower is adapted, RandomResizedCrop
+//! (scale 0.08–1, bicubic) + horizontal flip. Differences: no fp16 autocast; one epoch is one
+//! pass over the few-shot set (`--epochs`), or a fixed step count (`--iters`).
+//!
+//! Determinism: every random draw of step `t` (batch order, augmentation, adapter dropout) is
+//! seeded from `(seed, t)`, and a checkpoint holds the adapter, the AdamW moments and the step;
+//! a resumed run therefore reaches the same adapter as an uninterrupted one.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::ParamId;
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serial_lora::io::{self, write_atomic};
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::params::param_infos;
+use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
+
+use crate::data::{Dataset, Item, permutation};
+use crate::error::{ClipError, Result};
+use crate::model::{ClipModel, l2_normalize};
+use crate::preprocess::{ImageProcessor, RgbImage, load_rgb};
+use crate::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use crate::{ClipConfig, load_clip};
+
+/// Which tower(s) get adapters (CLIP-LoRA's `--encoder`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Towers {
+    Vision,
+    Text,
+    Both,
+}
+
+/// Everything that defines a training run (saved as `train_config.json` in the run directory;
+/// `--resume` checks it). Flag names and defaults follow CLIP-LoRA and the paper.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct TrainConfig {
+    /// Hub id (e.g. openai/clip-vit-base-patch16) or local directory in HF layout.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset directory: CoOp layout (`split_zhou_<Name>.json` + images) or class-per-folder.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Split to train on.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Images per class (K-shot, sampled with --seed); omit to train on the whole split.
+    #[arg(long)]
+    pub shots: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// lora | serial-lora | lora-plus | serial-lora-plus
+    #[arg(long)]
+    pub method: String,
+    #[arg(long, default_value_t = 32)]
+    pub rank: usize,
+    /// Scale numerator: s = alpha / rank (CLIP-LoRA's default 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.25)]
+    pub dropout: f64,
+    /// Peak learning rate (A matrices; B matrices get lr × lr-ratio with the `-plus` methods).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// LoRA+ ratio lr_B / lr_A (used by lora-plus and serial-lora-plus).
+    #[arg(long, default_value_t = 20.0)]
+    pub lr_ratio: f64,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub eta_min: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Passes over the training images (default 50 unless --iters is given).
+    #[arg(long, conflicts_with = "iters")]
+    pub epochs: Option<usize>,
+    /// Optimizer steps (instead of --epochs).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Tower(s) to adapt.
+    #[arg(long, value_enum, default_value_t = Towers::Both)]
+    pub encoder: Towers,
+    /// Projections that get LoRA pairs (LoRA methods; Serial LoRA adapts the shared Q/K/V input).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o", value_parser = parse_projection)]
+    pub params: Vec<Projection>,
+    /// Prompt template; `{}` is replaced by the class name.
+    #[arg(long, default_value = "a photo of a {}.")]
+    pub template: String,
+    /// Logits = logit_scale · cos (CLIP's trained exp(logit_scale) = 100).
+    #[arg(long, default_value_t = 100.0)]
+    pub logit_scale: f64,
+    /// Skip (and count) images that cannot be read instead of failing.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Checkpoint every N steps (default: every epoch).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+}
+
+fn parse_projection(s: &str) -> std::result::Result<Projection, String> {
+    match s.trim() {
+        "q" => Ok(Projection::Q),
+        "k" => Ok(Projection::K),
+        "v" => Ok(Projection::V),
+        "o" => Ok(Projection::O),
+        other => Err(format!("`{other}` is not one of q, k, v, o")),
+    }
+}
+
+impl TrainConfig {
+    /// The adapter config for a model with `vision` + `text` layers (vision blocks first).
+    pub fn adapter_config(&self, clip: &ClipConfig) -> Result<AdapterConfig> {
+        let (nv, nt) = (clip.vision_config.num_hidden_layers, clip.text_config.num_hidden_layers);
+        let mut a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?
+            .with_alpha(self.alpha)
+            .with_dropout(self.dropout);
+        a.target_projections = self.params.clone();
+        a.target_blocks = match self.encoder {
+            Towers::Both => None,
+            Towers::Vision => Some((0..nv).collect()),
+            Towers::Text => Some((nv..nv + nt).collect()),
+        };
+        a.validate()?;
+        Ok(a)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |key: &'static str, value: String, why: &str| -> Result<()> {
+            Err(serial_lora::Error::config(key, value, why).into())
+        };
+        if self.batch == 0 {
+            return bad("batch", "0".into(), "must be at least 1");
+        }
+        if self.shots == Some(0) {
+            return bad("shots", "0".into(), "must be at least 1 (omit it to use the whole split)");
+        }
+        if self.epochs == Some(0) || self.iters == Some(0) {
+            return bad("epochs/iters", "0".into(), "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.eta_min >= 0.0 && self.eta_min <= self.lr) {
+            return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
+        }
+        if !self.template.contains("{}") {
+            return bad("template", self.template.clone(), "has no {} for the class name");
+        }
+        AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?;
+        Ok(())
+    }
+
+    /// Optimizer steps of the run for `steps_per_epoch`.
+    pub fn total_steps(&self, steps_per_epoch: usize) -> usize {
+        self.iters.unwrap_or(self.epochs.unwrap_or(50) * steps_per_epoch)
+    }
+
+    /// Steps between checkpoints.
+    pub fn checkpoint_every(&self, steps_per_epoch: usize) -> usize {
+        self.save_steps.unwrap_or(steps_per_epoch).max(1)
+    }
+}
+
+/// `CosineAnnealingLR(T_max = total, eta_min)` before step `step` (0-based).
+pub fn cosine_lr(lr: f64, eta_min: f64, step: usize, total: usize) -> f64 {
+    eta_min + (lr - eta_min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()) / 2.0
+}
+
+/// A 64-bit seed for random stream `stream` at position `i` (splitmix64 of the mix).
+pub fn stream_seed(seed: u64, stream: u64, i: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED69);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One optimizer step's record (kept in the checkpoint so metrics survive a resume).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepLog {
+    pub loss: f64,
+    pub lr: f64,
+    pub correct: usize,
+    pub images: usize,
+}
+
+/// What a progress display needs after each step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    pub epoch: usize,
+    pub log: &'a StepLog,
+    pub images_per_second: f64,
+}
+
+/// `metrics.json` of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub method: String,
+    pub num_classes: usize,
+    pub train_images: usize,
+    pub skipped_images: Vec<PathBuf>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub steps: usize,
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+    pub completed: bool,
+    /// Mean loss and accuracy on the augmented training batches of the last epoch.
+    pub final_loss: f64,
+    pub train_accuracy: f64,
+    pub loss: Vec<f64>,
+    pub lr: Vec<f64>,
+    pub resumed_from_step: Option<usize>,
+    pub wall_seconds: f64,
+    pub images_per_second: f64,
+    pub device: String,
+}
+
+/// Options of one invocation (not part of the run's identity).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from `RUN_DIR/checkpoint` (the config must be the saved one).
+    pub resume: bool,
+    /// Stop after this many steps in total (the checkpoint is saved; resume later).
+    pub stop_after: Option<usize>,
+}
+
+const CONFIG_FILE: &str = "train_config.json";
+const METRICS_FILE: &str = "metrics.json";
+const CHECKPOINT: &str = "checkpoint";
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer"; // + ".mpk"
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: usize,
+    history: Vec<StepLog>,
+}
+
+/// Decodes images on all cores; `Err` entries are the unreadable files.
+pub fn decode_all(paths: &[&Path]) -> Vec<Result<RgbImage>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+    let chunk = paths.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths.chunks(chunk).map(|c| s.spawn(move || c.iter().map(|p| load_rgb(p)).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    })
+}
+
+/// Decoded images with their labels; unreadable ones fail, or are skipped and returned.
+fn decode_items(items: &[Item], skip_bad: bool) -> Result<(Vec<(RgbImage, usize)>, Vec<PathBuf>)> {
+    let paths: Vec<&Path> = items.iter().map(|i| i.path.as_path()).collect();
+    let mut good = Vec::with_capacity(items.len());
+    let mut skipped = Vec::new();
+    for (item, r) in items.iter().zip(decode_all(&paths)) {
+        match r {
+            Ok(img) => good.push((img, item.label)),
+            Err(_) if skip_bad => skipped.push(item.path.clone()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((good, skipped))
+}
+
+/// Token ids of `template` filled with each class name: `[classes, 77]`.
+pub fn class_prompts<B: Backend>(tok: &ClipTokenizer, classnames: &[String], template: &str, device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = classnames.iter().flat_map(|c| tok.tokenize(&template.replace("{}", c), CONTEXT_LENGTH)).map(i64::from).collect();
+    Tensor::from_data(TensorData::new(data, [classnames.len(), CONTEXT_LENGTH]), device)
+}
+
+/// The ids of the trainable parameters, in module order (the key of the optimizer state).
+fn trainable_ids<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<ParamId> {
+    param_infos(m).into_iter().filter(|p| p.trainable).map(|p| p.id).collect()
+}
+
+/// Re-keys an optimizer record (a map by parameter id) from the ids `from` to the ids `to`.
+fn rekey<R, V>(rec: R, from: &[ParamId], to: &[ParamId]) -> R
+where
+    R: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    let mut rec: HashMap<ParamId, V> = rec.into_iter().collect();
+    from.iter().zip(to).filter_map(|(f, t)| rec.remove(f).map(|v| (*t, v))).collect()
+}
+
+fn positional_ids(n: usize) -> Vec<ParamId> {
+    (0..n as u64).map(ParamId::from).collect()
+}
+
+fn ckpt_err(path: &Path, message: impl std::fmt::Display) -> ClipError {
+    ClipError::Checkpoint { path: path.to_path_buf(), message: message.to_string() }
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ckpt_err(path, e))?;
+    Ok(write_atomic(path, text.as_bytes())?)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClipError::Io { path: path.to_path_buf(), source: e })?;
+    serde_json::from_str(&text).map_err(|e| ckpt_err(path, e))
+}
+
+/// Trains an adapter per `cfg` on the model in `model_dir`, writing the adapter (PEFT layout:
+/// `adapter_config.json` + `adapter_model.safetensors`), `train_config.json`, `metrics.json` and
+/// `checkpoint/` into `out`. `on_step` is called after every optimizer step.
+pub fn train<AB: AutodiffBackend>(
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    out: &Path,
+    opts: &RunOptions,
+    device: &AB::Device,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<Metrics> {
+    cfg.check()?;
+    let ckpt = out.join(CHECKPOINT);
+    let config_path = out.join(CONFIG_FILE);
+    let resuming = opts.resume && ckpt.join(STATE_FILE).is_file();
+    if resuming {
+        let saved: TrainConfig = read_json(&config_path)?;
+        if &saved != cfg {
+            let (a, b) = (serde_json::to_value(&saved).unwrap_or_default(), serde_json::to_value(cfg).unwrap_or_default());
+            let diff: Vec<String> = a
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: saved {v}, now {}", b.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+                .collect();
+            return Err(ckpt_err(&config_path, format!("--resume with different settings: {}", diff.join("; "))));
+        }
+    } else if ckpt.exists() || out.join(io::WEIGHTS_FILE).exists() {
+        return Err(ckpt_err(out, "already holds a run: pass --resume to continue it, or choose another --out"));
+    }
+
+    let dataset = Dataset::open(&cfg.dataset)?;
+    let items = dataset.few_shot(&cfg.split, cfg.shots, cfg.seed)?;
+    let (images, skipped) = decode_items(&items, cfg.skip_bad_images)?;
+    if images.is_empty() {
+        return Err(ClipError::Dataset { path: cfg.dataset.clone(), message: "no readable training image".into() });
+    }
+
+    let (model, clip_cfg) = load_clip::<AB>(model_dir, device)?;
+    let tokenizer = ClipTokenizer::from_dir(model_dir)?;
+    let processor = ImageProcessor::from_dir(model_dir, &clip_cfg.vision_config)?;
+    let adapter_cfg = cfg.adapter_config(&clip_cfg)?;
+    let ratio = adapter_cfg.lr_ratio.unwrap_or(1.0);
+    let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), ratio);
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+
+    let (mut model, mut state) = if resuming {
+        let state: State = read_json(&ckpt.join(STATE_FILE))?;
+        let (model, _) = io::load_adapter(model, &ckpt, device)?;
+        let ids = trainable_ids(&model);
+        let opt_path = ckpt.join(OPTIMIZER_FILE);
+        let record = recorder.load(opt_path.clone(), device).map_err(|e| ckpt_err(&opt_path, e))?;
+        optim = load_optimizer(optim, record, &ids);
+        (model, state)
+    } else {
+        std::fs::create_dir_all(out).map_err(|e| ClipError::Io { path: out.to_path_buf(), source: e })?;
+        write_json(&config_path, cfg)?;
+        AB::seed(device, cfg.seed);
+        (model.with_adapters(&adapter_cfg, device)?, State { step: 0, history: Vec::new() })
+    };
+    let resumed_from_step = resuming.then_some(state.step);
+    let counts = model.param_counts();
+
+    let n = images.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch);
+    let total = cfg.total_steps(steps_per_epoch);
+    let stop = opts.stop_after.map_or(total, |s| s.min(total));
+    let every = cfg.checkpoint_every(steps_per_epoch);
+    let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &cfg.template, device);
+    let text_adapted = cfg.encoder != Towers::Vision;
+    let fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(ids.clone())).detach());
+
+    let start = Instant::now();
+    let mut seen = 0usize;
+    for step in state.step..stop {
+        let epoch = step / steps_per_epoch;
+        let order = permutation(n, stream_seed(cfg.seed, 1, epoch as u64));
+        let b = step % steps_per_epoch;
+        let batch = &order[b * cfg.batch..((b + 1) * cfg.batch).min(n)];
+        let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 2, step as u64));
+        let pixels = batch.iter().map(|&i| processor.augment(&images[i].0, &mut rng)).collect();
+        let labels: Vec<i64> = batch.iter().map(|&i| images[i].1 as i64).collect();
+        let x = processor.stack::<AB>(pixels, device);
+        let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [batch.len()]), device);
+
+        AB::seed(device, stream_seed(cfg.seed, 3, step as u64)); // adapter dropout
+        let image = l2_normalize(model.get_image_features(x));
+        let text = match &fixed_text {
+            Some(t) => t.clone(),
+            None => l2_normalize(model.get_text_features(ids.clone())),
+        };
+        let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
+        let loss = log_softmax(logits.clone(), 1).gather(1, y.clone().unsqueeze_dim(1)).mean().neg();
+        let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+
+        let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>() as usize;
+        state.history.push(StepLog { loss: loss.into_scalar().elem::<f64>(), lr, correct, images: batch.len() });
+        state.step = step + 1;
+        seen += batch.len();
+        if state.step % every == 0 || state.step == stop {
+            save_checkpoint(&model, &adapter_cfg, &optim, &recorder, &state, cfg, out)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        on_step(&Progress {
+            step: state.step,
+            total,
+            epoch,
+            log: state.history.last().expect("just pushed"),
+            images_per_second: seen as f64 / secs.max(1e-9),
+        });
+    }
+
+    let completed = state.step == total;
+    if completed {
+        io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
+    }
+    let last_epoch = &state.history[state.history.len().saturating_sub(steps_per_epoch)..];
+    let (imgs, correct) = last_epoch.iter().fold((0, 0), |(n, c), l| (n + l.images, c + l.correct));
+    let wall = start.elapsed().as_secs_f64();
+    let metrics = Metrics {
+        method: cfg.method.clone(),
+        num_classes: dataset.classnames.len(),
+        train_images: n,
+        skipped_images: skipped,
+        trainable_params: counts.trainable,
+        total_params: counts.total,
+        steps: state.step,
+        total_steps: total,
+        steps_per_epoch,
+        completed,
+        final_loss: last_epoch.iter().map(|l| l.loss).sum::<f64>() / last_epoch.len().max(1) as f64,
+        train_accuracy: correct as f64 / imgs.max(1) as f64,
+        loss: state.history.iter().map(|l| l.loss).collect(),
+        lr: state.history.iter().map(|l| l.lr).collect(),
+        resumed_from_step,
+        wall_seconds: wall,
+        images_per_second: seen as f64 / wall.max(1e-9),
+        device: AB::name(device),
+    };
+    write_json(&out.join(METRICS_FILE), &metrics)?;
+    Ok(metrics)
+}
+
+/// Writes `out/checkpoint` (adapter, optimizer moments keyed by trainable-parameter position,
+/// step and history) through a temporary directory, so a crash leaves the previous one.
+fn save_checkpoint<AB: AutodiffBackend, O: Optimizer<ClipModel<AB>, AB>, V>(
+    model: &ClipModel<AB>,
+    adapter_cfg: &AdapterConfig,
+    optim: &O,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
+    state: &State,
+    cfg: &TrainConfig,
+    out: &Path,
+) -> Result<()>
+where
+    O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    let tmp = out.join(format!("{CHECKPOINT}.tmp"));
+    let old = out.join(format!("{CHECKPOINT}.old"));
+    let ckpt = out.join(CHECKPOINT);
+    let _ = std::fs::remove_dir_all(&tmp);
+    io::save_adapter(model, adapter_cfg, &tmp, Some(&cfg.model))?;
+    let ids = trainable_ids(model);
+    let record = rekey(optim.to_record(), &ids, &positional_ids(ids.len()));
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    recorder.record(record, opt_path.clone()).map_err(|e| ckpt_err(&opt_path, e))?;
+    write_json(&tmp.join(STATE_FILE), state)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if ckpt.exists() {
+        std::fs::rename(&ckpt, &old).map_err(|e| ClipError::Io { path: ckpt.clone(), source: e })?;
+    }
+    std::fs::rename(&tmp, &ckpt).map_err(|e| ClipError::Io { path: tmp.clone(), source: e })?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Loads a record saved by [`save_checkpoint`] into `optim` for a model whose trainable
+/// parameters have the ids `ids`.
+fn load_optimizer<AB: AutodiffBackend, O: Optimizer<ClipModel<AB>, AB>, V>(optim: O, record: O::Record, ids: &[ParamId]) -> O
+where
+    O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    optim.load_record(rekey(record, &positional_ids(ids.len()), ids))
+}
+
+/// Top-1 accuracy of a split.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub split: String,
+    pub num_classes: usize,
+    pub images: usize,
+    pub correct: usize,
+    pub top1: f64,
+    pub skipped_images: Vec<PathBuf>,
+}
+
+/// Zero-shot-style classification of every image of `split` against the class prompts, in
+/// batches of `batch`; `on_batch(done, total)` after each batch.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<B: Backend>(
+    model: &ClipModel<B>,
+    tokenizer: &ClipTokenizer,
+    processor: &ImageProcessor,
+    dataset: &Dataset,
+    split: &str,
+    template: &str,
+    batch: usize,
+    skip_bad: bool,
+    device: &B::Device,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    let items = dataset.few_shot(split, None, 0)?;
+    let text = l2_normalize(model.get_text_features(class_prompts::<B>(tokenizer, &dataset.classnames, template, device)));
+    let (mut correct, mut images, mut skipped) = (0, 0, Vec::new());
+    for (i, chunk) in items.chunks(batch.max(1)).enumerate() {
+        let (decoded, bad) = decode_items(chunk, skip_bad)?;
+        skipped.extend(bad);
+        if !decoded.is_empty() {
+            let labels: Vec<i64> = decoded.iter().map(|(_, l)| *l as i64).collect();
+            let x = processor.stack::<B>(decoded.iter().map(|(img, _)| processor.process(img)).collect(), device);
+            let pred = l2_normalize(model.get_image_features(x)).matmul(text.clone().transpose()).argmax(1).squeeze_dim::<1>(1);
+            let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [decoded.len()]), device);
+            correct += pred.equal(y).int().sum().into_scalar().elem::<i64>() as usize;
+            images += decoded.len();
+        }
+        on_batch((i * batch.max(1) + chunk.len()).min(items.len()), items.len());
+    }
+    Ok(EvalResult {
+        split: split.to_string(),
+        num_classes: dataset.classnames.len(),
+        images,
+        correct,
+        top1: correct as f64 / images.max(1) as f64,
+        skipped_images: skipped,
+    })
+}
