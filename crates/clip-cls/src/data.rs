@@ -25,25 +25,31 @@ pub struct Item {
 pub struct Dataset {
     /// Where the dataset was read from (for messages).
     pub root: PathBuf,
+    /// The CoOp name (`EuroSAT` for `split_zhou_EuroSAT.json`); `None` for class folders.
+    pub name: Option<String>,
     /// Class names with underscores replaced by spaces, indexed by label.
     pub classnames: Vec<String>,
     /// `train`, `val`, `test` (the ones present).
     pub splits: BTreeMap<String, Vec<Item>>,
 }
 
-/// Image subfolders of the CoOp datasets, by the name in `split_zhou_<Name>.json`.
-const COOP_IMAGE_DIRS: &[(&str, &str)] = &[
-    ("Caltech101", "101_ObjectCategories"),
-    ("Food101", "images"),
-    ("EuroSAT", "2750"),
-    ("OxfordPets", "images"),
-    ("DescribableTextures", "images"),
-    ("OxfordFlowers", "jpg"),
-    ("StanfordCars", ""),
-    ("FGVCAircraft", "images"),
-    ("SUN397", "SUN397"),
-    ("UCF101", "UCF-101-midframes"),
+/// The CoOp datasets, by the name in `split_zhou_<Name>.json`: image subfolder and the prompt
+/// template CoOp / CLIP-LoRA use for it (CoOp `CUSTOM_TEMPLATES`).
+const COOP: &[(&str, &str, &str)] = &[
+    ("Caltech101", "101_ObjectCategories", "a photo of a {}."),
+    ("Food101", "images", "a photo of {}, a type of food."),
+    ("EuroSAT", "2750", "a centered satellite photo of {}."),
+    ("OxfordPets", "images", "a photo of a {}, a type of pet."),
+    ("DescribableTextures", "images", "{} texture."),
+    ("OxfordFlowers", "jpg", "a photo of a {}, a type of flower."),
+    ("StanfordCars", "", "a photo of a {}."),
+    ("FGVCAircraft", "images", "a photo of a {}, a type of aircraft."),
+    ("SUN397", "SUN397", "a photo of a {}."),
+    ("UCF101", "UCF-101-midframes", "a photo of a person doing {}."),
 ];
+
+/// CLIP's generic prompt.
+pub const DEFAULT_TEMPLATE: &str = "a photo of a {}.";
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"];
 
@@ -75,6 +81,12 @@ impl Dataset {
         }
     }
 
+    /// The prompt template CoOp and CLIP-LoRA use for this dataset, else [`DEFAULT_TEMPLATE`].
+    pub fn default_template(&self) -> &'static str {
+        let known = COOP.iter().find(|(n, ..)| Some(*n) == self.name.as_deref());
+        known.map_or(DEFAULT_TEMPLATE, |(.., t)| *t)
+    }
+
     /// The items of a split, or an error naming the splits there are.
     pub fn split(&self, name: &str) -> Result<&[Item]> {
         match self.splits.get(name) {
@@ -93,7 +105,7 @@ impl Dataset {
         let stem = split_file.file_stem().and_then(|s| s.to_str()).unwrap_or("").trim_start_matches("split_zhou_");
         let first = raw.values().flatten().next().ok_or_else(|| bad(split_file, "every split is empty"))?;
         // The image root: the dataset's CoOp subfolder, `images/`, or the folder itself.
-        let known = COOP_IMAGE_DIRS.iter().find(|(n, _)| *n == stem).map(|(_, d)| *d);
+        let known = COOP.iter().find(|(n, ..)| *n == stem).map(|(_, d, _)| *d);
         let candidates: Vec<PathBuf> = known.into_iter().chain(["images", ""]).map(|d| dir.join(d)).collect();
         let image_root = candidates.iter().find(|r| r.join(&first.0).is_file()).ok_or_else(|| {
             bad(split_file, format!("image `{}` is not under any of {}", first.0, names(&candidates)))
@@ -117,7 +129,7 @@ impl Dataset {
         if let Some((i, _)) = classnames.keys().enumerate().find(|(i, l)| i != *l) {
             return Err(bad(split_file, format!("labels are not 0..{n}: label {i} has no image")));
         }
-        Ok(Self { root: dir.to_path_buf(), classnames: classnames.into_values().collect(), splits })
+        Ok(Self { root: dir.to_path_buf(), name: Some(stem.to_string()), classnames: classnames.into_values().collect(), splits })
     }
 
     fn from_folders(dir: &Path) -> Result<Self> {
@@ -145,7 +157,7 @@ impl Dataset {
                 .collect();
             splits.insert(split, items);
         }
-        Ok(Self { root: dir.to_path_buf(), classnames: folders.iter().map(|f| f.replace('_', " ")).collect(), splits })
+        Ok(Self { root: dir.to_path_buf(), name: None, classnames: folders.iter().map(|f| f.replace('_', " ")).collect(), splits })
     }
 }
 

@@ -99,9 +99,10 @@ pub struct TrainConfig {
     /// Projections that get LoRA pairs (LoRA methods; Serial LoRA adapts the shared Q/K/V input).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o", value_parser = parse_projection)]
     pub params: Vec<Projection>,
-    /// Prompt template; `{}` is replaced by the class name.
-    #[arg(long, default_value = "a photo of a {}.")]
-    pub template: String,
+    /// Prompt template; `{}` is replaced by the class name. Default: CoOp's template of the
+    /// dataset (e.g. "a centered satellite photo of {}." for EuroSAT), else "a photo of a {}.".
+    #[arg(long)]
+    pub template: Option<String>,
     /// Logits = logit_scale · cos (CLIP's trained exp(logit_scale) = 100).
     #[arg(long, default_value_t = 100.0)]
     pub logit_scale: f64,
@@ -153,11 +154,12 @@ impl TrainConfig {
         if self.epochs == Some(0) || self.iters == Some(0) {
             return bad("epochs/iters", "0".into(), "must be at least 1");
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.eta_min >= 0.0 && self.eta_min <= self.lr) {
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min);
+        if !lr_ok {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
         }
-        if !self.template.contains("{}") {
-            return bad("template", self.template.clone(), "has no {} for the class name");
+        if let Some(t) = self.template.as_ref().filter(|t| !t.contains("{}")) {
+            return bad("template", t.clone(), "has no {} for the class name");
         }
         AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?;
         Ok(())
@@ -209,6 +211,8 @@ pub struct Progress<'a> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
     pub method: String,
+    /// The prompt template used.
+    pub template: String,
     pub num_classes: usize,
     pub train_images: usize,
     pub skipped_images: Vec<PathBuf>,
@@ -260,8 +264,11 @@ pub fn decode_all(paths: &[&Path]) -> Vec<Result<RgbImage>> {
     })
 }
 
-/// Decoded images with their labels; unreadable ones fail, or are skipped and returned.
-fn decode_items(items: &[Item], skip_bad: bool) -> Result<(Vec<(RgbImage, usize)>, Vec<PathBuf>)> {
+/// Decoded images with their labels, and the unreadable files that were skipped.
+type Decoded = (Vec<(RgbImage, usize)>, Vec<PathBuf>);
+
+/// Decodes `items`; an unreadable one fails, or with `skip_bad` is skipped and returned.
+fn decode_items(items: &[Item], skip_bad: bool) -> Result<Decoded> {
     let paths: Vec<&Path> = items.iter().map(|i| i.path.as_path()).collect();
     let mut good = Vec::with_capacity(items.len());
     let mut skipped = Vec::new();
@@ -382,7 +389,8 @@ pub fn train<AB: AutodiffBackend>(
     let total = cfg.total_steps(steps_per_epoch);
     let stop = opts.stop_after.map_or(total, |s| s.min(total));
     let every = cfg.checkpoint_every(steps_per_epoch);
-    let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &cfg.template, device);
+    let template = cfg.template.clone().unwrap_or_else(|| dataset.default_template().to_string());
+    let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &template, device);
     let text_adapted = cfg.encoder != Towers::Vision;
     let fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(ids.clone())).detach());
 
@@ -437,6 +445,7 @@ pub fn train<AB: AutodiffBackend>(
     let wall = start.elapsed().as_secs_f64();
     let metrics = Metrics {
         method: cfg.method.clone(),
+        template,
         num_classes: dataset.classnames.len(),
         train_images: n,
         skipped_images: skipped,
@@ -505,6 +514,7 @@ where
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalResult {
     pub split: String,
+    pub template: String,
     pub num_classes: usize,
     pub images: usize,
     pub correct: usize,
@@ -545,6 +555,7 @@ pub fn evaluate<B: Backend>(
     }
     Ok(EvalResult {
         split: split.to_string(),
+        template: template.to_string(),
         num_classes: dataset.classnames.len(),
         images,
         correct,

@@ -37,7 +37,7 @@ fn config(model: &Path, dataset: &Path, method: &str) -> TrainConfig {
         batch: 6,
         encoder: Towers::Both,
         params: Projection::ALL.to_vec(),
-        template: "a photo of a {}.".into(),
+        template: None,
         logit_scale: 100.0,
         skip_bad_images: false,
         save_steps: None,
@@ -178,9 +178,11 @@ fn coop_splits_and_few_shot_sampling() {
         COLOURS.iter().enumerate().flat_map(|(l, (c, _))| (0..n).map(move |i| serde_json::json!([format!("{c}/{i:02}.png"), l, c]))).collect()
     };
     let split = serde_json::json!({"train": entries(3), "val": entries(1), "test": entries(2)});
-    std::fs::write(data.path().join("split_zhou_Colours.json"), split.to_string()).unwrap();
+    std::fs::write(data.path().join("split_zhou_EuroSAT.json"), split.to_string()).unwrap();
     let ds = Dataset::open(data.path()).unwrap();
     assert_eq!(ds.classnames, ["bright red", "grass green", "sky blue"]);
+    assert_eq!(ds.default_template(), "a centered satellite photo of {}."); // CoOp's, by name
+    assert_eq!(Dataset::open(&data.path().join("images")).unwrap().default_template(), "a photo of a {}.");
     assert_eq!(ds.split("test").unwrap().len(), 6);
     assert!(ds.split("test").unwrap()[0].path.is_file());
 
@@ -221,7 +223,7 @@ fn bad_training_input_is_named() {
     for (key, cfg) in [
         ("method", TrainConfig { method: "dora".into(), ..cfg.clone() }),
         ("batch", TrainConfig { batch: 0, ..cfg.clone() }),
-        ("template", TrainConfig { template: "a photo".into(), ..cfg.clone() }),
+        ("template", TrainConfig { template: Some("a photo".into()), ..cfg.clone() }),
     ] {
         let out = tempfile::tempdir().unwrap();
         let err = train::<AB>(&cfg, model.path(), out.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap_err().to_string();

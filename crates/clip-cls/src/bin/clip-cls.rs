@@ -69,7 +69,7 @@ enum Cmd {
     /// adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
     Train {
         #[command(flatten)]
-        config: TrainConfig,
+        config: Box<TrainConfig>,
         /// Run directory.
         #[arg(long)]
         out: PathBuf,
@@ -96,9 +96,10 @@ enum Cmd {
         split: String,
         #[arg(long, default_value_t = 64)]
         batch: usize,
-        /// Prompt template; `{}` is replaced by the class name.
-        #[arg(long, default_value = "a photo of a {}.")]
-        template: String,
+        /// Prompt template; `{}` is replaced by the class name. Default: CoOp's template of the
+        /// dataset, else "a photo of a {}.".
+        #[arg(long)]
+        template: Option<String>,
         /// Skip (and count) unreadable images instead of failing.
         #[arg(long)]
         skip_bad_images: bool,
@@ -216,7 +217,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                         bar.set_position(p.step as u64);
                         bar.set_message(line);
                     }
-                    None if p.step % (*logging_steps).max(1) == 0 || p.step == p.total => {
+                    None if p.step.is_multiple_of((*logging_steps).max(1)) || p.step == p.total => {
                         eprintln!("step {}/{} {line}", p.step, p.total)
                     }
                     None => {}
@@ -239,10 +240,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
             );
         }
         Cmd::Eval { model, dataset, split, batch, template, skip_bad_images } => {
+            let dataset = Dataset::open(dataset)?;
+            let template = template.as_deref().unwrap_or(dataset.default_template());
             if !template.contains("{}") {
                 bail!("--template {template:?} has no {{}} for the class name");
             }
-            let dataset = Dataset::open(dataset)?;
             let l = load::<B<AB>>(model, device)?;
             let bar = ProgressBar::new(0);
             let mut progress = |done: usize, total: usize| {
