@@ -240,8 +240,13 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop after this many steps in total (the checkpoint is saved; resume later).
     pub stop_after: Option<usize>,
+    /// Bytes of decoded training images kept in memory (default 2 GiB); the rest is decoded
+    /// again for each batch.
+    pub cache_bytes: Option<usize>,
 }
 
+/// Default of [`RunOptions::cache_bytes`].
+const CACHE_BYTES: usize = 2 << 30;
 const CONFIG_FILE: &str = "train_config.json";
 const METRICS_FILE: &str = "metrics.json";
 const CHECKPOINT: &str = "checkpoint";
@@ -264,8 +269,8 @@ pub fn decode_all(paths: &[&Path]) -> Vec<Result<RgbImage>> {
     })
 }
 
-/// Decoded images with their labels, and the unreadable files that were skipped.
-type Decoded = (Vec<(RgbImage, usize)>, Vec<PathBuf>);
+/// Decoded images with their items, and the unreadable files that were skipped.
+type Decoded = (Vec<(RgbImage, Item)>, Vec<PathBuf>);
 
 /// Decodes `items`; an unreadable one fails, or with `skip_bad` is skipped and returned.
 fn decode_items(items: &[Item], skip_bad: bool) -> Result<Decoded> {
@@ -274,7 +279,7 @@ fn decode_items(items: &[Item], skip_bad: bool) -> Result<Decoded> {
     let mut skipped = Vec::new();
     for (item, r) in items.iter().zip(decode_all(&paths)) {
         match r {
-            Ok(img) => good.push((img, item.label)),
+            Ok(img) => good.push((img, item.clone())),
             Err(_) if skip_bad => skipped.push(item.path.clone()),
             Err(e) => return Err(e),
         }
@@ -354,7 +359,19 @@ pub fn train<AB: AutodiffBackend>(
 
     let dataset = Dataset::open(&cfg.dataset)?;
     let items = dataset.few_shot(&cfg.split, cfg.shots, cfg.seed)?;
-    let (images, skipped) = decode_items(&items, cfg.skip_bad_images)?;
+    // Decode everything once (bad files fail or are skipped now, not mid-run); keep the pixels
+    // in memory up to the cache size and decode the rest again when a batch needs them.
+    let mut images: Vec<(Option<RgbImage>, Item)> = Vec::with_capacity(items.len());
+    let mut skipped = Vec::new();
+    let mut cached_bytes = 0;
+    for chunk in items.chunks(256) {
+        let (decoded, bad) = decode_items(chunk, cfg.skip_bad_images)?;
+        skipped.extend(bad);
+        for (img, item) in decoded {
+            cached_bytes += img.data.len();
+            images.push(((cached_bytes <= opts.cache_bytes.unwrap_or(CACHE_BYTES)).then_some(img), item));
+        }
+    }
     if images.is_empty() {
         return Err(ClipError::Dataset { path: cfg.dataset.clone(), message: "no readable training image".into() });
     }
@@ -402,8 +419,14 @@ pub fn train<AB: AutodiffBackend>(
         let b = step % steps_per_epoch;
         let batch = &order[b * cfg.batch..((b + 1) * cfg.batch).min(n)];
         let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 2, step as u64));
-        let pixels = batch.iter().map(|&i| processor.augment(&images[i].0, &mut rng)).collect();
-        let labels: Vec<i64> = batch.iter().map(|&i| images[i].1 as i64).collect();
+        let mut pixels = Vec::with_capacity(batch.len());
+        for &i in batch {
+            pixels.push(match &images[i].0 {
+                Some(img) => processor.augment(img, &mut rng),
+                None => processor.augment(&load_rgb(&images[i].1.path)?, &mut rng),
+            });
+        }
+        let labels: Vec<i64> = batch.iter().map(|&i| images[i].1.label as i64).collect();
         let x = processor.stack::<AB>(pixels, device);
         let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [batch.len()]), device);
 
@@ -544,7 +567,7 @@ pub fn evaluate<B: Backend>(
         let (decoded, bad) = decode_items(chunk, skip_bad)?;
         skipped.extend(bad);
         if !decoded.is_empty() {
-            let labels: Vec<i64> = decoded.iter().map(|(_, l)| *l as i64).collect();
+            let labels: Vec<i64> = decoded.iter().map(|(_, it)| it.label as i64).collect();
             let x = processor.stack::<B>(decoded.iter().map(|(img, _)| processor.process(img)).collect(), device);
             let pred = l2_normalize(model.get_image_features(x)).matmul(text.clone().transpose()).argmax(1).squeeze_dim::<1>(1);
             let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [decoded.len()]), device);

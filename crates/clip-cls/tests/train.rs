@@ -142,12 +142,13 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     let a = train::<AB>(&cfg, model.path(), full.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
 
     let parts = tempfile::tempdir().unwrap();
-    let stop = |n| RunOptions { resume: true, stop_after: Some(n) };
+    // (and with no image cache: pixels decoded again for every batch)
+    let stop = |n| RunOptions { resume: true, stop_after: Some(n), cache_bytes: Some(0) };
     let first = train::<AB>(&cfg, model.path(), parts.path(), &stop(3), &dev, &mut |_| {}).unwrap();
     assert!(!first.completed && first.steps == 3);
     assert!(!parts.path().join("adapter_model.safetensors").exists(), "no final adapter before the end");
     train::<AB>(&cfg, model.path(), parts.path(), &stop(5), &dev, &mut |_| {}).unwrap();
-    let b = train::<AB>(&cfg, model.path(), parts.path(), &RunOptions { resume: true, stop_after: None }, &dev, &mut |_| {}).unwrap();
+    let b = train::<AB>(&cfg, model.path(), parts.path(), &RunOptions { stop_after: None, ..stop(0) }, &dev, &mut |_| {}).unwrap();
     assert_eq!(b.resumed_from_step, Some(5));
     assert_eq!(a.loss, b.loss, "per-step losses");
     // (file bytes can differ: safetensors writes its metadata map in hash order)
@@ -161,7 +162,7 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
 
     // A different setting is refused on resume, and a finished run is not overwritten.
     let other = TrainConfig { lr: 1e-3, ..cfg.clone() };
-    let err = train::<AB>(&other, model.path(), parts.path(), &RunOptions { resume: true, stop_after: None }, &dev, &mut |_| {}).unwrap_err();
+    let err = train::<AB>(&other, model.path(), parts.path(), &RunOptions { resume: true, ..Default::default() }, &dev, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("lr: saved 0.01, now 0.001"), "{err}");
     let err = train::<AB>(&cfg, model.path(), parts.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");

@@ -193,7 +193,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         }
         Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
             let dir = model_dir(&config.model)?;
-            let opts = RunOptions { resume: *resume, stop_after: *stop_after };
+            let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = ProgressBar::new(0);
                 bar.set_style(
