@@ -1,0 +1,124 @@
+//! Parity with transformers `SamModel` on a tiny random-weight checkpoint
+//! (`tools/fixtures/sam_tiny.py`, transformers 5.24.0, torch 2.9.0), stage by stage: patch and
+//! position embedding, every encoder layer (windowed with padding, and global), neck, image-wide
+//! positional encoding, prompt embeddings (box, points with padding and not-a-point labels,
+//! points + box, mask), mask logits and IoU scores.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use sam_seg::{Prompts, SamModel, load_sam};
+use serial_lora::{AdaptedModel, AdapterConfig, Method};
+
+type B = Flex;
+
+/// Errors relative to the largest reference value (`max|a−b| / max|b|`). f32 through four
+/// pre-LN blocks, the neck and a two-way transformer with weights of std 0.2; PyTorch sums in
+/// another order: ~1e-7 per op. 1e-5 still fails for any wrong formula (O(1e-2) or more).
+const TOL: f32 = 1e-5;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sam-tiny")
+}
+
+/// Every tensor of the reference file as f32 values with its shape (int64 labels converted).
+fn reference() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data = match v.dtype() {
+                safetensors::Dtype::I64 => v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                _ => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            };
+            (k, (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Tensor<B, D> {
+    let (shape, data) = &r[key];
+    Tensor::from_data(TensorData::new(data.clone(), shape.clone()), &Default::default())
+}
+
+fn labels(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Tensor<B, 3, Int> {
+    let (shape, data) = &r[key];
+    Tensor::from_data(TensorData::new(data.iter().map(|v| *v as i64).collect::<Vec<_>>(), shape.clone()), &Default::default())
+}
+
+fn check<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str, got: Tensor<B, D>) -> f32 {
+    let want: Tensor<B, D> = tensor(r, key);
+    assert_eq!(got.dims(), want.dims(), "{key}: shape");
+    let scale = want.clone().abs().max().into_scalar();
+    let err = (got - want).abs().max().into_scalar() / scale;
+    println!("{key:32} rel err {err:.2e}");
+    assert!(err < TOL, "{key}: relative error {err:e} ≥ {TOL:e}");
+    err
+}
+
+fn prompts(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, case: &str) -> Prompts<B> {
+    let key = |k: &str| format!("{case}.{k}");
+    Prompts {
+        points: r.contains_key(&key("input_points")).then(|| (tensor(r, &key("input_points")), labels(r, &key("input_labels")))),
+        boxes: r.contains_key(&key("input_boxes")).then(|| tensor(r, &key("input_boxes"))),
+        masks: None,
+    }
+}
+
+#[test]
+fn sam_matches_transformers_stage_by_stage() {
+    let r = reference();
+    let dev = Default::default();
+    let (model, _) = load_sam::<B>(&dir(), &dev).unwrap();
+    let out = model.vision(tensor(&r, "pixel_values"));
+    check(&r, "vision.embeddings", out.embeddings);
+    for (i, h) in out.hidden_states.into_iter().enumerate() {
+        check(&r, &format!("vision.hidden_states.{}", i + 1), h);
+    }
+    check(&r, "image_embeddings", out.last_hidden_state);
+    check(&r, "image_positional_embeddings", model.image_positional_embeddings());
+
+    for case in ["box", "points", "points_box"] {
+        let p = prompts(&r, case);
+        let (sparse, dense) = model.prompt_embeddings(&p, 1);
+        check(&r, &format!("{case}.sparse"), sparse.unwrap());
+        check(&r, &format!("{case}.dense"), dense);
+        // from the reference image embeddings, so a decoder error is not an encoder error
+        let o = model.forward(tensor(&r, "image_embeddings"), &p, true).unwrap();
+        check(&r, &format!("{case}.pred_masks"), o.pred_masks);
+        check(&r, &format!("{case}.iou_scores"), o.iou_scores);
+    }
+    check(&r, "mask.dense", model.prompt_encoder.mask_embed.forward(tensor(&r, "mask.input_masks")));
+}
+
+#[test]
+fn adapters_go_on_the_image_encoder_only() {
+    type AB = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let (model, cfg) = load_sam::<AB>(&dir(), &dev).unwrap();
+    let v = &cfg.vision_config;
+    let sites: Vec<String> = model.attention_sites().into_iter().map(|s| s.path).collect();
+    assert_eq!(sites.len(), v.num_hidden_layers);
+    assert_eq!(sites[0], "vision_encoder.layers.0.attn");
+    let d = v.hidden_size;
+    for (method, per_block) in [(Method::Lora, 4 * 2 * d * 8), (Method::SerialLora, 2 * d * 8)] {
+        let adapted = SamModel::clone(&model).with_adapters(&AdapterConfig::new(method, 8), &dev).unwrap();
+        use serial_lora::ParamCountExt;
+        assert_eq!(adapted.trainable_params(), v.num_hidden_layers * per_block, "{method:?}");
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let err = load_sam::<B>(tmp.path(), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
+    cfg["vision_config"]["num_pos_feats"] = 16.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_sam::<B>(tmp.path(), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("num_pos_feats"), "{err}");
+}
