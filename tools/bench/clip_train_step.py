@@ -134,8 +134,8 @@ def bench(model_dir, data_dir, method, steps, batch, rank=32, alpha=1.0, dropout
         items = [split[(step * batch + i) % len(split)] for i in range(batch)]
         x = torch.stack([tf(Image.open(os.path.join(data_dir, "2750", p)).convert("RGB")) for p, _, _ in items])
         y = torch.tensor([l for _, l, _ in items])
-        img = nn.functional.normalize(clip.get_image_features(pixel_values=x), dim=-1)
-        txt = nn.functional.normalize(clip.get_text_features(input_ids=ids), dim=-1)
+        img = nn.functional.normalize(clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
+        txt = nn.functional.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
         loss = nn.functional.cross_entropy(100 * img @ txt.T, y)
         opt.zero_grad()
         loss.backward()
