@@ -8,8 +8,6 @@ pub enum ClipError {
     #[error("{path}: invalid CLIP config: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{path}: {message}")]
-    Image { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
     Dataset { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

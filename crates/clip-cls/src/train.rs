@@ -33,6 +33,7 @@ use crate::data::{Dataset, Item, permutation};
 use crate::error::{ClipError, Result};
 use crate::model::{ClipModel, l2_normalize};
 use crate::preprocess::{ImageProcessor, RgbImage, load_rgb};
+use serial_lora::imaging::decode_all;
 use crate::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use crate::{ClipConfig, load_clip};
 
@@ -259,16 +260,6 @@ struct State {
     history: Vec<StepLog>,
 }
 
-/// Decodes images on all cores; `Err` entries are the unreadable files.
-pub fn decode_all(paths: &[&Path]) -> Vec<Result<RgbImage>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
-    let chunk = paths.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = paths.chunks(chunk).map(|c| s.spawn(move || c.iter().map(|p| load_rgb(p)).collect::<Vec<_>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    })
-}
-
 /// Decoded images with their items, and the unreadable files that were skipped.
 type Decoded = (Vec<(RgbImage, Item)>, Vec<PathBuf>);
 
@@ -278,7 +269,7 @@ fn decode_items(items: &[Item], skip_bad: bool) -> Result<Decoded> {
     let mut good = Vec::with_capacity(items.len());
     let mut skipped = Vec::new();
     for (item, r) in items.iter().zip(decode_all(&paths)) {
-        match r {
+        match r.map_err(ClipError::from) {
             Ok(img) => good.push((img, item.clone())),
             Err(_) if skip_bad => skipped.push(item.path.clone()),
             Err(e) => return Err(e),

@@ -4,7 +4,7 @@
 //! vertical-first pass order, the others horizontal-first. Fixture: `tools/fixtures/clip_text_image.py`.
 use std::path::PathBuf;
 
-use clip_cls::preprocess::{ImageProcessor, RgbImage, center_crop, load_rgb, resize_bicubic};
+use clip_cls::preprocess::{Filter, ImageProcessor, RgbImage, center_crop, load_rgb, resize};
 use serial_lora::io::read_safetensors;
 
 fn dir() -> PathBuf {
@@ -34,7 +34,7 @@ fn pixels_match_the_pil_image_processor() {
             assert_eq!(diff, 0, "{name}: {diff} RGB values differ after alpha compositing");
         }
         let shape = &reference[&format!("{name}.resized")].shape;
-        let resized = resize_bicubic(&img, shape[1], shape[0]);
+        let resized = resize(&img, shape[1], shape[0], Filter::Bicubic);
         let want = bytes(&format!("{name}.resized"));
         let diff = resized.data.iter().zip(&want).filter(|(a, b)| a != b).count();
         assert_eq!(diff, 0, "{name}: {diff} of {} resized values differ from PIL", want.len());

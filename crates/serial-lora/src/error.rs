@@ -10,6 +10,9 @@ pub enum Error {
     /// A target selection matched no module of the model.
     #[error("adapter target matches nothing: {0}")]
     TargetMatchesNothing(String),
+    /// An image file cannot be decoded.
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, #[source] source: std::io::Error },

@@ -19,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod hub;
+pub mod imaging;
 pub mod io;
 pub mod layers;
 pub mod lora;
