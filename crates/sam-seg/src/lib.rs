@@ -10,6 +10,7 @@ pub mod error;
 pub mod load;
 pub mod mask_decoder;
 pub mod model;
+pub mod processor;
 pub mod prompt_encoder;
 pub mod vision_encoder;
 
