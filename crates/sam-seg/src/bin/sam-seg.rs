@@ -1,0 +1,150 @@
+//! `sam-seg`: SAM mask prediction from box / point prompts, with LoRA / Serial LoRA adapters.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use sam_seg::processor::SamProcessor;
+use sam_seg::{Prompts, load_sam};
+use serial_lora::hub::{HubOptions, resolve_model_dir};
+use serial_lora::imaging::load_rgb;
+use serial_lora::{AdaptedModel, DeviceSpec, io};
+
+#[derive(Parser)]
+#[command(version, about = "SAM with LoRA / Serial LoRA (+) adapters on the image encoder: prompted mask prediction")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Masks for one image and one prompt (a box and/or points), as transformers'
+    /// `SamModel(..., multimask_output=True)`: `pred_masks` [1, 1, 3, h, w] low-resolution logits
+    /// and `iou_scores` [1, 1, 3] in a safetensors file; the best mask as a PNG at image size.
+    Predict {
+        /// Hub id (e.g. facebook/sam-vit-base; HF cache, HF_HOME, HF_HUB_OFFLINE) or local HF-layout directory.
+        #[arg(long)]
+        model: String,
+        /// Adapter directory (PEFT LoRA or Serial LoRA) for the image encoder.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        image: PathBuf,
+        /// Box `x0,y0,x1,y1` in image pixels.
+        #[arg(long, value_parser = parse_box, allow_hyphen_values = true)]
+        r#box: Option<[f32; 4]>,
+        /// Point `x,y,label` in image pixels (label 1 = object, 0 = background); repeatable.
+        #[arg(long = "point", value_parser = parse_point, allow_hyphen_values = true)]
+        points: Vec<([f32; 2], i64)>,
+        #[arg(long)]
+        output: PathBuf,
+        /// Also write the highest-IoU mask, upscaled to the image and thresholded at 0, as a PNG.
+        #[arg(long)]
+        mask_png: Option<PathBuf>,
+    },
+}
+
+fn numbers(s: &str, n: usize, what: &str) -> std::result::Result<Vec<f32>, String> {
+    let v: Vec<f32> = s.split(',').map(|x| x.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("{what} `{s}`: {e}"))?;
+    if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("{what} `{s}`: expected {n} comma-separated finite numbers"));
+    }
+    Ok(v)
+}
+
+fn parse_box(s: &str) -> std::result::Result<[f32; 4], String> {
+    let v = numbers(s, 4, "box")?;
+    if v[2] <= v[0] || v[3] <= v[1] {
+        return Err(format!("box `{s}`: need x0 < x1 and y0 < y1"));
+    }
+    Ok([v[0], v[1], v[2], v[3]])
+}
+
+fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
+    let v = numbers(s, 3, "point")?;
+    if v[2] != 0.0 && v[2] != 1.0 {
+        return Err(format!("point `{s}`: label must be 1 (object) or 0 (background)"));
+    }
+    Ok(([v[0], v[1]], v[2] as i64))
+}
+
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+    let Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, .. } = cmd;
+    if r#box.is_none() && points.is_empty() {
+        bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
+    }
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!("--output {}: directory {} does not exist", output.display(), dir.display());
+    }
+    let img = load_rgb(image)?;
+    let (w, h) = (img.width as f32, img.height as f32);
+    let inside = |x: f32, y: f32| (0.0..=w).contains(&x) && (0.0..=h).contains(&y);
+    if let Some(b) = r#box
+        && !(inside(b[0], b[1]) && inside(b[2], b[3]))
+    {
+        bail!("--box {b:?} lies outside the image {} ({}×{} pixels)", image.display(), img.width, img.height);
+    }
+    if let Some((p, _)) = points.iter().find(|(p, _)| !inside(p[0], p[1])) {
+        bail!("--point {p:?} lies outside the image {} ({}×{} pixels)", image.display(), img.width, img.height);
+    }
+
+    let dir = resolve_model_dir(model, &[&["config.json"], &["model.safetensors"]], &["preprocessor_config.json"], &HubOptions::from_env())
+        .context("--model")?;
+    let (mut sam, cfg) = load_sam::<B<AB>>(&dir, device)?;
+    if let Some(a) = adapter {
+        sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
+    }
+    let proc = SamProcessor::from_dir(&dir, &cfg.vision_config)?;
+    let px = proc.process(&img);
+    let [ph, pw] = proc.pad;
+    let pixel_values = Tensor::<B<AB>, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
+    let prompts = Prompts {
+        points: (!points.is_empty()).then(|| {
+            let xy: Vec<f32> = points.iter().flat_map(|(p, _)| proc.scale_point(px.original_size, *p)).collect();
+            let labels: Vec<i64> = points.iter().map(|(_, l)| *l).collect();
+            let n = points.len();
+            (
+                Tensor::from_data(TensorData::new(xy, [1, 1, n, 2]), device),
+                Tensor::from_data(TensorData::new(labels, [1, 1, n]), device),
+            )
+        }),
+        boxes: r#box.map(|b| Tensor::from_data(TensorData::new(proc.scale_box(px.original_size, b).to_vec(), [1, 1, 4]), device)),
+        masks: None,
+    };
+    let out = sam.forward(sam.get_image_embeddings(pixel_values), &prompts, true)?;
+    let scores: Vec<f32> = out.iou_scores.clone().into_data().iter::<f32>().collect();
+    let mut tensors = BTreeMap::new();
+    tensors.insert("pred_masks".to_string(), io::HostTensor::from_tensor(out.pred_masks.clone()));
+    tensors.insert("iou_scores".to_string(), io::HostTensor::from_tensor(out.iou_scores));
+    io::write_safetensors(output, &tensors, Default::default())?;
+    let best = scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    eprintln!("wrote {} (iou_scores {scores:?}, best mask {best})", output.display());
+    if let Some(png) = mask_png {
+        let [_, _, m, s, s2] = out.pred_masks.dims();
+        let low = out.pred_masks.reshape([1, m, s, s2]).narrow(1, best, 1);
+        let mask = proc.postprocess_masks(low, px.reshaped_size, px.original_size);
+        let on: Vec<u8> = mask.into_data().iter::<f32>().map(|v| if v > 0.0 { 255 } else { 0 }).collect();
+        let buf = image::GrayImage::from_raw(img.width as u32, img.height as u32, on).context("mask size")?;
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        buf.write_to(&mut bytes, image::ImageFormat::Png).context("encoding the mask PNG")?;
+        io::write_atomic(png, bytes.get_ref())?;
+        eprintln!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let Cmd::Predict { device, .. } = &cli.command;
+    let device: DeviceSpec = device.parse().context("--device")?;
+    serial_lora::dispatch!(device, run(&cli.command))
+}
