@@ -9,8 +9,6 @@ pub enum ClipError {
     Config { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Dataset { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Checkpoint { path: PathBuf, message: String },
     #[error(transparent)]
     Adapter(#[from] serial_lora::Error),
 }

@@ -11,29 +11,27 @@
 //! Determinism: every random draw of step `t` (batch order, augmentation, adapter dropout) is
 //! seeded from `(seed, t)`, and a checkpoint holds the adapter, the AdamW moments and the step;
 //! a resumed run therefore reaches the same adapter as an uninterrupted one.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::ParamId;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use serial_lora::io::{self, write_atomic};
+use serial_lora::imaging::decode_all;
+use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::params::param_infos;
+pub use serial_lora::run::{Progress, RunOptions, StepLog};
+use serial_lora::run::{RunDir, State, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
 use crate::error::{ClipError, Result};
 use crate::model::{ClipModel, l2_normalize};
 use crate::preprocess::{ImageProcessor, RgbImage, load_rgb};
-use serial_lora::imaging::decode_all;
 use crate::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use crate::{ClipConfig, load_clip};
 
@@ -177,37 +175,6 @@ impl TrainConfig {
     }
 }
 
-/// `CosineAnnealingLR(T_max = total, eta_min)` before step `step` (0-based).
-pub fn cosine_lr(lr: f64, eta_min: f64, step: usize, total: usize) -> f64 {
-    eta_min + (lr - eta_min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()) / 2.0
-}
-
-/// A 64-bit seed for random stream `stream` at position `i` (splitmix64 of the mix).
-pub fn stream_seed(seed: u64, stream: u64, i: u64) -> u64 {
-    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED69);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// One optimizer step's record (kept in the checkpoint so metrics survive a resume).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StepLog {
-    pub loss: f64,
-    pub lr: f64,
-    pub correct: usize,
-    pub images: usize,
-}
-
-/// What a progress display needs after each step.
-pub struct Progress<'a> {
-    pub step: usize,
-    pub total: usize,
-    pub epoch: usize,
-    pub log: &'a StepLog,
-    pub images_per_second: f64,
-}
-
 /// `metrics.json` of a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
@@ -234,31 +201,8 @@ pub struct Metrics {
     pub device: String,
 }
 
-/// Options of one invocation (not part of the run's identity).
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    /// Continue from `RUN_DIR/checkpoint` (the config must be the saved one).
-    pub resume: bool,
-    /// Stop after this many steps in total (the checkpoint is saved; resume later).
-    pub stop_after: Option<usize>,
-    /// Bytes of decoded training images kept in memory (default 2 GiB); the rest is decoded
-    /// again for each batch.
-    pub cache_bytes: Option<usize>,
-}
-
 /// Default of [`RunOptions::cache_bytes`].
 const CACHE_BYTES: usize = 2 << 30;
-const CONFIG_FILE: &str = "train_config.json";
-const METRICS_FILE: &str = "metrics.json";
-const CHECKPOINT: &str = "checkpoint";
-const STATE_FILE: &str = "state.json";
-const OPTIMIZER_FILE: &str = "optimizer"; // + ".mpk"
-
-#[derive(Serialize, Deserialize)]
-struct State {
-    step: usize,
-    history: Vec<StepLog>,
-}
 
 /// Decoded images with their items, and the unreadable files that were skipped.
 type Decoded = (Vec<(RgbImage, Item)>, Vec<PathBuf>);
@@ -284,38 +228,6 @@ pub fn class_prompts<B: Backend>(tok: &ClipTokenizer, classnames: &[String], tem
     Tensor::from_data(TensorData::new(data, [classnames.len(), CONTEXT_LENGTH]), device)
 }
 
-/// The ids of the trainable parameters, in module order (the key of the optimizer state).
-fn trainable_ids<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<ParamId> {
-    param_infos(m).into_iter().filter(|p| p.trainable).map(|p| p.id).collect()
-}
-
-/// Re-keys an optimizer record (a map by parameter id) from the ids `from` to the ids `to`.
-fn rekey<R, V>(rec: R, from: &[ParamId], to: &[ParamId]) -> R
-where
-    R: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
-{
-    let mut rec: HashMap<ParamId, V> = rec.into_iter().collect();
-    from.iter().zip(to).filter_map(|(f, t)| rec.remove(f).map(|v| (*t, v))).collect()
-}
-
-fn positional_ids(n: usize) -> Vec<ParamId> {
-    (0..n as u64).map(ParamId::from).collect()
-}
-
-fn ckpt_err(path: &Path, message: impl std::fmt::Display) -> ClipError {
-    ClipError::Checkpoint { path: path.to_path_buf(), message: message.to_string() }
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| ckpt_err(path, e))?;
-    Ok(write_atomic(path, text.as_bytes())?)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| ClipError::Io { path: path.to_path_buf(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| ckpt_err(path, e))
-}
-
 /// Trains an adapter per `cfg` on the model in `model_dir`, writing the adapter (PEFT layout:
 /// `adapter_config.json` + `adapter_model.safetensors`), `train_config.json`, `metrics.json` and
 /// `checkpoint/` into `out`. `on_step` is called after every optimizer step.
@@ -328,25 +240,7 @@ pub fn train<AB: AutodiffBackend>(
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<Metrics> {
     cfg.check()?;
-    let ckpt = out.join(CHECKPOINT);
-    let config_path = out.join(CONFIG_FILE);
-    let resuming = opts.resume && ckpt.join(STATE_FILE).is_file();
-    if resuming {
-        let saved: TrainConfig = read_json(&config_path)?;
-        if &saved != cfg {
-            let (a, b) = (serde_json::to_value(&saved).unwrap_or_default(), serde_json::to_value(cfg).unwrap_or_default());
-            let diff: Vec<String> = a
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: saved {v}, now {}", b.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
-                .collect();
-            return Err(ckpt_err(&config_path, format!("--resume with different settings: {}", diff.join("; "))));
-        }
-    } else if ckpt.exists() || out.join(io::WEIGHTS_FILE).exists() {
-        return Err(ckpt_err(out, "already holds a run: pass --resume to continue it, or choose another --out"));
-    }
+    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
 
     let dataset = Dataset::open(&cfg.dataset)?;
     let items = dataset.few_shot(&cfg.split, cfg.shots, cfg.seed)?;
@@ -373,23 +267,18 @@ pub fn train<AB: AutodiffBackend>(
     let adapter_cfg = cfg.adapter_config(&clip_cfg)?;
     let ratio = adapter_cfg.lr_ratio.unwrap_or(1.0);
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), ratio);
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-
-    let (mut model, mut state) = if resuming {
-        let state: State = read_json(&ckpt.join(STATE_FILE))?;
-        let (model, _) = io::load_adapter(model, &ckpt, device)?;
-        let ids = trainable_ids(&model);
-        let opt_path = ckpt.join(OPTIMIZER_FILE);
-        let record = recorder.load(opt_path.clone(), device).map_err(|e| ckpt_err(&opt_path, e))?;
-        optim = load_optimizer(optim, record, &ids);
-        (model, state)
-    } else {
-        std::fs::create_dir_all(out).map_err(|e| ClipError::Io { path: out.to_path_buf(), source: e })?;
-        write_json(&config_path, cfg)?;
-        AB::seed(device, cfg.seed);
-        (model.with_adapters(&adapter_cfg, device)?, State { step: 0, history: Vec::new() })
+    let (mut model, mut state) = match resumed {
+        Some(state) => {
+            let (model, o) = run.load_checkpoint(model, optim, device)?;
+            optim = o;
+            (model, state)
+        }
+        None => {
+            AB::seed(device, cfg.seed);
+            (model.with_adapters(&adapter_cfg, device)?, State::default())
+        }
     };
-    let resumed_from_step = resuming.then_some(state.step);
+    let resumed_from_step = (state.step > 0).then_some(state.step);
     let counts = model.param_counts();
 
     let n = images.len();
@@ -433,12 +322,12 @@ pub fn train<AB: AutodiffBackend>(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
 
-        let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>() as usize;
-        state.history.push(StepLog { loss: loss.into_scalar().elem::<f64>(), lr, correct, images: batch.len() });
+        let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
+        state.history.push(StepLog { loss: loss.into_scalar().elem::<f64>(), lr, score: correct as f64, images: batch.len() });
         state.step = step + 1;
         seen += batch.len();
         if state.step % every == 0 || state.step == stop {
-            save_checkpoint(&model, &adapter_cfg, &optim, &recorder, &state, cfg, out)?;
+            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
         let secs = start.elapsed().as_secs_f64();
         on_step(&Progress {
@@ -454,8 +343,7 @@ pub fn train<AB: AutodiffBackend>(
     if completed {
         io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
     }
-    let last_epoch = &state.history[state.history.len().saturating_sub(steps_per_epoch)..];
-    let (imgs, correct) = last_epoch.iter().fold((0, 0), |(n, c), l| (n + l.images, c + l.correct));
+    let (final_loss, train_accuracy) = state.recent(steps_per_epoch);
     let wall = start.elapsed().as_secs_f64();
     let metrics = Metrics {
         method: cfg.method.clone(),
@@ -469,8 +357,8 @@ pub fn train<AB: AutodiffBackend>(
         total_steps: total,
         steps_per_epoch,
         completed,
-        final_loss: last_epoch.iter().map(|l| l.loss).sum::<f64>() / last_epoch.len().max(1) as f64,
-        train_accuracy: correct as f64 / imgs.max(1) as f64,
+        final_loss,
+        train_accuracy,
         loss: state.history.iter().map(|l| l.loss).collect(),
         lr: state.history.iter().map(|l| l.lr).collect(),
         resumed_from_step,
@@ -478,50 +366,8 @@ pub fn train<AB: AutodiffBackend>(
         images_per_second: seen as f64 / wall.max(1e-9),
         device: AB::name(device),
     };
-    write_json(&out.join(METRICS_FILE), &metrics)?;
+    run.write_metrics(&metrics)?;
     Ok(metrics)
-}
-
-/// Writes `out/checkpoint` (adapter, optimizer moments keyed by trainable-parameter position,
-/// step and history) through a temporary directory, so a crash leaves the previous one.
-fn save_checkpoint<AB: AutodiffBackend, O: Optimizer<ClipModel<AB>, AB>, V>(
-    model: &ClipModel<AB>,
-    adapter_cfg: &AdapterConfig,
-    optim: &O,
-    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
-    state: &State,
-    cfg: &TrainConfig,
-    out: &Path,
-) -> Result<()>
-where
-    O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
-{
-    let tmp = out.join(format!("{CHECKPOINT}.tmp"));
-    let old = out.join(format!("{CHECKPOINT}.old"));
-    let ckpt = out.join(CHECKPOINT);
-    let _ = std::fs::remove_dir_all(&tmp);
-    io::save_adapter(model, adapter_cfg, &tmp, Some(&cfg.model))?;
-    let ids = trainable_ids(model);
-    let record = rekey(optim.to_record(), &ids, &positional_ids(ids.len()));
-    let opt_path = tmp.join(OPTIMIZER_FILE);
-    recorder.record(record, opt_path.clone()).map_err(|e| ckpt_err(&opt_path, e))?;
-    write_json(&tmp.join(STATE_FILE), state)?;
-    let _ = std::fs::remove_dir_all(&old);
-    if ckpt.exists() {
-        std::fs::rename(&ckpt, &old).map_err(|e| ClipError::Io { path: ckpt.clone(), source: e })?;
-    }
-    std::fs::rename(&tmp, &ckpt).map_err(|e| ClipError::Io { path: tmp.clone(), source: e })?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-/// Loads a record saved by [`save_checkpoint`] into `optim` for a model whose trainable
-/// parameters have the ids `ids`.
-fn load_optimizer<AB: AutodiffBackend, O: Optimizer<ClipModel<AB>, AB>, V>(optim: O, record: O::Record, ids: &[ParamId]) -> O
-where
-    O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
-{
-    optim.load_record(rekey(record, &positional_ids(ids.len()), ids))
 }
 
 /// Top-1 accuracy of a split.

@@ -10,6 +10,9 @@ pub enum Error {
     /// A target selection matched no module of the model.
     #[error("adapter target matches nothing: {0}")]
     TargetMatchesNothing(String),
+    /// A training checkpoint or run directory is unusable.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
     /// An image file cannot be decoded.
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },

@@ -208,7 +208,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                     p.epoch + 1,
                     p.log.loss,
                     p.log.lr,
-                    p.log.correct as f64 / p.log.images.max(1) as f64,
+                    p.log.score / p.log.images.max(1) as f64,
                     p.images_per_second
                 );
                 match &bar {

@@ -1,0 +1,213 @@
+//! What every training loop of the model crates shares: seeded random streams, the cosine
+//! schedule, per-step logs, and the run directory — resolved config, atomic checkpoints
+//! (adapter + optimizer moments + step), resume checks and metrics.
+//!
+//! Determinism: a loop seeds every random draw of step `t` from `(seed, t)` with
+//! [`stream_seed`], so a run resumed from a checkpoint reaches the same adapter as an
+//! uninterrupted one.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, ParamId};
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AdapterConfig;
+use crate::error::{Error, Result};
+use crate::io::{self, write_atomic};
+use crate::model::AdaptedModel;
+use crate::params::param_infos;
+
+/// `CosineAnnealingLR(T_max = total, eta_min)` before step `step` (0-based).
+pub fn cosine_lr(lr: f64, eta_min: f64, step: usize, total: usize) -> f64 {
+    eta_min + (lr - eta_min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()) / 2.0
+}
+
+/// A 64-bit seed for random stream `stream` at position `i` (splitmix64 of the mix).
+pub fn stream_seed(seed: u64, stream: u64, i: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED69);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One optimizer step's record (kept in the checkpoint so metrics survive a resume).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepLog {
+    pub loss: f64,
+    pub lr: f64,
+    /// Images in the batch.
+    pub images: usize,
+    /// Sum over the batch of the task's per-image score (correct predictions, Dice, …).
+    pub score: f64,
+}
+
+/// What a progress display needs after each step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    pub epoch: usize,
+    pub log: &'a StepLog,
+    pub images_per_second: f64,
+}
+
+/// Options of one invocation (not part of the run's identity).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from `RUN_DIR/checkpoint` (the config must be the saved one).
+    pub resume: bool,
+    /// Stop after this many steps in total (the checkpoint is saved; resume later).
+    pub stop_after: Option<usize>,
+    /// Bytes of decoded training images kept in memory (default 2 GiB); the rest is decoded
+    /// again for each batch.
+    pub cache_bytes: Option<usize>,
+}
+
+/// Progress of a run: the next step and every step's log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub step: usize,
+    pub history: Vec<StepLog>,
+}
+
+impl State {
+    /// Mean loss and mean score per image over the last `n` steps.
+    pub fn recent(&self, n: usize) -> (f64, f64) {
+        let last = &self.history[self.history.len().saturating_sub(n)..];
+        let (imgs, score) = last.iter().fold((0, 0.0), |(i, s), l| (i + l.images, s + l.score));
+        (last.iter().map(|l| l.loss).sum::<f64>() / last.len().max(1) as f64, score / imgs.max(1) as f64)
+    }
+}
+
+const CONFIG_FILE: &str = "train_config.json";
+const METRICS_FILE: &str = "metrics.json";
+const CHECKPOINT: &str = "checkpoint";
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer"; // + ".mpk"
+
+fn ckpt_err(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::Checkpoint { path: path.to_path_buf(), message: message.to_string() }
+}
+
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ckpt_err(path, e))?;
+    write_atomic(path, text.as_bytes())
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })
+}
+
+/// The ids of the trainable parameters, in module order (the key of the optimizer state).
+fn trainable_ids<B: Backend, M: Module<B>>(m: &M) -> Vec<ParamId> {
+    param_infos(m).into_iter().filter(|p| p.trainable).map(|p| p.id).collect()
+}
+
+/// Re-keys an optimizer record (a map by parameter id) from the ids `from` to the ids `to`.
+fn rekey<R, V>(rec: R, from: &[ParamId], to: &[ParamId]) -> R
+where
+    R: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    let mut rec: HashMap<ParamId, V> = rec.into_iter().collect();
+    from.iter().zip(to).filter_map(|(f, t)| rec.remove(f).map(|v| (*t, v))).collect()
+}
+
+fn positional_ids(n: usize) -> Vec<ParamId> {
+    (0..n as u64).map(ParamId::from).collect()
+}
+
+/// A training run's directory: `train_config.json`, `checkpoint/`, `metrics.json` and, when the
+/// run completes, the adapter (`adapter_config.json` + `adapter_model.safetensors`).
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Opens `path` for a run with `config`. Resuming (when asked and a checkpoint exists)
+    /// requires the saved config to equal `config` and returns the saved state; a fresh run
+    /// refuses a directory that already holds one and writes the config.
+    pub fn open<C: Serialize + DeserializeOwned + PartialEq>(path: &Path, config: &C, resume: bool) -> Result<(Self, Option<State>)> {
+        let dir = Self { path: path.to_path_buf() };
+        let config_path = path.join(CONFIG_FILE);
+        let ckpt = path.join(CHECKPOINT);
+        if resume && ckpt.join(STATE_FILE).is_file() {
+            let saved: C = read_json(&config_path)?;
+            if &saved != config {
+                let (a, b) = (serde_json::to_value(&saved).unwrap_or_default(), serde_json::to_value(config).unwrap_or_default());
+                let diff: Vec<String> = a
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| format!("{k}: saved {v}, now {}", b.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+                    .collect();
+                return Err(ckpt_err(&config_path, format!("--resume with different settings: {}", diff.join("; "))));
+            }
+            let state = read_json(&ckpt.join(STATE_FILE))?;
+            return Ok((dir, Some(state)));
+        }
+        if ckpt.exists() || path.join(io::WEIGHTS_FILE).exists() {
+            return Err(ckpt_err(path, "already holds a run: pass --resume to continue it, or choose another --out"));
+        }
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        write_json(&config_path, config)?;
+        Ok((dir, None))
+    }
+
+    /// Loads the checkpoint's adapter into `base` (a model without adapters) and its optimizer
+    /// moments into `optim`.
+    pub fn load_checkpoint<AB, M, O, V>(&self, base: M, optim: O, device: &AB::Device) -> Result<(M, O)>
+    where
+        AB: AutodiffBackend,
+        M: AdaptedModel<AB> + AutodiffModule<AB>,
+        O: Optimizer<M, AB>,
+        O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+    {
+        let ckpt = self.path.join(CHECKPOINT);
+        let (model, _) = io::load_adapter(base, &ckpt, device)?;
+        let ids = trainable_ids(&model);
+        let opt_path = ckpt.join(OPTIMIZER_FILE);
+        let record: O::Record =
+            NamedMpkFileRecorder::<FullPrecisionSettings>::new().load(opt_path.clone(), device).map_err(|e| ckpt_err(&opt_path, e))?;
+        Ok((model, optim.load_record(rekey(record, &positional_ids(ids.len()), &ids))))
+    }
+
+    /// Writes `checkpoint/` (adapter, optimizer moments keyed by trainable-parameter position,
+    /// state) through a temporary directory, so a crash leaves the previous one.
+    pub fn save_checkpoint<AB, M, O, V>(&self, model: &M, adapter: &AdapterConfig, optim: &O, state: &State, base_model: &str) -> Result<()>
+    where
+        AB: AutodiffBackend,
+        M: AdaptedModel<AB> + AutodiffModule<AB>,
+        O: Optimizer<M, AB>,
+        O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+    {
+        let tmp = self.path.join(format!("{CHECKPOINT}.tmp"));
+        let old = self.path.join(format!("{CHECKPOINT}.old"));
+        let ckpt = self.path.join(CHECKPOINT);
+        let _ = std::fs::remove_dir_all(&tmp);
+        io::save_adapter(model, adapter, &tmp, Some(base_model))?;
+        let ids = trainable_ids(model);
+        let record = rekey(optim.to_record(), &ids, &positional_ids(ids.len()));
+        let opt_path = tmp.join(OPTIMIZER_FILE);
+        NamedMpkFileRecorder::<FullPrecisionSettings>::new().record(record, opt_path.clone()).map_err(|e| ckpt_err(&opt_path, e))?;
+        write_json(&tmp.join(STATE_FILE), state)?;
+        let _ = std::fs::remove_dir_all(&old);
+        if ckpt.exists() {
+            std::fs::rename(&ckpt, &old).map_err(|e| Error::io(&ckpt, e))?;
+        }
+        std::fs::rename(&tmp, &ckpt).map_err(|e| Error::io(&tmp, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Writes `metrics.json`.
+    pub fn write_metrics(&self, metrics: &impl Serialize) -> Result<()> {
+        write_json(&self.path.join(METRICS_FILE), metrics)
+    }
+}
