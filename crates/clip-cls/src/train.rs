@@ -193,7 +193,7 @@ pub struct Metrics {
     /// Mean loss and accuracy on the augmented training batches of the last epoch.
     pub final_loss: f64,
     pub train_accuracy: f64,
-    pub loss: Vec<f64>,
+    pub loss: Vec<f32>,
     pub lr: Vec<f64>,
     pub resumed_from_step: Option<usize>,
     pub wall_seconds: f64,
@@ -323,7 +323,7 @@ pub fn train<AB: AutodiffBackend>(
         model = optim.step(lr, model, grads);
 
         let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
-        state.history.push(StepLog { loss: loss.into_scalar().elem::<f64>(), lr, score: correct as f64, images: batch.len() });
+        state.history.push(StepLog { loss: loss.into_scalar().elem::<f32>(), lr, score: correct as f64, images: batch.len() });
         state.step = step + 1;
         seen += batch.len();
         if state.step % every == 0 || state.step == stop {

@@ -66,8 +66,8 @@ fn take_turn() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len() as f64
+fn mean(x: &[f32]) -> f32 {
+    x.iter().sum::<f32>() / x.len() as f32
 }
 
 /// Adapter parameters per attention block of the tiny model (d = 32): LoRA has one (A, B)

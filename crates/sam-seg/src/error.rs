@@ -7,6 +7,8 @@ pub enum SamError {
     Io { path: PathBuf, #[source] source: std::io::Error },
     #[error("{path}: invalid SAM config: {message}")]
     Config { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Dataset { path: PathBuf, message: String },
     #[error("invalid prompt: {0}")]
     Prompt(String),
     #[error(transparent)]

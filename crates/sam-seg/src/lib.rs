@@ -6,12 +6,14 @@
 //! Upstream: transformers `src/transformers/models/sam/modeling_sam.py` (v5.24.0); weights
 //! `facebook/sam-vit-base` on the HF hub.
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod load;
 pub mod mask_decoder;
 pub mod model;
 pub mod processor;
 pub mod prompt_encoder;
+pub mod train;
 pub mod vision_encoder;
 
 pub use config::{SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig};

@@ -38,7 +38,9 @@ pub fn stream_seed(seed: u64, stream: u64, i: u64) -> u64 {
 /// One optimizer step's record (kept in the checkpoint so metrics survive a resume).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepLog {
-    pub loss: f64,
+    /// The batch loss (f32, as computed: it survives the JSON round trip of a resume exactly,
+    /// which an f64 does not with serde_json's default float parsing).
+    pub loss: f32,
     pub lr: f64,
     /// Images in the batch.
     pub images: usize,
@@ -79,7 +81,7 @@ impl State {
     pub fn recent(&self, n: usize) -> (f64, f64) {
         let last = &self.history[self.history.len().saturating_sub(n)..];
         let (imgs, score) = last.iter().fold((0, 0.0), |(i, s), l| (i + l.images, s + l.score));
-        (last.iter().map(|l| l.loss).sum::<f64>() / last.len().max(1) as f64, score / imgs.max(1) as f64)
+        (last.iter().map(|l| l.loss as f64).sum::<f64>() / last.len().max(1) as f64, score / imgs.max(1) as f64)
     }
 }
 

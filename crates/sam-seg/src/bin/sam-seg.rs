@@ -1,19 +1,25 @@
-//! `sam-seg`: SAM mask prediction from box / point prompts, with LoRA / Serial LoRA adapters.
+//! `sam-seg`: SAM mask prediction from box / point prompts, image-encoder LoRA / Serial LoRA (+)
+//! fine-tuning and Dice evaluation.
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use sam_seg::data::SegDataset;
 use sam_seg::processor::SamProcessor;
+use sam_seg::train::{TrainConfig, evaluate, train};
 use sam_seg::{Prompts, load_sam};
+use serial_lora::run::{Progress, RunOptions};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::load_rgb;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
 #[derive(Parser)]
-#[command(version, about = "SAM with LoRA / Serial LoRA (+) adapters on the image encoder: prompted mask prediction")]
+#[command(version, about = "SAM with LoRA / Serial LoRA (+) adapters on the image encoder: prediction, fine-tuning, Dice evaluation")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -48,6 +54,50 @@ enum Cmd {
         #[arg(long)]
         mask_png: Option<PathBuf>,
     },
+    /// Fine-tune the image encoder on box prompts from ground-truth masks (Dice + BCE). Writes
+    /// the adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
+    Train {
+        #[command(flatten)]
+        config: Box<TrainConfig>,
+        /// Run directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// Log line every N steps when stderr is not a terminal.
+        #[arg(long, default_value_t = 10)]
+        logging_steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Mean Dice and Dice loss (1 − Dice) of box-prompted masks on a split (JSON on stdout).
+    Eval {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        class_id: Option<u8>,
+        /// Seed and test fraction of the split when the dataset has no split.json (as in train).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+    },
+}
+
+fn model_dir(spec: &str) -> Result<PathBuf> {
+    resolve_model_dir(spec, &[&["config.json"], &["model.safetensors"]], &["preprocessor_config.json"], &HubOptions::from_env()).context("--model")
 }
 
 fn numbers(s: &str, n: usize, what: &str) -> std::result::Result<Vec<f32>, String> {
@@ -76,7 +126,68 @@ fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    let Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, .. } = cmd;
+    let (model, adapter, image, r#box, points, output, mask_png) = match cmd {
+        Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, .. } => (model, adapter, image, r#box, points, output, mask_png),
+        Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
+            let dir = model_dir(&config.model)?;
+            let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            });
+            let mut report = |p: &Progress| {
+                let dice = p.log.score / p.log.images.max(1) as f64;
+                let line = format!("epoch {} loss {:.4} lr {:.3e} dice {dice:.3} {:.2} img/s", p.epoch + 1, p.log.loss, p.log.lr, p.images_per_second);
+                match &bar {
+                    Some(bar) => {
+                        bar.set_length(p.total as u64);
+                        bar.set_position(p.step as u64);
+                        bar.set_message(line);
+                    }
+                    None if p.step.is_multiple_of((*logging_steps).max(1)) || p.step == p.total => eprintln!("step {}/{} {line}", p.step, p.total),
+                    None => {}
+                }
+            };
+            let m = train::<AB>(config, &dir, out, &opts, device, &mut report)?;
+            if let Some(bar) = bar {
+                bar.finish();
+            }
+            eprintln!(
+                "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train dice {:.3}; {} empty mask(s) skipped",
+                out.display(),
+                m.trainable_params,
+                m.total_params,
+                m.steps,
+                m.total_steps,
+                m.final_loss,
+                m.train_dice,
+                m.skipped_empty_masks.len()
+            );
+            return Ok(());
+        }
+        Cmd::Eval { model, adapter, dataset, split, class_id, seed, test_fraction, .. } => {
+            let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
+            let dir = model_dir(model)?;
+            let (mut sam, cfg) = load_sam::<B<AB>>(&dir, device)?;
+            if let Some(a) = adapter {
+                sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
+            }
+            let proc = SamProcessor::from_dir(&dir, &cfg.vision_config)?;
+            let bar = ProgressBar::new(0);
+            let mut progress = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let r = evaluate(&sam, &proc, &dataset, split, *class_id, device, &mut progress)?;
+            bar.finish_and_clear();
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+    };
     if r#box.is_none() && points.is_empty() {
         bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
     }
@@ -97,8 +208,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         bail!("--point {p:?} lies outside the image {} ({}×{} pixels)", image.display(), img.width, img.height);
     }
 
-    let dir = resolve_model_dir(model, &[&["config.json"], &["model.safetensors"]], &["preprocessor_config.json"], &HubOptions::from_env())
-        .context("--model")?;
+    let dir = model_dir(model)?;
     let (mut sam, cfg) = load_sam::<B<AB>>(&dir, device)?;
     if let Some(a) = adapter {
         sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
@@ -144,7 +254,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let Cmd::Predict { device, .. } = &cli.command;
+    let (Cmd::Predict { device, .. } | Cmd::Train { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command))
 }

@@ -1,0 +1,359 @@
+//! Fine-tuning SAM's image encoder with LoRA / Serial LoRA (+) on box-prompted masks, and Dice
+//! evaluation (paper Section III-C: prompt encoder and mask decoder frozen, 5 epochs, rank 64).
+//!
+//! Recipe (the common SAM fine-tuning setup, as in the HF SAM fine-tuning notebook): one box
+//! prompt per image from the ground-truth mask's bounding box, each side jittered by up to
+//! `--box-jitter` of the box size (≤ 20 px) during training; single-mask output
+//! (`multimask_output=False`); loss = BCE-with-logits + soft Dice on the low-resolution logits
+//! against the ground truth resized (nearest) and padded like the image (`SamImageProcessor`'s
+//! mask path); AdamW (PyTorch defaults) with a cosine schedule. Evaluation: the mask upsampled to
+//! the original size, thresholded at 0, Dice against the ground truth; the paper reports the
+//! Dice loss = 1 − mean Dice.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::backend::AutodiffBackend;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serial_lora::imaging::load_rgb;
+use serial_lora::io;
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::run::{Progress, RunDir, RunOptions, State, StepLog, cosine_lr, stream_seed};
+use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
+
+use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
+use crate::error::{Result, SamError};
+use crate::model::{Prompts, SamModel};
+use crate::processor::SamProcessor;
+use crate::{SamConfig, load_sam};
+
+/// Everything that defines a training run (`train_config.json`; `--resume` checks it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct TrainConfig {
+    /// Hub id (e.g. facebook/sam-vit-base) or local directory in HF layout.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset directory: images/ + masks/ (same stems), optional split.json.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Fraction of the training split to use (the paper: 0.2, 0.5, 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// lora | serial-lora | lora-plus | serial-lora-plus
+    #[arg(long)]
+    pub method: String,
+    #[arg(long, default_value_t = 64)]
+    pub rank: usize,
+    /// Scale numerator s = alpha / rank (default: rank, so s = 1).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// LoRA+ ratio lr_B / lr_A (lora-plus, serial-lora-plus).
+    #[arg(long, default_value_t = 20.0)]
+    pub lr_ratio: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub eta_min: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Passes over the training images (default 5 unless --iters is given).
+    #[arg(long, conflicts_with = "iters")]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub iters: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Use the mask pixels equal to this value as the object (class-index masks).
+    #[arg(long)]
+    pub class_id: Option<u8>,
+    /// Box jitter as a fraction of the box size (each side, ≤ 20 px).
+    #[arg(long, default_value_t = 0.1)]
+    pub box_jitter: f32,
+    /// Test fraction of the seeded split when the dataset has no split.json.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Checkpoint every N steps (default: every epoch).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+}
+
+impl TrainConfig {
+    fn adapter_config(&self) -> Result<AdapterConfig> {
+        let a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?
+            .with_alpha(self.alpha.unwrap_or(self.rank as f64))
+            .with_dropout(self.dropout);
+        a.validate()?;
+        Ok(a)
+    }
+
+    fn check(&self) -> Result<AdapterConfig> {
+        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
+        if self.batch == 0 || self.epochs == Some(0) || self.iters == Some(0) {
+            return bad("batch/epochs/iters", "0".into(), "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min)) {
+            return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
+        }
+        if !(0.0..1.0).contains(&self.box_jitter) || !(0.0..1.0).contains(&self.test_fraction) {
+            return bad("box-jitter/test-fraction", format!("{}/{}", self.box_jitter, self.test_fraction), "must be in [0, 1)");
+        }
+        self.adapter_config()
+    }
+}
+
+/// One prepared example: model input, prompt box (model pixels) and low-res target.
+struct Example {
+    pixels: Vec<f32>,
+    boxed: [f32; 4],
+    target: Vec<f32>,
+}
+
+/// Loads an image and its mask, checking sizes and that the mask has an object.
+pub fn load_pair(p: &Pair, class_id: Option<u8>) -> Result<(serial_lora::imaging::RgbImage, Mask)> {
+    let img = load_rgb(&p.image)?;
+    let mask = load_mask(&p.mask, class_id)?;
+    if (mask.width, mask.height) != (img.width, img.height) {
+        return Err(SamError::Dataset {
+            path: p.mask.clone(),
+            message: format!("mask is {}×{} but image {} is {}×{}", mask.width, mask.height, p.image.display(), img.width, img.height),
+        });
+    }
+    Ok((img, mask))
+}
+
+/// The ground truth at the decoder's output resolution: resized (nearest) so the longest side
+/// is `size`, padded to `size × size` (transformers' `mask_size` / `mask_pad_size`).
+fn low_res_target(mask: &Mask, size: usize) -> Vec<f32> {
+    let scale = size as f64 / mask.width.max(mask.height) as f64;
+    let (h, w) = ((mask.height as f64 * scale + 0.5) as usize, (mask.width as f64 * scale + 0.5) as usize);
+    let small = mask.resize_nearest(w.max(1), h.max(1));
+    let mut out = vec![0f32; size * size];
+    for y in 0..small.height {
+        for x in 0..small.width {
+            out[y * size + x] = small.data[y * small.width + x] as f32;
+        }
+    }
+    out
+}
+
+/// Per-image soft Dice loss `1 − (2Σpy + 1)/(Σp + Σy + 1)` on `[b, n]` probabilities.
+fn dice_loss<B: Backend>(p: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 1> {
+    let inter = (p.clone() * y.clone()).sum_dim(1).mul_scalar(2.0).add_scalar(1.0);
+    let denom = (p.sum_dim(1) + y.sum_dim(1)).add_scalar(1.0);
+    (inter / denom).neg().add_scalar(1.0).squeeze_dim(1)
+}
+
+/// Hard Dice of binary `[b, n]` masks (1 when both are empty).
+fn hard_dice<B: Backend>(pred: Tensor<B, 2>, y: Tensor<B, 2>) -> Vec<f64> {
+    let inter = (pred.clone() * y.clone()).sum_dim(1).mul_scalar(2.0);
+    let denom = pred.sum_dim(1) + y.sum_dim(1);
+    let (i, d): (Vec<f32>, Vec<f32>) = (inter.into_data().iter().collect(), denom.into_data().iter().collect());
+    i.iter().zip(&d).map(|(i, d)| if *d == 0.0 { 1.0 } else { (*i / *d) as f64 }).collect()
+}
+
+/// `metrics.json` of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub method: String,
+    pub train_images: usize,
+    /// Training images whose mask is empty (no box to prompt with).
+    pub skipped_empty_masks: Vec<PathBuf>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub steps: usize,
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+    pub completed: bool,
+    /// Mean loss and mean Dice (low resolution, jittered boxes) over the last epoch.
+    pub final_loss: f64,
+    pub train_dice: f64,
+    pub loss: Vec<f32>,
+    pub lr: Vec<f64>,
+    pub resumed_from_step: Option<usize>,
+    pub wall_seconds: f64,
+    pub images_per_second: f64,
+    pub device: String,
+}
+
+/// Trains per `cfg` on the model in `model_dir`; writes the run directory `out` (adapter,
+/// `train_config.json`, `metrics.json`, `checkpoint/`).
+pub fn train<AB: AutodiffBackend>(
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    out: &Path,
+    opts: &RunOptions,
+    device: &AB::Device,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<Metrics> {
+    let adapter_cfg = cfg.check()?;
+    let dataset = SegDataset::open(&cfg.dataset, cfg.seed, cfg.test_fraction)?;
+    let pairs = dataset.split("train", cfg.fraction, cfg.seed)?;
+    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
+
+    let (model, sam_cfg): (SamModel<AB>, SamConfig) = load_sam(model_dir, device)?;
+    let proc = SamProcessor::from_dir(model_dir, &sam_cfg.vision_config)?;
+    let low = 4 * sam_cfg.vision_config.grid();
+    // Check every pair once: readable, same size, an object to box.
+    let mut usable = Vec::with_capacity(pairs.len());
+    let mut skipped = Vec::new();
+    for p in &pairs {
+        let (_, mask) = load_pair(p, cfg.class_id)?;
+        match mask.bbox() {
+            Some(_) => usable.push(p.clone()),
+            None => skipped.push(p.mask.clone()),
+        }
+    }
+    if usable.is_empty() {
+        return Err(SamError::Dataset { path: cfg.dataset.clone(), message: "no training mask has an object".into() });
+    }
+
+    let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter_cfg.lr_ratio.unwrap_or(1.0));
+    let (mut model, mut state) = match resumed {
+        Some(state) => {
+            let (m, o) = run.load_checkpoint(model, optim, device)?;
+            optim = o;
+            (m, state)
+        }
+        None => {
+            AB::seed(device, cfg.seed);
+            (model.with_adapters(&adapter_cfg, device)?, State::default())
+        }
+    };
+    let resumed_from_step = (state.step > 0).then_some(state.step);
+    let counts = model.param_counts();
+
+    let n = usable.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch);
+    let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(5) * steps_per_epoch);
+    let stop = opts.stop_after.map_or(total, |s| s.min(total));
+    let every = cfg.save_steps.unwrap_or(steps_per_epoch).max(1);
+    let [ph, pw] = proc.pad;
+    let start = Instant::now();
+    let mut seen = 0;
+    for step in state.step..stop {
+        let epoch = step / steps_per_epoch;
+        let mut order: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(&mut order[..], &mut StdRng::seed_from_u64(stream_seed(cfg.seed, 1, epoch as u64)));
+        let b = step % steps_per_epoch;
+        let batch = &order[b * cfg.batch..((b + 1) * cfg.batch).min(n)];
+        let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 2, step as u64));
+        let mut examples = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let (img, mask) = load_pair(&usable[i], cfg.class_id)?;
+            let bbox = mask.bbox().ok_or_else(|| SamError::Dataset { path: usable[i].mask.clone(), message: "mask became empty".into() })?;
+            let jittered = jitter_box(bbox, cfg.box_jitter, (img.width, img.height), &mut rng);
+            let px = proc.process(&img);
+            examples.push(Example { boxed: proc.scale_box(px.original_size, jittered), pixels: px.pixel_values, target: low_res_target(&mask, low) });
+        }
+        let nb = examples.len();
+        let pixels = Tensor::<AB, 4>::from_data(TensorData::new(examples.iter().flat_map(|e| e.pixels.clone()).collect::<Vec<_>>(), [nb, 3, ph, pw]), device);
+        let boxes = Tensor::<AB, 3>::from_data(TensorData::new(examples.iter().flat_map(|e| e.boxed).collect::<Vec<_>>(), [nb, 1, 4]), device);
+        let y = Tensor::<AB, 2>::from_data(TensorData::new(examples.iter().flat_map(|e| e.target.clone()).collect::<Vec<_>>(), [nb, low * low]), device);
+
+        AB::seed(device, stream_seed(cfg.seed, 3, step as u64)); // adapter dropout
+        let prompts = Prompts { points: None, boxes: Some(boxes), masks: None };
+        let out = model.forward(model.get_image_embeddings(pixels), &prompts, false)?;
+        let logits = out.pred_masks.reshape([nb, low * low]);
+        // BCE with logits: −[y·logσ(x) + (1−y)·logσ(−x)]
+        let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
+        let loss = bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean();
+        let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+
+        let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
+        state.history.push(StepLog { loss: loss.into_scalar().elem::<f32>(), lr, images: nb, score: dice });
+        state.step = step + 1;
+        seen += nb;
+        if state.step % every == 0 || state.step == stop {
+            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let log = state.history.last().expect("just pushed");
+        on_step(&Progress { step: state.step, total, epoch, log, images_per_second: seen as f64 / secs.max(1e-9) });
+    }
+
+    let completed = state.step == total;
+    if completed {
+        io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
+    }
+    let (final_loss, train_dice) = state.recent(steps_per_epoch);
+    let wall = start.elapsed().as_secs_f64();
+    let metrics = Metrics {
+        method: cfg.method.clone(),
+        train_images: n,
+        skipped_empty_masks: skipped,
+        trainable_params: counts.trainable,
+        total_params: counts.total,
+        steps: state.step,
+        total_steps: total,
+        steps_per_epoch,
+        completed,
+        final_loss,
+        train_dice,
+        loss: state.history.iter().map(|l| l.loss).collect(),
+        lr: state.history.iter().map(|l| l.lr).collect(),
+        resumed_from_step,
+        wall_seconds: wall,
+        images_per_second: seen as f64 / wall.max(1e-9),
+        device: AB::name(device),
+    };
+    run.write_metrics(&metrics)?;
+    Ok(metrics)
+}
+
+/// Dice on a split.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub split: String,
+    pub images: usize,
+    /// Mean Dice coefficient (binary masks at the original size).
+    pub dice: f64,
+    /// 1 − mean Dice (what the paper reports; lower is better).
+    pub dice_loss: f64,
+    /// Images whose mask is empty (no box to prompt with).
+    pub skipped_empty_masks: Vec<PathBuf>,
+}
+
+/// Box-prompted masks for every pair of `split`, Dice against the ground truth;
+/// `on_image(done, total)` after each image.
+pub fn evaluate<B: Backend>(
+    model: &SamModel<B>,
+    proc: &SamProcessor,
+    dataset: &SegDataset,
+    split: &str,
+    class_id: Option<u8>,
+    device: &B::Device,
+    on_image: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    let pairs = dataset.split(split, 1.0, 0)?;
+    let [ph, pw] = proc.pad;
+    let (mut dices, mut skipped) = (Vec::new(), Vec::new());
+    for (i, p) in pairs.iter().enumerate() {
+        let (img, mask) = load_pair(p, class_id)?;
+        let Some(bbox) = mask.bbox() else {
+            skipped.push(p.mask.clone());
+            continue;
+        };
+        let px = proc.process(&img);
+        let pixels = Tensor::<B, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
+        let boxes = Tensor::<B, 3>::from_data(TensorData::new(proc.scale_box(px.original_size, bbox).to_vec(), [1, 1, 4]), device);
+        let out = model.forward(model.get_image_embeddings(pixels), &Prompts { points: None, boxes: Some(boxes), masks: None }, false)?;
+        let [_, _, _, s, s2] = out.pred_masks.dims();
+        let up = proc.postprocess_masks(out.pred_masks.reshape([1, 1, s, s2]), px.reshaped_size, px.original_size);
+        let pred = up.reshape([1, img.width * img.height]).greater_elem(0.0).float();
+        let gt = Tensor::<B, 2>::from_data(TensorData::new(mask.data.iter().map(|v| *v as f32).collect::<Vec<_>>(), [1, img.width * img.height]), device);
+        dices.extend(hard_dice(pred, gt));
+        on_image(i + 1, pairs.len());
+    }
+    let dice = dices.iter().sum::<f64>() / dices.len().max(1) as f64;
+    Ok(EvalResult { split: split.into(), images: dices.len(), dice, dice_loss: 1.0 - dice, skipped_empty_masks: skipped })
+}
