@@ -18,5 +18,5 @@ pub mod vision_encoder;
 
 pub use config::{SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig};
 pub use error::{Result, SamError};
-pub use load::load_sam;
+pub use load::{load_sam, load_sam_sized};
 pub use model::{Prompts, SamModel, SamOutput};

@@ -8,6 +8,7 @@ use serial_lora::weights::{KeyTable, load_safetensors};
 use crate::config::SamConfig;
 use crate::error::Result;
 use crate::model::SamModel;
+use crate::processor::SamProcessor;
 
 /// HF `SamModel` keys → Burn paths. Everything not listed maps by identical name; norms'
 /// `weight`/`bias` become `gamma`/`beta` and `Linear` weights are transposed by the PyTorch
@@ -33,4 +34,18 @@ pub fn load_sam<B: Backend>(dir: &Path, device: &B::Device) -> Result<(SamModel<
     let model = SamModel::new(&config, device);
     let (model, _) = load_safetensors(model, &dir.join("model.safetensors"), &KEY_TABLE, false)?;
     Ok((model, config))
+}
+
+/// [`load_sam`] plus the processor of the directory, both for square inputs of `image_size`
+/// pixels when given (see [`SamModel::with_image_size`]).
+pub fn load_sam_sized<B: Backend>(dir: &Path, device: &B::Device, image_size: Option<usize>) -> Result<(SamModel<B>, SamConfig, SamProcessor)> {
+    let (model, mut cfg) = load_sam(dir, device)?;
+    let proc = SamProcessor::from_dir(dir, &cfg.vision_config)?;
+    match image_size {
+        Some(size) => {
+            let model = model.with_image_size(&mut cfg, size)?;
+            Ok((model, cfg, SamProcessor { longest_edge: size, pad: [size, size], ..proc }))
+        }
+        None => Ok((model, cfg, proc)),
+    }
 }

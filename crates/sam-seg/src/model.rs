@@ -1,15 +1,17 @@
 //! transformers `SamModel`: image encoder, shared Fourier positional embedding, prompt encoder
 //! and mask decoder; adapters on the image encoder's attention only (the paper's setting).
 //! Upstream: transformers `models/sam/modeling_sam.py` (v5.24); checkpoint `facebook/sam-vit-base`.
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serial_lora::{AdaptedModel, Attention, AttentionSite, ProjNames};
 
 use crate::config::SamConfig;
 use crate::error::{Result, SamError};
 use crate::mask_decoder::MaskDecoder;
 use crate::prompt_encoder::{PositionalEmbedding, PromptEncoder};
-use crate::vision_encoder::{VisionEncoder, VisionOutput};
+use crate::vision_encoder::{RelPos, VisionEncoder, VisionOutput};
 
 #[derive(Module, Debug)]
 pub struct SamModel<B: Backend> {
@@ -48,6 +50,45 @@ impl<B: Backend> SamModel<B> {
             prompt_encoder: PromptEncoder::new(&c.prompt_encoder_config, device),
             mask_decoder: MaskDecoder::new(&c.mask_decoder_config, device),
         }
+    }
+
+    /// The model for square inputs of `size` pixels (a multiple of the patch size), for cheaper
+    /// runs than the checkpoint's 1024: the absolute position embedding is resized bilinearly and
+    /// the global layers' relative-position tables linearly (`align_corners=False`, as
+    /// `SamVisionAttention.get_rel_pos` resizes them); windowed layers keep theirs. `cfg` is
+    /// updated to match.
+    pub fn with_image_size(mut self, cfg: &mut SamConfig, size: usize) -> Result<Self> {
+        let v = &cfg.vision_config;
+        if size == 0 || size % v.patch_size != 0 {
+            return Err(SamError::Config { path: "--image-size".into(), message: format!("{size} is not a positive multiple of the patch size {}", v.patch_size) });
+        }
+        let g = size / v.patch_size;
+        if g == v.grid() {
+            return Ok(self);
+        }
+        let bilinear = InterpolateOptions { mode: InterpolateMode::Bilinear, align_corners: false };
+        let enc = &mut self.vision_encoder;
+        if let Some(p) = enc.pos_embed.take() {
+            let resized = interpolate(p.val().permute([0, 3, 1, 2]), [g, g], bilinear.clone()).permute([0, 2, 3, 1]);
+            enc.pos_embed = Some(Param::initialized(p.id, resized.detach()).set_require_grad(false));
+        }
+        let resize_table = |t: Param<Tensor<B, 2>>| {
+            let [_, hd] = t.dims();
+            // [L, hd] as [1, hd, 1, L]: bilinear over a height of 1 is linear along L
+            let x = t.val().transpose().unsqueeze_dim::<3>(1).unsqueeze::<4>();
+            let r = interpolate(x, [1, 2 * g - 1], bilinear.clone()).reshape([hd, 2 * g - 1]).transpose();
+            Param::initialized(t.id, r.detach()).set_require_grad(false)
+        };
+        for layer in enc.layers.iter_mut().filter(|l| l.window_size == 0) {
+            if let Some(rp) = layer.rel_pos.take() {
+                layer.rel_pos = Some(RelPos { rel_pos_h: resize_table(rp.rel_pos_h), rel_pos_w: resize_table(rp.rel_pos_w) });
+            }
+        }
+        self.prompt_encoder.input_image_size = size;
+        self.prompt_encoder.image_embedding_size = g;
+        cfg.vision_config.image_size = size;
+        cfg.prompt_encoder_config.image_size = size;
+        Ok(self)
     }
 
     /// The image encoder's outputs (`last_hidden_state` = image embeddings `[b, c, g, g]`).

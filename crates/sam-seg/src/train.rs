@@ -29,7 +29,7 @@ use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
 use crate::error::{Result, SamError};
 use crate::model::{Prompts, SamModel};
 use crate::processor::SamProcessor;
-use crate::{SamConfig, load_sam};
+use crate::{SamConfig, load_sam_sized};
 
 /// Everything that defines a training run (`train_config.json`; `--resume` checks it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -77,6 +77,10 @@ pub struct TrainConfig {
     /// Box jitter as a fraction of the box size (each side, ≤ 20 px).
     #[arg(long, default_value_t = 0.1)]
     pub box_jitter: f32,
+    /// Square input size in pixels (a multiple of the patch size; default: the checkpoint's,
+    /// 1024) — smaller for cheap runs; position tables are resized.
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Test fraction of the seeded split when the dataset has no split.json.
     #[arg(long, default_value_t = 0.2)]
     pub test_fraction: f64,
@@ -198,8 +202,7 @@ pub fn train<AB: AutodiffBackend>(
     let pairs = dataset.split("train", cfg.fraction, cfg.seed)?;
     let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
 
-    let (model, sam_cfg): (SamModel<AB>, SamConfig) = load_sam(model_dir, device)?;
-    let proc = SamProcessor::from_dir(model_dir, &sam_cfg.vision_config)?;
+    let (model, sam_cfg, proc): (SamModel<AB>, SamConfig, SamProcessor) = load_sam_sized(model_dir, device, cfg.image_size)?;
     let low = 4 * sam_cfg.vision_config.grid();
     // Check every pair once: readable, same size, an object to box.
     let mut usable = Vec::with_capacity(pairs.len());

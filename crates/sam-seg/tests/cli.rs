@@ -55,6 +55,12 @@ fn predict_writes_masks_equal_to_the_library() {
     let lib: Vec<f32> = o.pred_masks.into_data().iter::<f32>().collect();
     assert_eq!(lib, t["pred_masks"].data, "CLI and library differ");
 
+    // a smaller input: the masks shrink with it
+    let small = tmp.path().join("small.safetensors");
+    let (ok, err) = sam(&[&args[..], &["--output", s(&small), "--image-size", "32"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(read_safetensors(&small).unwrap().0["pred_masks"].shape, [1, 1, 3, 16, 16]);
+
     let mask = image::open(&png).unwrap().to_luma8();
     assert_eq!((mask.width(), mask.height()), (61, 47));
     assert!(mask.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));

@@ -94,6 +94,23 @@ fn sam_matches_transformers_stage_by_stage() {
 }
 
 #[test]
+fn a_smaller_image_size_resizes_the_position_tables_as_torch() {
+    let r = reference();
+    let dev = Default::default();
+    let (model, mut cfg) = load_sam::<B>(&dir(), &dev).unwrap();
+    let model = model.with_image_size(&mut cfg, 32).unwrap();
+    check(&r, "resize32.pos_embed", model.vision_encoder.pos_embed.as_ref().unwrap().val());
+    check(&r, "resize32.rel_pos_h.1", model.vision_encoder.layers[1].rel_pos.as_ref().unwrap().rel_pos_h.val());
+    assert_eq!(model.vision_encoder.layers[0].rel_pos.as_ref().unwrap().rel_pos_h.dims(), [5, 16], "windowed layers keep theirs");
+    assert_eq!((cfg.vision_config.image_size, model.prompt_encoder.image_embedding_size), (32, 4));
+    let p = prompts(&r, "box").boxes.map(|b| b.div_scalar(2.0));
+    let out = model.forward(model.get_image_embeddings(Tensor::zeros([1, 3, 32, 32], &dev)), &Prompts { boxes: p, ..Default::default() }, true).unwrap();
+    assert_eq!(out.pred_masks.dims(), [1, 1, 3, 16, 16]);
+    let err = load_sam::<B>(&dir(), &dev).unwrap().0.with_image_size(&mut cfg, 30).unwrap_err().to_string();
+    assert!(err.contains("multiple of the patch size"), "{err}");
+}
+
+#[test]
 fn adapters_go_on_the_image_encoder_only() {
     type AB = burn::backend::Autodiff<B>;
     let dev = Default::default();

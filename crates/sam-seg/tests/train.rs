@@ -100,6 +100,7 @@ fn config(data: &Path, method: &str) -> TrainConfig {
         batch: 4,
         class_id: None,
         box_jitter: 0.1,
+        image_size: None,
         test_fraction: 0.2,
         save_steps: None,
     }
@@ -209,11 +210,11 @@ fn train_and_eval_commands() {
     let run = out.path().join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let bin = env!("CARGO_BIN_EXE_sam-seg");
-    let args = ["train", "--model", &s(&model()), "--dataset", &s(data.path()), "--method", "serial-lora", "--rank", "4", "--iters", "4", "--batch", "2", "--out", &s(&run)];
+    let args = ["train", "--model", &s(&model()), "--dataset", &s(data.path()), "--method", "serial-lora", "--rank", "4", "--iters", "4", "--batch", "2", "--image-size", "32", "--out", &s(&run)];
     let o = Command::new(bin).args(args).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("step 4/4") && err.contains("1024 trainable"), "{err}");
-    let o = Command::new(bin).args(["eval", "--model", &s(&model()), "--adapter", &s(&run), "--dataset", &s(data.path())]).output().unwrap();
+    let o = Command::new(bin).args(["eval", "--model", &s(&model()), "--adapter", &s(&run), "--dataset", &s(data.path()), "--image-size", "32"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((r["split"].as_str(), r["images"].as_u64()), (Some("test"), Some(2)));

@@ -10,9 +10,8 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sam_seg::data::SegDataset;
-use sam_seg::processor::SamProcessor;
 use sam_seg::train::{TrainConfig, evaluate, train};
-use sam_seg::{Prompts, load_sam};
+use sam_seg::{Prompts, load_sam_sized};
 use serial_lora::run::{Progress, RunOptions};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::load_rgb;
@@ -53,6 +52,9 @@ enum Cmd {
         /// Also write the highest-IoU mask, upscaled to the image and thresholded at 0, as a PNG.
         #[arg(long)]
         mask_png: Option<PathBuf>,
+        /// Square input size (multiple of the patch size; default: the checkpoint's).
+        #[arg(long)]
+        image_size: Option<usize>,
     },
     /// Fine-tune the image encoder on box prompts from ground-truth masks (Dice + BCE). Writes
     /// the adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
@@ -93,6 +95,9 @@ enum Cmd {
         seed: u64,
         #[arg(long, default_value_t = 0.2)]
         test_fraction: f64,
+        /// Square input size (as given to train).
+        #[arg(long)]
+        image_size: Option<usize>,
     },
 }
 
@@ -126,8 +131,10 @@ fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    let (model, adapter, image, r#box, points, output, mask_png) = match cmd {
-        Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, .. } => (model, adapter, image, r#box, points, output, mask_png),
+    let (model, adapter, image, r#box, points, output, mask_png, image_size) = match cmd {
+        Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, image_size, .. } => {
+            (model, adapter, image, r#box, points, output, mask_png, image_size)
+        }
         Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
             let dir = model_dir(&config.model)?;
             let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
@@ -169,14 +176,12 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
             );
             return Ok(());
         }
-        Cmd::Eval { model, adapter, dataset, split, class_id, seed, test_fraction, .. } => {
+        Cmd::Eval { model, adapter, dataset, split, class_id, seed, test_fraction, image_size, .. } => {
             let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
-            let dir = model_dir(model)?;
-            let (mut sam, cfg) = load_sam::<B<AB>>(&dir, device)?;
+            let (mut sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
             if let Some(a) = adapter {
                 sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
             }
-            let proc = SamProcessor::from_dir(&dir, &cfg.vision_config)?;
             let bar = ProgressBar::new(0);
             let mut progress = |done: usize, total: usize| {
                 bar.set_length(total as u64);
@@ -208,12 +213,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         bail!("--point {p:?} lies outside the image {} ({}×{} pixels)", image.display(), img.width, img.height);
     }
 
-    let dir = model_dir(model)?;
-    let (mut sam, cfg) = load_sam::<B<AB>>(&dir, device)?;
+    let (mut sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
     if let Some(a) = adapter {
         sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
     }
-    let proc = SamProcessor::from_dir(&dir, &cfg.vision_config)?;
     let px = proc.process(&img);
     let [ph, pw] = proc.pad;
     let pixel_values = Tensor::<B<AB>, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
