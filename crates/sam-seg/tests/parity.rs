@@ -128,6 +128,20 @@ fn adapters_go_on_the_image_encoder_only() {
 }
 
 #[test]
+fn original_segment_anything_key_names_load_to_the_same_model() {
+    let r = reference();
+    let dev = Default::default();
+    let original = dir().with_file_name("sam-tiny-original");
+    let (hf, _) = load_sam::<B>(&dir(), &dev).unwrap();
+    let (orig, _) = load_sam::<B>(&original, &dev).unwrap();
+    let pixels: Tensor<B, 4> = tensor(&r, "pixel_values");
+    let p = prompts(&r, "points_box");
+    let run = |m: &SamModel<B>| m.forward(m.get_image_embeddings(pixels.clone()), &p, true).unwrap().pred_masks;
+    let (a, b) = (run(&hf), run(&orig));
+    assert_eq!(a.into_data().iter::<f32>().collect::<Vec<_>>(), b.into_data().iter::<f32>().collect::<Vec<_>>());
+}
+
+#[test]
 fn bad_checkpoints_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(dir().join("config.json"), tmp.path().join("config.json")).unwrap();

@@ -129,11 +129,13 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     Ok((module, LoadReport { applied: result.applied, missing }))
 }
 
-/// Reads one tensor of a safetensors file as f32 without reading the rest of the file;
-/// `None` if the file has no such key.
-pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTensor>> {
-    use std::io::{Read, Seek, SeekFrom};
+/// The JSON header of a safetensors file, the open file and the header length.
+fn read_header(path: &Path) -> Result<(std::fs::File, serde_json::Value, u64)> {
+    use std::io::Read;
     let bad = |message: String| Error::Safetensors { path: path.into(), message };
+    if !path.is_file() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found")));
+    }
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
@@ -143,8 +145,22 @@ pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTenso
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
+    let header = serde_json::from_slice(&header).map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
+    Ok((f, header, n))
+}
+
+/// The tensor names of a safetensors file (reads the header only).
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    let (_, header, _) = read_header(path)?;
+    Ok(header.as_object().map(|o| o.keys().filter(|k| *k != "__metadata__").cloned().collect()).unwrap_or_default())
+}
+
+/// Reads one tensor of a safetensors file as f32 without reading the rest of the file;
+/// `None` if the file has no such key.
+pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTensor>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |message: String| Error::Safetensors { path: path.into(), message };
+    let (mut f, header, n) = read_header(path)?;
     let Some(info) = header.get(key) else { return Ok(None) };
     let field = |name: &str| info.get(name).ok_or_else(|| bad(format!("tensor `{key}`: no `{name}` in the header")));
     let dtype = match field("dtype")?.as_str() {
