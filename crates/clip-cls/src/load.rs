@@ -15,12 +15,12 @@ use crate::model::ClipModel;
 /// (`text_model.encoder.layers.3.mlp.fc1.weight`, …); norms' `weight`/`bias` become
 /// `gamma`/`beta` and `Linear` weights are transposed by the PyTorch adapter.
 pub const KEY_TABLE: KeyTable = KeyTable {
-    rules: &[
+    rules: &[&[
         (r"^(.+)\.self_attn\.q_proj\.(weight|bias)$", "$1.self_attn.qkv.Separate.q.base.$2"),
         (r"^(.+)\.self_attn\.k_proj\.(weight|bias)$", "$1.self_attn.qkv.Separate.k.base.$2"),
         (r"^(.+)\.self_attn\.v_proj\.(weight|bias)$", "$1.self_attn.qkv.Separate.v.base.$2"),
         (r"^(.+)\.self_attn\.out_proj\.(weight|bias)$", "$1.self_attn.o.base.$2"),
-    ],
+    ]],
     // buffers of older checkpoints
     ignore: &[r"\.position_ids$"],
     // a 0-d tensor; the module holds it as [1]

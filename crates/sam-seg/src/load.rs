@@ -14,60 +14,56 @@ use crate::processor::SamProcessor;
 /// `weight`/`bias` become `gamma`/`beta` and `Linear` weights are transposed by the PyTorch
 /// adapter.
 pub const KEY_TABLE: KeyTable = KeyTable {
-    rules: &[
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.qkv\.(weight|bias)$", "$1.attn.qkv.Fused.base.$2"),
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.proj\.(weight|bias)$", "$1.attn.o.base.$2"),
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.rel_pos_(h|w)$", "$1.rel_pos.rel_pos_$2"),
-        (r"^(.+)\.mlp\.lin1\.(weight|bias)$", "$1.mlp.fc1.$2"),
-        (r"^(.+)\.mlp\.lin2\.(weight|bias)$", "$1.mlp.fc2.$2"),
-        (r"^(mask_decoder\.transformer\..+)\.(q|k|v)_proj\.(weight|bias)$", "$1.qkv.Separate.$2.base.$3"),
-        (r"^(mask_decoder\.transformer\..+)\.out_proj\.(weight|bias)$", "$1.o.base.$2"),
-    ],
+    rules: &[HF_RULES],
     // the prompt encoder's copy of the tied Fourier matrix (some checkpoints store both)
     ignore: &[r"^prompt_encoder\.shared_embedding\.positional_embedding$"],
     by_hand: &[],
 };
 
+const HF_RULES: &[(&str, &str)] = &[
+    (r"^(vision_encoder\.layers\.\d+)\.attn\.qkv\.(weight|bias)$", "$1.attn.qkv.Fused.base.$2"),
+    (r"^(vision_encoder\.layers\.\d+)\.attn\.proj\.(weight|bias)$", "$1.attn.o.base.$2"),
+    (r"^(vision_encoder\.layers\.\d+)\.attn\.rel_pos_(h|w)$", "$1.rel_pos.rel_pos_$2"),
+    (r"^(.+)\.mlp\.lin1\.(weight|bias)$", "$1.mlp.fc1.$2"),
+    (r"^(.+)\.mlp\.lin2\.(weight|bias)$", "$1.mlp.fc2.$2"),
+    (r"^(mask_decoder\.transformer\..+)\.(q|k|v)_proj\.(weight|bias)$", "$1.qkv.Separate.$2.base.$3"),
+    (r"^(mask_decoder\.transformer\..+)\.out_proj\.(weight|bias)$", "$1.o.base.$2"),
+];
+
 /// segment-anything keys (`sam_vit_b_01ec64.pth`, saved as safetensors) → Burn paths: the
-/// renames of transformers' `convert_sam_to_hf.py`, then [`KEY_TABLE`]'s rules (burn-store
-/// applies every rule in order).
+/// renames of transformers' `convert_sam_to_hf.py` to HF keys, then [`KEY_TABLE`]'s rules.
 pub const ORIGINAL_KEY_TABLE: KeyTable = KeyTable {
-    rules: &[
-        (r"^image_encoder\.blocks\.", "vision_encoder.layers."),
-        (r"^image_encoder\.patch_embed\.proj\.", "vision_encoder.patch_embed.projection."),
-        (r"^image_encoder\.neck\.0\.", "vision_encoder.neck.conv1."),
-        (r"^image_encoder\.neck\.1\.", "vision_encoder.neck.layer_norm1."),
-        (r"^image_encoder\.neck\.2\.", "vision_encoder.neck.conv2."),
-        (r"^image_encoder\.neck\.3\.", "vision_encoder.neck.layer_norm2."),
-        (r"^image_encoder\.", "vision_encoder."),
-        (r"\.norm(\d)\.", ".layer_norm$1."),
-        (r"\.norm_final_attn\.", ".layer_norm_final_attn."),
-        (r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$", "shared_image_embedding.positional_embedding"),
-        (r"^prompt_encoder\.point_embeddings\.", "prompt_encoder.point_embed."),
-        (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
-        (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
-        (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
-        (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
-        (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
-        (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
-        (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
-        (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
-        // the 3-layer MLP heads: layers.0 → proj_in, layers.2 → proj_out, then layers.1 → layers.0
-        (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.0\.", "$1.proj_in."),
-        (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.2\.", "$1.proj_out."),
-        (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.1\.", "$1.layers.0."),
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.qkv\.(weight|bias)$", "$1.attn.qkv.Fused.base.$2"),
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.proj\.(weight|bias)$", "$1.attn.o.base.$2"),
-        (r"^(vision_encoder\.layers\.\d+)\.attn\.rel_pos_(h|w)$", "$1.rel_pos.rel_pos_$2"),
-        (r"^(.+)\.mlp\.lin1\.(weight|bias)$", "$1.mlp.fc1.$2"),
-        (r"^(.+)\.mlp\.lin2\.(weight|bias)$", "$1.mlp.fc2.$2"),
-        (r"^(mask_decoder\.transformer\..+)\.(q|k|v)_proj\.(weight|bias)$", "$1.qkv.Separate.$2.base.$3"),
-        (r"^(mask_decoder\.transformer\..+)\.out_proj\.(weight|bias)$", "$1.o.base.$2"),
-    ],
+    rules: &[ORIGINAL_TO_HF, HF_RULES],
     // the normalization constants the original model keeps as buffers
     ignore: &[r"^pixel_(mean|std)$"],
     by_hand: &[],
 };
+
+const ORIGINAL_TO_HF: &[(&str, &str)] = &[
+    (r"^image_encoder\.blocks\.", "vision_encoder.layers."),
+    (r"^image_encoder\.patch_embed\.proj\.", "vision_encoder.patch_embed.projection."),
+    (r"^image_encoder\.neck\.0\.", "vision_encoder.neck.conv1."),
+    (r"^image_encoder\.neck\.1\.", "vision_encoder.neck.layer_norm1."),
+    (r"^image_encoder\.neck\.2\.", "vision_encoder.neck.conv2."),
+    (r"^image_encoder\.neck\.3\.", "vision_encoder.neck.layer_norm2."),
+    (r"^image_encoder\.", "vision_encoder."),
+    (r"\.norm(\d)\.", ".layer_norm$1."),
+    (r"\.norm_final_attn\.", ".layer_norm_final_attn."),
+    (r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$", "shared_image_embedding.positional_embedding"),
+    (r"^prompt_encoder\.point_embeddings\.", "prompt_encoder.point_embed."),
+    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
+    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
+    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
+    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
+    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
+    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
+    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
+    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+    // the 3-layer MLP heads: layers.0 → proj_in, layers.2 → proj_out, then layers.1 → layers.0
+    (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.0\.", "$1.proj_in."),
+    (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.2\.", "$1.proj_out."),
+    (r"^(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.1\.", "$1.layers.0."),
+];
 
 /// Loads a SAM model from a local directory: `config.json` and `model.safetensors` with HF
 /// key names (`facebook/sam-vit-base`) or segment-anything's (`image_encoder.blocks.…`,

@@ -59,7 +59,7 @@ impl<B: Backend> SamModel<B> {
     /// updated to match.
     pub fn with_image_size(mut self, cfg: &mut SamConfig, size: usize) -> Result<Self> {
         let v = &cfg.vision_config;
-        if size == 0 || size % v.patch_size != 0 {
+        if size == 0 || !size.is_multiple_of(v.patch_size) {
             return Err(SamError::Config { path: "--image-size".into(), message: format!("{size} is not a positive multiple of the patch size {}", v.patch_size) });
         }
         let g = size / v.patch_size;

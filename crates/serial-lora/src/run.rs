@@ -213,3 +213,54 @@ impl RunDir {
         write_json(&self.path.join(METRICS_FILE), metrics)
     }
 }
+
+/// Training progress on stderr: a progress bar with loss, lr, score and throughput on a
+/// terminal; otherwise a plain line every `logging_steps` steps (and at the last).
+pub struct ProgressReporter {
+    bar: Option<indicatif::ProgressBar>,
+    logging_steps: usize,
+    score_name: &'static str,
+}
+
+impl ProgressReporter {
+    /// `score_name` labels [`StepLog::score`] per image (`acc`, `dice`).
+    pub fn new(logging_steps: usize, score_name: &'static str) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
+            bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            bar
+        });
+        Self { bar, logging_steps: logging_steps.max(1), score_name }
+    }
+
+    /// Shows one step.
+    pub fn report(&self, p: &Progress) {
+        let line = format!(
+            "epoch {} loss {:.4} lr {:.3e} {} {:.3} {:.2} img/s",
+            p.epoch + 1,
+            p.log.loss,
+            p.log.lr,
+            self.score_name,
+            p.log.score / p.log.images.max(1) as f64,
+            p.images_per_second
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(p.total as u64);
+                bar.set_position(p.step as u64);
+                bar.set_message(line);
+            }
+            None if p.step.is_multiple_of(self.logging_steps) || p.step == p.total => eprintln!("step {}/{} {line}", p.step, p.total),
+            None => {}
+        }
+    }
+
+    /// Leaves the bar at its final state.
+    pub fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish();
+        }
+    }
+}

@@ -42,9 +42,9 @@ impl ModuleAdapter for CastFloatToF32 {
 
 /// How one model's checkpoint keys map onto its Burn module.
 pub struct KeyTable {
-    /// Ordered `(regex on the file key, replacement)` rules, applied in order (`$1` refers to
-    /// capture groups).
-    pub rules: &'static [(&'static str, &'static str)],
+    /// Groups of `(regex on the file key, replacement)` rules; every rule is applied in order,
+    /// each to the result of the previous (`$1` refers to capture groups).
+    pub rules: &'static [&'static [(&'static str, &'static str)]],
     /// Regexes of file keys that may be present without a module parameter (buffers such as
     /// `position_ids`).
     pub ignore: &'static [&'static str],
@@ -83,7 +83,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     for key in table.by_hand {
         store = store.with_key_remapping(format!("^{}$", regex::escape(key)), format!("{BY_HAND}.{key}"));
     }
-    for (from, to) in table.rules {
+    for (from, to) in table.rules.iter().flat_map(|g| g.iter()) {
         store = store.with_key_remapping(*from, *to);
     }
     let result = module

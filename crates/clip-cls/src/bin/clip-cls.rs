@@ -1,6 +1,5 @@
 //! `clip-cls`: CLIP embeddings, zero-shot classification, few-shot LoRA / Serial LoRA (+)
 //! training and evaluation.
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -11,10 +10,11 @@ use clap::{Parser, Subcommand};
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
 use clip_cls::data::Dataset;
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
-use clip_cls::train::{Progress, RunOptions, TrainConfig, evaluate, train};
+use clip_cls::train::{RunOptions, TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
+use serial_lora::run::ProgressReporter;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
 #[derive(Parser)]
@@ -194,39 +194,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
             let dir = model_dir(&config.model)?;
             let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let bar = ProgressBar::new(0);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                bar
-            });
-            let mut report = |p: &Progress| {
-                let line = format!(
-                    "epoch {} loss {:.4} lr {:.3e} acc {:.3} {:.1} img/s",
-                    p.epoch + 1,
-                    p.log.loss,
-                    p.log.lr,
-                    p.log.score / p.log.images.max(1) as f64,
-                    p.images_per_second
-                );
-                match &bar {
-                    Some(bar) => {
-                        bar.set_length(p.total as u64);
-                        bar.set_position(p.step as u64);
-                        bar.set_message(line);
-                    }
-                    None if p.step.is_multiple_of((*logging_steps).max(1)) || p.step == p.total => {
-                        eprintln!("step {}/{} {line}", p.step, p.total)
-                    }
-                    None => {}
-                }
-            };
-            let m = train::<AB>(config, &dir, out, &opts, device, &mut report)?;
-            if let Some(bar) = bar {
-                bar.finish();
-            }
+            let reporter = ProgressReporter::new(*logging_steps, "acc");
+            let m = train::<AB>(config, &dir, out, &opts, device, &mut |p| reporter.report(p))?;
+            reporter.finish();
             eprintln!(
                 "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train accuracy {:.3}; {} skipped image(s)",
                 out.display(),

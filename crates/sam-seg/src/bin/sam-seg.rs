@@ -1,18 +1,17 @@
 //! `sam-seg`: SAM mask prediction from box / point prompts, image-encoder LoRA / Serial LoRA (+)
 //! fine-tuning and Dice evaluation.
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use sam_seg::data::SegDataset;
 use sam_seg::train::{TrainConfig, evaluate, train};
 use sam_seg::{Prompts, load_sam_sized};
-use serial_lora::run::{Progress, RunOptions};
+use serial_lora::run::{ProgressReporter, RunOptions};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::load_rgb;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
@@ -138,31 +137,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
             let dir = model_dir(&config.model)?;
             let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let bar = ProgressBar::new(0);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                bar
-            });
-            let mut report = |p: &Progress| {
-                let dice = p.log.score / p.log.images.max(1) as f64;
-                let line = format!("epoch {} loss {:.4} lr {:.3e} dice {dice:.3} {:.2} img/s", p.epoch + 1, p.log.loss, p.log.lr, p.images_per_second);
-                match &bar {
-                    Some(bar) => {
-                        bar.set_length(p.total as u64);
-                        bar.set_position(p.step as u64);
-                        bar.set_message(line);
-                    }
-                    None if p.step.is_multiple_of((*logging_steps).max(1)) || p.step == p.total => eprintln!("step {}/{} {line}", p.step, p.total),
-                    None => {}
-                }
-            };
-            let m = train::<AB>(config, &dir, out, &opts, device, &mut report)?;
-            if let Some(bar) = bar {
-                bar.finish();
-            }
+            let reporter = ProgressReporter::new(*logging_steps, "dice");
+            let m = train::<AB>(config, &dir, out, &opts, device, &mut |p| reporter.report(p))?;
+            reporter.finish();
             eprintln!(
                 "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train dice {:.3}; {} empty mask(s) skipped",
                 out.display(),
