@@ -1,10 +1,6 @@
-//! Fine-tuning end to end on the tiny SAM and generated shapes: every method lowers the loss,
-//! parameter counts, bit-identical resume, datasets and bad input named without a panic.
-//!
-//! Not asserted: a Dice gain. With the fixture's random, frozen mask decoder even one image
-//! overfit for 100 steps stays near Dice 0.1 (lr 1e-3 … 1e-1) — the decoder cannot draw the
-//! mask, whatever the encoder does; a pretrained decoder is what makes encoder-only
-//! fine-tuning work.
+//! Fine-tuning end to end on a tiny SAM pretrained on generated shapes, adapted to a shifted
+//! domain: every method raises the test Dice, parameter counts, bit-identical resume, datasets
+//! and bad input named without a panic.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,29 +15,10 @@ use serial_lora::{AdaptedModel, io};
 type AB = Autodiff<Flex>;
 type B = Flex;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sam-tiny")
-}
-
-/// The tiny SAM with its mask logits scaled up (hypernetwork outputs × 20). The random decoder
-/// of the fixture gives logits of std ≈ 0.07, so sigmoid ≈ ½ everywhere and nothing upstream
-/// can be learned in a few steps; a pretrained SAM's logits span ±10 or more.
+/// The tiny SAM pretrained on bright rectangles on a dark background
+/// (`tools/fixtures/sam_tiny_shapes.py`: Dice 0.98 there, 0.01 on the inverted domain below).
 fn model() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(fixture().join("config.json"), dir.path().join("config.json")).unwrap();
-        let (mut t, _) = io::read_safetensors(&fixture().join("model.safetensors")).unwrap();
-        for (k, v) in t.iter_mut() {
-            if k.starts_with("mask_decoder.output_hypernetworks_mlps.") && k.contains(".proj_out.") {
-                v.data.iter_mut().for_each(|x| *x *= 20.0);
-            }
-        }
-        io::write_safetensors(&dir.path().join("model.safetensors"), &t, Default::default()).unwrap();
-        dir
-    })
-    .path()
-    .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sam-tiny-shapes")
 }
 
 /// Burn's Flex RNG (adapter init, dropout) is process-global: trainings take turns.
@@ -51,8 +28,9 @@ fn take_turn() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `dir/images/NN.png` (noisy grey, 48×40) with one bright rectangle each, `dir/masks/NN.png`
-/// its mask; `split.json` puts the first `train` in train and the rest in test.
+/// The shifted domain: `dir/images/NN.png` (64×64) with one dark rectangle on a bright noisy
+/// background each, `dir/masks/NN.png` its mask; `split.json` puts the first `train` in train
+/// and the rest in test.
 fn shapes(dir: &Path, train: usize, test: usize) {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     std::fs::create_dir_all(dir.join("masks")).unwrap();
@@ -65,14 +43,14 @@ fn shapes(dir: &Path, train: usize, test: usize) {
     };
     let mut stems = Vec::new();
     for i in 0..train + test {
-        let (x0, y0) = (2 + next(20), 2 + next(16));
-        let (x1, y1) = (x0 + 10 + next(14), y0 + 8 + next(12));
+        let (x0, y0) = (2 + next(32), 2 + next(32));
+        let (x1, y1) = (x0 + 12 + next(16), y0 + 12 + next(16));
         let inside = |x: u32, y: u32| (x0..x1).contains(&x) && (y0..y1).contains(&y);
-        let img = image::RgbImage::from_fn(48, 40, |x, y| {
-            let base = if inside(x, y) { 210 } else { 70 };
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            let base = if inside(x, y) { 40 } else { 200 };
             image::Rgb([0, 1, 2].map(|_| (base + next(41) as i32 - 20) as u8))
         });
-        let mask = image::GrayImage::from_fn(48, 40, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let mask = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
         img.save(dir.join(format!("images/{i:02}.png"))).unwrap();
         mask.save(dir.join(format!("masks/{i:02}.png"))).unwrap();
         stems.push(format!("{i:02}"));
@@ -96,7 +74,7 @@ fn config(data: &Path, method: &str) -> TrainConfig {
         eta_min: 1e-6,
         weight_decay: 1e-2,
         epochs: None,
-        iters: Some(30),
+        iters: Some(100),
         batch: 4,
         class_id: None,
         box_jitter: 0.1,
@@ -122,25 +100,28 @@ fn mean(x: &[f32]) -> f32 {
 }
 
 #[test]
-fn every_method_lowers_the_loss() {
+fn every_method_raises_the_test_dice() {
     let _turn = take_turn();
     let data = tempfile::tempdir().unwrap();
-    shapes(data.path(), 12, 4);
+    shapes(data.path(), 16, 8);
+    let before = test_dice(data.path(), None);
     for method in ["lora", "serial-lora", "lora-plus", "serial-lora-plus"] {
         let out = tempfile::tempdir().unwrap();
         let m = train::<AB>(&config(data.path(), method), &model(), out.path(), &RunOptions::default(), &Default::default(), &mut |_| {}).unwrap();
+        let after = test_dice(data.path(), Some(out.path()));
         let (first, last) = (mean(&m.loss[..5]), mean(&m.loss[m.loss.len() - 5..]));
-        println!("{method}: trainable {} / {}, loss {first:.3} → {last:.3}, train Dice {:.3}", m.trainable_params, m.total_params, m.train_dice);
+        println!("{method}: trainable {} / {}, loss {first:.3} → {last:.3}, test Dice {before:.3} → {after:.3}", m.trainable_params, m.total_params);
         // image encoder only: 4 layers of width 32, rank 4
         let per_block = if method.starts_with("serial") { 2 * 32 * 4 } else { 4 * 2 * 32 * 4 };
         assert_eq!(m.trainable_params, 4 * per_block, "{method}");
-        assert!(last < 0.9 * first, "{method}: loss {first} → {last}");
-        assert!(m.completed && m.train_images == 12 && m.steps == 30);
+        assert!(last < first, "{method}: loss {first} → {last}");
+        // measured: LoRA 0.78, LoRA+ 0.60, Serial LoRA+ 0.17, Serial LoRA 0.11 from 0.009 (the
+        // Serial methods move slower at the same lr and rank); without training it stays at 0.009
+        assert!(after > before + 0.05, "{method}: test Dice {before} → {after}");
+        assert!(m.completed && m.train_images == 16 && m.steps == 100);
         for f in ["adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.json", "checkpoint/state.json"] {
             assert!(out.path().join(f).is_file(), "{method}: {f}");
         }
-        let dice = test_dice(data.path(), Some(out.path()));
-        assert!((0.0..=1.0).contains(&dice));
     }
 }
 
@@ -186,14 +167,14 @@ fn datasets_and_bad_input() {
     let run = |cfg: &TrainConfig| train::<AB>(cfg, &model(), &out.path().join("r"), &RunOptions::default(), &dev, &mut |_| {}).unwrap_err().to_string();
     // class-index masks must be single-channel
     let cfg = TrainConfig { class_id: Some(3), test_fraction: 0.5, ..config(data.path(), "lora") };
-    let rgb = image::RgbImage::new(48, 40);
+    let rgb = image::RgbImage::new(64, 64);
     rgb.save(data.path().join("masks/00.png")).unwrap();
     let err = run(&cfg);
     assert!(err.contains("single-channel"), "{err}");
     // a mask of another size
     image::GrayImage::new(20, 20).save(data.path().join("masks/00.png")).unwrap();
     let err = run(&TrainConfig { class_id: None, ..cfg.clone() });
-    assert!(err.contains("masks/00.png") && err.contains("20×20") && err.contains("48×40"), "{err}");
+    assert!(err.contains("masks/00.png") && err.contains("20×20") && err.contains("64×64"), "{err}");
     // a missing mask
     std::fs::remove_file(data.path().join("masks/00.png")).unwrap();
     let err = SegDataset::open(data.path(), 0, 0.2).unwrap_err().to_string();
