@@ -74,14 +74,14 @@ fn main() -> Result<()> {
             // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
             run(cargo("").args(["build", "--workspace", "--examples"]))?;
             run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
-            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
+            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
             if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
                 run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
             }
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py"] {
+            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py"] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
             }

@@ -1,0 +1,337 @@
+//! The MMDiT denoiser: diffusers `SD3Transformer2DModel` — patch embedding with a centred crop of
+//! the position table (`pos_embed_max_size`), timestep + pooled-text conditioning, context
+//! embedder, joint transformer blocks (adaLN-Zero, joint attention over image and text tokens,
+//! optional RMS qk-norm, `context_pre_only` last block), final adaptive norm and unpatchify.
+//! Adapters attach to the image stream of each joint attention (`to_q`, `to_k`, `to_v`, `to_out.0`).
+//! Upstream: diffusers `transformer_sd3.py`, `attention.py::JointTransformerBlock`,
+//! `attention_processor.py::JointAttnProcessor2_0`, `embeddings.py`, `normalization.py` (v0.42.1).
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use serial_lora::layers::{Activation, Mlp};
+use serial_lora::{AdaptedModel, Attention, AttentionConfig, AttentionSite, ProjNames, sdpa};
+
+use crate::config::Sd3TransformerConfig;
+use crate::error::{Result, Sd3Error};
+
+/// LayerNorm without affine parameters over the last dimension (biased variance).
+fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let mean = x.clone().mean_dim(D - 1);
+    let centered = x - mean;
+    let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
+    centered / var.add_scalar(eps).sqrt()
+}
+
+/// `[b, n]` → `[b, 1, n]` for broadcasting over tokens.
+fn tok<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 3> {
+    t.unsqueeze_dim(1)
+}
+
+/// diffusers `RMSNorm` with a weight (qk-norm over the head dimension).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let var = x.clone().powi_scalar(2).mean_dim(3);
+        x / var.add_scalar(1e-6).sqrt() * self.weight.val().unsqueeze::<4>()
+    }
+}
+
+/// The adaptive-norm projection `linear(silu(temb))` of `AdaLayerNormZero` (6 chunks) and
+/// `AdaLayerNormContinuous` (2 chunks: scale, shift).
+#[derive(Module, Debug)]
+pub struct AdaNorm<B: Backend> {
+    pub linear: Linear<B>,
+}
+
+impl<B: Backend> AdaNorm<B> {
+    fn chunks(&self, temb: Tensor<B, 2>, n: usize) -> Vec<Tensor<B, 2>> {
+        self.linear.forward(silu(temb)).chunk(n, 1)
+    }
+
+    /// `AdaLayerNormContinuous`: `LN(x)·(1 + scale) + shift`.
+    fn continuous(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
+        let c = self.chunks(temb, 2);
+        layer_norm(x, 1e-6) * tok(c[0].clone()).add_scalar(1.0) + tok(c[1].clone())
+    }
+}
+
+/// Joint attention: the image stream (`to_q/k/v`, `to_out.0`) and the context stream
+/// (`add_q/k/v_proj`, `to_add_out` unless `context_pre_only`) attend over both token sets.
+#[derive(Module, Debug)]
+pub struct JointAttention<B: Backend> {
+    pub image: Attention<B>,
+    pub context: Attention<B>,
+    pub norm_q: Option<RmsNorm<B>>,
+    pub norm_k: Option<RmsNorm<B>>,
+    pub norm_added_q: Option<RmsNorm<B>>,
+    pub norm_added_k: Option<RmsNorm<B>>,
+}
+
+fn norm<B: Backend>(n: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match n {
+        Some(n) => n.forward(x),
+        None => x,
+    }
+}
+
+impl<B: Backend> JointAttention<B> {
+    /// Image tokens `[b, n, d]` and context tokens `[b, m, d]` → their attention outputs.
+    pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let n = x.dims()[1];
+        let m = c.dims()[1];
+        let (q, k, v) = self.image.qkv(x);
+        let (cq, ck, cv) = self.context.qkv(c);
+        let (a, ctx) = (&self.image, &self.context);
+        let q = Tensor::cat(vec![norm(&self.norm_q, a.split_heads(q)), norm(&self.norm_added_q, ctx.split_heads(cq))], 2);
+        let k = Tensor::cat(vec![norm(&self.norm_k, a.split_heads(k)), norm(&self.norm_added_k, ctx.split_heads(ck))], 2);
+        let v = Tensor::cat(vec![a.split_heads(v), ctx.split_heads(cv)], 2);
+        let o = sdpa(q, k, v, None, None);
+        (a.output(o.clone().narrow(2, 0, n)), ctx.output(o.narrow(2, n, m)))
+    }
+}
+
+/// `JointTransformerBlock`.
+#[derive(Module, Debug)]
+pub struct JointBlock<B: Backend> {
+    pub norm1: AdaNorm<B>,
+    /// adaLN-Zero (6 chunks), or continuous (2) in the `context_pre_only` block.
+    pub norm1_context: AdaNorm<B>,
+    pub attn: JointAttention<B>,
+    pub ff: Mlp<B>,
+    /// `None` in the `context_pre_only` block.
+    pub ff_context: Option<Mlp<B>>,
+}
+
+impl<B: Backend> JointBlock<B> {
+    /// Image `[b, n, d]`, context `[b, m, d]`, conditioning `[b, d]` → new image tokens and
+    /// context tokens (`None` after the `context_pre_only` block).
+    pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>, temb: Tensor<B, 2>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+        let e = self.norm1.chunks(temb.clone(), 6); // shift, scale, gate (msa), shift, scale, gate (mlp)
+        let nx = layer_norm(x.clone(), 1e-6) * tok(e[1].clone()).add_scalar(1.0) + tok(e[0].clone());
+        let (nc, ce) = match &self.ff_context {
+            Some(_) => {
+                let ce = self.norm1_context.chunks(temb.clone(), 6);
+                (layer_norm(c.clone(), 1e-6) * tok(ce[1].clone()).add_scalar(1.0) + tok(ce[0].clone()), Some(ce))
+            }
+            None => (self.norm1_context.continuous(c.clone(), temb), None),
+        };
+        let (ax, ac) = self.attn.forward(nx, nc);
+        let x = x + tok(e[2].clone()) * ax;
+        let nx = layer_norm(x.clone(), 1e-6) * tok(e[4].clone()).add_scalar(1.0) + tok(e[3].clone());
+        let x = x + tok(e[5].clone()) * self.ff.forward(nx);
+        let c = match (ce, &self.ff_context) {
+            (Some(ce), Some(ff)) => {
+                let c = c + tok(ce[2].clone()) * ac;
+                let nc = layer_norm(c.clone(), 1e-6) * tok(ce[4].clone()).add_scalar(1.0) + tok(ce[3].clone());
+                Some(c + tok(ce[5].clone()) * ff.forward(nc))
+            }
+            _ => None,
+        };
+        (x, c)
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`: `TimestepEmbedding` and `PixArtAlphaTextProjection(act="silu")`.
+#[derive(Module, Debug)]
+pub struct TwoLayer<B: Backend> {
+    pub linear_1: Linear<B>,
+    pub linear_2: Linear<B>,
+}
+
+impl<B: Backend> TwoLayer<B> {
+    fn new(i: usize, h: usize, device: &B::Device) -> Self {
+        Self { linear_1: LinearConfig::new(i, h).init(device), linear_2: LinearConfig::new(h, h).init(device) }
+    }
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.linear_2.forward(silu(self.linear_1.forward(x)))
+    }
+}
+
+/// `CombinedTimestepTextProjEmbeddings`.
+#[derive(Module, Debug)]
+pub struct TimeTextEmbed<B: Backend> {
+    pub timestep_embedder: TwoLayer<B>,
+    pub text_embedder: TwoLayer<B>,
+}
+
+/// `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: `[cos(t·f), sin(t·f)]`,
+/// `f_i = exp(−ln(10⁴)·i/128)`, computed in f32 as torch does.
+pub fn timestep_projection<B: Backend>(t: &[f32], device: &B::Device) -> Tensor<B, 2> {
+    let half = 128;
+    let freqs: Vec<f32> = (0..half).map(|i| ((-(10000f64.ln()) as f32 * i as f32) / half as f32).exp()).collect();
+    let data: Vec<f32> = t
+        .iter()
+        .flat_map(|&t| {
+            let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+            args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect::<Vec<_>>()
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [t.len(), 2 * half]), device)
+}
+
+/// `PatchEmbed` with `pos_embed_max_size`.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+    /// `[1, max², inner]` (a persistent buffer in the checkpoint).
+    pub pos_embed: Param<Tensor<B, 3>>,
+    pub pos_embed_max_size: usize,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    /// Latents `[b, c, h, w]` → tokens `[b, (h/p)·(w/p), inner]` plus the centred crop of the
+    /// position table.
+    pub fn forward(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        let x = self.proj.forward(latents);
+        let [b, d, hp, wp] = x.dims();
+        let m = self.pos_embed_max_size;
+        if hp > m || wp > m {
+            return Err(Sd3Error::Input(format!("{hp}×{wp} patches exceed pos_embed_max_size {m}")));
+        }
+        let (top, left) = ((m - hp) / 2, (m - wp) / 2);
+        let pos = self.pos_embed.val().reshape([1, m, m, d]).slice([0..1, top..top + hp, left..left + wp, 0..d]).reshape([1, hp * wp, d]);
+        Ok(x.reshape([b, d, hp * wp]).swap_dims(1, 2) + pos)
+    }
+}
+
+/// `SD3Transformer2DModel`.
+#[derive(Module, Debug)]
+pub struct Sd3Transformer<B: Backend> {
+    pub pos_embed: PatchEmbed<B>,
+    pub time_text_embed: TimeTextEmbed<B>,
+    pub context_embedder: Linear<B>,
+    pub transformer_blocks: Vec<JointBlock<B>>,
+    pub norm_out: AdaNorm<B>,
+    pub proj_out: Linear<B>,
+    pub patch_size: usize,
+    pub out_channels: usize,
+}
+
+/// Intermediate values of a forward pass (for parity checks).
+pub struct Trace<B: Backend> {
+    pub embedded: Tensor<B, 3>,
+    pub temb: Tensor<B, 2>,
+    pub context: Tensor<B, 3>,
+    /// Image and context tokens after each block.
+    pub blocks: Vec<(Tensor<B, 3>, Option<Tensor<B, 3>>)>,
+}
+
+impl<B: Backend> Sd3Transformer<B> {
+    /// A model with random weights of the given shape (to be overwritten by a checkpoint).
+    pub fn new(c: &Sd3TransformerConfig, device: &B::Device) -> Self {
+        let d = c.inner_dim();
+        let rms = |on: bool| on.then(|| RmsNorm { weight: Param::from_tensor(Tensor::ones([c.attention_head_dim], device)) });
+        let qk = c.qk_norm.is_some();
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let pre_only = i == c.num_layers - 1;
+                let attn = AttentionConfig::new(d, c.num_attention_heads);
+                JointBlock {
+                    norm1: AdaNorm { linear: LinearConfig::new(d, 6 * d).init(device) },
+                    norm1_context: AdaNorm { linear: LinearConfig::new(d, if pre_only { 2 } else { 6 } * d).init(device) },
+                    attn: JointAttention {
+                        image: attn.init(device),
+                        context: attn.clone().with_out_proj(!pre_only).init(device),
+                        norm_q: rms(qk),
+                        norm_k: rms(qk),
+                        norm_added_q: rms(qk),
+                        norm_added_k: rms(qk),
+                    },
+                    ff: Mlp::new(d, 4 * d, Activation::GeluTanh, device),
+                    ff_context: (!pre_only).then(|| Mlp::new(d, 4 * d, Activation::GeluTanh, device)),
+                }
+            })
+            .collect();
+        let m = c.pos_embed_max_size;
+        Self {
+            pos_embed: PatchEmbed {
+                proj: Conv2dConfig::new([c.in_channels, d], [c.patch_size, c.patch_size]).with_stride([c.patch_size, c.patch_size]).init(device),
+                pos_embed: Param::from_tensor(Tensor::zeros([1, m * m, d], device)),
+                pos_embed_max_size: m,
+            },
+            time_text_embed: TimeTextEmbed {
+                timestep_embedder: TwoLayer::new(256, d, device),
+                text_embedder: TwoLayer::new(c.pooled_projection_dim, d, device),
+            },
+            context_embedder: LinearConfig::new(c.joint_attention_dim, c.caption_projection_dim).init(device),
+            transformer_blocks: blocks,
+            norm_out: AdaNorm { linear: LinearConfig::new(d, 2 * d).init(device) },
+            proj_out: LinearConfig::new(d, c.patch_size * c.patch_size * c.out_channels).init(device),
+            patch_size: c.patch_size,
+            out_channels: c.out_channels,
+        }
+    }
+
+    /// Velocity prediction `[b, c, h, w]` for latents `[b, c, h, w]`, text tokens
+    /// `[b, m, joint_attention_dim]`, pooled text `[b, pooled]` and timesteps (0..1000) per sample.
+    pub fn forward(&self, latents: Tensor<B, 4>, encoder_hidden_states: Tensor<B, 3>, pooled: Tensor<B, 2>, timestep: &[f32]) -> Result<Tensor<B, 4>> {
+        Ok(self.forward_traced(latents, encoder_hidden_states, pooled, timestep)?.0)
+    }
+
+    /// [`Sd3Transformer::forward`] with its intermediate values.
+    pub fn forward_traced(
+        &self,
+        latents: Tensor<B, 4>,
+        encoder_hidden_states: Tensor<B, 3>,
+        pooled: Tensor<B, 2>,
+        timestep: &[f32],
+    ) -> Result<(Tensor<B, 4>, Trace<B>)> {
+        let [b, _, h, w] = latents.dims();
+        let p = self.patch_size;
+        if h % p != 0 || w % p != 0 {
+            return Err(Sd3Error::Input(format!("latent size {h}×{w} is not a multiple of the patch size {p}")));
+        }
+        if timestep.len() != b || pooled.dims()[0] != b || encoder_hidden_states.dims()[0] != b {
+            return Err(Sd3Error::Input(format!(
+                "batch mismatch: latents {b}, timesteps {}, pooled {}, text {}",
+                timestep.len(),
+                pooled.dims()[0],
+                encoder_hidden_states.dims()[0]
+            )));
+        }
+        let embedded = self.pos_embed.forward(latents)?;
+        let device = embedded.device();
+        let te = &self.time_text_embed;
+        let temb = te.timestep_embedder.forward(timestep_projection(timestep, &device)) + te.text_embedder.forward(pooled);
+        let context = self.context_embedder.forward(encoder_hidden_states);
+        let (mut x, mut c) = (embedded.clone(), Some(context.clone()));
+        let mut blocks = Vec::with_capacity(self.transformer_blocks.len());
+        for block in &self.transformer_blocks {
+            let ctx = c.ok_or_else(|| Sd3Error::Input("a block after the context_pre_only block".into()))?;
+            let (nx, nc) = block.forward(x, ctx, temb.clone());
+            blocks.push((nx.clone(), nc.clone()));
+            (x, c) = (nx, nc);
+        }
+        let x = self.proj_out.forward(self.norm_out.continuous(x, temb.clone()));
+        let (hp, wp, oc) = (h / p, w / p, self.out_channels);
+        let out = x.reshape([b, hp, wp, p, p, oc]).permute([0, 5, 1, 3, 2, 4]).reshape([b, oc, h, w]);
+        Ok((out, Trace { embedded, temb, context, blocks }))
+    }
+}
+
+/// Adaptable blocks: the image stream of each joint attention, `transformer_blocks.{i}.attn`
+/// (diffusers names `to_q`, `to_k`, `to_v`, `to_out.0`).
+impl<B: Backend> AdaptedModel<B> for Sd3Transformer<B> {
+    fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
+        let blocks = self.transformer_blocks.iter().enumerate();
+        blocks
+            .map(|(i, b)| AttentionSite { path: format!("transformer_blocks.{i}.attn"), names: ProjNames::DIFFUSERS, attention: &b.attn.image })
+            .collect()
+    }
+
+    fn try_map_attention(mut self, f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>) -> serial_lora::Result<Self> {
+        let blocks = std::mem::take(&mut self.transformer_blocks);
+        self.transformer_blocks = blocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Ok(JointBlock { attn: JointAttention { image: f(i, b.attn.image)?, ..b.attn }, ..b }))
+            .collect::<serial_lora::Result<_>>()?;
+        Ok(self)
+    }
+}

@@ -1,0 +1,110 @@
+//! Parity with diffusers' `SD3Transformer2DModel` on a tiny random-weight checkpoint
+//! (`tools/fixtures/sd3_tiny.py`, diffusers 0.42.1, torch 2.9.0), stage by stage, and the
+//! `FlowMatchEulerDiscreteScheduler` schedule.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use sd3_gen::load_transformer;
+use sd3_gen::scheduler::flow_match_schedule;
+use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
+
+type B = Flex;
+
+/// Errors relative to the largest reference value. f32 through two joint blocks with weights of
+/// std 0.2: ~1e-7 per op; 1e-5 still fails for any wrong formula.
+const TOL: f32 = 1e-5;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd3-tiny")
+}
+
+fn reference() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())))
+        .collect()
+}
+
+fn tensor<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Tensor<B, D> {
+    let (shape, data) = &r[key];
+    Tensor::from_data(TensorData::new(data.clone(), shape.clone()), &Default::default())
+}
+
+fn check<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str, got: Tensor<B, D>) {
+    let want: Tensor<B, D> = tensor(r, key);
+    assert_eq!(got.dims(), want.dims(), "{key}: shape");
+    let scale = want.clone().abs().max().into_scalar();
+    let err = (got - want).abs().max().into_scalar() / scale;
+    println!("{key:24} rel err {err:.2e}");
+    assert!(err < TOL, "{key}: relative error {err:e} ≥ {TOL:e}");
+}
+
+#[test]
+fn mmdit_matches_diffusers_stage_by_stage() {
+    let r = reference();
+    let (model, _) = load_transformer::<B>(&dir(), &Default::default()).unwrap();
+    let t: Vec<f32> = r["timestep"].1.clone();
+    let (out, trace) = model
+        .forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t)
+        .unwrap();
+    check(&r, "embedded", trace.embedded);
+    check(&r, "temb", trace.temb);
+    check(&r, "context", trace.context);
+    for (i, (x, c)) in trace.blocks.into_iter().enumerate() {
+        check(&r, &format!("block.{i}.hidden"), x);
+        match c {
+            Some(c) => check(&r, &format!("block.{i}.context"), c),
+            None => assert!(!r.contains_key(&format!("block.{i}.context"))),
+        }
+    }
+    check(&r, "sample", out);
+}
+
+#[test]
+fn flow_match_schedule_matches_diffusers() {
+    let r = reference();
+    for n in [1, 4, 28] {
+        for shift in [1.0, 3.0] {
+            let (sigmas, timesteps) = flow_match_schedule(n, shift, 1000);
+            let key = |k: &str| format!("{k}.{n}.shift{shift}");
+            let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert_eq!(sigmas.len(), n + 1);
+            let (ds, dt) = (diff(&sigmas, &r[&key("sigmas")].1), diff(&timesteps, &r[&key("timesteps")].1));
+            println!("N {n} shift {shift}: sigma err {ds:.1e}, timestep err {dt:.1e}");
+            assert!(ds <= 1e-7 && dt <= 1e-4, "N {n} shift {shift}: {sigmas:?} vs {:?}", r[&key("sigmas")].1);
+        }
+    }
+}
+
+#[test]
+fn adapters_go_on_the_image_stream_of_each_joint_attention() {
+    type AB = burn::backend::Autodiff<B>;
+    let dev = Default::default();
+    let (model, cfg) = load_transformer::<AB>(&dir(), &dev).unwrap();
+    let sites: Vec<String> = model.attention_sites().into_iter().map(|s| s.path).collect();
+    assert_eq!(sites, ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]);
+    let d = cfg.inner_dim();
+    for (method, per_block) in [(Method::Lora, 4 * 2 * d * 4), (Method::SerialLora, 2 * d * 4)] {
+        let adapted = model.clone().with_adapters(&AdapterConfig::new(method, 4), &dev).unwrap();
+        assert_eq!(adapted.trainable_params(), cfg.num_layers * per_block, "{method:?}");
+    }
+}
+
+#[test]
+fn bad_input_is_named() {
+    let r = reference();
+    let (model, _) = load_transformer::<B>(&dir(), &Default::default()).unwrap();
+    let t = [500.0f32, 500.0];
+    let odd: Tensor<B, 4> = Tensor::zeros([2, 4, 7, 6], &Default::default());
+    let err = model.forward(odd, tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap_err().to_string();
+    assert!(err.contains("not a multiple of the patch size"), "{err}");
+    let big: Tensor<B, 4> = Tensor::zeros([2, 4, 14, 6], &Default::default());
+    let err = model.forward(big, tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap_err().to_string();
+    assert!(err.contains("pos_embed_max_size"), "{err}");
+    let err = model.forward(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t[..1]).unwrap_err().to_string();
+    assert!(err.contains("batch mismatch"), "{err}");
+}
