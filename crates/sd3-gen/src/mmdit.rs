@@ -284,7 +284,7 @@ impl<B: Backend> Sd3Transformer<B> {
     ) -> Result<(Tensor<B, 4>, Trace<B>)> {
         let [b, _, h, w] = latents.dims();
         let p = self.patch_size;
-        if h % p != 0 || w % p != 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             return Err(Sd3Error::Input(format!("latent size {h}×{w} is not a multiple of the patch size {p}")));
         }
         if timestep.len() != b || pooled.dims()[0] != b || encoder_hidden_states.dims()[0] != b {

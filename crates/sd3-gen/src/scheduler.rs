@@ -10,7 +10,7 @@ pub fn flow_match_schedule(steps: usize, shift: f64, num_train_timesteps: usize)
     let tt = num_train_timesteps as f32;
     let shifted = |s: f32| shift as f32 * s / (1.0 + (shift as f32 - 1.0) * s);
     // training schedule ends: timesteps 1..=T as f32, sigmas = t / T, shifted
-    let sigma_max = shifted(tt / tt);
+    let sigma_max = shifted(1.0);
     let sigma_min = shifted(1.0 / tt);
     // np.linspace in float64 on the Python floats σ·T, then / T and shifted in float64, cast to f32
     let (a, b) = (sigma_max as f64 * tt as f64, sigma_min as f64 * tt as f64);
