@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod load;
 pub mod mmdit;
+pub mod pipeline;
 pub mod scheduler;
 
 pub use config::Sd3TransformerConfig;

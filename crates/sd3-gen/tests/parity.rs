@@ -108,3 +108,23 @@ fn bad_input_is_named() {
     let err = model.forward(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t[..1]).unwrap_err().to_string();
     assert!(err.contains("batch mismatch"), "{err}");
 }
+
+#[test]
+fn four_step_guided_sample_matches_the_diffusers_pipeline() {
+    use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
+    let r = reference();
+    let (model, _) = load_transformer::<B>(&dir(), &Default::default()).unwrap();
+    let cond = PromptEmbeds {
+        prompt_embeds: tensor(&r, "pipe.prompt_embeds"),
+        pooled_prompt_embeds: tensor(&r, "pipe.pooled_prompt_embeds"),
+        negative: Some((tensor(&r, "pipe.negative_prompt_embeds"), tensor(&r, "pipe.negative_pooled_prompt_embeds"))),
+    };
+    let opts = SampleOptions { steps: 4, guidance: 7.0, shift: 3.0 };
+    let mut seen = 0;
+    let out = denoise(&model, tensor(&r, "pipe.latents"), &cond, &opts, &mut |i, _| seen = i).unwrap();
+    assert_eq!(seen, 4);
+    check(&r, "pipe.output_latents", out);
+    let no_negative = PromptEmbeds { negative: None, ..cond };
+    let err = denoise(&model, tensor(&r, "pipe.latents"), &no_negative, &opts, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("negative"), "{err}");
+}
