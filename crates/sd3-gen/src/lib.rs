@@ -14,6 +14,7 @@ pub mod load;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;
+pub mod vae;
 
 pub use config::Sd3TransformerConfig;
 pub use error::{Result, Sd3Error};

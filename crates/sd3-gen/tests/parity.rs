@@ -128,3 +128,23 @@ fn four_step_guided_sample_matches_the_diffusers_pipeline() {
     let err = denoise(&model, tensor(&r, "pipe.latents"), &no_negative, &opts, &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("negative"), "{err}");
 }
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    let bytes = std::fs::read(dir().join("vae_reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let r: BTreeMap<String, (Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())))
+        .collect();
+    let (vae, cfg) = sd3_gen::vae::load_vae::<B>(&dir(), &Default::default()).unwrap();
+    assert_eq!((cfg.scaling_factor, cfg.shift_factor), (1.5305, Some(0.0609)));
+    let (mean, logvar, mid) = vae.encode(tensor(&r, "image"));
+    check(&r, "encoder.mid", mid);
+    check(&r, "latent_mean", mean);
+    check(&r, "latent_logvar", logvar);
+    let (decoded, mid) = vae.decode(tensor(&r, "latents"));
+    check(&r, "decoder.mid", mid);
+    check(&r, "decoded", decoded);
+}
