@@ -1,0 +1,183 @@
+//! `sd3-gen`: Stable Diffusion 3 sampling with LoRA / Serial LoRA adapters on the MMDiT.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use indicatif::ProgressBar;
+use sd3_gen::load_transformer;
+use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
+use sd3_gen::vae::load_vae;
+use serial_lora::hub::{HubOptions, resolve_model_dir};
+use serial_lora::io::{self, HostTensor, read_safetensors};
+use serial_lora::{AdaptedModel, DeviceSpec};
+
+#[derive(Parser)]
+#[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate images (flow-matching Euler with classifier-free guidance, as diffusers'
+    /// StableDiffusion3Pipeline) and decode them with the VAE.
+    Sample {
+        /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
+        #[arg(long)]
+        model: String,
+        /// Adapter directory for the transformer (PEFT layout, keys `transformer.<module>…`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Text prompt (needs the text encoders, not available yet: use --prompt-embeds).
+        #[arg(long, conflicts_with = "prompt_embeds")]
+        prompt: Option<String>,
+        #[arg(long)]
+        negative: Option<String>,
+        /// safetensors with `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
+        /// `negative_pooled_prompt_embeds` (the diffusers pipeline's names and shapes).
+        #[arg(long)]
+        prompt_embeds: Option<PathBuf>,
+        /// safetensors with `latents` [b, channels, h, w]: the initial noise.
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 28)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.0)]
+        guidance: f32,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long)]
+        width: Option<usize>,
+        /// Also write the final latents (key `latents`).
+        #[arg(long)]
+        output_latents: Option<PathBuf>,
+        /// PNG path (with several images: NAME-0.png, NAME-1.png, …).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// The tensor `key` of `file`, which must exist and have `D` dimensions.
+fn take<B: Backend, const D: usize>(t: &mut BTreeMap<String, HostTensor>, file: &Path, key: &str, device: &B::Device) -> Result<Tensor<B, D>> {
+    let h = t.remove(key).with_context(|| format!("{}: no tensor `{key}`", file.display()))?;
+    if h.shape.len() != D {
+        bail!("{}: `{key}` has shape {:?}, expected {D} dimensions", file.display(), h.shape);
+    }
+    Ok(h.to_tensor(device))
+}
+
+fn scheduler_shift(dir: &Path) -> Result<f64> {
+    let path = dir.join("scheduler/scheduler_config.json");
+    if !path.is_file() {
+        return Ok(3.0);
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| path.display().to_string())?;
+    if v.get("use_dynamic_shifting").and_then(|x| x.as_bool()) == Some(true) {
+        bail!("{}: use_dynamic_shifting is not supported", path.display());
+    }
+    Ok(v.get("shift").and_then(|x| x.as_f64()).unwrap_or(1.0))
+}
+
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+    let Cmd::Sample { model, adapter, prompt, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, .. } = cmd;
+    let Some(embeds_file) = prompt_embeds else {
+        if prompt.is_some() {
+            bail!("--prompt needs the CLIP-L/G and T5 text encoders, which this build cannot run yet: pass --prompt-embeds FILE");
+        }
+        bail!("give --prompt-embeds FILE");
+    };
+    for out in [Some(output), output_latents.as_ref()].into_iter().flatten() {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            bail!("{}: directory {} does not exist", out.display(), dir.display());
+        }
+    }
+    let needed: &[&[&str]] = &[
+        &["transformer/config.json"],
+        &["transformer/diffusion_pytorch_model.safetensors"],
+        &["vae/config.json"],
+        &["vae/diffusion_pytorch_model.safetensors"],
+    ];
+    let dir = resolve_model_dir(model, needed, &["scheduler/scheduler_config.json"], &HubOptions::from_env()).context("--model")?;
+    let (mut mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
+    if let Some(a) = adapter {
+        mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
+    }
+    let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
+    let factor = 1usize << (vae_cfg.block_out_channels.len() - 1);
+
+    let (mut t, _) = read_safetensors(embeds_file)?;
+    let prompt_embeds: Tensor<B<AB>, 3> = take(&mut t, embeds_file, "prompt_embeds", device)?;
+    let pooled: Tensor<B<AB>, 2> = take(&mut t, embeds_file, "pooled_prompt_embeds", device)?;
+    let negative = if *guidance > 1.0 {
+        Some((take(&mut t, embeds_file, "negative_prompt_embeds", device)?, take(&mut t, embeds_file, "negative_pooled_prompt_embeds", device)?))
+    } else {
+        None
+    };
+    let b = prompt_embeds.dims()[0];
+    let (h, w) = (height.unwrap_or(cfg.sample_size * factor), width.unwrap_or(cfg.sample_size * factor));
+    let multiple = factor * cfg.patch_size;
+    if h % multiple != 0 || w % multiple != 0 {
+        bail!("--height {h} / --width {w} must be multiples of {multiple} (VAE factor {factor} × patch size {})", cfg.patch_size);
+    }
+    let want = [b, cfg.in_channels, h / factor, w / factor];
+    let noise = match latents {
+        Some(f) => {
+            let (mut t, _) = read_safetensors(f)?;
+            let l: Tensor<B<AB>, 4> = take(&mut t, f, "latents", device)?;
+            if l.dims() != want {
+                bail!("{}: `latents` has shape {:?}; this model at {h}×{w} with {b} prompt(s) needs {want:?}", f.display(), l.dims());
+            }
+            l
+        }
+        None => {
+            B::<AB>::seed(device, *seed);
+            Tensor::random(want, Distribution::Normal(0.0, 1.0), device)
+        }
+    };
+    let cond = PromptEmbeds { prompt_embeds, pooled_prompt_embeds: pooled, negative };
+    let opts = SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? };
+    let bar = ProgressBar::new(*steps as u64);
+    let out = denoise(&mmdit, noise, &cond, &opts, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    if let Some(f) = output_latents {
+        io::write_safetensors(f, &BTreeMap::from([("latents".to_string(), HostTensor::from_tensor(out.clone()))]), Default::default())?;
+        eprintln!("wrote {}", f.display());
+    }
+    let scaled = out.div_scalar(vae_cfg.scaling_factor).add_scalar(vae_cfg.shift_factor.unwrap_or(0.0));
+    let (image, _) = vae.decode(scaled);
+    let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+    let [n, _, ih, iw] = image.dims();
+    let px: Vec<f32> = image.into_data().iter::<f32>().collect();
+    for i in 0..n {
+        let rgb: Vec<u8> = (0..ih * iw)
+            .flat_map(|p| (0..3).map(move |c| (c, p)))
+            .map(|(c, p)| (px[((i * 3 + c) * ih * iw) + p] * 255.0).round() as u8)
+            .collect();
+        let img = image::RgbImage::from_raw(iw as u32, ih as u32, rgb).context("image size")?;
+        let path = if n == 1 { output.clone() } else { output.with_file_name(format!("{}-{i}.png", output.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))) };
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, image::ImageFormat::Png).context("encoding PNG")?;
+        io::write_atomic(&path, bytes.get_ref())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let Cmd::Sample { device, .. } = &cli.command;
+    let device: DeviceSpec = device.parse().context("--device")?;
+    serial_lora::dispatch!(device, run(&cli.command))
+}

@@ -1,0 +1,76 @@
+//! `sd3-gen sample` on the tiny fixture: from given embeddings and latents the final latents
+//! equal diffusers' pipeline output, the image is written, and bad input is named.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd3-tiny")
+}
+
+fn sd3(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sd3-gen")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes the fixture's pipeline inputs (`pipe.*`) as the CLI's embeddings and latents files.
+fn inputs(tmp: &Path) -> (PathBuf, PathBuf, BTreeMap<String, HostTensor>) {
+    let (r, _) = read_safetensors(&dir().join("reference.safetensors")).unwrap();
+    let pick = |keys: &[&str]| keys.iter().map(|k| (k.to_string(), r[&format!("pipe.{k}")].clone())).collect::<BTreeMap<_, _>>();
+    let embeds = tmp.join("embeds.safetensors");
+    let names = ["prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"];
+    write_safetensors(&embeds, &pick(&names), Default::default()).unwrap();
+    let latents = tmp.join("latents.safetensors");
+    write_safetensors(&latents, &pick(&["latents"]), Default::default()).unwrap();
+    (embeds, latents, r)
+}
+
+#[test]
+fn sample_from_embeddings_and_latents_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (embeds, latents, r) = inputs(tmp.path());
+    let (out, png) = (tmp.path().join("out.safetensors"), tmp.path().join("img.png"));
+    let (ok, err) = sd3(&[
+        "sample", "--model", s(&dir()), "--prompt-embeds", s(&embeds), "--latents", s(&latents), "--steps", "4", "--guidance", "7",
+        "--height", "16", "--width", "12", "--output-latents", s(&out), "--output", s(&png),
+    ]);
+    assert!(ok, "{err}");
+    let got = &read_safetensors(&out).unwrap().0["latents"];
+    let want = &r["pipe.output_latents"];
+    assert_eq!(got.shape, want.shape);
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+    println!("final latents rel err {err:.2e}");
+    assert!(err < 1e-5, "{err}");
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (12, 16));
+}
+
+#[test]
+fn bad_input_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (embeds, latents, _) = inputs(tmp.path());
+    let png = tmp.path().join("img.png");
+    let model = dir();
+    let base = ["sample", "--model", s(&model), "--steps", "1", "--output", s(&png)];
+    let mut partial = read_safetensors(&embeds).unwrap().0;
+    partial.remove("negative_pooled_prompt_embeds");
+    let partial_file = tmp.path().join("partial.safetensors");
+    write_safetensors(&partial_file, &partial, Default::default()).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--prompt-embeds", s(&partial_file), "--height", "16", "--width", "12"], "no tensor `negative_pooled_prompt_embeds`"),
+        (vec!["--prompt-embeds", s(&embeds), "--latents", s(&latents), "--height", "16", "--width", "16"], "needs [1, 4, 8, 8]"),
+        (vec!["--prompt-embeds", s(&embeds), "--height", "15", "--width", "12"], "multiples of 4"),
+        (vec!["--prompt", "a cat"], "--prompt-embeds"),
+    ];
+    for (extra, want) in cases {
+        let (ok, err) = sd3(&[&base[..], &extra[..]].concat());
+        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
+}
