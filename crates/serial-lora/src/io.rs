@@ -494,7 +494,7 @@ impl BlockPlan {
 /// into three rank-r pairs; an all-zero block is an absent pair.
 fn split_fused(a: &HostTensor, b: &HostTensor, d: usize) -> Result<[Option<(HostTensor, HostTensor)>; 3], String> {
     let rr = a.shape[0];
-    if rr % 3 != 0 {
+    if !rr.is_multiple_of(3) {
         return Err(format!("rank {rr} of a fused qkv pair is not a multiple of 3 (one pair per q, k, v slice)"));
     }
     let r = rr / 3;
