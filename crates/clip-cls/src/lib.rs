@@ -19,5 +19,5 @@ pub mod vision_model;
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::{ClipError, Result};
-pub use load::load_clip;
-pub use model::ClipModel;
+pub use load::{load_clip, load_clip_text};
+pub use model::{ClipModel, ClipTextModelWithProjection};

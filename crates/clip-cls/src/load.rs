@@ -74,6 +74,23 @@ pub fn load_clip<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ClipMode
     Ok((model, config))
 }
 
+/// Loads a `CLIPTextModelWithProjection` directory (`config.json` = a `CLIPTextConfig` with
+/// `projection_dim`, `model.safetensors`), e.g. SD3's `text_encoder/` and `text_encoder_2/`.
+pub fn load_clip_text<B: Backend>(dir: &Path, device: &B::Device) -> Result<crate::model::ClipTextModelWithProjection<B>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ClipError::Io { path: path.clone(), source: e })?;
+    let bad = |m: String| ClipError::Config { path: path.clone(), message: m };
+    let cfg: crate::config::ClipTextConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let proj = raw.get("projection_dim").and_then(|v| v.as_u64()).ok_or_else(|| bad("no projection_dim".into()))? as usize;
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
+    }
+    let model = crate::model::ClipTextModelWithProjection::new(&cfg, proj, device);
+    let (model, _) = load_safetensors(model, &dir.join("model.safetensors"), &KEY_TABLE, false)?;
+    Ok(model)
+}
+
 /// The shard files named by `model.safetensors.index.json`, in order.
 fn shards(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let index = dir.join("model.safetensors.index.json");

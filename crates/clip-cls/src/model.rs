@@ -68,6 +68,30 @@ impl<B: Backend> ClipModel<B> {
     }
 }
 
+/// transformers `CLIPTextModelWithProjection` (the text encoders of SD3): the text tower and its
+/// projection (`text_embeds` = projected pooled output).
+#[derive(Module, Debug)]
+pub struct ClipTextModelWithProjection<B: Backend> {
+    pub text_model: TextModel<B>,
+    /// `[hidden, projection_dim]`, no bias.
+    pub text_projection: Linear<B>,
+}
+
+impl<B: Backend> ClipTextModelWithProjection<B> {
+    pub fn new(c: &crate::config::ClipTextConfig, projection_dim: usize, device: &B::Device) -> Self {
+        Self {
+            text_model: TextModel::new(c, device),
+            text_projection: LinearConfig::new(c.hidden_size, projection_dim).with_bias(false).init(device),
+        }
+    }
+
+    /// `(text_embeds [batch, projection_dim], tower outputs)`.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, TowerOutput<B>) {
+        let out = self.text_model.forward(input_ids);
+        (self.text_projection.forward(out.pooler_output.clone()), out)
+    }
+}
+
 /// Rows scaled to unit L2 norm.
 pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt();

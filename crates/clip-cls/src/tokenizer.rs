@@ -42,6 +42,9 @@ pub struct ClipTokenizer {
     eot: u32,
     /// Id used for padding: transformers pads with `<|endoftext|>`, open_clip with 0.
     pub pad_id: u32,
+    /// A padding token other than the start/end tokens (SD3's second CLIP: `!`): an added token
+    /// for transformers, matched in the text before BPE.
+    added: Option<(String, u32)>,
     cache: std::sync::Mutex<HashMap<String, Vec<u32>>>,
 }
 
@@ -96,6 +99,7 @@ impl ClipTokenizer {
             byte_encoder: bytes_to_unicode(),
             pat,
             specials: specials.map(String::from),
+            added: None,
             sot,
             eot,
             pad_id: eot,
@@ -171,20 +175,37 @@ impl ClipTokenizer {
         Self::new(vocab, merges, HF_SPECIALS, source)
     }
 
-    /// The tokenizer of an HF model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`.
+    /// The tokenizer of an HF model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`;
+    /// the padding token from `tokenizer_config.json` (SD3's second CLIP pads with `!`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
-        if json.is_file() {
-            return Self::from_tokenizer_json(&json);
-        }
         let (v, m) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if v.is_file() && m.is_file() {
-            return Self::from_vocab_merges(&v, &m);
+        let mut tok = if json.is_file() {
+            Self::from_tokenizer_json(&json)?
+        } else if v.is_file() && m.is_file() {
+            Self::from_vocab_merges(&v, &m)?
+        } else {
+            return Err(io_err(
+                &PathBuf::from(dir),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json, nor vocab.json + merges.txt"),
+            ));
+        };
+        let cfg_path = dir.join("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+            let cfg: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ClipError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+            let pad = cfg.get("pad_token").and_then(|p| p.as_str().or_else(|| p.get("content").and_then(|c| c.as_str())));
+            if let Some(pad) = pad {
+                tok.pad_id = *tok.encoder.get(pad).ok_or_else(|| ClipError::Config {
+                    path: cfg_path.clone(),
+                    message: format!("pad_token {pad:?} is not in the vocabulary"),
+                })?;
+                if !tok.specials.iter().any(|s| s == pad) {
+                    tok.added = Some((pad.to_string(), tok.pad_id));
+                }
+            }
         }
-        Err(io_err(
-            &PathBuf::from(dir),
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json, nor vocab.json + merges.txt"),
-        ))
+        Ok(tok)
     }
 
     fn bpe(&self, token: &str) -> Vec<u32> {
@@ -226,8 +247,22 @@ impl ClipTokenizer {
     /// Text → BPE ids, without start/end tokens.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let text = clean(text);
+        if let Some((tok, id)) = &self.added {
+            let mut ids = Vec::new();
+            for (i, part) in text.split(tok.as_str()).enumerate() {
+                if i > 0 {
+                    ids.push(*id);
+                }
+                ids.extend(self.encode_words(part));
+            }
+            return ids;
+        }
+        self.encode_words(&text)
+    }
+
+    fn encode_words(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
-        for m in self.pat.find_iter(&text) {
+        for m in self.pat.find_iter(text) {
             let t = m.as_str();
             if t == self.specials[0] || t == self.specials[1] {
                 ids.push(if t == self.specials[0] { self.sot } else { self.eot });

@@ -14,6 +14,7 @@ pub mod load;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;
+pub mod text;
 pub mod vae;
 
 pub use config::Sd3TransformerConfig;

@@ -148,3 +148,40 @@ fn vae_encode_and_decode_match_diffusers() {
     check(&r, "decoder.mid", mid);
     check(&r, "decoded", decoded);
 }
+
+#[test]
+fn prompt_encoding_matches_diffusers_without_t5() {
+    let bytes = std::fs::read(dir().join("text_reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let r: BTreeMap<String, (Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("ids"))
+        .map(|(k, v)| (k, (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())))
+        .collect();
+    let dev = Default::default();
+    let enc = sd3_gen::text::TextEncoders::<B>::load(&dir(), &dev).unwrap();
+    assert_eq!((enc.tokenizer_l.pad_id, enc.tokenizer_g.pad_id), (999, 0), "pad tokens from tokenizer_config.json");
+    let prompts = ["a photo of a cat".to_string(), "two dogs, playing!".to_string()];
+    let (e, p) = enc.encode(&prompts, 12, 3, &dev).unwrap();
+    check(&r, "prompt_embeds", e);
+    check(&r, "pooled_prompt_embeds", p);
+    let (e, p) = enc.encode(&[String::new(), String::new()], 12, 3, &dev).unwrap();
+    check(&r, "negative_prompt_embeds", e);
+    check(&r, "negative_pooled_prompt_embeds", p);
+}
+
+#[test]
+fn tokenizers_give_the_pipeline_ids() {
+    // SD3's second tokenizer pads with `!`, an added token for transformers: "playing!" ends in
+    // id 0, not BPE's "!</w>"
+    let bytes = std::fs::read(dir().join("text_reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let enc = sd3_gen::text::TextEncoders::<B>::load(&dir(), &Default::default()).unwrap();
+    for (key, tok) in [("ids_l", &enc.tokenizer_l), ("ids_g", &enc.tokenizer_g)] {
+        let v = st.tensor(key).unwrap();
+        let want: Vec<i64> = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let got: Vec<i64> = ["a photo of a cat", "two dogs, playing!"].iter().flat_map(|p| tok.tokenize(p, 77)).map(i64::from).collect();
+        assert_eq!(got, want, "{key}");
+    }
+}

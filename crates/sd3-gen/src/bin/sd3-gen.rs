@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
 use sd3_gen::load_transformer;
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
+use sd3_gen::text::TextEncoders;
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
@@ -35,11 +36,19 @@ enum Cmd {
         adapter: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Text prompt (needs the text encoders, not available yet: use --prompt-embeds).
+        /// Text prompt(s), encoded with the CLIP-L/G text encoders of --model (repeatable: a batch).
         #[arg(long, conflicts_with = "prompt_embeds")]
-        prompt: Option<String>,
+        prompt: Vec<String>,
+        /// Negative prompt (default "").
+        #[arg(long, default_value = "")]
+        negative: String,
+        /// Without the T5-XXL encoder: zeros in its place, as diffusers does with text_encoder_3=None
+        /// (required with --prompt: the T5 encoder is not available here yet).
         #[arg(long)]
-        negative: Option<String>,
+        no_t5: bool,
+        /// T5 tokens of the prompt embeddings (zeros with --no-t5).
+        #[arg(long, default_value_t = 256)]
+        max_sequence_length: usize,
         /// safetensors with `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
         /// `negative_pooled_prompt_embeds` (the diffusers pipeline's names and shapes).
         #[arg(long)]
@@ -89,13 +98,15 @@ fn scheduler_shift(dir: &Path) -> Result<f64> {
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    let Cmd::Sample { model, adapter, prompt, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, .. } = cmd;
-    let Some(embeds_file) = prompt_embeds else {
-        if prompt.is_some() {
-            bail!("--prompt needs the CLIP-L/G and T5 text encoders, which this build cannot run yet: pass --prompt-embeds FILE");
-        }
-        bail!("give --prompt-embeds FILE");
-    };
+    let Cmd::Sample {
+        model, adapter, prompt, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
+    } = cmd;
+    if prompt_embeds.is_none() && prompt.is_empty() {
+        bail!("give --prompt TEXT or --prompt-embeds FILE");
+    }
+    if !prompt.is_empty() && !no_t5 {
+        bail!("--prompt needs the T5-XXL encoder, which is not available here yet: add --no-t5 to use zeros in its place (as diffusers does without text_encoder_3), or pass --prompt-embeds FILE");
+    }
     for out in [Some(output), output_latents.as_ref()].into_iter().flatten() {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.is_dir()
@@ -109,7 +120,19 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         &["vae/config.json"],
         &["vae/diffusion_pytorch_model.safetensors"],
     ];
-    let dir = resolve_model_dir(model, needed, &["scheduler/scheduler_config.json"], &HubOptions::from_env()).context("--model")?;
+    let mut needed = needed.to_vec();
+    if !prompt.is_empty() {
+        needed.extend_from_slice(&[
+            &["text_encoder/config.json"][..],
+            &["text_encoder/model.safetensors"],
+            &["text_encoder_2/config.json"],
+            &["text_encoder_2/model.safetensors"],
+            &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
+            &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
+        ]);
+    }
+    let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
+    let dir = resolve_model_dir(model, &needed, &optional, &HubOptions::from_env()).context("--model")?;
     let (mut mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
     if let Some(a) = adapter {
         mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
@@ -117,13 +140,26 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
     let factor = 1usize << (vae_cfg.block_out_channels.len() - 1);
 
-    let (mut t, _) = read_safetensors(embeds_file)?;
-    let prompt_embeds: Tensor<B<AB>, 3> = take(&mut t, embeds_file, "prompt_embeds", device)?;
-    let pooled: Tensor<B<AB>, 2> = take(&mut t, embeds_file, "pooled_prompt_embeds", device)?;
-    let negative = if *guidance > 1.0 {
-        Some((take(&mut t, embeds_file, "negative_prompt_embeds", device)?, take(&mut t, embeds_file, "negative_pooled_prompt_embeds", device)?))
-    } else {
-        None
+    let (prompt_embeds, pooled, negative): (Tensor<B<AB>, 3>, Tensor<B<AB>, 2>, _) = match prompt_embeds {
+        Some(file) => {
+            let (mut t, _) = read_safetensors(file)?;
+            let pe = take(&mut t, file, "prompt_embeds", device)?;
+            let pp = take(&mut t, file, "pooled_prompt_embeds", device)?;
+            let neg = if *guidance > 1.0 {
+                Some((take(&mut t, file, "negative_prompt_embeds", device)?, take(&mut t, file, "negative_pooled_prompt_embeds", device)?))
+            } else {
+                None
+            };
+            (pe, pp, neg)
+        }
+        None => {
+            let enc = TextEncoders::<B<AB>>::load(&dir, device)?;
+            let (pe, pp) = enc.encode(prompt, cfg.joint_attention_dim, *max_sequence_length, device)?;
+            let neg = (*guidance > 1.0)
+                .then(|| enc.encode(&vec![negative.clone(); prompt.len()], cfg.joint_attention_dim, *max_sequence_length, device))
+                .transpose()?;
+            (pe, pp, neg)
+        }
     };
     let b = prompt_embeds.dims()[0];
     let (h, w) = (height.unwrap_or(cfg.sample_size * factor), width.unwrap_or(cfg.sample_size * factor));
