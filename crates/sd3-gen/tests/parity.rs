@@ -185,3 +185,27 @@ fn tokenizers_give_the_pipeline_ids() {
         assert_eq!(got, want, "{key}");
     }
 }
+
+#[test]
+fn a_diffusers_lora_file_loads_and_gives_diffusers_output() {
+    let r = reference();
+    let dev = Default::default();
+    let (model, _) = load_transformer::<B>(&dir(), &dev).unwrap();
+    let (model, cfg) = serial_lora::io::load_adapter_with_prefix(model, dir().join("lora"), &dev, "transformer.").unwrap();
+    assert_eq!((cfg.rank, cfg.alpha), (2, 4.0));
+    let bytes = std::fs::read(dir().join("lora_reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("sample").unwrap();
+    let want: Tensor<B, 4> = Tensor::from_data(
+        TensorData::new(v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>(), v.shape().to_vec()),
+        &dev,
+    );
+    let t: Vec<f32> = r["timestep"].1.clone();
+    let got = model.forward(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap();
+    let base: Tensor<B, 4> = tensor(&r, "sample");
+    let scale = want.clone().abs().max().into_scalar();
+    let err = (got - want.clone()).abs().max().into_scalar() / scale;
+    let effect = (want - base).abs().max().into_scalar() / scale;
+    println!("LoRA output rel err {err:.2e} (the LoRA moves the output by {effect:.2e})");
+    assert!(err < TOL && effect > 1e-2, "{err} {effect}");
+}

@@ -29,6 +29,8 @@ use crate::serial::SerialLora;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// File name of the adapter weights inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// File name of a LoRA saved by diffusers' `save_lora_weights` (no `adapter_config.json`).
+pub const DIFFUSERS_WEIGHTS_FILE: &str = "pytorch_lora_weights.safetensors";
 /// Key prefix PEFT puts before module paths.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 /// Safetensors metadata key holding this crate's full [`AdapterConfig`] (PEFT ignores it).
@@ -292,6 +294,35 @@ pub fn read_adapter_config(dir: &Path) -> Result<PeftConfig> {
     serde_json::from_str(&text).map_err(|e| Error::Parse { path, format: "JSON", message: e.to_string() })
 }
 
+/// The LoRA config of a diffusers `pytorch_lora_weights.safetensors`: from its
+/// `lora_adapter_metadata` (`<component>.r`, `<component>.lora_alpha`, … with the component of
+/// `prefix`, e.g. `transformer`) when present, else rank from the `lora_A` shapes and alpha = rank
+/// (scale 1, what diffusers applies to a LoRA saved without alphas).
+fn diffusers_config(path: &Path, prefix: &str) -> Result<PeftConfig> {
+    let bad = |m: String| Error::Parse { path: path.into(), format: "diffusers LoRA", message: m };
+    let (tensors, meta) = read_safetensors(path)?;
+    let component = prefix.trim_end_matches('.');
+    let meta: serde_json::Value = meta.get("lora_adapter_metadata").and_then(|m| serde_json::from_str(m).ok()).unwrap_or_default();
+    let field = |k: &str| meta.get(format!("{component}.{k}")).or_else(|| meta.get(k)).cloned();
+    let first_a = tensors.iter().find(|(k, _)| k.starts_with(prefix) && k.ends_with(".lora_A.weight"));
+    let r_shape = first_a.map(|(_, t)| t.shape[0]);
+    let r = field("r").and_then(|v| v.as_u64()).map(|v| v as usize).or(r_shape).ok_or_else(|| bad(format!("no `{prefix}…lora_A.weight` tensors")))?;
+    let lora_alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(r as f64);
+    Ok(PeftConfig {
+        peft_type: "LORA".into(),
+        r,
+        lora_alpha,
+        lora_dropout: 0.0,
+        target_modules: field("target_modules").unwrap_or_default(),
+        use_rslora: field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+        rank_pattern: field("rank_pattern").and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+        alpha_pattern: field("alpha_pattern").and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+        init_lora_weights: serde_json::Value::Null,
+        base_model_name_or_path: None,
+        other: Default::default(),
+    })
+}
+
 /// Collects every mismatch of one load so the error lists them all.
 #[derive(Default)]
 struct Report {
@@ -344,8 +375,12 @@ pub fn load_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
     prefix: &str,
 ) -> Result<(M, AdapterConfig)> {
     let dir = dir.as_ref();
-    let peft = read_adapter_config(dir)?;
-    let cfg_path = dir.join(CONFIG_FILE);
+    let diffusers = dir.join(DIFFUSERS_WEIGHTS_FILE);
+    let (peft, cfg_path, weights_path) = if !dir.join(CONFIG_FILE).is_file() && diffusers.is_file() {
+        (diffusers_config(&diffusers, prefix)?, diffusers.clone(), diffusers)
+    } else {
+        (read_adapter_config(dir)?, dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE))
+    };
     let method = match peft.peft_type.as_str() {
         "LORA" => Method::Lora,
         "SERIAL_LORA" => Method::SerialLora,
@@ -363,7 +398,6 @@ pub fn load_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
         .with_rslora(peft.use_rslora)
         .with_init(if peft.init_lora_weights == serde_json::json!("gaussian") { Init::Gaussian } else { Init::KaimingUniform });
     cfg.validate().map_err(|e| Error::Parse { path: cfg_path.clone(), format: "adapter config", message: e.to_string() })?;
-    let weights_path = dir.join(WEIGHTS_FILE);
     let (mut file, meta) = read_safetensors(&weights_path)?;
     if let Some(saved) = meta.get(META_CONFIG).and_then(|s| serde_json::from_str::<AdapterConfig>(s).ok()) {
         cfg.lr_ratio = saved.lr_ratio;
