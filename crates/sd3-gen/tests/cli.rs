@@ -91,6 +91,23 @@ fn sample_from_a_prompt_without_t5() {
         let img = image::open(tmp.path().join(format!("cat-{i}.png"))).unwrap();
         assert_eq!((img.width(), img.height()), (12, 16));
     }
+    // the same from a prompt file, and the embeddings cached for --prompt-embeds
+    let (file, cache) = (tmp.path().join("prompts.txt"), tmp.path().join("embeds.safetensors"));
+    std::fs::write(&file, "a photo of a cat\n\ntwo dogs\n").unwrap();
+    let from_file = tmp.path().join("from_file.safetensors");
+    let (ok, err) = sd3(&[
+        "sample", "--model", s(&model), "--prompt-file", s(&file), "--no-t5", "--max-sequence-length", "3", "--steps", "2", "--height", "16",
+        "--width", "12", "--seed", "4", "--save-prompt-embeds", s(&cache), "--output-latents", s(&from_file), "--output", s(&png),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(read_safetensors(&out).unwrap().0["latents"].data, read_safetensors(&from_file).unwrap().0["latents"].data);
+    let cached = tmp.path().join("cached.safetensors");
+    let (ok, err) = sd3(&[
+        "sample", "--model", s(&model), "--prompt-embeds", s(&cache), "--steps", "2", "--height", "16", "--width", "12", "--seed", "4",
+        "--output-latents", s(&cached), "--output", s(&png),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(read_safetensors(&out).unwrap().0["latents"].data, read_safetensors(&cached).unwrap().0["latents"].data);
     // the same seed gives the same latents
     let again = tmp.path().join("again.safetensors");
     let args2: Vec<&str> = args.iter().map(|a| if *a == s(&out) { s(&again) } else { a }).collect();

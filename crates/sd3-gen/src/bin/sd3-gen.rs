@@ -39,6 +39,13 @@ enum Cmd {
         /// Text prompt(s), encoded with the CLIP-L/G text encoders of --model (repeatable: a batch).
         #[arg(long, conflicts_with = "prompt_embeds")]
         prompt: Vec<String>,
+        /// A file with one prompt per line (added to --prompt; empty lines skipped).
+        #[arg(long, conflicts_with = "prompt_embeds")]
+        prompt_file: Option<PathBuf>,
+        /// Write the prompt embeddings computed from --prompt to this file (the --prompt-embeds
+        /// format), to reuse them without the text encoders.
+        #[arg(long)]
+        save_prompt_embeds: Option<PathBuf>,
         /// Negative prompt (default "").
         #[arg(long, default_value = "")]
         negative: String,
@@ -99,8 +106,16 @@ fn scheduler_shift(dir: &Path) -> Result<f64> {
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     let Cmd::Sample {
-        model, adapter, prompt, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
+        model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
     } = cmd;
+    let mut prompt = prompt.clone();
+    if let Some(f) = prompt_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?;
+        prompt.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        if prompt.is_empty() {
+            bail!("--prompt-file {}: no prompt in it", f.display());
+        }
+    }
     if prompt_embeds.is_none() && prompt.is_empty() {
         bail!("give --prompt TEXT or --prompt-embeds FILE");
     }
@@ -154,11 +169,20 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         }
         None => {
             let enc = TextEncoders::<B<AB>>::load(&dir, device)?;
-            let (pe, pp) = enc.encode(prompt, cfg.joint_attention_dim, *max_sequence_length, device)?;
-            let neg = (*guidance > 1.0)
-                .then(|| enc.encode(&vec![negative.clone(); prompt.len()], cfg.joint_attention_dim, *max_sequence_length, device))
-                .transpose()?;
-            (pe, pp, neg)
+            let (pe, pp) = enc.encode(&prompt, cfg.joint_attention_dim, *max_sequence_length, device)?;
+            let (ne, np) = enc.encode(&vec![negative.clone(); prompt.len()], cfg.joint_attention_dim, *max_sequence_length, device)?;
+            if let Some(f) = save_prompt_embeds {
+                let t = |name: &str, h: HostTensor| (name.to_string(), h);
+                let all = BTreeMap::from([
+                    t("prompt_embeds", HostTensor::from_tensor(pe.clone())),
+                    t("pooled_prompt_embeds", HostTensor::from_tensor(pp.clone())),
+                    t("negative_prompt_embeds", HostTensor::from_tensor(ne.clone())),
+                    t("negative_pooled_prompt_embeds", HostTensor::from_tensor(np.clone())),
+                ]);
+                io::write_safetensors(f, &all, Default::default())?;
+                eprintln!("wrote {}", f.display());
+            }
+            (pe, pp, (*guidance > 1.0).then_some((ne, np)))
         }
     };
     let b = prompt_embeds.dims()[0];
