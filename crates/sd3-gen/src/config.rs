@@ -46,15 +46,25 @@ impl Default for Sd3TransformerConfig {
 }
 
 impl Sd3TransformerConfig {
-    /// `stabilityai/stable-diffusion-3-medium-diffusers` (`sd3-medium`).
+    /// `stabilityai/stable-diffusion-3-medium-diffusers` (`sd3-medium`),
+    /// `stabilityai/stable-diffusion-3.5-medium` (`sd3.5-medium`: dual attention in the first 13
+    /// blocks, RMS qk-norm) and `stabilityai/stable-diffusion-3.5-large` (`sd3.5-large`).
     pub fn preset(name: &str) -> Option<Self> {
+        let base = Self { num_layers: 24, num_attention_heads: 24, caption_projection_dim: 1536, pos_embed_max_size: 192, ..Default::default() };
         match name {
-            "sd3-medium" => Some(Self {
-                num_layers: 24,
-                num_attention_heads: 24,
-                caption_projection_dim: 1536,
-                pos_embed_max_size: 192,
-                ..Default::default()
+            "sd3-medium" => Some(base),
+            "sd3.5-medium" => Some(Self {
+                pos_embed_max_size: 384,
+                dual_attention_layers: (0..13).collect(),
+                qk_norm: Some("rms_norm".into()),
+                ..base
+            }),
+            "sd3.5-large" => Some(Self {
+                num_layers: 38,
+                num_attention_heads: 38,
+                caption_projection_dim: 2432,
+                qk_norm: Some("rms_norm".into()),
+                ..base
             }),
             _ => None,
         }
@@ -70,8 +80,8 @@ impl Sd3TransformerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Sd3Error::Io { path: path.into(), source: e })?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.into(), message: e.to_string() })?;
         let bad = |m: String| Err(Sd3Error::Config { path: path.into(), message: m });
-        if !cfg.dual_attention_layers.is_empty() {
-            return bad("dual attention (SD3.5, `dual_attention_layers`) is not supported yet".into());
+        if cfg.dual_attention_layers.iter().any(|&i| i >= cfg.num_layers) {
+            return bad(format!("dual_attention_layers {:?} beyond {} layers", cfg.dual_attention_layers, cfg.num_layers));
         }
         if cfg.qk_norm.as_deref().is_some_and(|n| n != "rms_norm") {
             return bad(format!("qk_norm {:?} is not supported (None or rms_norm)", cfg.qk_norm));

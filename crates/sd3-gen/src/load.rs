@@ -17,6 +17,8 @@ pub const KEY_TABLE: KeyTable = KeyTable {
         (r"^(transformer_blocks\.\d+\.attn)\.to_out\.0\.(weight|bias)$", "$1.image.o.base.$2"),
         (r"^(transformer_blocks\.\d+\.attn)\.add_(q|k|v)_proj\.(weight|bias)$", "$1.context.qkv.Separate.$2.base.$3"),
         (r"^(transformer_blocks\.\d+\.attn)\.to_add_out\.(weight|bias)$", "$1.context.o.base.$2"),
+        (r"^(transformer_blocks\.\d+\.attn2)\.to_(q|k|v)\.(weight|bias)$", "$1.attn.qkv.Separate.$2.base.$3"),
+        (r"^(transformer_blocks\.\d+\.attn2)\.to_out\.0\.(weight|bias)$", "$1.attn.o.base.$2"),
         (r"^(transformer_blocks\.\d+\.ff(?:_context)?)\.net\.0\.proj\.(weight|bias)$", "$1.fc1.$2"),
         (r"^(transformer_blocks\.\d+\.ff(?:_context)?)\.net\.2\.(weight|bias)$", "$1.fc2.$2"),
     ]],

@@ -96,13 +96,33 @@ impl<B: Backend> JointAttention<B> {
     }
 }
 
+/// SD3.5's second attention (`attn2`): self-attention over the image tokens only, with qk-norm.
+#[derive(Module, Debug)]
+pub struct ImageAttention<B: Backend> {
+    pub attn: Attention<B>,
+    pub norm_q: Option<RmsNorm<B>>,
+    pub norm_k: Option<RmsNorm<B>>,
+}
+
+impl<B: Backend> ImageAttention<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let a = &self.attn;
+        let (q, k, v) = a.qkv(x);
+        let o = sdpa(norm(&self.norm_q, a.split_heads(q)), norm(&self.norm_k, a.split_heads(k)), a.split_heads(v), None, None);
+        a.output(o)
+    }
+}
+
 /// `JointTransformerBlock`.
 #[derive(Module, Debug)]
 pub struct JointBlock<B: Backend> {
+    /// adaLN-Zero: 6 chunks, or 9 with dual attention (`SD35AdaLayerNormZeroX`).
     pub norm1: AdaNorm<B>,
     /// adaLN-Zero (6 chunks), or continuous (2) in the `context_pre_only` block.
     pub norm1_context: AdaNorm<B>,
     pub attn: JointAttention<B>,
+    /// SD3.5 dual attention (`dual_attention_layers`).
+    pub attn2: Option<ImageAttention<B>>,
     pub ff: Mlp<B>,
     /// `None` in the `context_pre_only` block.
     pub ff_context: Option<Mlp<B>>,
@@ -112,8 +132,10 @@ impl<B: Backend> JointBlock<B> {
     /// Image `[b, n, d]`, context `[b, m, d]`, conditioning `[b, d]` → new image tokens and
     /// context tokens (`None` after the `context_pre_only` block).
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>, temb: Tensor<B, 2>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
-        let e = self.norm1.chunks(temb.clone(), 6); // shift, scale, gate (msa), shift, scale, gate (mlp)
-        let nx = layer_norm(x.clone(), 1e-6) * tok(e[1].clone()).add_scalar(1.0) + tok(e[0].clone());
+        // shift, scale, gate (msa), shift, scale, gate (mlp)[, shift, scale, gate (msa2)]
+        let e = self.norm1.chunks(temb.clone(), if self.attn2.is_some() { 9 } else { 6 });
+        let ln_x = layer_norm(x.clone(), 1e-6);
+        let nx = ln_x.clone() * tok(e[1].clone()).add_scalar(1.0) + tok(e[0].clone());
         let (nc, ce) = match &self.ff_context {
             Some(_) => {
                 let ce = self.norm1_context.chunks(temb.clone(), 6);
@@ -122,7 +144,11 @@ impl<B: Backend> JointBlock<B> {
             None => (self.norm1_context.continuous(c.clone(), temb), None),
         };
         let (ax, ac) = self.attn.forward(nx, nc);
-        let x = x + tok(e[2].clone()) * ax;
+        let mut x = x + tok(e[2].clone()) * ax;
+        if let Some(a2) = &self.attn2 {
+            let nx2 = ln_x * tok(e[7].clone()).add_scalar(1.0) + tok(e[6].clone());
+            x = x + tok(e[8].clone()) * a2.forward(nx2);
+        }
         let nx = layer_norm(x.clone(), 1e-6) * tok(e[4].clone()).add_scalar(1.0) + tok(e[3].clone());
         let x = x + tok(e[5].clone()) * self.ff.forward(nx);
         let c = match (ce, &self.ff_context) {
@@ -231,9 +257,11 @@ impl<B: Backend> Sd3Transformer<B> {
         let blocks = (0..c.num_layers)
             .map(|i| {
                 let pre_only = i == c.num_layers - 1;
+                let dual = c.dual_attention_layers.contains(&i);
                 let attn = AttentionConfig::new(d, c.num_attention_heads);
                 JointBlock {
-                    norm1: AdaNorm { linear: LinearConfig::new(d, 6 * d).init(device) },
+                    norm1: AdaNorm { linear: LinearConfig::new(d, if dual { 9 } else { 6 } * d).init(device) },
+                    attn2: dual.then(|| ImageAttention { attn: attn.init(device), norm_q: rms(qk), norm_k: rms(qk) }),
                     norm1_context: AdaNorm { linear: LinearConfig::new(d, if pre_only { 2 } else { 6 } * d).init(device) },
                     attn: JointAttention {
                         image: attn.init(device),

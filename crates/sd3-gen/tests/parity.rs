@@ -209,3 +209,30 @@ fn a_diffusers_lora_file_loads_and_gives_diffusers_output() {
     println!("LoRA output rel err {err:.2e} (the LoRA moves the output by {effect:.2e})");
     assert!(err < TOL && effect > 1e-2, "{err} {effect}");
 }
+
+#[test]
+fn sd35_dual_attention_matches_diffusers() {
+    let r = reference();
+    let dir35 = dir().with_file_name("sd3-tiny-35");
+    let (model, cfg) = load_transformer::<B>(&dir35, &Default::default()).unwrap();
+    assert_eq!(cfg.dual_attention_layers, [0]);
+    let bytes = std::fs::read(dir35.join("sd35_reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let r35: BTreeMap<String, (Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())))
+        .collect();
+    let t: Vec<f32> = r["timestep"].1.clone();
+    let (out, trace) = model
+        .forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t)
+        .unwrap();
+    let (x0, c0) = trace.blocks[0].clone();
+    check(&r35, "block.0.hidden", x0);
+    check(&r35, "block.0.context", c0.unwrap());
+    check(&r35, "sample", out);
+    for name in ["sd3-medium", "sd3.5-medium", "sd3.5-large"] {
+        let p = sd3_gen::Sd3TransformerConfig::preset(name).unwrap();
+        assert_eq!(p.caption_projection_dim, p.inner_dim(), "{name}");
+    }
+}
