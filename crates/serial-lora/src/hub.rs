@@ -1,8 +1,8 @@
 //! Model directories by Hugging Face hub id or local path.
 //!
 //! A hub id (`openai/clip-vit-base-patch16`) is fetched with `hf-hub` into the standard HF cache
-//! (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; `HF_ENDPOINT` and the cached token are
-//! honoured) and resolved to its snapshot directory, so the model crates load every model from
+//! (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; `HF_ENDPOINT`, `HF_TOKEN` and the cached
+//! token are honoured) and resolved to its snapshot directory, so the model crates load every model from
 //! a local directory in HF layout. With `HF_HUB_OFFLINE=1` only the cache is read.
 use std::path::{Path, PathBuf};
 
@@ -108,7 +108,13 @@ impl Fetcher {
         let api = if opts.offline {
             None
         } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            // HF_TOKEN first (gated repositories such as SD3), else the token `hf auth login` cached
+            let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
+            let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).with_token(token);
+            if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+                builder = builder.with_endpoint(endpoint);
+            }
+            let api = builder
                 .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .build()
                 .map_err(|e| Error::Hub { id: id.into(), message: format!("cannot start the hub client: {e}") })?;
