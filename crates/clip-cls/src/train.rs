@@ -12,7 +12,6 @@
 //! seeded from `(seed, t)`, and a checkpoint holds the adapter, the AdamW moments and the step;
 //! a resumed run therefore reaches the same adapter as an uninterrupted one.
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -25,7 +24,7 @@ use serial_lora::imaging::decode_all;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{RunDir, State, cosine_lr, stream_seed};
+use serial_lora::run::{RunDir, RunSummary, State, StepTracker, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -186,19 +185,11 @@ pub struct Metrics {
     pub skipped_images: Vec<PathBuf>,
     pub trainable_params: usize,
     pub total_params: usize,
-    pub steps: usize,
-    pub total_steps: usize,
-    pub steps_per_epoch: usize,
-    pub completed: bool,
+    #[serde(flatten)]
+    pub run: RunSummary,
     /// Mean loss and accuracy on the augmented training batches of the last epoch.
     pub final_loss: f64,
     pub train_accuracy: f64,
-    pub loss: Vec<f32>,
-    pub lr: Vec<f64>,
-    pub resumed_from_step: Option<usize>,
-    pub wall_seconds: f64,
-    pub images_per_second: f64,
-    pub device: String,
 }
 
 /// Default of [`RunOptions::cache_bytes`].
@@ -284,16 +275,13 @@ pub fn train<AB: AutodiffBackend>(
     let n = images.len();
     let steps_per_epoch = n.div_ceil(cfg.batch);
     let total = cfg.total_steps(steps_per_epoch);
-    let stop = opts.stop_after.map_or(total, |s| s.min(total));
-    let every = cfg.checkpoint_every(steps_per_epoch);
+    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.checkpoint_every(steps_per_epoch));
     let template = cfg.template.clone().unwrap_or_else(|| dataset.default_template().to_string());
     let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &template, device);
     let text_adapted = cfg.encoder != Towers::Vision;
     let fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(ids.clone())).detach());
 
-    let start = Instant::now();
-    let mut seen = 0usize;
-    for step in state.step..stop {
+    for step in state.step..tracker.stop {
         let epoch = step / steps_per_epoch;
         let order = permutation(n, stream_seed(cfg.seed, 1, epoch as u64));
         let b = step % steps_per_epoch;
@@ -323,28 +311,17 @@ pub fn train<AB: AutodiffBackend>(
         model = optim.step(lr, model, grads);
 
         let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
-        state.history.push(StepLog { loss: loss.into_scalar().elem::<f32>(), lr, score: correct as f64, images: batch.len() });
-        state.step = step + 1;
-        seen += batch.len();
-        if state.step % every == 0 || state.step == stop {
+        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, score: correct as f64, images: batch.len() };
+        if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
-        let secs = start.elapsed().as_secs_f64();
-        on_step(&Progress {
-            step: state.step,
-            total,
-            epoch,
-            log: state.history.last().expect("just pushed"),
-            images_per_second: seen as f64 / secs.max(1e-9),
-        });
     }
 
-    let completed = state.step == total;
-    if completed {
+    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
+    if summary.completed {
         io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
     }
     let (final_loss, train_accuracy) = state.recent(steps_per_epoch);
-    let wall = start.elapsed().as_secs_f64();
     let metrics = Metrics {
         method: cfg.method.clone(),
         template,
@@ -353,18 +330,9 @@ pub fn train<AB: AutodiffBackend>(
         skipped_images: skipped,
         trainable_params: counts.trainable,
         total_params: counts.total,
-        steps: state.step,
-        total_steps: total,
-        steps_per_epoch,
-        completed,
+        run: summary,
         final_loss,
         train_accuracy,
-        loss: state.history.iter().map(|l| l.loss).collect(),
-        lr: state.history.iter().map(|l| l.lr).collect(),
-        resumed_from_step,
-        wall_seconds: wall,
-        images_per_second: seen as f64 / wall.max(1e-9),
-        device: AB::name(device),
     };
     run.write_metrics(&metrics)?;
     Ok(metrics)

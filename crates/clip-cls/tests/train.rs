@@ -91,21 +91,21 @@ fn every_method_learns_the_colour_task() {
         let cfg = config(model.path(), data.path(), method);
         let m: Metrics = train::<AB>(&cfg, model.path(), out.path(), &RunOptions::default(), &Default::default(), &mut |_| {}).unwrap();
         let after = test_accuracy(model.path(), data.path(), Some(out.path()));
-        let (first, last) = (mean(&m.loss[..5]), mean(&m.loss[m.loss.len() - 5..]));
+        let (first, last) = (mean(&m.run.loss[..5]), mean(&m.run.loss[m.run.loss.len() - 5..]));
         println!(
             "{method}: trainable {} / {} params, loss {first:.3} → {last:.3}, test top-1 {before:.3} → {after:.3}",
             m.trainable_params, m.total_params
         );
         assert_eq!(m.trainable_params, expected_trainable(method, 4, 4), "{method}");
-        assert!(m.completed && m.steps == 40 && m.train_images == 12 && m.num_classes == 3);
+        assert!(m.run.completed && m.run.steps == 40 && m.train_images == 12 && m.num_classes == 3);
         assert!(last < 0.5 * first, "{method}: loss {first} → {last}");
         assert!(after > before && after > chance + 0.3, "{method}: test accuracy {before} → {after} (chance {chance})");
         // the run directory: PEFT-layout adapter, resolved config, metrics, checkpoint
         for f in ["adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.json", "checkpoint/state.json"] {
             assert!(out.path().join(f).is_file(), "{method}: {f} missing");
         }
-        let cos = (m.lr[0] - cfg.lr).abs() < 1e-12 && m.lr[39] < m.lr[20] && m.lr[20] < m.lr[1];
-        assert!(cos, "{method}: lr schedule {:?}", m.lr);
+        let cos = (m.run.lr[0] - cfg.lr).abs() < 1e-12 && m.run.lr[39] < m.run.lr[20] && m.run.lr[20] < m.run.lr[1];
+        assert!(cos, "{method}: lr schedule {:?}", m.run.lr);
     }
 }
 
@@ -145,12 +145,12 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     // (and with no image cache: pixels decoded again for every batch)
     let stop = |n| RunOptions { resume: true, stop_after: Some(n), cache_bytes: Some(0) };
     let first = train::<AB>(&cfg, model.path(), parts.path(), &stop(3), &dev, &mut |_| {}).unwrap();
-    assert!(!first.completed && first.steps == 3);
+    assert!(!first.run.completed && first.run.steps == 3);
     assert!(!parts.path().join("adapter_model.safetensors").exists(), "no final adapter before the end");
     train::<AB>(&cfg, model.path(), parts.path(), &stop(5), &dev, &mut |_| {}).unwrap();
     let b = train::<AB>(&cfg, model.path(), parts.path(), &RunOptions { stop_after: None, ..stop(0) }, &dev, &mut |_| {}).unwrap();
-    assert_eq!(b.resumed_from_step, Some(5));
-    assert_eq!(a.loss, b.loss, "per-step losses");
+    assert_eq!(b.run.resumed_from_step, Some(5));
+    assert_eq!(a.run.loss, b.run.loss, "per-step losses");
     // (file bytes can differ: safetensors writes its metadata map in hash order)
     let read = |d: &Path| io::read_safetensors(&d.join("adapter_model.safetensors")).unwrap().0;
     let (x, y) = (read(full.path()), read(parts.path()));

@@ -10,7 +10,6 @@
 //! the original size, thresholded at 0, Dice against the ground truth; the paper reports the
 //! Dice loss = 1 − mean Dice.
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -22,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::run::{Progress, RunDir, RunOptions, State, StepLog, cosine_lr, stream_seed};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -172,19 +171,11 @@ pub struct Metrics {
     pub skipped_empty_masks: Vec<PathBuf>,
     pub trainable_params: usize,
     pub total_params: usize,
-    pub steps: usize,
-    pub total_steps: usize,
-    pub steps_per_epoch: usize,
-    pub completed: bool,
+    #[serde(flatten)]
+    pub run: RunSummary,
     /// Mean loss and mean Dice (low resolution, jittered boxes) over the last epoch.
     pub final_loss: f64,
     pub train_dice: f64,
-    pub loss: Vec<f32>,
-    pub lr: Vec<f64>,
-    pub resumed_from_step: Option<usize>,
-    pub wall_seconds: f64,
-    pub images_per_second: f64,
-    pub device: String,
 }
 
 /// Trains per `cfg` on the model in `model_dir`; writes the run directory `out` (adapter,
@@ -236,12 +227,9 @@ pub fn train<AB: AutodiffBackend>(
     let n = usable.len();
     let steps_per_epoch = n.div_ceil(cfg.batch);
     let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(5) * steps_per_epoch);
-    let stop = opts.stop_after.map_or(total, |s| s.min(total));
-    let every = cfg.save_steps.unwrap_or(steps_per_epoch).max(1);
+    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
     let [ph, pw] = proc.pad;
-    let start = Instant::now();
-    let mut seen = 0;
-    for step in state.step..stop {
+    for step in state.step..tracker.stop {
         let epoch = step / steps_per_epoch;
         let mut order: Vec<usize> = (0..n).collect();
         rand::seq::SliceRandom::shuffle(&mut order[..], &mut StdRng::seed_from_u64(stream_seed(cfg.seed, 1, epoch as u64)));
@@ -273,41 +261,26 @@ pub fn train<AB: AutodiffBackend>(
         model = optim.step(lr, model, grads);
 
         let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
-        state.history.push(StepLog { loss: loss.into_scalar().elem::<f32>(), lr, images: nb, score: dice });
-        state.step = step + 1;
-        seen += nb;
-        if state.step % every == 0 || state.step == stop {
+        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, images: nb, score: dice };
+        if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
-        let secs = start.elapsed().as_secs_f64();
-        let log = state.history.last().expect("just pushed");
-        on_step(&Progress { step: state.step, total, epoch, log, images_per_second: seen as f64 / secs.max(1e-9) });
     }
 
-    let completed = state.step == total;
-    if completed {
+    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
+    if summary.completed {
         io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
     }
     let (final_loss, train_dice) = state.recent(steps_per_epoch);
-    let wall = start.elapsed().as_secs_f64();
     let metrics = Metrics {
         method: cfg.method.clone(),
         train_images: n,
         skipped_empty_masks: skipped,
         trainable_params: counts.trainable,
         total_params: counts.total,
-        steps: state.step,
-        total_steps: total,
-        steps_per_epoch,
-        completed,
+        run: summary,
         final_loss,
         train_dice,
-        loss: state.history.iter().map(|l| l.loss).collect(),
-        lr: state.history.iter().map(|l| l.lr).collect(),
-        resumed_from_step,
-        wall_seconds: wall,
-        images_per_second: seen as f64 / wall.max(1e-9),
-        device: AB::name(device),
     };
     run.write_metrics(&metrics)?;
     Ok(metrics)

@@ -109,7 +109,7 @@ fn every_method_raises_the_test_dice() {
         let out = tempfile::tempdir().unwrap();
         let m = train::<AB>(&config(data.path(), method), &model(), out.path(), &RunOptions::default(), &Default::default(), &mut |_| {}).unwrap();
         let after = test_dice(data.path(), Some(out.path()));
-        let (first, last) = (mean(&m.loss[..5]), mean(&m.loss[m.loss.len() - 5..]));
+        let (first, last) = (mean(&m.run.loss[..5]), mean(&m.run.loss[m.run.loss.len() - 5..]));
         println!("{method}: trainable {} / {}, loss {first:.3} → {last:.3}, test Dice {before:.3} → {after:.3}", m.trainable_params, m.total_params);
         // image encoder only: 4 layers of width 32, rank 4
         let per_block = if method.starts_with("serial") { 2 * 32 * 4 } else { 4 * 2 * 32 * 4 };
@@ -118,7 +118,7 @@ fn every_method_raises_the_test_dice() {
         // measured: LoRA 0.78, LoRA+ 0.60, Serial LoRA+ 0.17, Serial LoRA 0.11 from 0.009 (the
         // Serial methods move slower at the same lr and rank); without training it stays at 0.009
         assert!(after > before + 0.05, "{method}: test Dice {before} → {after}");
-        assert!(m.completed && m.train_images == 16 && m.steps == 100);
+        assert!(m.run.completed && m.train_images == 16 && m.run.steps == 100);
         for f in ["adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.json", "checkpoint/state.json"] {
             assert!(out.path().join(f).is_file(), "{method}: {f}");
         }
@@ -136,9 +136,9 @@ fn a_resumed_run_ends_bit_identical() {
     let a = train::<AB>(&cfg, &model(), full.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
     let parts = tempfile::tempdir().unwrap();
     let opts = |stop| RunOptions { resume: true, stop_after: stop, cache_bytes: None };
-    assert!(!train::<AB>(&cfg, &model(), parts.path(), &opts(Some(3)), &dev, &mut |_| {}).unwrap().completed);
+    assert!(!train::<AB>(&cfg, &model(), parts.path(), &opts(Some(3)), &dev, &mut |_| {}).unwrap().run.completed);
     let b = train::<AB>(&cfg, &model(), parts.path(), &opts(None), &dev, &mut |_| {}).unwrap();
-    assert_eq!((b.resumed_from_step, &a.loss), (Some(3), &b.loss));
+    assert_eq!((b.run.resumed_from_step, &a.run.loss), (Some(3), &b.run.loss));
     let read = |d: &Path| io::read_safetensors(&d.join("adapter_model.safetensors")).unwrap().0;
     let (x, y) = (read(full.path()), read(parts.path()));
     for (k, t) in &x {

@@ -69,6 +69,80 @@ pub struct RunOptions {
     pub cache_bytes: Option<usize>,
 }
 
+/// Step bookkeeping of a training loop: the steps this invocation runs, when checkpoints are
+/// due, and throughput.
+pub struct StepTracker {
+    /// Steps of the whole run.
+    pub total: usize,
+    /// Steps after which this invocation stops (`total` or `--stop-after`).
+    pub stop: usize,
+    every: usize,
+    start: std::time::Instant,
+    seen: usize,
+}
+
+impl StepTracker {
+    /// `total` steps, checkpoints every `every` steps and at the stop.
+    pub fn new(total: usize, stop_after: Option<usize>, every: usize) -> Self {
+        Self { total, stop: stop_after.map_or(total, |s| s.min(total)), every: every.max(1), start: std::time::Instant::now(), seen: 0 }
+    }
+
+    /// Appends step `state.step`'s log, advances the state, reports progress; returns whether a
+    /// checkpoint is due now.
+    pub fn record(&mut self, state: &mut State, log: StepLog, epoch: usize, on_step: &mut dyn FnMut(&Progress)) -> bool {
+        self.seen += log.images;
+        state.history.push(log);
+        state.step += 1;
+        let ips = self.images_per_second();
+        if let Some(log) = state.history.last() {
+            on_step(&Progress { step: state.step, total: self.total, epoch, log, images_per_second: ips });
+        }
+        state.step.is_multiple_of(self.every) || state.step == self.stop
+    }
+
+    pub fn wall_seconds(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Images per second over this invocation.
+    pub fn images_per_second(&self) -> f64 {
+        self.seen as f64 / self.wall_seconds().max(1e-9)
+    }
+
+    /// The `metrics.json` fields every run has.
+    pub fn summary(&self, state: &State, steps_per_epoch: usize, resumed_from_step: Option<usize>, device: String) -> RunSummary {
+        RunSummary {
+            steps: state.step,
+            total_steps: self.total,
+            steps_per_epoch,
+            completed: state.step == self.total,
+            loss: state.history.iter().map(|l| l.loss).collect(),
+            lr: state.history.iter().map(|l| l.lr).collect(),
+            resumed_from_step,
+            wall_seconds: self.wall_seconds(),
+            images_per_second: self.images_per_second(),
+            device,
+        }
+    }
+}
+
+/// The part of `metrics.json` every training run shares (flattened into the model's metrics).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+    pub completed: bool,
+    /// Per-step batch loss and learning rate.
+    pub loss: Vec<f32>,
+    pub lr: Vec<f64>,
+    pub resumed_from_step: Option<usize>,
+    /// Of this invocation.
+    pub wall_seconds: f64,
+    pub images_per_second: f64,
+    pub device: String,
+}
+
 /// Progress of a run: the next step and every step's log.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {

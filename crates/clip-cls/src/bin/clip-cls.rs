@@ -202,8 +202,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                 out.display(),
                 m.trainable_params,
                 m.total_params,
-                m.steps,
-                m.total_steps,
+                m.run.steps,
+                m.run.total_steps,
                 m.final_loss,
                 m.train_accuracy,
                 m.skipped_images.len()

@@ -145,8 +145,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                 out.display(),
                 m.trainable_params,
                 m.total_params,
-                m.steps,
-                m.total_steps,
+                m.run.steps,
+                m.run.total_steps,
                 m.final_loss,
                 m.train_dice,
                 m.skipped_empty_masks.len()
