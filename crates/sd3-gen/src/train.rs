@@ -302,8 +302,9 @@ fn read_cached(path: &Path, example: &CaptionedImage) -> Result<Cached> {
     Ok(Cached { mean: take("latent_mean")?, logvar: take("latent_logvar")?, prompt_embeds: take("prompt_embeds")?, pooled: take("pooled_prompt_embeds")? })
 }
 
-/// The image as the script feeds it to the VAE: `[3, R, R]` values `(x/255 − 0.5)/0.5`.
-fn pixel_values(example: &CaptionedImage, resolution: usize, flip: bool) -> Result<Vec<f32>> {
+/// The image as the script feeds it to the VAE ([`data::resize_center_crop`], then `ToTensor` and
+/// `Normalize([0.5], [0.5])`): `[3, R, R]` values `(x/255 − 0.5)/0.5`, row-major.
+pub fn pixel_values(example: &CaptionedImage, resolution: usize, flip: bool) -> Result<Vec<f32>> {
     let img = data::resize_center_crop(&data::load_image(example)?, resolution, flip);
     let n = resolution * resolution;
     let mut out = vec![0f32; 3 * n];

@@ -10,7 +10,8 @@ use burn::module::{AutodiffModule, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use sd3_gen::data::CaptionDataset;
-use sd3_gen::train::{TrainConfig, flow_matching_loss, logit_normal_index, scaled_latents, train, training_schedule};
+use sd3_gen::data::CaptionedImage;
+use sd3_gen::train::{TrainConfig, flow_matching_loss, logit_normal_index, pixel_values, scaled_latents, train, training_schedule};
 use sd3_gen::vae::load_vae;
 use sd3_gen::{Sd3Error, Sd3Transformer, load_transformer};
 use serial_lora::io::{self, HostTensor, read_safetensors};
@@ -167,6 +168,26 @@ fn one_step_matches_diffusers() {
     assert_eq!(ours.len(), 16, "4 projections × 2 blocks × (A, B)");
     eprintln!("worst LoRA gradient error {worst:.2e} (relative to each tensor's max)");
     assert!(worst < GRAD_REL_TOL);
+}
+
+/// Pixel values of a 8-bit image after `(x/255 − 0.5)/0.5` in f32, same as torchvision's.
+const PIXEL_ABS_TOL: f32 = 1e-6;
+
+/// The script's image transform (resize short side bilinear, flip, center crop with Python's
+/// rounding, normalize) on odd-sized images vs torchvision on PIL.
+#[test]
+fn image_transform_matches_torchvision() {
+    let (t, _) = read_safetensors(&fixture("sd3-train-step/step.safetensors")).unwrap();
+    for name in ["wide", "tall"] {
+        let ex = CaptionedImage { image: fixture(&format!("sd3-train-step/{name}.png")), text: "x".into() };
+        for res in [8, 16] {
+            for flip in [false, true] {
+                let key = format!("transform.{name}.{res}.{}", if flip { "flip" } else { "plain" });
+                let d = max_abs(&pixel_values(&ex, res, flip).unwrap(), &t[&key].data);
+                assert!(d < PIXEL_ABS_TOL, "{key}: {d}");
+            }
+        }
+    }
 }
 
 /// The flow-matching loss of `model` on the training images at fixed σ and noise (the latent
