@@ -171,7 +171,8 @@ impl TrainConfig {
         if !["constant", "constant_with_warmup", "cosine"].contains(&self.lr_scheduler.as_str()) {
             return bad("lr-scheduler", self.lr_scheduler.clone(), "expected constant, constant_with_warmup or cosine");
         }
-        if !(self.max_grad_norm >= 0.0) || !(self.weight_decay >= 0.0) {
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !non_negative(self.max_grad_norm) || !non_negative(self.weight_decay) {
             return bad("max-grad-norm/weight-decay", format!("{}/{}", self.max_grad_norm, self.weight_decay), "must be ≥ 0");
         }
         if self.validation_steps == Some(0) || self.validation_inference_steps == 0 {

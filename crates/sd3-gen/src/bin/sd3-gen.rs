@@ -26,6 +26,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Generate images (flow-matching Euler with classifier-free guidance, as diffusers'
     /// StableDiffusion3Pipeline) and decode them with the VAE.
