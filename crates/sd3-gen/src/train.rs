@@ -293,10 +293,19 @@ fn cache_file(run: &Path, i: usize) -> PathBuf {
     run.join("cache").join(format!("{i:06}.safetensors"))
 }
 
-fn read_cached(path: &Path, example: &CaptionedImage) -> Result<Cached> {
+/// What a cache entry depends on besides its image: the settings that change latents or
+/// prompt embeddings.
+fn cache_key(cfg: &TrainConfig) -> String {
+    format!("model={} resolution={} random_flip={} seed={} max_sequence_length={}", cfg.model, cfg.resolution, cfg.random_flip, cfg.seed, cfg.max_sequence_length)
+}
+
+fn read_cached(path: &Path, example: &CaptionedImage, key: &str) -> Result<Cached> {
     let (mut t, meta) = read_safetensors(path)?;
-    let stale = || Sd3Error::Dataset { path: path.into(), message: format!("cache entry is not for {} (delete RUN_DIR/cache to rebuild it)", example.image.display()) };
-    if meta.get("image").map(String::as_str) != example.image.to_str() {
+    let stale = || {
+        let message = format!("cache entry is not for {} with {key} (delete RUN_DIR/cache to rebuild it)", example.image.display());
+        Sd3Error::Dataset { path: path.into(), message }
+    };
+    if meta.get("image").map(String::as_str) != example.image.to_str() || meta.get("key").map(String::as_str) != Some(key) {
         return Err(stale());
     }
     let mut take = |k: &str| t.remove(k).ok_or_else(stale);
@@ -337,7 +346,9 @@ fn build_caches<B: Backend>(
     mmdit_cfg: &Sd3TransformerConfig,
     device: &B::Device,
 ) -> Result<Option<PromptEmbeds<B>>> {
-    let missing: Vec<usize> = (0..examples.len()).filter(|&i| !cache_file(out, i).is_file()).collect();
+    let key = cache_key(cfg);
+    let fresh = |i: usize| read_cached(&cache_file(out, i), &examples[i], &key).is_ok();
+    let missing: Vec<usize> = (0..examples.len()).filter(|&i| !fresh(i)).collect();
     if missing.is_empty() && cfg.validation_prompt.is_empty() {
         return Ok(None);
     }
@@ -370,6 +381,7 @@ fn build_caches<B: Backend>(
                 ("image".to_string(), examples[i].image.display().to_string()),
                 ("text".to_string(), examples[i].text.clone()),
                 ("flip".to_string(), flips[j].to_string()),
+                ("key".to_string(), cache_key(cfg)),
                 ("vae_scaling_factor".to_string(), vae_cfg.scaling_factor.to_string()),
             ]);
             write_safetensors(&cache_file(out, i), &tensors, meta)?;
@@ -550,6 +562,7 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     };
     let resumed_from_step = (state.step > 0).then_some(state.step);
     let counts = model.param_counts();
+    let key = cache_key(cfg);
     let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
 
     let n = examples.len();
@@ -580,7 +593,7 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
         for m in micro.clone() {
             let batch = &order[m * cfg.batch..((m + 1) * cfg.batch).min(n)];
             let nb = batch.len();
-            let cached = batch.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i])).collect::<Result<Vec<_>>>()?;
+            let cached = batch.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
             let stack4 = |f: &dyn Fn(&Cached) -> &HostTensor| {
                 let s = &f(&cached[0]).shape;
                 let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
