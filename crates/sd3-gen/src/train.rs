@@ -415,9 +415,10 @@ fn merge<B: AutodiffBackend, const D: usize>(acc: &mut GradientsParams, add: &mu
     }
 }
 
-/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
-/// `min(1, max_norm / (‖g‖₂ + 1e-6))` over all of them; returns the norm before clipping.
-fn clip_grad_norm<B: AutodiffBackend>(grads: &mut GradientsParams, ids: &[(ParamId, usize)], max_norm: f64) -> f32 {
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)` over the parameters `ids` (id, rank 1 or
+/// 2): scales every gradient by `min(1, max_norm / (‖g‖₂ + 1e-6))`, `‖g‖₂` the norm of all of
+/// them together; returns that norm (before clipping).
+pub fn clip_grad_norm<B: AutodiffBackend>(grads: &mut GradientsParams, ids: &[(ParamId, usize)], max_norm: f64) -> f32 {
     fn sq<B: AutodiffBackend, const D: usize>(g: &GradientsParams, id: ParamId) -> f32 {
         g.get::<B::InnerBackend, D>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar().elem::<f32>())
     }

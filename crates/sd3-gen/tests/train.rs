@@ -11,7 +11,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use sd3_gen::data::CaptionDataset;
 use sd3_gen::data::CaptionedImage;
-use sd3_gen::train::{TrainConfig, flow_matching_loss, logit_normal_index, pixel_values, scaled_latents, train, training_schedule};
+use sd3_gen::train::{TrainConfig, clip_grad_norm, flow_matching_loss, logit_normal_index, pixel_values, scaled_latents, train, training_schedule};
 use sd3_gen::vae::load_vae;
 use sd3_gen::{Sd3Error, Sd3Transformer, load_transformer};
 use serial_lora::io::{self, HostTensor, read_safetensors};
@@ -154,20 +154,50 @@ fn one_step_matches_diffusers() {
     eprintln!("loss {got} vs diffusers {want_loss}: rel {rel:.2e}");
     assert!(rel < LOSS_REL_TOL);
 
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let grad_model = model.valid().map(&mut ToGrad(&grads));
-    let dir = tempfile::tempdir().unwrap();
-    io::save_adapter_with_prefix(&grad_model, &cfg, dir.path(), None, "transformer.").unwrap();
-    let (ours, _) = read_safetensors(&dir.path().join(io::WEIGHTS_FILE)).unwrap();
-    let mut worst = 0f32;
-    for (k, g) in &ours {
-        let want = t.remove(&format!("grad.{k}")).unwrap_or_else(|| panic!("fixture has no gradient for {k}"));
-        let scale = want.data.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-        worst = worst.max(max_abs(&g.data, &want.data) / scale);
-    }
-    assert_eq!(ours.len(), 16, "4 projections × 2 blocks × (A, B)");
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    // The gradients in diffusers' key layout: each parameter replaced by its gradient, saved.
+    let as_file = |grads: &GradientsParams| {
+        let dir = tempfile::tempdir().unwrap();
+        io::save_adapter_with_prefix(&model.valid().map(&mut ToGrad(grads)), &cfg, dir.path(), None, "transformer.").unwrap();
+        read_safetensors(&dir.path().join(io::WEIGHTS_FILE)).unwrap().0
+    };
+    let compare = |t: &mut std::collections::BTreeMap<String, HostTensor>, ours: &std::collections::BTreeMap<String, HostTensor>, prefix: &str| {
+        let mut worst = 0f32;
+        for (k, g) in ours {
+            let want = t.remove(&format!("{prefix}.{k}")).unwrap_or_else(|| panic!("fixture has no {prefix} for {k}"));
+            let scale = want.data.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            worst = worst.max(max_abs(&g.data, &want.data) / scale);
+        }
+        assert_eq!(ours.len(), 16, "4 projections × 2 blocks × (A, B)");
+        worst
+    };
+    let worst = compare(&mut t, &as_file(&grads), "grad");
     eprintln!("worst LoRA gradient error {worst:.2e} (relative to each tensor's max)");
     assert!(worst < GRAD_REL_TOL);
+
+    // clip_grad_norm_(max_norm 0.5) as torch: the total norm and the scaled gradients
+    let ids: Vec<_> = serial_lora::params::param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
+    let norm = clip_grad_norm::<AB>(&mut grads, &ids, 0.5);
+    let want_norm = take_norm(&mut t);
+    eprintln!("gradient norm {norm} vs torch {want_norm}");
+    assert!((norm - want_norm).abs() / want_norm < GRAD_REL_TOL);
+    let worst = compare(&mut t, &as_file(&grads), "clipped");
+    eprintln!("worst clipped-gradient error {worst:.2e}");
+    assert!(worst < GRAD_REL_TOL);
+
+    // learning rates of diffusers' get_scheduler (warm-up 4 of 12 steps)
+    let mut lr_cfg = config(Path::new("."), "lora");
+    (lr_cfg.lr, lr_cfg.lr_warmup_steps) = (1e-4, 4);
+    for name in ["constant", "constant_with_warmup", "cosine"] {
+        lr_cfg.lr_scheduler = name.into();
+        let ours: Vec<f32> = (0..12).map(|s| lr_cfg.lr_at(s, 12) as f32).collect();
+        let want = &t[&format!("lr.{name}")].data;
+        assert!(max_abs(&ours, want) <= 1e-6 * 1e-4, "{name}: {ours:?} vs {want:?}");
+    }
+}
+
+fn take_norm(t: &mut std::collections::BTreeMap<String, HostTensor>) -> f32 {
+    t.remove("grad_norm").expect("fixture has grad_norm").data[0]
 }
 
 /// Pixel values of a 8-bit image after `(x/255 − 0.5)/0.5` in f32, same as torchvision's.
