@@ -3,7 +3,8 @@
 //! folder) or, without it, every image of the folder with a same-stem `.txt` caption next to it.
 //! Splits from `split.json` (`{"train": [names], "test": [names]}`, names as `file_name` or
 //! file stems), else a seeded split with a test fraction (as `sam-seg`'s data module);
-//! `--fraction` takes a seeded subset of a split.
+//! `--fraction` takes a seeded subset of a split. Style sets whose prompt is the title
+//! (ArtBench) are arranged by writing the titles as the `text` of `metadata.jsonl` (README).
 //!
 //! Upstream: the dataset handling of diffusers' `examples/dreambooth/train_dreambooth_lora_sd3.py`
 //! (v0.42.1: `--dataset_name` / `--instance_data_dir` with `--caption_column`), and

@@ -595,15 +595,15 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
             let batch = &order[m * cfg.batch..((m + 1) * cfg.batch).min(n)];
             let nb = batch.len();
             let cached = batch.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
-            let stack4 = |f: &dyn Fn(&Cached) -> &HostTensor| {
+            let stack = |f: &dyn Fn(&Cached) -> &HostTensor| {
                 let s = &f(&cached[0]).shape;
                 let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
                 (data, s.clone())
             };
-            let (mean, ls) = stack4(&|c| &c.mean);
-            let (logvar, _) = stack4(&|c| &c.logvar);
-            let (pe, ps) = stack4(&|c| &c.prompt_embeds);
-            let (pp, pps) = stack4(&|c| &c.pooled);
+            let (mean, ls) = stack(&|c| &c.mean);
+            let (logvar, _) = stack(&|c| &c.logvar);
+            let (pe, ps) = stack(&|c| &c.prompt_embeds);
+            let (pp, pps) = stack(&|c| &c.pooled);
             let lshape = [nb, ls[0], ls[1], ls[2]];
             let numel: usize = lshape.iter().product();
             let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_NOISE, (step * cfg.grad_accum + (m - first)) as u64));
