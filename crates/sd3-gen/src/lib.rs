@@ -14,6 +14,8 @@ pub mod load;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;
+pub mod t5;
+pub mod t5_tokenizer;
 pub mod text;
 pub mod vae;
 
