@@ -60,6 +60,7 @@ fn tok_prompts() -> Vec<String> {
         "ﬁne  Ａrt™\u{3000}poster   of a  cat ",
         "xyz 日本 cat<extra_id_0>dog </s> q",
         "a painting of a castle on a hill at sunset, fine art",
+        "cafe\u{301} e\u{301}e\u{301}\u{301} ca\u{301}t",
     ]
     .map(String::from)
     .to_vec()
