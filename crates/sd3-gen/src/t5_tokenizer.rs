@@ -4,7 +4,10 @@
 //! `Metaspace`, `Sequence`), the `Unigram` model (Viterbi over the piece scores, unknown characters
 //! fused into one `<unk>`, optional byte fallback) and the `TemplateProcessing` post-processor
 //! (`$A </s>`); `tokenize` truncates and pads as `tokenizer(text, padding="max_length",
-//! max_length=n, truncation=True)`.
+//! max_length=n, truncation=True)`. Like transformers 5.24's `T5Tokenizer` (what diffusers
+//! calls), [`T5Tokenizer::from_dir`] takes only the vocabulary, the charsmap and the added
+//! tokens from a T5 `tokenizer.json` and builds the rest of the pipeline itself;
+//! [`T5Tokenizer::from_json`] follows the file's own pipeline (HF tokenizers' `from_file`).
 //!
 //! Ported instead of using the `tokenizers` crate: that crate turns on features of `ahash`,
 //! `regex-automata` and `aho-corasick` that Burn's crates use, and its charsmap reader
@@ -73,31 +76,68 @@ fn config_err(path: &Path, message: impl Into<String>) -> Sd3Error {
 }
 
 impl T5Tokenizer {
-    /// Reads `dir/tokenizer.json` (and the pad token from `dir/tokenizer_config.json`, default
-    /// `<pad>`). Unsupported components are an error naming the file and the component.
+    /// Reads `dir/tokenizer.json` and `dir/tokenizer_config.json` as transformers 5.24's
+    /// `AutoTokenizer` does. For `tokenizer_class` `T5Tokenizer` (or no config), that class
+    /// rebuilds the pipeline and takes only the vocabulary, the first `Precompiled` charsmap and
+    /// the added tokens from the file: unk id 2, no byte fallback, `WhitespaceSplit` +
+    /// `Metaspace(prepend_scheme="always")`, `$A </s>` — whatever else the file says (see
+    /// [`T5Tokenizer::from_json_t5`]). Other classes use the file's pipeline
+    /// ([`T5Tokenizer::from_json`]). The pad token (default `<pad>`) and eos token (default
+    /// `</s>`) come from the config. Errors name the file and the component.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Sd3Error::Io { path: path.clone(), source: e })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| config_err(&path, e.to_string()))?;
-        let mut tok = Self::from_json(&json, &path)?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let pad = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => {
-                let v: Value = serde_json::from_str(&t).map_err(|e| config_err(&cfg_path, e.to_string()))?;
-                match &v["pad_token"] {
-                    Value::String(s) => s.clone(),
-                    Value::Object(o) => o.get("content").and_then(Value::as_str).unwrap_or("<pad>").to_string(),
-                    _ => "<pad>".to_string(),
-                }
-            }
-            Err(_) => "<pad>".to_string(),
+        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| config_err(&cfg_path, e.to_string()))?,
+            Err(_) => Value::Null,
         };
+        let token = |key: &str, default: &str| match &cfg[key] {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => o.get("content").and_then(Value::as_str).unwrap_or(default).to_string(),
+            _ => default.to_string(),
+        };
+        let mut tok = match cfg["tokenizer_class"].as_str() {
+            None | Some("T5Tokenizer" | "T5TokenizerFast") => Self::from_json_t5(&json, &path, &token("eos_token", "</s>"))?,
+            Some(_) => Self::from_json(&json, &path)?,
+        };
+        let pad = token("pad_token", "<pad>");
         tok.pad_id = tok.token_id(&pad).ok_or_else(|| config_err(&path, format!("pad token {pad:?} is not in the vocabulary")))?;
         Ok(tok)
     }
 
-    /// Builds the tokenizer from a parsed `tokenizer.json` (`path` for error messages).
+    /// transformers 5.24 `T5Tokenizer.__init__` on a `tokenizer.json`: its Unigram vocabulary,
+    /// added tokens and first `Precompiled` normalizer (other normalizers, the pre-tokenizer and
+    /// the post-processor of the file are not used), unk id 2, `WhitespaceSplit` +
+    /// `Metaspace("▁", always, split)`, template `$A eos`.
+    pub fn from_json_t5(json: &Value, path: &Path, eos: &str) -> Result<Self> {
+        let err = |m: String| config_err(path, m);
+        let mut tok = Self::from_parts(json, path, false)?;
+        let mut normalizers: Vec<&Value> = vec![&json["normalizer"]];
+        if json["normalizer"]["type"] == "Sequence" {
+            normalizers = json["normalizer"]["normalizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+        }
+        if let Some(p) = normalizers.into_iter().find(|n| n["type"] == "Precompiled") {
+            parse_normalizer(p, &mut tok.normalizers, &err)?;
+        }
+        tok.pre_tokenizers = vec![PreTokenizer::WhitespaceSplit, PreTokenizer::Metaspace('▁', "always".into(), true)];
+        if tok.scores.len() <= 2 {
+            return Err(err(format!("T5Tokenizer needs unk id 2, but the vocabulary has {} pieces", tok.scores.len())));
+        }
+        (tok.unk_id, tok.byte_fallback) = (Some(2), false);
+        let eos_id = tok.token_id(eos).ok_or_else(|| err(format!("eos token {eos:?} is not in the vocabulary")))?;
+        tok.template = vec![None, Some(eos_id)];
+        Ok(tok)
+    }
+
+    /// Builds the tokenizer from a parsed `tokenizer.json` with the file's own pipeline (HF
+    /// tokenizers' `Tokenizer.from_file`); `path` for error messages.
     pub fn from_json(json: &Value, path: &Path) -> Result<Self> {
+        Self::from_parts(json, path, true)
+    }
+
+    fn from_parts(json: &Value, path: &Path, pipeline: bool) -> Result<Self> {
         let err = |m: String| config_err(path, m);
         let model = &json["model"];
         if model["type"] != "Unigram" {
@@ -117,10 +157,11 @@ impl T5Tokenizer {
         if unk_id.is_some_and(|u| u as usize >= scores.len()) {
             return Err(err(format!("model.unk_id {unk_id:?} is outside the vocabulary of {}", scores.len())));
         }
-        let mut normalizers = Vec::new();
-        parse_normalizer(&json["normalizer"], &mut normalizers, &err)?;
-        let mut pre_tokenizers = Vec::new();
-        parse_pre_tokenizer(&json["pre_tokenizer"], &mut pre_tokenizers, &err)?;
+        let (mut normalizers, mut pre_tokenizers) = (Vec::new(), Vec::new());
+        if pipeline {
+            parse_normalizer(&json["normalizer"], &mut normalizers, &err)?;
+            parse_pre_tokenizer(&json["pre_tokenizer"], &mut pre_tokenizers, &err)?;
+        }
         let added = json["added_tokens"]
             .as_array()
             .map(|a| a.as_slice())
@@ -152,7 +193,9 @@ impl T5Tokenizer {
             template: vec![None],
             pad_id: 0,
         };
-        tok.template = tok.parse_template(&json["post_processor"])?;
+        if pipeline {
+            tok.template = tok.parse_template(&json["post_processor"])?;
+        }
         Ok(tok)
     }
 

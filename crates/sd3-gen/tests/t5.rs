@@ -83,6 +83,27 @@ fn tokenizer_gives_the_transformers_ids() {
     }
 }
 
+/// transformers' T5Tokenizer rebuilds its pipeline: a tokenizer.json with another normalizer
+/// tail, pre-tokenizer and post-processor gives the same ids there (and here), though the
+/// file's own pipeline would not.
+#[test]
+fn tokenizer_follows_transformers_t5_class_not_the_file_pipeline() {
+    let r = Ref::load();
+    let variant = dir().join("../sd3-tiny-tokenizer-variant");
+    let tok = T5Tokenizer::from_dir(&variant).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(variant.join("tokenizer.json")).unwrap()).unwrap();
+    let file_pipeline = T5Tokenizer::from_json(&json, &variant.join("tokenizer.json")).unwrap();
+    let mut differs = 0;
+    for (p, text) in tok_prompts().iter().enumerate() {
+        let want = r.i64(&format!("variant.{p}"));
+        let got: Vec<i64> = tok.tokenize(text, 16).unwrap().into_iter().map(i64::from).collect();
+        assert_eq!(got, want, "prompt {text:?}");
+        let file: Vec<i64> = file_pipeline.tokenize(text, 16).unwrap().into_iter().map(i64::from).collect();
+        differs += usize::from(file != want);
+    }
+    assert!(differs >= 3, "the variant's own pipeline should tokenize differently ({differs} prompts differ)");
+}
+
 #[test]
 fn relative_position_buckets_match_transformers() {
     let r = Ref::load();
