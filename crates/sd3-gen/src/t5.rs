@@ -10,12 +10,10 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 use serial_lora::layers::Activation;
 use serial_lora::weights::{KeyTable, load_safetensors_dir};
-use serial_lora::{Attention, AttentionConfig, LoraLinear};
+use serial_lora::{Attention, AttentionConfig, LoraLinear, sdpa};
 
 use crate::error::{Result, Sd3Error};
 
@@ -174,10 +172,11 @@ impl<B: Backend> T5Block<B> {
         let a = &self.attention;
         let (q, k, v) = a.qkv(self.layer_norm_attn.forward(x.clone()));
         let (q, k, v) = (a.split_heads(q), a.split_heads(k), a.split_heads(v));
-        let [b, h, l, _] = q.dims();
-        // T5 does not scale the scores (the 1/√d_kv is folded into the initialisation of q)
-        let opts = AttentionModuleOptions { scale: Some(1.0), softcap: None, is_causal: false };
-        let o = attention(q, k, v, None, Some(position_bias.expand([b, h, l, l])), opts);
+        // T5 does not scale the scores (the 1/√d_kv is folded into the initialisation of q):
+        // q·√d_kv cancels sdpa's 1/√d_kv — exactly for d_kv a power of 4 (T5-XXL: 64), and on
+        // every backend (a custom `scale` option is not honoured by all fused kernels)
+        let d_kv = q.dims()[3] as f64;
+        let o = sdpa(q.mul_scalar(d_kv.sqrt()), k, v, None, Some(position_bias));
         let x = x + a.output(o);
         x.clone() + self.ff.forward(self.layer_norm_ff.forward(x))
     }

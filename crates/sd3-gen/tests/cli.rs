@@ -149,3 +149,23 @@ fn sample_from_prompts_with_t5_gives_the_diffusers_embeddings() {
     assert!(zeros.data[77 * 12..].iter().all(|v| *v == 0.0));
     assert_eq!(zeros.data[..77 * 12], got["prompt_embeds"].data[..77 * 12]);
 }
+
+#[test]
+fn a_model_with_text_encoder_3_but_no_tokenizer_3_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    for sub in ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2"] {
+        std::fs::create_dir_all(model.join(sub)).unwrap();
+        for f in std::fs::read_dir(dir().join(sub)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), model.join(sub).join(f.file_name())).unwrap();
+        }
+    }
+    let png = tmp.path().join("img.png");
+    let (ok, err) = sd3(&["sample", "--model", s(&model), "--prompt", "a cat", "--steps", "1", "--height", "8", "--width", "8", "--output", s(&png)]);
+    assert!(!ok && err.contains("tokenizer_3/tokenizer.json") && !err.contains("panicked"), "{err}");
+    // --no-t5 does not need it
+    let (ok, err) =
+        sd3(&["sample", "--model", s(&model), "--prompt", "a cat", "--no-t5", "--steps", "1", "--height", "8", "--width", "8", "--output", s(&png)]);
+    assert!(ok, "{err}");
+}
