@@ -45,6 +45,9 @@ impl<B: Backend> T5TextEncoder<B> {
 
     /// `_get_t5_prompt_embeds`: `[b, max_sequence_length, d_model]`.
     pub fn encode(&self, prompts: &[String], max_sequence_length: usize, device: &B::Device) -> Result<Tensor<B, 3>> {
+        if max_sequence_length == 0 {
+            return Err(Sd3Error::Input("max_sequence_length must be at least 1 for the T5 encoder".into()));
+        }
         let ids: Vec<i64> = self.token_ids(prompts, max_sequence_length)?.into_iter().flatten().map(i64::from).collect();
         Ok(self.model.forward(Tensor::from_data(TensorData::new(ids, [prompts.len(), max_sequence_length]), device)))
     }

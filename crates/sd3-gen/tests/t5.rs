@@ -143,6 +143,8 @@ fn encode_prompt_with_t5_matches_diffusers() {
     let (e, p) = clip.encode_with_t5(&vec![String::new(); 3], 12, Some(&t5), 6, &dev).unwrap();
     r.check("pipe.negative_prompt_embeds", e);
     r.check("pipe.negative_pooled_prompt_embeds", p);
+    let err = clip.encode_with_t5(&prompts, 12, Some(&t5), 0, &dev).unwrap_err().to_string();
+    assert!(err.contains("max_sequence_length"), "{err}");
     // a transformer of another width is refused with both numbers
     let err = clip.encode_with_t5(&prompts, 16, Some(&t5), 6, &dev).unwrap_err().to_string();
     assert!(err.contains("d_model 12") && err.contains("joint_attention_dim 16"), "{err}");
