@@ -269,10 +269,7 @@ impl<B: Backend> T5EncoderModel<B> {
     }
 }
 
-/// transformers `T5EncoderModel` keys → Burn paths. `shared.weight` maps by name; Linear
-/// weights are transposed by the PyTorch adapter.
-pub const KEY_TABLE: KeyTable = KeyTable {
-    rules: &[&[
+const RULES: &[(&str, &str)] = &[
         (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v)\.weight$", "block.$1.attention.qkv.Separate.$2.base.weight"),
         (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.o\.weight$", "block.$1.attention.o.base.weight"),
         (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$", "relative_attention_bias"),
@@ -280,11 +277,33 @@ pub const KEY_TABLE: KeyTable = KeyTable {
         (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$", "block.$1.ff.$2.weight"),
         (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", "block.$1.layer_norm_ff.weight"),
         (r"^encoder\.final_layer_norm\.weight$", "final_layer_norm.weight"),
-    ]],
+];
+
+/// transformers `T5EncoderModel` keys → Burn paths. `shared.weight` maps by name; Linear
+/// weights are transposed by the PyTorch adapter.
+pub const KEY_TABLE: KeyTable = KeyTable {
+    rules: &[RULES],
     // the encoder's copy of the tied embedding (`shared.weight` is loaded)
     ignore: &[r"^encoder\.embed_tokens\.weight$"],
     by_hand: &[],
 };
+
+/// [`KEY_TABLE`] for checkpoints that hold the tied embedding only as `encoder.embed_tokens.weight`.
+pub const KEY_TABLE_EMBED_TOKENS: KeyTable =
+    KeyTable { rules: &[RULES, &[(r"^encoder\.embed_tokens\.weight$", "shared.weight")]], ignore: &[], by_hand: &[] };
+
+/// The tensor names of a checkpoint directory: `model.safetensors`'s header, or the
+/// `weight_map` of `model.safetensors.index.json` (absent files: an empty list; the load names them).
+fn checkpoint_keys(dir: &Path) -> Result<Vec<String>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(serial_lora::weights::tensor_names(&single)?);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let Ok(text) = std::fs::read_to_string(&index) else { return Ok(Vec::new()) };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: index.clone(), message: e.to_string() })?;
+    Ok(v["weight_map"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default())
+}
 
 /// Loads a `T5EncoderModel` directory (`config.json` + `model.safetensors` or the sharded
 /// `model.safetensors.index.json`), e.g. SD3's `text_encoder_3/`. Half-precision weights are
@@ -292,5 +311,8 @@ pub const KEY_TABLE: KeyTable = KeyTable {
 pub fn load_t5<B: Backend>(dir: &Path, device: &B::Device) -> Result<(T5EncoderModel<B>, T5Config)> {
     let config = T5Config::from_json_file(&dir.join("config.json"))?;
     let model = T5EncoderModel::new(&config, device)?;
-    Ok((load_safetensors_dir(model, dir, "model", &KEY_TABLE)?, config))
+    let keys = checkpoint_keys(dir)?;
+    let has = |k: &str| keys.iter().any(|n| n == k);
+    let table = if !has("shared.weight") && has("encoder.embed_tokens.weight") { &KEY_TABLE_EMBED_TOKENS } else { &KEY_TABLE };
+    Ok((load_safetensors_dir(model, dir, "model", table)?, config))
 }

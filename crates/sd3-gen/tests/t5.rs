@@ -175,6 +175,21 @@ fn bad_t5_files_are_named() {
     std::fs::remove_file(enc.join("model-00002-of-00002.safetensors")).unwrap();
     let err = load_t5::<B>(&enc, &dev).err().unwrap().to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    // the tied embedding stored only as encoder.embed_tokens.weight (older checkpoints) loads the same
+    let tied = tmp.path().join("tied");
+    copy_dir(&dir().join("text_encoder_3"), &tied);
+    let index = std::fs::read_to_string(tied.join("model.safetensors.index.json")).unwrap();
+    let shard = serde_json::from_str::<serde_json::Value>(&index).unwrap()["weight_map"]["shared.weight"].as_str().unwrap().to_string();
+    let bytes = std::fs::read(tied.join(&shard)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().map(|(k, v)| (if k == "shared.weight" { "encoder.embed_tokens.weight".into() } else { k }, v)).collect();
+    std::fs::write(tied.join(&shard), safetensors::serialize(renamed, None).unwrap()).unwrap();
+    std::fs::write(tied.join("model.safetensors.index.json"), index.replace("\"shared.weight\"", "\"encoder.embed_tokens.weight\"")).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![5i64, 9, 1, 0], [1, 4]), &dev);
+    let (a, _) = load_t5::<B>(&dir().join("text_encoder_3"), &dev).unwrap();
+    let (b, _) = load_t5::<B>(&tied, &dev).unwrap();
+    assert_eq!(a.forward(ids.clone()).into_data(), b.forward(ids).into_data());
     // an unknown activation
     let cfg = std::fs::read_to_string(enc.join("config.json")).unwrap().replace("\"gated-gelu\"", "\"gated-swish\"");
     std::fs::write(enc.join("config.json"), cfg).unwrap();
