@@ -278,7 +278,7 @@ impl T5Tokenizer {
         for n in &self.normalizers {
             s = match n {
                 Normalizer::Precompiled(p) => p.normalize_string(&s),
-                Normalizer::Replace(re, to) => re.replace_all(&s, to.as_str()).into_owned(),
+                Normalizer::Replace(re, to) => re.replace_all(&s, regex::NoExpand(to)).into_owned(),
                 Normalizer::Strip { left, right } => {
                     let t = if *left { s.trim_start() } else { &s };
                     (if *right { t.trim_end() } else { t }).to_string()

@@ -85,7 +85,7 @@ fn tokenizer_gives_the_transformers_ids() {
 
 /// transformers' T5Tokenizer rebuilds its pipeline: a tokenizer.json with another normalizer
 /// tail, pre-tokenizer and post-processor gives the same ids there (and here), though the
-/// file's own pipeline would not.
+/// file's own pipeline (HF tokenizers' `from_file`, our `from_json`) does not.
 #[test]
 fn tokenizer_follows_transformers_t5_class_not_the_file_pipeline() {
     let r = Ref::load();
@@ -100,6 +100,10 @@ fn tokenizer_follows_transformers_t5_class_not_the_file_pipeline() {
         assert_eq!(got, want, "prompt {text:?}");
         let file: Vec<i64> = file_pipeline.tokenize(text, 16).unwrap().into_iter().map(i64::from).collect();
         differs += usize::from(file != want);
+        // from_json follows the file as HF tokenizers' Tokenizer.from_file does
+        let mut own: Vec<i64> = file_pipeline.encode(text).unwrap().into_iter().map(i64::from).collect();
+        own.push(-1);
+        assert_eq!(own, r.i64(&format!("file.{p}")), "file pipeline, prompt {text:?}");
     }
     assert!(differs >= 3, "the variant's own pipeline should tokenize differently ({differs} prompts differ)");
 }
