@@ -169,3 +169,27 @@ fn a_model_with_text_encoder_3_but_no_tokenizer_3_is_named() {
         sd3(&["sample", "--model", s(&model), "--prompt", "a cat", "--no-t5", "--steps", "1", "--height", "8", "--width", "8", "--output", s(&png)]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_diffusers_lora_on_both_streams_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (embeds, latents, _) = inputs(tmp.path());
+    let (png, model) = (tmp.path().join("img.png"), dir());
+    let run = |adapter: Option<&Path>, out: &Path| {
+        let mut args = vec![
+            "sample", "--model", s(&model), "--prompt-embeds", s(&embeds), "--latents", s(&latents), "--steps", "2",
+            "--height", "16", "--width", "12", "--output-latents", s(out), "--output", s(&png),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        let (ok, err) = sd3(&args);
+        assert!(ok, "{err}");
+        read_safetensors(out).unwrap().0["latents"].data.clone()
+    };
+    let base = run(None, &tmp.path().join("base.safetensors"));
+    let lora = dir().join("lora_context");
+    let adapted = run(Some(&lora), &tmp.path().join("lora.safetensors"));
+    let moved = base.iter().zip(&adapted).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the adapter did not change the sample ({moved})");
+}

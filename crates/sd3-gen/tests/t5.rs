@@ -194,6 +194,18 @@ fn bad_t5_files_are_named() {
     let (a, _) = load_t5::<B>(&dir().join("text_encoder_3"), &dev).unwrap();
     let (b, _) = load_t5::<B>(&tied, &dev).unwrap();
     assert_eq!(a.forward(ids.clone()).into_data(), b.forward(ids).into_data());
+    // a parameter no shard provides is named once, with the index
+    let cut = tmp.path().join("cut");
+    copy_dir(&dir().join("text_encoder_3"), &cut);
+    let index = std::fs::read_to_string(cut.join("model.safetensors.index.json")).unwrap();
+    let key = "encoder.final_layer_norm.weight";
+    let shard = serde_json::from_str::<serde_json::Value>(&index).unwrap()["weight_map"][key].as_str().unwrap().to_string();
+    let bytes = std::fs::read(cut.join(&shard)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(k, _)| k != key).collect();
+    std::fs::write(cut.join(&shard), safetensors::serialize(kept, None).unwrap()).unwrap();
+    let err = load_t5::<B>(&cut, &dev).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors.index.json") && err.contains("missing in every shard (1)") && err.contains("final_layer_norm.weight"), "{err}");
     // an unknown activation
     let cfg = std::fs::read_to_string(enc.join("config.json")).unwrap().replace("\"gated-gelu\"", "\"gated-swish\"");
     std::fs::write(enc.join("config.json"), cfg).unwrap();
