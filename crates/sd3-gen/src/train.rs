@@ -47,7 +47,7 @@ use crate::data::{self, CaptionDataset, CaptionedImage};
 use crate::error::{Result, Sd3Error};
 use crate::mmdit::Sd3Transformer;
 use crate::pipeline::{PromptEmbeds, SampleOptions, denoise};
-use crate::text::TextEncoders;
+use crate::text::{T5TextEncoder, TextEncoders};
 use crate::vae::{Vae, VaeConfig, load_vae};
 use crate::{Sd3TransformerConfig, load_transformer};
 
@@ -178,11 +178,6 @@ impl TrainConfig {
         if self.validation_steps == Some(0) || self.validation_inference_steps == 0 {
             return bad("validation-steps/validation-inference-steps", "0".into(), "must be at least 1");
         }
-        if !self.no_t5 {
-            return Err(Sd3Error::Input(
-                "the T5-XXL encoder is not available here yet: add --no-t5 (zeros in its place, as diffusers without text_encoder_3)".into(),
-            ));
-        }
         self.adapter_config()
     }
 
@@ -296,7 +291,10 @@ fn cache_file(run: &Path, i: usize) -> PathBuf {
 /// What a cache entry depends on besides its image: the settings that change latents or
 /// prompt embeddings.
 fn cache_key(cfg: &TrainConfig) -> String {
-    format!("model={} resolution={} random_flip={} seed={} max_sequence_length={}", cfg.model, cfg.resolution, cfg.random_flip, cfg.seed, cfg.max_sequence_length)
+    format!(
+        "model={} resolution={} random_flip={} seed={} max_sequence_length={} no_t5={}",
+        cfg.model, cfg.resolution, cfg.random_flip, cfg.seed, cfg.max_sequence_length, cfg.no_t5
+    )
 }
 
 fn read_cached(path: &Path, example: &CaptionedImage, key: &str) -> Result<Cached> {
@@ -353,7 +351,9 @@ fn build_caches<B: Backend>(
         return Ok(None);
     }
     let enc = TextEncoders::<B>::load(dir, device)?;
-    let encode = |prompts: &[String]| enc.encode(prompts, mmdit_cfg.joint_attention_dim, cfg.max_sequence_length, device);
+    // the diffusers script always has text_encoder_3; --no-t5 puts zeros in its place
+    let t5 = if cfg.no_t5 { None } else { Some(T5TextEncoder::<B>::load(dir, device)?) };
+    let encode = |prompts: &[String]| enc.encode_with_t5(prompts, mmdit_cfg.joint_attention_dim, t5.as_ref(), cfg.max_sequence_length, device);
     let cache = out.join("cache");
     std::fs::create_dir_all(&cache).map_err(|e| Sd3Error::Io { path: cache.clone(), source: e })?;
     let r = cfg.resolution;

@@ -353,7 +353,7 @@ fn cli_train_then_sample() {
     let model = fixture("sd3-tiny");
     let out = bin()
         .args(["train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--fraction", "0.5", "--method", "lora"])
-        .args(["--rank", "2", "--lr", "1e-3", "--epochs", "2", "--resolution", "16", "--batch", "1", "--grad-accum", "2", "--no-t5"])
+        .args(["--rank", "2", "--lr", "1e-3", "--epochs", "2", "--resolution", "16", "--batch", "1", "--grad-accum", "2"])
         .args(["--max-sequence-length", "2", "--validation-prompt", "a red box", "--validation-steps", "1", "--validation-inference-steps", "2"])
         .args(["--test-fraction", "0", "--out", run.to_str().unwrap()])
         .output()
@@ -365,6 +365,12 @@ fn cli_train_then_sample() {
     assert_eq!(metrics["loss"].as_array().unwrap().len(), 2);
     assert!(run.join("samples/step-000001-0.png").is_file() && run.join("samples/step-000002-0.png").is_file());
     assert!(run.join(io::DIFFUSERS_WEIGHTS_FILE).is_file());
+    // the fixture has text_encoder_3: the cached prompt embeddings carry T5 tokens after CLIP's 77
+    let (cached, _) = read_safetensors(&run.join("cache/000000.safetensors")).unwrap();
+    let pe = &cached["prompt_embeds"];
+    let width = pe.shape[1];
+    assert_eq!(pe.shape[0], 77 + 2);
+    assert!(pe.data[77 * width..].iter().any(|&v| v != 0.0), "T5 tokens are zeros");
     let png = tmp.path().join("out.png");
     let out = bin()
         .args(["sample", "--model", model.to_str().unwrap(), "--adapter", run.to_str().unwrap(), "--prompt", "a red box", "--no-t5"])
@@ -413,8 +419,4 @@ fn datasets_and_bad_input() {
     cfg.iters = Some(1);
     let err = train::<AB>(&cfg, &tmp.path().join("run"), &RunOptions::default(), &dev, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("img05.png") && err.contains("unreadable image"), "{err}");
-    // T5 not available: refused up front
-    cfg.no_t5 = false;
-    let err = train::<AB>(&cfg, &tmp.path().join("run2"), &RunOptions::default(), &dev, &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("--no-t5"), "{err}");
 }
