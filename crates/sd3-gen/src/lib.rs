@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod load;
+pub mod metrics;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;

@@ -1,0 +1,52 @@
+//! Image-generation metrics of the paper's Table II: FID exactly as pytorch-fid (Inception-v3
+//! pool3 features, f64 statistics and Fréchet distance) and CLIP-Score (raw cosine and
+//! torchmetrics' ×100 scale).
+//!
+//! Upstream: pytorch-fid 0.3.0 (mseitzer/pytorch-fid), torchmetrics 1.9.0
+//! (`torchmetrics.multimodal.CLIPScore`).
+pub mod clip_score;
+pub mod fid;
+pub mod inception;
+
+use burn::prelude::*;
+use serial_lora::imaging::RgbImage;
+
+pub use clip_score::{ClipScore, ClipScorer};
+pub use fid::{FID_EPS, Fid, FidStats, fid_from_features, frechet_distance};
+pub use inception::{FidInceptionV3, load_fid_inception};
+
+/// Images per Inception forward pass.
+const INCEPTION_BATCH: usize = 8;
+
+/// torchvision `ToTensor()` of one image: `[1, 3, h, w]`, values `v / 255`.
+pub fn to_unit_tensor<B: Backend>(img: &RgbImage, device: &B::Device) -> Tensor<B, 4> {
+    let n = img.width * img.height;
+    let mut data = vec![0f32; 3 * n];
+    for c in 0..3 {
+        for i in 0..n {
+            data[c * n + i] = img.data[i * 3 + c] as f32 / 255.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 3, img.height, img.width]), device)
+}
+
+/// pool3 features of images of any sizes, row-major `[n, 2048]`: each image is resized to 299²
+/// on its own (pytorch-fid with images of different sizes, i.e. batch size 1), then the network
+/// runs on batches of resized images. `on_image(done)` reports progress.
+pub fn inception_features<B: Backend>(
+    model: &FidInceptionV3<B>,
+    images: &[RgbImage],
+    device: &B::Device,
+    on_image: &mut dyn FnMut(usize),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(images.len() * inception::POOL3_DIM);
+    let mut done = 0;
+    for chunk in images.chunks(INCEPTION_BATCH) {
+        let x = Tensor::cat(chunk.iter().map(|i| inception::preprocess(to_unit_tensor::<B>(i, device))).collect(), 0);
+        let f = model.forward_with(x, &mut |_, _| {});
+        out.extend(f.into_data().iter::<f32>());
+        done += chunk.len();
+        on_image(done);
+    }
+    out
+}

@@ -1,0 +1,244 @@
+//! FID and CLIP-Score parity: pytorch-fid 0.3.0 (`tools/fixtures/fid_inception.py`: Inception-v3
+//! with deterministic formula weights, block by block, and `calculate_frechet_distance` on
+//! formula features) and torchmetrics 1.9.0 `CLIPScore` on the tiny CLIP
+//! (`tools/fixtures/clip_score.py`).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use sd3_gen::metrics::inception::{self, deterministic_state_dict, deterministic_uniform, load_fid_inception};
+use sd3_gen::metrics::{ClipScore, ClipScorer, FID_EPS, FidStats, fid_from_features, frechet_distance};
+use serial_lora::imaging::load_rgb;
+use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
+
+type B = Flex;
+
+/// Inception activations pointwise (the `x[0, :4, :12, :12]` border slices), relative to the
+/// slice's largest reference value: f32 through up to 47 conv + BN + ReLU layers (fan-in up to
+/// 2048) that oneDNN and Flex sum in different orders; measured ≤ 1.0e-4 (one slice of
+/// Mixed_6b), most ≤ 3e-5. A wrong padding, pooling mode or branch order gives ≥ 1e-2.
+const INCEPTION_TOL: f32 = 3e-4;
+
+/// Per-channel spatial means and pool3 (averages over many positions; measured ≤ 1.7e-6).
+const INCEPTION_MEAN_TOL: f32 = 1e-5;
+
+/// FID vs pytorch-fid (relative) with full-rank or small covariances: scipy's `sqrtm` (Schur
+/// method on the non-symmetric product) and the eigenvalue route differ by f64 round-off only.
+const FID_TOL: f64 = 1e-6;
+
+/// FID vs pytorch-fid at d = 2048 with n = 40 / 30 samples (rank-deficient, the small-eval
+/// case). Here pytorch-fid itself is off: scipy's `sqrtm` turns the ~2000 round-off eigenvalues
+/// (~1e-15) of the singular product into square roots of ~3e-8 each, lowering its result by
+/// ~1.5e-4 (9e-7 relative); numpy's eigenvalue route has the same bias. The nuclear-norm route
+/// used here is exact, so the tolerance covers pytorch-fid's bias, not ours.
+const FID_DEFICIENT_TOL: f64 = 5e-6;
+
+/// Statistics (mu, trace of sigma) in f64 from identical f32 features, stored as f32: f32
+/// rounding of the reference only.
+const STATS_TOL: f64 = 1e-6;
+
+/// CLIP cosines vs transformers/torchmetrics (absolute, cosines are in [−1, 1]): f32 through
+/// two tiny towers (clip-cls parity tolerance is 1e-5 relative).
+const CLIP_TOL: f64 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn reference(dir: &str) -> BTreeMap<String, HostTensor> {
+    read_safetensors(&fixtures().join(dir).join("reference.safetensors")).expect("reference fixture").0
+}
+
+/// max |got − want| / max |want|.
+fn rel_err(got: &[f32], want: &HostTensor) -> f32 {
+    assert_eq!(got.len(), want.data.len());
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+/// `x[0, :4, :12, :12]` and the per-channel spatial mean, as the fixture stores them.
+fn summarize(x: &Tensor<B, 4>) -> (Vec<f32>, Vec<f32>) {
+    let [_, c, h, w] = x.dims();
+    let corner = x.clone().slice([0..1, 0..4, 0..12.min(h), 0..12.min(w)]).into_data().iter::<f32>().collect();
+    let mean = x.clone().slice([0..1, 0..c, 0..h, 0..w]).mean_dim(3).mean_dim(2).into_data().iter::<f32>().collect();
+    (corner, mean)
+}
+
+#[test]
+fn inception_matches_pytorch_fid_block_by_block() {
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("pt_inception-deterministic.safetensors");
+    write_safetensors(&weights, &deterministic_state_dict::<B>(&device), Default::default()).unwrap();
+    let model = load_fid_inception::<B>(&weights, &device).expect("load through the key table");
+    drop(dir);
+    let r = reference("fid-inception");
+
+    let mut worst = 0f32;
+    let mut check = |key: String, got: &[f32]| {
+        let e = rel_err(got, &r[&key]);
+        println!("{key:24} {e:.2e}");
+        let tol = if key.ends_with(".corner") { INCEPTION_TOL } else { INCEPTION_MEAN_TOL };
+        assert!(e < tol, "{key}: relative error {e}");
+        worst = worst.max(e);
+    };
+    // one image downsampled (320×310), one upsampled (41×53) to 299²; each resized alone,
+    // then run as one batch of 2
+    let mut resized = Vec::new();
+    for (img, (h, w)) in [("a", (320, 310)), ("b", (41, 53))] {
+        let x = Tensor::<B, 4>::from_data(TensorData::new(deterministic_uniform(&format!("input.{img}"), 3 * h * w, 0.0, 1.0), [1, 3, h, w]), &device);
+        let x = inception::resize_299(x);
+        let (corner, mean) = summarize(&x);
+        check(format!("{img}.resized.corner"), &corner);
+        check(format!("{img}.resized.mean"), &mean);
+        resized.push(x);
+    }
+    let x = Tensor::cat(resized, 0).mul_scalar(2.0).sub_scalar(1.0);
+    let start = std::time::Instant::now();
+    let mut taps: Vec<(String, Tensor<B, 4>)> = Vec::new();
+    let pool3 = model.forward_with(x, &mut |name, t| taps.push((name.to_string(), t.clone())));
+    println!("forward of 2 images at 299²: {:.1} s", start.elapsed().as_secs_f32());
+    assert_eq!(taps.len(), 15);
+    for (name, t) in taps {
+        for (i, img) in ["a", "b"].into_iter().enumerate() {
+            let one = t.clone().narrow(0, i, 1);
+            let (corner, mean) = summarize(&one);
+            check(format!("{img}.{name}.corner"), &corner);
+            check(format!("{img}.{name}.mean"), &mean);
+        }
+    }
+    for (i, img) in ["a", "b"].into_iter().enumerate() {
+        let f: Vec<f32> = pool3.clone().narrow(0, i, 1).into_data().iter::<f32>().collect();
+        check(format!("{img}.pool3"), &f);
+    }
+    println!("worst relative error {worst:.2e}");
+}
+
+#[test]
+fn inception_weights_are_checked() {
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sd = deterministic_state_dict::<B>(&device);
+    // a missing tensor, a wrong shape and an unknown key: one error naming all three
+    sd.remove("Mixed_6b.branch7x7_2.conv.weight");
+    sd.insert("Mixed_5b.branch1x1.bn.running_var".into(), HostTensor { shape: vec![3], data: vec![1.0; 3] });
+    sd.insert("AuxLogits.fc.weight".into(), HostTensor { shape: vec![2], data: vec![0.0; 2] });
+    let path = dir.path().join("broken.safetensors");
+    write_safetensors(&path, &sd, Default::default()).unwrap();
+    let err = load_fid_inception::<B>(&path, &device).unwrap_err().to_string();
+    println!("{err}");
+    assert!(err.contains("broken.safetensors"), "{err}");
+    assert!(err.contains("mixed_6b.branch7x7_2.conv.weight"), "{err}");
+    assert!(err.contains("mixed_5b.branch1x1.bn.running_var"), "{err}");
+    assert!(err.contains("AuxLogits.fc.weight"), "{err}");
+    let err = load_fid_inception::<B>(&dir.path().join("none.safetensors"), &device).unwrap_err().to_string();
+    assert!(err.contains("none.safetensors"), "{err}");
+}
+
+/// The fixture's features: `(base[i, j % 16] + 0.5·noise[i, j]) · scale`, in f64, then f32.
+fn features(name: &str, n: usize, d: usize, scale: f64) -> Vec<f32> {
+    let base = deterministic_uniform(&format!("{name}.base"), n * 16, 0.0, 1.0);
+    let noise = deterministic_uniform(&format!("{name}.noise"), n * d, 0.0, 1.0);
+    (0..n * d).map(|k| ((base[(k / d) * 16 + (k % d) % 16] as f64 + 0.5 * noise[k] as f64) * scale) as f32).collect()
+}
+
+fn f64_of(r: &BTreeMap<String, HostTensor>, key: &str) -> f64 {
+    let t = &r[key];
+    t.data[0] as f64 + t.data[1] as f64
+}
+
+#[test]
+fn fid_matches_pytorch_fid() {
+    let r = reference("fid-inception");
+    for (case, d, n1, n2) in [("full", 64, 300, 250), ("deficient", 64, 20, 15), ("big_deficient", 2048, 40, 30)] {
+        let f1 = features(&format!("fid.{case}.x"), n1, d, 1.0);
+        let f2 = features(&format!("fid.{case}.y"), n2, d, 1.1);
+        let want = f64_of(&r, &format!("fid.{case}.fid64"));
+        let exact = f64_of(&r, &format!("fid.{case}.exact64"));
+        assert_eq!(r[&format!("fid.{case}.retried")].data[0], 0.0, "{case}: pytorch-fid retried with eps");
+        let rel = |v: f64| (v - want).abs() / want.abs();
+        let got = fid_from_features(&f1, n1, &f2, n2, d).unwrap();
+        println!("{case}: ours {:.10} pytorch-fid {want:.10} (rel {:.1e}); numpy eigen {exact:.10} (rel {:.1e})", got.value, rel(got.value), (got.value - exact).abs() / exact);
+        let tol = if d > n1.min(n2) && d > 64 { FID_DEFICIENT_TOL } else { FID_TOL };
+        assert!(rel(got.value) < tol, "{case}: FID {} vs pytorch-fid {want}", got.value);
+        assert!(!got.eps_retry);
+        if d <= 64 {
+            // the general d×d route on the statistics gives the same number
+            let (s1, s2) = (FidStats::from_features(&f1, n1, d).unwrap(), FidStats::from_features(&f2, n2, d).unwrap());
+            let mu: Vec<f32> = s1.mu.iter().map(|&v| v as f32).collect();
+            let e = rel_err(&mu, &r[&format!("fid.{case}.mu1")]) as f64;
+            let t = (s1.sigma.trace() - r[&format!("fid.{case}.trace1")].data[0] as f64).abs() / s1.sigma.trace();
+            assert!(e < STATS_TOL && t < STATS_TOL, "{case}: mu {e}, trace {t}");
+            let general = frechet_distance(&s1, &s2, FID_EPS).unwrap();
+            println!("{case}: statistics route {:.10} (rel {:.1e})", general.value, rel(general.value));
+            assert!(rel(general.value) < FID_TOL, "{case}: statistics route {}", general.value);
+        }
+    }
+}
+
+#[test]
+fn fid_rejects_bad_input() {
+    let f = features("x", 4, 8, 1.0);
+    let msg = |r: sd3_gen::Result<sd3_gen::metrics::Fid>| r.unwrap_err().to_string();
+    assert!(msg(fid_from_features(&f, 4, &f[..8], 1, 8)).contains("at least 2 images"));
+    assert!(msg(fid_from_features(&f, 4, &f, 3, 8)).contains("not 3 × 8"));
+    let mut bad = f.clone();
+    bad[13] = f32::NAN;
+    let m = msg(fid_from_features(&f, 4, &bad, 4, 8));
+    assert!(m.contains("feature 5 of image 1"), "{m}");
+    let (a, b) = (FidStats::from_features(&f, 4, 8).unwrap(), FidStats::from_features(&f[..16], 2, 8).unwrap());
+    assert!(frechet_distance(&a, &b, FID_EPS).is_ok());
+    let c = FidStats::from_features(&f[..12], 3, 4).unwrap();
+    assert!(msg(frechet_distance(&a, &c, FID_EPS)).contains("differ in size"));
+    // identical sets: distance 0 (up to round-off)
+    let same = fid_from_features(&f, 4, &f, 4, 8).unwrap().value;
+    assert!(same.abs() < 1e-9, "{same}");
+}
+
+/// The tiny CLIP with the tiny CLIP tokenizer of the SD3 fixture (same vocabulary).
+fn clip_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("clip-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"] {
+        std::fs::copy(fixtures().join("sd3-tiny/tokenizer").join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn clip_score_matches_torchmetrics() {
+    let device = Default::default();
+    let dir = clip_dir();
+    let scorer = ClipScorer::<B>::load(dir.path(), &device).unwrap();
+    let r = reference("clip-score");
+    let images: Vec<_> = ["rgb_40x90.png", "gray_33x33.png", "rgb_40x90.png", "rgb_61x47.png"]
+        .iter()
+        .map(|f| load_rgb(&fixtures().join("clip-images").join(f)).unwrap())
+        .collect();
+    let prompts: Vec<String> = ["art nouveau poster", "cyberpunk city at night", "two dogs, playing!", "the sea"].map(String::from).to_vec();
+    let cos = scorer.pair_cosines(&images, &prompts, &device).unwrap();
+    for (i, (g, w)) in cos.iter().zip(&r["cos"].data).enumerate() {
+        println!("pair {i}: cos {g:.7} transformers {w:.7}");
+        assert!((g - *w as f64).abs() < CLIP_TOL, "pair {i}");
+    }
+    let three = ClipScore::from_cosines(&cos[..3]).unwrap();
+    let all = ClipScore::from_cosines(&cos).unwrap();
+    println!("torchmetrics {} / ours {}; all four: {} / {}", r["torchmetrics"].data[0], three.clip_score_100, r["torchmetrics_all"].data[0], all.clip_score_100);
+    assert!((three.clip_score_100 - r["torchmetrics"].data[0] as f64).abs() < 100.0 * CLIP_TOL);
+    assert!((three.clip_score_100 - r["torchmetrics_2"].data[0] as f64).abs() < 100.0 * CLIP_TOL);
+    assert!(cos[2] < 0.0 && three.clip_score_100 > 0.0, "the clamp is on the mean, not per pair");
+    assert_eq!(all.clip_score_100, 0.0);
+    assert_eq!(r["torchmetrics_all"].data[0], 0.0);
+    assert!((three.clip_score - cos[..3].iter().sum::<f64>() / 3.0).abs() < 1e-12);
+    // image–image cosines
+    let sim = scorer.image_cosines(&images, &images[1..].iter().chain(&images[..1]).cloned().collect::<Vec<_>>(), &device).unwrap();
+    for (i, s) in sim.iter().enumerate() {
+        let w = r["image_cos"].data[i * 4 + (i + 1) % 4] as f64;
+        assert!((s - w).abs() < CLIP_TOL, "image pair {i}: {s} vs {w}");
+    }
+    assert!(ClipScore::from_cosines(&[]).is_err());
+    assert!(scorer.pair_cosines(&images, &prompts[..2], &device).unwrap_err().to_string().contains("4 images, 2 prompts"));
+}
