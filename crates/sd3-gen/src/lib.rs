@@ -9,6 +9,7 @@
 //! (`JointTransformerBlock`), `models/attention_processor.py` (`JointAttnProcessor2_0`),
 //! `schedulers/scheduling_flow_match_euler_discrete.py` (v0.42.1).
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod load;
 pub mod metrics;
