@@ -242,3 +242,103 @@ fn clip_score_matches_torchmetrics() {
     assert!(ClipScore::from_cosines(&[]).is_err());
     assert!(scorer.pair_cosines(&images, &prompts[..2], &device).unwrap_err().to_string().contains("4 images, 2 prompts"));
 }
+
+/// A captioned folder: 4 noisy colour images (different sizes), `metadata.jsonl`, `split.json`
+/// with 2 test images.
+fn tiny_dataset(dir: &std::path::Path) {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut meta = String::new();
+    for (i, (name, rgb)) in [("a", [200u8, 40, 40]), ("b", [40, 190, 60]), ("c", [50, 70, 220]), ("d", [230, 200, 40])].into_iter().enumerate() {
+        let (w, h) = (20 + 3 * i as u32, 24 - 2 * i as u32);
+        let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb(rgb.map(|c| (c as i64 + (next() % 61) as i64 - 30).clamp(0, 255) as u8)));
+        img.save(dir.join(format!("{name}.png"))).unwrap();
+        meta += &format!("{{\"file_name\": \"{name}.png\", \"text\": \"a {name} coloured square\"}}\n");
+    }
+    std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
+    std::fs::write(dir.join("split.json"), r#"{"train": ["a", "d"], "test": ["b", "c"]}"#).unwrap();
+}
+
+fn sd3(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sd3-gen")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn eval_end_to_end_on_the_tiny_pipeline() {
+    let device = Default::default();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    tiny_dataset(&data);
+    let weights = tmp.path().join("inception.safetensors");
+    write_safetensors(&weights, &deterministic_state_dict::<B>(&device), Default::default()).unwrap();
+    let clip = clip_dir();
+    let images = tmp.path().join("generated");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let sd3_dir = s(&fixtures().join("sd3-tiny"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "eval", "--model", &sd3_dir, "--dataset", &s(&data), "--inception", &s(&weights), "--clip-model", &s(clip.path()), "--no-t5",
+            "--max-sequence-length", "4", "--steps", "2", "--guidance", "2", "--height", "16", "--width", "16", "--out-images", &s(&images),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        sd3(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let start = std::time::Instant::now();
+    let (ok, out, err) = run(&["--batch", "2"]);
+    assert!(ok, "{err}");
+    println!("eval: {out} ({:.1} s)", start.elapsed().as_secs_f32());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["split"], "test");
+    assert_eq!(v["images"], 2);
+    assert_eq!(v["real_images"], 2);
+    let (fid, cs, cs100) = (v["fid"].as_f64().unwrap(), v["clip_score"].as_f64().unwrap(), v["clip_score_100"].as_f64().unwrap());
+    assert!(fid.is_finite() && fid > 0.0, "{fid}");
+    assert!((-1.0..=1.0).contains(&cs) && (cs100 - (100.0 * cs).max(0.0)).abs() < 1e-9);
+    assert!(v["clip_image_similarity"].as_f64().unwrap().abs() <= 1.0);
+
+    // the printed FID is the library's FID of the written images against the real ones
+    let gen_imgs: Vec<_> = (0..2).map(|i| load_rgb(&images.join(format!("{i:05}.png"))).unwrap()).collect();
+    let real: Vec<_> = ["b", "c"].iter().map(|n| load_rgb(&data.join(format!("{n}.png"))).unwrap()).collect();
+    assert!(gen_imgs.iter().all(|i| (i.width, i.height) == (16, 16)));
+    let model = load_fid_inception::<B>(&weights, &device).unwrap();
+    let fg = sd3_gen::metrics::inception_features(&model, &gen_imgs, &device, &mut |_| {});
+    let fr = sd3_gen::metrics::inception_features(&model, &real, &device, &mut |_| {});
+    let want = fid_from_features(&fg, 2, &fr, 2, 2048).unwrap().value;
+    assert!((fid - want).abs() <= 1e-9 * want.abs(), "{fid} vs {want}");
+
+    // images already in --out-images are reused (resume), and the batch size does not change
+    // the noise of image i: regenerating image 1 alone gives the same JSON
+    std::fs::remove_file(images.join("00001.png")).unwrap();
+    let before = std::fs::read(images.join("00000.png")).unwrap();
+    let (ok, out3, err) = run(&["--batch", "1"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("reusing 1 generated image(s)"), "{err}");
+    assert_eq!(out.trim(), out3.trim(), "image 1 regenerated alone equals its batch-2 version");
+    assert_eq!(before, std::fs::read(images.join("00000.png")).unwrap());
+
+    // bad input is named
+    let (ok, _, err) = run(&["--num-images", "3"]);
+    assert!(!ok && err.contains("--num-images 3"), "{err}");
+    let (ok, _, err) = run(&["--split", "val"]);
+    assert!(!ok && err.contains("--split val"), "{err}");
+    std::fs::write(data.join("c.png"), b"not a png").unwrap();
+    let (ok, _, err) = run(&[]);
+    assert!(!ok && err.contains("c.png") && err.contains("unreadable image"), "{err}");
+    std::fs::write(data.join("metadata.jsonl"), "{\"file_name\": \"a.png\", \"text\": \"\"}\n").unwrap();
+    let (ok, _, err) = run(&[]);
+    assert!(!ok && err.contains("caption missing"), "{err}");
+    println!("whole test {:.1} s", start.elapsed().as_secs_f32());
+}

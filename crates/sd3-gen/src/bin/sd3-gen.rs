@@ -80,6 +80,66 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Generate images for the prompts of a dataset split and report FID (pytorch-fid's
+    /// Inception-v3) against the split's real images and CLIP-Score against the prompts (JSON).
+    Eval {
+        /// Hub id or local diffusers-layout directory of the SD3 pipeline.
+        #[arg(long)]
+        model: String,
+        /// Adapter directory for the transformer (as `sample --adapter`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Captioned image folder (metadata.jsonl or same-stem .txt captions; split.json or a seeded split).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// `test` or `train`.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Seed of the split when the folder has no split.json (the one training used).
+        #[arg(long, default_value_t = sd3_gen::data::DEFAULT_SPLIT_SEED)]
+        split_seed: u64,
+        /// Held-out share when the folder has no split.json (the one training used).
+        #[arg(long, default_value_t = sd3_gen::data::DEFAULT_TEST_FRACTION)]
+        test_fraction: f64,
+        /// Images to generate: the first N prompts of the split (default: all of them).
+        #[arg(long)]
+        num_images: Option<usize>,
+        /// pytorch-fid's Inception weights as safetensors (a file, a directory holding
+        /// pt_inception-2015-12-05-6726825d.safetensors, or a hub id with that file).
+        #[arg(long)]
+        inception: String,
+        /// CLIP model for CLIP-Score (hub id or local HF directory).
+        #[arg(long, default_value = "openai/clip-vit-large-patch14")]
+        clip_model: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Without the T5-XXL encoder (zeros in its place; required until T5 is ported).
+        #[arg(long)]
+        no_t5: bool,
+        #[arg(long, default_value_t = 256)]
+        max_sequence_length: usize,
+        /// Negative prompt (default "").
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long, default_value_t = 28)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.0)]
+        guidance: f32,
+        /// Image i starts from the noise of seed + i (independent of --batch).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long)]
+        width: Option<usize>,
+        /// Prompts per denoising batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Keep the generated images here (NNNNN.png); images already there are reused, so an
+        /// interrupted eval resumes.
+        #[arg(long)]
+        out_images: Option<PathBuf>,
+    },
 }
 
 /// The tensor `key` of `file`, which must exist and have `D` dimensions.
@@ -90,6 +150,9 @@ fn take<B: Backend, const D: usize>(t: &mut BTreeMap<String, HostTensor>, file: 
     }
     Ok(h.to_tensor(device))
 }
+
+#[path = "sd3-gen/eval.rs"]
+mod eval;
 
 fn scheduler_shift(dir: &Path) -> Result<f64> {
     let path = dir.join("scheduler/scheduler_config.json");
@@ -107,7 +170,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     let Cmd::Sample {
         model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
-    } = cmd;
+    } = cmd
+    else {
+        return eval::run::<B<AB>>(device, cmd);
+    };
     let mut prompt = prompt.clone();
     if let Some(f) = prompt_file {
         let text = std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?;
@@ -237,7 +303,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let Cmd::Sample { device, .. } = &cli.command;
+    let (Cmd::Sample { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command))
 }
