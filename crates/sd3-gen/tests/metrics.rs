@@ -243,6 +243,23 @@ fn clip_score_matches_torchmetrics() {
     assert!(scorer.pair_cosines(&images, &prompts[..2], &device).unwrap_err().to_string().contains("4 images, 2 prompts"));
 }
 
+#[test]
+fn fid_images_drop_alpha_as_pil_convert_rgb() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("rgba.png");
+    image::RgbaImage::from_fn(3, 2, |x, y| image::Rgba([200, 100 + x as u8, 50 + y as u8, 64])).save(&path).unwrap();
+    let fid = sd3_gen::metrics::load_rgb_fid(&path).unwrap();
+    // PIL: Image.new('RGBA', …, (200, 100, 50, 64)).convert('RGB') → (200, 100, 50)
+    assert_eq!(&fid.data[..6], &[200, 100, 50, 200, 101, 50]);
+    assert_ne!(load_rgb(&path).unwrap().data, fid.data, "CLIP's decoding composites on white");
+    let gray = tmp.path().join("la.png");
+    image::GrayAlphaImage::from_pixel(2, 2, image::LumaA([90, 10])).save(&gray).unwrap();
+    assert_eq!(sd3_gen::metrics::load_rgb_fid(&gray).unwrap().data, vec![90; 12]);
+    std::fs::write(tmp.path().join("bad.png"), b"nope").unwrap();
+    let err = sd3_gen::metrics::load_rgb_fid(&tmp.path().join("bad.png")).unwrap_err().to_string();
+    assert!(err.contains("bad.png") && err.contains("unreadable image"), "{err}");
+}
+
 /// A captioned folder: 4 noisy colour images (different sizes), `metadata.jsonl`, `split.json`
 /// with 2 test images.
 fn tiny_dataset(dir: &std::path::Path) {

@@ -264,6 +264,9 @@ impl<B: Backend> InceptionE<B> {
     }
 }
 
+/// A named stage of the network after `block1`.
+type Stage<'a, B> = (&'static str, &'a dyn Fn(Tensor<B, 4>) -> Tensor<B, 4>);
+
 /// pytorch-fid's `InceptionV3([3])` (pool3 features) with its weights.
 #[derive(Module, Debug)]
 pub struct FidInceptionV3<B: Backend> {
@@ -321,7 +324,7 @@ impl<B: Backend> FidInceptionV3<B> {
         tap("block0", &x);
         x = max3_s2(self.conv2d_4a_3x3.forward(self.conv2d_3b_1x1.forward(x)));
         tap("block1", &x);
-        let stages: [(&str, &dyn Fn(Tensor<B, 4>) -> Tensor<B, 4>); 11] = [
+        let stages: [Stage<'_, B>; 11] = [
             ("Mixed_5b", &|x| self.mixed_5b.forward(x)),
             ("Mixed_5c", &|x| self.mixed_5c.forward(x)),
             ("Mixed_5d", &|x| self.mixed_5d.forward(x)),

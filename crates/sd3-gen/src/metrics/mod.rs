@@ -8,8 +8,12 @@ pub mod clip_score;
 pub mod fid;
 pub mod inception;
 
+use std::path::Path;
+
 use burn::prelude::*;
 use serial_lora::imaging::RgbImage;
+
+use crate::error::{Result, Sd3Error};
 
 pub use clip_score::{ClipScore, ClipScorer};
 pub use fid::{FID_EPS, Fid, FidStats, fid_from_features, frechet_distance};
@@ -17,6 +21,25 @@ pub use inception::{FidInceptionV3, load_fid_inception};
 
 /// Images per Inception forward pass.
 const INCEPTION_BATCH: usize = 8;
+
+/// Decodes an image as pytorch-fid's `ImagePathDataset` does, with PIL's
+/// `Image.open(path).convert('RGB')`: an alpha channel is dropped, not composited (CLIP's
+/// processor and [`serial_lora::imaging::load_rgb`] composite on white instead); images without
+/// alpha decode as `load_rgb` does.
+pub fn load_rgb_fid(path: &Path) -> Result<RgbImage> {
+    let bad = |m: String| Sd3Error::Dataset { path: path.to_path_buf(), message: format!("unreadable image: {m}") };
+    let img = image::ImageReader::open(path)
+        .map_err(|e| bad(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?
+        .decode()
+        .map_err(|e| bad(e.to_string()))?;
+    if !img.color().has_alpha() {
+        return serial_lora::imaging::load_rgb(path).map_err(|e| bad(e.to_string()));
+    }
+    let rgb = img.to_rgb8();
+    Ok(RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+}
 
 /// torchvision `ToTensor()` of one image: `[1, 3, h, w]`, values `v / 255`.
 pub fn to_unit_tensor<B: Backend>(img: &RgbImage, device: &B::Device) -> Tensor<B, 4> {

@@ -10,7 +10,7 @@ use burn::tensor::Distribution;
 use indicatif::ProgressBar;
 use sd3_gen::data::{CaptionDataset, CaptionedImage, load_image};
 use sd3_gen::load_transformer;
-use sd3_gen::metrics::{ClipScore, ClipScorer, fid_from_features, inception_features, load_fid_inception};
+use sd3_gen::metrics::{ClipScore, ClipScorer, fid_from_features, inception_features, load_fid_inception, load_rgb_fid};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::TextEncoders;
 use sd3_gen::vae::load_vae;
@@ -133,8 +133,10 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     if let Some(d) = out_images {
         std::fs::create_dir_all(d).with_context(|| format!("--out-images {}", d.display()))?;
     }
-    // fail on bad real images and weights before the expensive generation
+    // fail on bad real images and weights before the expensive generation; FID decodes as
+    // pytorch-fid (alpha dropped), CLIP as its image processor (alpha composited on white)
     let real: Vec<RgbImage> = items.iter().map(load_image).collect::<Result<_, _>>()?;
+    let real_fid: Vec<RgbImage> = items.iter().map(|c| load_rgb_fid(&c.image)).collect::<Result<_, _>>()?;
     let inception_file = inception_path(inception)?;
     let inception_model = load_fid_inception::<B>(&inception_file, device)?;
     let clip_dir = ClipScorer::<B>::resolve(clip_model).with_context(|| format!("--clip-model {clip_model}"))?;
@@ -159,7 +161,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
 
     let bar = ProgressBar::new((generated.len() + real.len()) as u64).with_message("Inception features");
     let fg = inception_features(&inception_model, &generated, device, &mut |i| bar.set_position(i as u64));
-    let fr = inception_features(&inception_model, &real, device, &mut |i| bar.set_position((generated.len() + i) as u64));
+    let fr = inception_features(&inception_model, &real_fid, device, &mut |i| bar.set_position((generated.len() + i) as u64));
     bar.finish_and_clear();
     drop(inception_model);
     let fid = fid_from_features(&fg, generated.len(), &fr, real.len(), sd3_gen::metrics::inception::POOL3_DIM)?;
