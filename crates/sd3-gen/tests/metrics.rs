@@ -169,6 +169,7 @@ fn fid_matches_pytorch_fid() {
             let mu: Vec<f32> = s1.mu.iter().map(|&v| v as f32).collect();
             let e = rel_err(&mu, &r[&format!("fid.{case}.mu1")]) as f64;
             let t = (s1.sigma.trace() - r[&format!("fid.{case}.trace1")].data[0] as f64).abs() / s1.sigma.trace();
+            println!("{case}: mu rel {e:.1e}, trace rel {t:.1e}");
             assert!(e < STATS_TOL && t < STATS_TOL, "{case}: mu {e}, trace {t}");
             let general = frechet_distance(&s1, &s2, FID_EPS).unwrap();
             println!("{case}: statistics route {:.10} (rel {:.1e})", general.value, rel(general.value));
