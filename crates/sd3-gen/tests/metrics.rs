@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use burn::backend::Flex;
 use burn::prelude::*;
 use sd3_gen::metrics::inception::{self, deterministic_state_dict, deterministic_uniform, load_fid_inception};
-use sd3_gen::metrics::{ClipScore, ClipScorer, FID_EPS, FidStats, fid_from_features, frechet_distance};
+use sd3_gen::metrics::{ClipScore, ClipScorer, FID_EPS, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 
@@ -37,6 +37,12 @@ const FID_DEFICIENT_TOL: f64 = 5e-6;
 /// Statistics (mu, trace of sigma) in f64 from identical f32 features, stored as f32: f32
 /// rounding of the reference only.
 const STATS_TOL: f64 = 1e-6;
+
+/// FID through the stored-statistics route (`A·Σ·Aᵀ`) vs the nuclear-norm route on the same
+/// features (relative): both exact in exact arithmetic; the centered features have rank n − 1,
+/// so one eigenvalue of `A·Σ·Aᵀ` is round-off whose square root enters the trace (measured
+/// 1.7e-9 at d = 64, n = 20 / 15).
+const ROUTE_TOL: f64 = 1e-7;
 
 /// CLIP cosines vs transformers/torchmetrics (absolute, cosines are in [−1, 1]): f32 through
 /// two tiny towers (clip-cls parity tolerance is 1e-5 relative).
@@ -163,6 +169,15 @@ fn fid_matches_pytorch_fid() {
         let tol = if d > n1.min(n2) && d > 64 { FID_DEFICIENT_TOL } else { FID_TOL };
         assert!(rel(got.value) < tol, "{case}: FID {} vs pytorch-fid {want}", got.value);
         assert!(!got.eps_retry);
+        // stored statistics of the first set against the features of the second: same number
+        let stats = FidStats::from_features(&f1, n1, d).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        stats.save(&dir.path().join("stats.safetensors")).unwrap();
+        let loaded = FidStats::load(&dir.path().join("stats.safetensors")).unwrap();
+        assert_eq!(loaded, stats, "f64 round trip");
+        let mixed = fid_stats_vs_features(&loaded, &f2, n2, d).unwrap();
+        println!("{case}: statistics vs features {:.10} (rel to ours {:.1e})", mixed.value, (mixed.value - got.value).abs() / got.value);
+        assert!((mixed.value - got.value).abs() < ROUTE_TOL * got.value.abs(), "{case}: {} vs {}", mixed.value, got.value);
         if d <= 64 {
             // the general d×d route on the statistics gives the same number
             let (s1, s2) = (FidStats::from_features(&f1, n1, d).unwrap(), FidStats::from_features(&f2, n2, d).unwrap());
@@ -192,6 +207,12 @@ fn fid_rejects_bad_input() {
     assert!(frechet_distance(&a, &b, FID_EPS).is_ok());
     let c = FidStats::from_features(&f[..12], 3, 4).unwrap();
     assert!(msg(frechet_distance(&a, &c, FID_EPS)).contains("differ in size"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.safetensors");
+    write_safetensors(&p, &BTreeMap::from([("mu".to_string(), HostTensor { shape: vec![3], data: vec![0.0; 3] })]), Default::default()).unwrap();
+    let m = FidStats::load(&p).unwrap_err().to_string();
+    assert!(m.contains("s.safetensors") && m.contains("no tensor `sigma`"), "{m}");
+    assert!(fid_stats_vs_features(&a, &f, 2, 4).unwrap_err().to_string().contains("8 dimensions, the features 4"));
     // identical sets: distance 0 (up to round-off)
     let same = fid_from_features(&f, 4, &f, 4, 8).unwrap().value;
     assert!(same.abs() < 1e-9, "{same}");
@@ -338,14 +359,24 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
     assert!((fid - want).abs() <= 1e-9 * want.abs(), "{fid} vs {want}");
 
     // images already in --out-images are reused (resume), and the batch size does not change
-    // the noise of image i: regenerating image 1 alone gives the same JSON
+    // the noise of image i: regenerating image 1 alone gives the same images. --real-stats is
+    // written on first use (FID through the stored-statistics route: the same number) and read
+    // on the next (no real image through Inception): the same JSON again.
     std::fs::remove_file(images.join("00001.png")).unwrap();
     let before = std::fs::read(images.join("00000.png")).unwrap();
-    let (ok, out3, err) = run(&["--batch", "1"]);
+    let stats = tmp.path().join("real-stats.safetensors");
+    let (ok, out_s, err) = run(&["--batch", "1", "--real-stats", &s(&stats)]);
     assert!(ok, "{err}");
-    assert!(err.contains("reusing 1 generated image(s)"), "{err}");
-    assert_eq!(out.trim(), out3.trim(), "image 1 regenerated alone equals its batch-2 version");
+    assert!(err.contains("reusing 1 generated image(s)") && stats.is_file(), "{err}");
     assert_eq!(before, std::fs::read(images.join("00000.png")).unwrap());
+    let mut vs: serde_json::Value = serde_json::from_str(out_s.trim()).unwrap();
+    let fid_s = vs["fid"].as_f64().unwrap();
+    assert!((fid_s - fid).abs() < ROUTE_TOL * fid, "{fid_s} vs {fid}");
+    vs["fid"] = v["fid"].clone();
+    assert_eq!(vs, v, "regenerated image 1 alone equals its batch-2 version");
+    let (ok, out_l, err) = run(&["--real-stats", &s(&stats)]);
+    assert!(ok && err.contains("FID statistics of the real images from") && err.contains("reusing 2"), "{err}");
+    assert_eq!(out_s.trim(), out_l.trim());
 
     // bad input is named
     let (ok, _, err) = run(&["--num-images", "3"]);

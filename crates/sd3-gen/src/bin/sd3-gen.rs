@@ -108,6 +108,10 @@ enum Cmd {
         /// pt_inception-2015-12-05-6726825d.safetensors, or a hub id with that file).
         #[arg(long)]
         inception: String,
+        /// FID statistics of the real images (safetensors `mu`, `sigma`): read if the file
+        /// exists, else computed from the split's images and written there.
+        #[arg(long)]
+        real_stats: Option<PathBuf>,
         /// CLIP model for CLIP-Score (hub id or local HF directory).
         #[arg(long, default_value = "openai/clip-vit-large-patch14")]
         clip_model: String,

@@ -11,7 +11,13 @@
 //! the real part of scipy's result does). With features instead of statistics and fewer
 //! samples than dimensions (small evals), the non-zero eigenvalues are those of the small
 //! `N1×N2` matrix `A1·A2ᵀ` of the centered features: `tr = ‖A1·A2ᵀ‖_* / √((N1−1)(N2−1))`
-//! (nuclear norm), exact and O(N1·N2·D).
+//! (nuclear norm), exact and O(N1·N2·D); against stored statistics it is
+//! `Σ √eig(A2·Σ1·A2ᵀ) / √(N2−1)`, an `N2×N2` problem.
+//!
+//! Statistics files: safetensors with `mu [d]` and `sigma [d, d]` in f64 (pytorch-fid's `.npz`
+//! keys; convert one with `safetensors.numpy.save_file({"mu": f["mu"], "sigma": f["sigma"]}, …)`).
+use std::path::Path;
+
 use nalgebra::{DMatrix, DVector};
 
 use crate::error::{Result, Sd3Error};
@@ -63,6 +69,51 @@ impl FidStats {
         let (a, mu) = centered(features, n, d, "features")?;
         let sigma = (a.transpose() * &a) / (n as f64 - 1.0);
         Ok(Self { mu, sigma, n })
+    }
+
+    /// Writes `mu`, `sigma` (f64) and the sample count (metadata `n`) atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use safetensors::tensor::TensorView;
+        let d = self.mu.len();
+        let mu: Vec<u8> = self.mu.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // nalgebra is column-major; sigma is symmetric, but write it row-major regardless
+        let sigma: Vec<u8> = (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).flat_map(|(i, j)| self.sigma[(i, j)].to_le_bytes()).collect();
+        let bad = |e: safetensors::SafeTensorError| Sd3Error::Input(format!("{}: cannot write FID statistics: {e}", path.display()));
+        let views = [
+            ("mu", TensorView::new(safetensors::Dtype::F64, vec![d], &mu).map_err(bad)?),
+            ("sigma", TensorView::new(safetensors::Dtype::F64, vec![d, d], &sigma).map_err(bad)?),
+        ];
+        let meta = std::collections::HashMap::from([("n".to_string(), self.n.to_string())]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        Ok(serial_lora::io::write_atomic(path, &bytes)?)
+    }
+
+    /// Reads a statistics file (`mu [d]`, `sigma [d, d]`, f64 or f32); errors name the file and key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Sd3Error::Io { path: path.into(), source: e })?;
+        let bad = |m: String| Sd3Error::Dataset { path: path.into(), message: format!("FID statistics: {m}") };
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let get = |key: &str| -> Result<(Vec<usize>, Vec<f64>)> {
+            let v = st.tensor(key).map_err(|_| bad(format!("no tensor `{key}`")))?;
+            let data = match v.dtype() {
+                safetensors::Dtype::F64 => v.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64).collect(),
+                other => return Err(bad(format!("`{key}` has dtype {other:?}; expected F64 or F32"))),
+            };
+            Ok((v.shape().to_vec(), data))
+        };
+        let (ms, mu) = get("mu")?;
+        let (ss, sigma) = get("sigma")?;
+        let d = mu.len();
+        if ms != [d] || ss != [d, d] {
+            return Err(bad(format!("`mu` {ms:?} and `sigma` {ss:?} are not [d] and [d, d]")));
+        }
+        if let Some(i) = mu.iter().chain(&sigma).position(|v| !v.is_finite()) {
+            return Err(bad(format!("value {i} is not finite")));
+        }
+        let n = meta.metadata().as_ref().and_then(|m| m.get("n")).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok(Self { mu: DVector::from_vec(mu), sigma: DMatrix::from_row_slice(d, d, &sigma), n })
     }
 }
 
@@ -116,6 +167,29 @@ pub fn fid_from_features(f1: &[f32], n1: usize, f2: &[f32], n2: usize, d: usize)
     let (t1, t2) = (a1.norm_squared() / k1, a2.norm_squared() / k2);
     let nuclear: f64 = (&a1 * a2.transpose()).singular_values().iter().sum();
     let value = diff.dot(&diff) + t1 + t2 - 2.0 * nuclear / (k1 * k2).sqrt();
+    if !value.is_finite() {
+        return Err(Sd3Error::Input("FID is not finite".into()));
+    }
+    Ok(Fid { value, eps_retry: false })
+}
+
+/// FID between stored statistics (e.g. of the real images) and row-major features `[n, d]`:
+/// the same number as [`frechet_distance`] of the features' [`FidStats`]; with `n < d` through
+/// the `n×n` matrix `A·Σ·Aᵀ` of the centered features (no `d×d` eigendecomposition).
+pub fn fid_stats_vs_features(stats: &FidStats, features: &[f32], n: usize, d: usize) -> Result<Fid> {
+    if stats.mu.len() != d || stats.sigma.shape() != (d, d) {
+        return Err(Sd3Error::Input(format!("FID statistics have {} dimensions, the features {d}", stats.mu.len())));
+    }
+    if n >= d {
+        return frechet_distance(stats, &FidStats::from_features(features, n, d)?, FID_EPS);
+    }
+    let (a, mu) = centered(features, n, d, "generated features")?;
+    let k = n as f64 - 1.0;
+    let m = &a * &stats.sigma * a.transpose() / k;
+    let m = (&m + m.transpose()) * 0.5;
+    let tr: f64 = m.symmetric_eigenvalues().iter().map(|w| w.max(0.0).sqrt()).sum();
+    let diff = &stats.mu - &mu;
+    let value = diff.dot(&diff) + stats.sigma.trace() + a.norm_squared() / k - 2.0 * tr;
     if !value.is_finite() {
         return Err(Sd3Error::Input("FID is not finite".into()));
     }

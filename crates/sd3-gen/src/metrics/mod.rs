@@ -16,7 +16,7 @@ use serial_lora::imaging::RgbImage;
 use crate::error::{Result, Sd3Error};
 
 pub use clip_score::{ClipScore, ClipScorer};
-pub use fid::{FID_EPS, Fid, FidStats, fid_from_features, frechet_distance};
+pub use fid::{FID_EPS, Fid, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance};
 pub use inception::{FidInceptionV3, load_fid_inception};
 
 /// Images per Inception forward pass.

@@ -10,7 +10,8 @@ use burn::tensor::Distribution;
 use indicatif::ProgressBar;
 use sd3_gen::data::{CaptionDataset, CaptionedImage, load_image};
 use sd3_gen::load_transformer;
-use sd3_gen::metrics::{ClipScore, ClipScorer, fid_from_features, inception_features, load_fid_inception, load_rgb_fid};
+use sd3_gen::metrics::inception::POOL3_DIM;
+use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, load_fid_inception, load_rgb_fid};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::TextEncoders;
 use sd3_gen::vae::load_vae;
@@ -112,7 +113,7 @@ fn generate<B: Backend>(
 
 pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let Cmd::Eval {
-        model, adapter, dataset, split, split_seed, test_fraction, num_images, inception, clip_model, no_t5, max_sequence_length, negative, steps, guidance, seed, height, width, batch, out_images, ..
+        model, adapter, dataset, split, split_seed, test_fraction, num_images, inception, real_stats, clip_model, no_t5, max_sequence_length, negative, steps, guidance, seed, height, width, batch, out_images, ..
     } = cmd
     else {
         bail!("not an eval command");
@@ -136,7 +137,18 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     // fail on bad real images and weights before the expensive generation; FID decodes as
     // pytorch-fid (alpha dropped), CLIP as its image processor (alpha composited on white)
     let real: Vec<RgbImage> = items.iter().map(load_image).collect::<Result<_, _>>()?;
-    let real_fid: Vec<RgbImage> = items.iter().map(|c| load_rgb_fid(&c.image)).collect::<Result<_, _>>()?;
+    let stored = match real_stats {
+        Some(p) if p.is_file() => {
+            let s = FidStats::load(p)?;
+            if s.mu.len() != POOL3_DIM {
+                bail!("--real-stats {}: {} dimensions, pool3 has {POOL3_DIM}", p.display(), s.mu.len());
+            }
+            eprintln!("FID statistics of the real images from {} ({} images)", p.display(), s.n);
+            Some(s)
+        }
+        _ => None,
+    };
+    let real_fid: Vec<RgbImage> = if stored.is_some() { Vec::new() } else { items.iter().map(|c| load_rgb_fid(&c.image)).collect::<Result<_, _>>()? };
     let inception_file = inception_path(inception)?;
     let inception_model = load_fid_inception::<B>(&inception_file, device)?;
     let clip_dir = ClipScorer::<B>::resolve(clip_model).with_context(|| format!("--clip-model {clip_model}"))?;
@@ -159,12 +171,21 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let opts = SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? };
     let generated = generate::<B>(&dir, adapter.as_ref(), &prompts, negative, &opts, (*seed, *height, *width, *batch, *max_sequence_length), out_images.as_ref(), device)?;
 
-    let bar = ProgressBar::new((generated.len() + real.len()) as u64).with_message("Inception features");
+    let bar = ProgressBar::new((generated.len() + real_fid.len()) as u64).with_message("Inception features");
     let fg = inception_features(&inception_model, &generated, device, &mut |i| bar.set_position(i as u64));
     let fr = inception_features(&inception_model, &real_fid, device, &mut |i| bar.set_position((generated.len() + i) as u64));
     bar.finish_and_clear();
     drop(inception_model);
-    let fid = fid_from_features(&fg, generated.len(), &fr, real.len(), sd3_gen::metrics::inception::POOL3_DIM)?;
+    let (fid, real_count) = match (stored, real_stats) {
+        (Some(s), _) => (fid_stats_vs_features(&s, &fg, generated.len(), POOL3_DIM)?, s.n),
+        (None, Some(p)) => {
+            let s = FidStats::from_features(&fr, real_fid.len(), POOL3_DIM)?;
+            s.save(p)?;
+            eprintln!("wrote {}", p.display());
+            (fid_stats_vs_features(&s, &fg, generated.len(), POOL3_DIM)?, s.n)
+        }
+        (None, None) => (fid_from_features(&fg, generated.len(), &fr, real_fid.len(), POOL3_DIM)?, real_fid.len()),
+    };
 
     let scorer = ClipScorer::<B>::load(&clip_dir, device)?;
     let score = ClipScore::from_cosines(&scorer.pair_cosines(&generated, &prompts, device)?)?;
@@ -172,7 +193,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let out = serde_json::json!({
         "split": split,
         "images": generated.len(),
-        "real_images": real.len(),
+        "real_images": real_count,
         "fid": fid.value,
         "fid_eps_retry": fid.eps_retry,
         "clip_score": score.clip_score,
