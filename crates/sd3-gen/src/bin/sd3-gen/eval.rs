@@ -47,18 +47,23 @@ fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(bytes.into_inner())
 }
 
+/// How the images are generated.
+struct Generation<'a> {
+    dir: &'a Path,
+    adapter: Option<&'a PathBuf>,
+    negative: &'a str,
+    opts: SampleOptions,
+    seed: u64,
+    height: Option<usize>,
+    width: Option<usize>,
+    batch: usize,
+    t5_tokens: usize,
+    out_images: Option<&'a PathBuf>,
+}
+
 /// Generates (or, with `--out-images`, reuses) one image per prompt.
-#[allow(clippy::too_many_arguments)]
-fn generate<B: Backend>(
-    dir: &Path,
-    adapter: Option<&PathBuf>,
-    prompts: &[String],
-    negative: &str,
-    opts: &SampleOptions,
-    (seed, height, width, batch, t5_tokens): (u64, Option<usize>, Option<usize>, usize, usize),
-    out_images: Option<&PathBuf>,
-    device: &B::Device,
-) -> Result<Vec<RgbImage>> {
+fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) -> Result<Vec<RgbImage>> {
+    let Generation { dir, adapter, negative, ref opts, seed, height, width, batch, t5_tokens, out_images } = *g;
     let path_of = |i: usize| out_images.map(|d| d.join(format!("{i:05}.png")));
     let mut images: Vec<Option<RgbImage>> = (0..prompts.len()).map(|i| path_of(i).filter(|p| p.is_file()).and_then(|p| load_rgb(&p).ok())).collect();
     let reused = images.iter().filter(|i| i.is_some()).count();
@@ -168,8 +173,19 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
     let dir = resolve_model_dir(model, needed, &optional, &HubOptions::from_env()).context("--model")?;
     let prompts: Vec<String> = items[..n].iter().map(|c| c.text.clone()).collect();
-    let opts = SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? };
-    let generated = generate::<B>(&dir, adapter.as_ref(), &prompts, negative, &opts, (*seed, *height, *width, *batch, *max_sequence_length), out_images.as_ref(), device)?;
+    let generation = Generation {
+        dir: &dir,
+        adapter: adapter.as_ref(),
+        negative,
+        opts: SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? },
+        seed: *seed,
+        height: *height,
+        width: *width,
+        batch: *batch,
+        t5_tokens: *max_sequence_length,
+        out_images: out_images.as_ref(),
+    };
+    let generated = generate::<B>(&generation, &prompts, device)?;
 
     let bar = ProgressBar::new((generated.len() + real_fid.len()) as u64).with_message("Inception features");
     let fg = inception_features(&inception_model, &generated, device, &mut |i| bar.set_position(i as u64));
