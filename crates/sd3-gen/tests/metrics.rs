@@ -213,6 +213,14 @@ fn fid_rejects_bad_input() {
     let m = FidStats::load(&p).unwrap_err().to_string();
     assert!(m.contains("s.safetensors") && m.contains("no tensor `sigma`"), "{m}");
     assert!(fid_stats_vs_features(&a, &f, 2, 4).unwrap_err().to_string().contains("8 dimensions, the features 4"));
+    // non-finite statistics are an error, not a hang in the eigen iteration
+    let mut inf = a.clone();
+    inf.sigma[(1, 2)] = f64::INFINITY;
+    assert!(msg(frechet_distance(&inf, &a, FID_EPS)).contains("not finite"));
+    let mut nan = a.clone();
+    nan.mu[0] = f64::NAN;
+    assert!(msg(frechet_distance(&a, &nan, FID_EPS)).contains("not finite"));
+    assert!(msg(fid_stats_vs_features(&nan, &f, 4, 8)).contains("not finite"));
     // identical sets: distance 0 (up to round-off)
     let same = fid_from_features(&f, 4, &f, 4, 8).unwrap().value;
     assert!(same.abs() < 1e-9, "{same}");

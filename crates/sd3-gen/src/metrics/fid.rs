@@ -117,14 +117,22 @@ impl FidStats {
     }
 }
 
-/// `tr(sqrtm(Σ1·Σ2))` via the eigenvalues of `√Σ1 Σ2 √Σ1` (Σ symmetric PSD).
-fn trace_sqrt_product(s1: &DMatrix<f64>, s2: &DMatrix<f64>) -> f64 {
+/// `tr(sqrtm(Σ1·Σ2))` via the eigenvalues of `√Σ1 Σ2 √Σ1` (Σ symmetric PSD); `None` where a
+/// matrix is not finite (nalgebra's eigen iteration would not terminate on NaN / ∞).
+fn trace_sqrt_product(s1: &DMatrix<f64>, s2: &DMatrix<f64>) -> Option<f64> {
+    let finite = |m: &DMatrix<f64>| m.iter().all(|v| v.is_finite());
+    if !finite(s1) || !finite(s2) {
+        return None;
+    }
     let e = s1.clone().symmetric_eigen();
     let roots = e.eigenvalues.map(|w| w.max(0.0).sqrt());
     let r1 = &e.eigenvectors * DMatrix::from_diagonal(&roots) * e.eigenvectors.transpose();
     let m = &r1 * s2 * &r1;
     let m = (&m + m.transpose()) * 0.5;
-    m.symmetric_eigenvalues().iter().map(|w| w.max(0.0).sqrt()).sum()
+    if !finite(&m) {
+        return None;
+    }
+    Some(m.symmetric_eigenvalues().iter().map(|w| w.max(0.0).sqrt()).sum())
 }
 
 /// `calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps)`.
@@ -141,16 +149,15 @@ pub fn frechet_distance(a: &FidStats, b: &FidStats, eps: f64) -> Result<Fid> {
     }
     let diff = &a.mu - &b.mu;
     let base = diff.dot(&diff) + a.sigma.trace() + b.sigma.trace();
-    let tr = trace_sqrt_product(&a.sigma, &b.sigma);
-    if tr.is_finite() {
+    if let Some(tr) = trace_sqrt_product(&a.sigma, &b.sigma).filter(|t| t.is_finite() && base.is_finite()) {
         return Ok(Fid { value: base - 2.0 * tr, eps_retry: false });
     }
+    // pytorch-fid: "fid calculation produces singular product; adding eps to diagonal of cov estimates"
     let offset = DMatrix::<f64>::identity(d, d) * eps;
-    let tr = trace_sqrt_product(&(&a.sigma + &offset), &(&b.sigma + &offset));
-    if !tr.is_finite() {
-        return Err(Sd3Error::Input("FID: the covariance product has no finite square root, even with eps added".into()));
+    match trace_sqrt_product(&(&a.sigma + &offset), &(&b.sigma + &offset)).filter(|t| t.is_finite() && base.is_finite()) {
+        Some(tr) => Ok(Fid { value: base - 2.0 * tr, eps_retry: true }),
+        None => Err(Sd3Error::Input("FID: the statistics are not finite or their covariance product has no finite square root, even with eps added".into())),
     }
-    Ok(Fid { value: base - 2.0 * tr, eps_retry: true })
 }
 
 /// FID between two sets of row-major features `[n1, d]` and `[n2, d]`: the same number as
@@ -187,6 +194,9 @@ pub fn fid_stats_vs_features(stats: &FidStats, features: &[f32], n: usize, d: us
     let k = n as f64 - 1.0;
     let m = &a * &stats.sigma * a.transpose() / k;
     let m = (&m + m.transpose()) * 0.5;
+    if !m.iter().chain(stats.mu.iter()).all(|v| v.is_finite()) {
+        return Err(Sd3Error::Input("FID: the statistics are not finite".into()));
+    }
     let tr: f64 = m.symmetric_eigenvalues().iter().map(|w| w.max(0.0).sqrt()).sum();
     let diff = &stats.mu - &mu;
     let value = diff.dot(&diff) + stats.sigma.trace() + a.norm_squared() / k - 2.0 * tr;

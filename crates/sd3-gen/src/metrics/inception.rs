@@ -102,6 +102,7 @@ pub struct InceptionA<B: Backend> {
 }
 
 impl<B: Backend> InceptionA<B> {
+    /// `Mixed_5b` / `5c` / `5d`: `in` = 192 / 256 / 288, `pool_features` = 32 / 64 / 64.
     pub fn new(cin: usize, pool_features: usize, d: &B::Device) -> Self {
         Self {
             branch1x1: c(cin, 64, 1, d),
@@ -113,6 +114,7 @@ impl<B: Backend> InceptionA<B> {
             branch_pool: c(cin, pool_features, 1, d),
         }
     }
+    /// `[b, in, h, w]` → `[b, 224 + pool_features, h, w]` (branches concatenated in torchvision's order).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b1 = self.branch1x1.forward(x.clone());
         let b5 = self.branch5x5_2.forward(self.branch5x5_1.forward(x.clone()));
@@ -132,6 +134,7 @@ pub struct InceptionB<B: Backend> {
 }
 
 impl<B: Backend> InceptionB<B> {
+    /// `Mixed_6a`: `in` = 288.
     pub fn new(cin: usize, d: &B::Device) -> Self {
         Self {
             branch3x3: c_s2(cin, 384, d),
@@ -140,6 +143,7 @@ impl<B: Backend> InceptionB<B> {
             branch3x3dbl_3: c_s2(96, 96, d),
         }
     }
+    /// `[b, in, h, w]` → `[b, 480 + in, (h − 3) / 2 + 1, (w − 3) / 2 + 1]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b3 = self.branch3x3.forward(x.clone());
         let bd = self.branch3x3dbl_3.forward(self.branch3x3dbl_2.forward(self.branch3x3dbl_1.forward(x.clone())));
@@ -163,6 +167,7 @@ pub struct InceptionC<B: Backend> {
 }
 
 impl<B: Backend> InceptionC<B> {
+    /// `Mixed_6b` … `6e`: `in` = 768, `channels_7x7` = 128 / 160 / 160 / 192.
     pub fn new(cin: usize, c7: usize, d: &B::Device) -> Self {
         Self {
             branch1x1: c(cin, 192, 1, d),
@@ -177,6 +182,7 @@ impl<B: Backend> InceptionC<B> {
             branch_pool: c(cin, 192, 1, d),
         }
     }
+    /// `[b, 768, h, w]` → `[b, 768, h, w]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b1 = self.branch1x1.forward(x.clone());
         let b7 = self.branch7x7_3.forward(self.branch7x7_2.forward(self.branch7x7_1.forward(x.clone())));
@@ -201,6 +207,7 @@ pub struct InceptionD<B: Backend> {
 }
 
 impl<B: Backend> InceptionD<B> {
+    /// `Mixed_7a`: `in` = 768.
     pub fn new(cin: usize, d: &B::Device) -> Self {
         Self {
             branch3x3_1: c(cin, 192, 1, d),
@@ -211,6 +218,7 @@ impl<B: Backend> InceptionD<B> {
             branch7x7x3_4: c_s2(192, 192, d),
         }
     }
+    /// `[b, in, h, w]` → `[b, 512 + in, (h − 3) / 2 + 1, (w − 3) / 2 + 1]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b3 = self.branch3x3_2.forward(self.branch3x3_1.forward(x.clone()));
         let mut b7 = self.branch7x7x3_1.forward(x.clone());
@@ -238,6 +246,7 @@ pub struct InceptionE<B: Backend> {
 }
 
 impl<B: Backend> InceptionE<B> {
+    /// `Mixed_7b` (`in` 1280, average pool) / `Mixed_7c` (`in` 2048, max pool).
     pub fn new(cin: usize, max_pool: bool, d: &B::Device) -> Self {
         Self {
             branch1x1: c(cin, 320, 1, d),
@@ -252,6 +261,7 @@ impl<B: Backend> InceptionE<B> {
             max_pool,
         }
     }
+    /// `[b, in, h, w]` → `[b, 2048, h, w]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b1 = self.branch1x1.forward(x.clone());
         let t = self.branch3x3_1.forward(x.clone());
