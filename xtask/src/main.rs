@@ -26,6 +26,10 @@ enum Cmd {
     /// Save adapters with this crate and load them with PEFT (`PeftModel.from_pretrained`),
     /// comparing outputs. Needs the .venv of `fixtures`.
     PeftCheck,
+    /// Train a LoRA with `sd3-gen train` on the tiny SD3 fixture, load it in diffusers'
+    /// `StableDiffusion3Pipeline.load_lora_weights` and compare a sample with `sd3-gen sample
+    /// --adapter`. Needs the .venv of `fixtures`.
+    Sd3LoraCheck,
 }
 
 fn root() -> PathBuf {
@@ -81,7 +85,7 @@ fn main() -> Result<()> {
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py", "sd3_text.py", "fid_inception.py", "clip_score.py"] {
+            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py", "sd3_text.py", "sd3_train_step.py", "fid_inception.py", "clip_score.py"] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
             }
@@ -92,6 +96,11 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_dir_all(&out);
             run(cargo("").args(["test", "-p", "serial-lora", "--test", "peft_export"]).env("PEFT_EXPORT_DIR", &out))?;
             run(Command::new(&py).arg("tools/fixtures/check_peft_load.py").arg(&out))?;
+        }
+        Cmd::Sd3LoraCheck => {
+            let py = venv_python()?;
+            run(cargo("").args(["build", "-p", "sd3-gen", "--bin", "sd3-gen"]))?;
+            run(Command::new(&py).arg("tools/fixtures/check_sd3_lora_load.py").arg(target_dir("").join("debug/sd3-gen")))?;
         }
     }
     eprintln!("xtask done in {:.0} s", t.elapsed().as_secs_f64());

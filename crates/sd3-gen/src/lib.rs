@@ -17,6 +17,7 @@ pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text;
+pub mod train;
 pub mod vae;
 
 pub use config::Sd3TransformerConfig;

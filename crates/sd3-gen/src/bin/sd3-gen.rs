@@ -1,4 +1,4 @@
-//! `sd3-gen`: Stable Diffusion 3 sampling with LoRA / Serial LoRA adapters on the MMDiT.
+//! `sd3-gen`: Stable Diffusion 3 sampling and LoRA / Serial LoRA (+) fine-tuning of the MMDiT.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -11,19 +11,22 @@ use indicatif::ProgressBar;
 use sd3_gen::load_transformer;
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
 use sd3_gen::text::TextEncoders;
+use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
+use serial_lora::run::{ProgressReporter, RunOptions};
 use serial_lora::{AdaptedModel, DeviceSpec};
 
 #[derive(Parser)]
-#[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling")]
+#[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling and fine-tuning")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Generate images (flow-matching Euler with classifier-free guidance, as diffusers'
     /// StableDiffusion3Pipeline) and decode them with the VAE.
@@ -144,6 +147,47 @@ enum Cmd {
         #[arg(long)]
         out_images: Option<PathBuf>,
     },
+    /// Fine-tune the MMDiT on captioned images (diffusers' train_dreambooth_lora_sd3.py recipe).
+    /// Writes train_config.json, cache/ (latents, prompt embeddings), checkpoint/, samples/,
+    /// metrics.json and the adapter into --out (LoRA: pytorch_lora_weights.safetensors, diffusers'
+    /// format; Serial LoRA: adapter_config.json + adapter_model.safetensors).
+    Train {
+        #[command(flatten)]
+        config: Box<TrainConfig>,
+        /// Run directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// Log line every N steps when stderr is not a terminal.
+        #[arg(long, default_value_t = 10)]
+        logging_steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn run_train<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+    let Cmd::Train { config, out, resume, stop_after, logging_steps, .. } = cmd else { return Ok(()) };
+    let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
+    let reporter = ProgressReporter::new(*logging_steps, "mse");
+    let m = train::<AB>(config, out, &opts, device, &mut |p| reporter.report(p))?;
+    reporter.finish();
+    eprintln!(
+        "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}{}",
+        out.display(),
+        m.trainable_params,
+        m.total_params,
+        m.run.steps,
+        m.run.total_steps,
+        m.final_loss,
+        m.adapter.as_ref().map_or(String::new(), |a| format!("; adapter {}", a.display()))
+    );
+    Ok(())
 }
 
 /// The tensor `key` of `file`, which must exist and have `D` dimensions.
@@ -172,6 +216,9 @@ fn scheduler_shift(dir: &Path) -> Result<f64> {
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+    if matches!(cmd, Cmd::Train { .. }) {
+        return run_train::<AB>(device, cmd);
+    }
     let Cmd::Sample {
         model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
     } = cmd
@@ -307,7 +354,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (Cmd::Sample { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
+    let (Cmd::Sample { device, .. } | Cmd::Train { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command))
 }

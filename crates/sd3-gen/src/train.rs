@@ -1,0 +1,663 @@
+//! Fine-tuning SD3's MMDiT with LoRA / Serial LoRA (+) on captioned images (paper Section III-A:
+//! style datasets, rank 64, 10 epochs, LoRA+ ratio 20), as diffusers'
+//! `examples/dreambooth/train_dreambooth_lora_sd3.py` (v0.42.1) trains:
+//!
+//! - images resized (short side, Pillow bilinear) and center-cropped to `--resolution`,
+//!   optionally flipped once per image (`--random-flip`, decided when the dataset is prepared),
+//!   scaled to [−1, 1];
+//! - the VAE latent distribution (mean, log-variance) and the prompt embeddings computed once per
+//!   run directory and cached in `RUN_DIR/cache/` (the text encoders are then dropped); the script
+//!   caches `latent_dist` and draws `latent_dist.sample()` every step, so do we (seeded stream);
+//! - `x0 = (z − shift_factor) · scaling_factor`, `ε ~ N(0, 1)`, timestep indices
+//!   `⌊sigmoid(N(0, 1)) · 1000⌋` (`compute_density_for_timestep_sampling("logit_normal")`) into
+//!   the scheduler's training timesteps / sigmas (shift from `scheduler_config.json`, SD3: 3),
+//!   `x_t = (1 − σ)·x0 + σ·ε`, preconditioned prediction `model_pred·(−σ) + x_t` against `x0`
+//!   (`--precondition_outputs 1`), weight 1 (`compute_loss_weighting_for_sd3("logit_normal")`),
+//!   per-sample MSE averaged over the batch;
+//! - AdamW (betas 0.9 / 0.999, eps 1e-8, weight decay 1e-4 as `--adam_weight_decay`), LoRA+ groups
+//!   for the `-plus` methods, global gradient-norm clipping at 1 (`--max_grad_norm`), gradient
+//!   accumulation as accelerate does it (each micro-batch loss ÷ accumulation steps), constant /
+//!   constant-with-warmup / cosine-with-warmup learning rate (`--lr_scheduler`, default constant);
+//! - LoRA as the script: `init_lora_weights="gaussian"`, `lora_alpha = rank`; on the image stream
+//!   of every joint attention (`to_q`, `to_k`, `to_v`, `to_out.0`; the script also adapts the
+//!   context stream by default — the paper's counts are for the image stream).
+//!
+//! Random draws of step `t` come from seeded streams of `(seed, t)`, so `--resume` continues
+//! bit-identically on CPU.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, ParamId};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serial_lora::config::Init;
+use serial_lora::hub::{HubOptions, resolve_model_dir};
+use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::params::param_infos;
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, stream_seed};
+use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
+
+use crate::data::{self, CaptionDataset, CaptionedImage};
+use crate::error::{Result, Sd3Error};
+use crate::mmdit::Sd3Transformer;
+use crate::pipeline::{PromptEmbeds, SampleOptions, denoise};
+use crate::text::TextEncoders;
+use crate::vae::{Vae, VaeConfig, load_vae};
+use crate::{Sd3TransformerConfig, load_transformer};
+
+/// Random streams of a run (see [`stream_seed`]).
+const STREAM_SHUFFLE: u64 = 1;
+const STREAM_NOISE: u64 = 2;
+const STREAM_DROPOUT: u64 = 3;
+const STREAM_FLIP: u64 = 4;
+const STREAM_VALIDATION: u64 = 5;
+/// Images encoded per VAE / text-encoder call while the caches are built.
+const CACHE_CHUNK: usize = 8;
+
+/// Everything that defines a training run (`train_config.json`; `--resume` checks it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct TrainConfig {
+    /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset folder: images with metadata.jsonl (file_name, text) or same-stem .txt captions; optional split.json.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Fraction of the training split to use (the paper: 0.2, 0.5, 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction: f64,
+    /// Seed of adapter init, shuffling, noise and timesteps.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seed of the train/test split when the dataset has no split.json (use the same in `eval`).
+    #[arg(long, default_value_t = data::DEFAULT_SPLIT_SEED)]
+    pub split_seed: u64,
+    /// Test share of that split.
+    #[arg(long, default_value_t = data::DEFAULT_TEST_FRACTION)]
+    pub test_fraction: f64,
+    /// lora | serial-lora | lora-plus | serial-lora-plus
+    #[arg(long)]
+    pub method: String,
+    #[arg(long, default_value_t = 64)]
+    pub rank: usize,
+    /// Scale numerator s = alpha / rank (default: rank, so s = 1, as the diffusers script).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long, alias = "dropout", default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// LoRA+ ratio lr_B / lr_A (lora-plus, serial-lora-plus).
+    #[arg(long, default_value_t = 20.0)]
+    pub lr_ratio: f64,
+    /// constant | constant_with_warmup | cosine (cosine with warmup, to 0).
+    #[arg(long, default_value = "constant")]
+    pub lr_scheduler: String,
+    /// Warm-up steps of constant_with_warmup / cosine (ignored by constant, as in diffusers).
+    #[arg(long, default_value_t = 500)]
+    pub lr_warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Passes over the training images (default 10 unless --iters is given).
+    #[arg(long, conflicts_with = "iters")]
+    pub epochs: Option<usize>,
+    /// Optimizer steps in total (diffusers' --max_train_steps).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Square training size in pixels (a multiple of the VAE factor × patch size).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Images per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Mirror each training image with probability ½ (once, when the latents are cached).
+    #[arg(long)]
+    pub random_flip: bool,
+    /// T5 tokens of the prompt embeddings (zeros with --no-t5).
+    #[arg(long, default_value_t = 77)]
+    pub max_sequence_length: usize,
+    /// Zeros in place of the T5-XXL embeddings (as diffusers with text_encoder_3=None).
+    #[arg(long)]
+    pub no_t5: bool,
+    /// Checkpoint every N steps (default: every epoch).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Prompt(s) sampled every --validation-steps into RUN_DIR/samples/ (repeatable).
+    #[arg(long)]
+    pub validation_prompt: Vec<String>,
+    /// Sample the validation prompts every N steps (and at the end).
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
+    /// Denoising steps of the validation samples.
+    #[arg(long, default_value_t = 28)]
+    pub validation_inference_steps: usize,
+    /// Classifier-free guidance of the validation samples.
+    #[arg(long, default_value_t = 7.0)]
+    pub validation_guidance_scale: f32,
+}
+
+impl TrainConfig {
+    /// The adapter of this run (Gaussian init, alpha = rank unless given).
+    pub fn adapter_config(&self) -> Result<AdapterConfig> {
+        let a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?
+            .with_alpha(self.alpha.unwrap_or(self.rank as f64))
+            .with_dropout(self.lora_dropout)
+            .with_init(Init::Gaussian);
+        a.validate()?;
+        Ok(a)
+    }
+
+    fn check(&self) -> Result<AdapterConfig> {
+        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
+        if self.batch == 0 || self.grad_accum == 0 || self.epochs == Some(0) || self.iters == Some(0) || self.resolution == 0 {
+            return bad("batch/grad-accum/epochs/iters/resolution", "0".into(), "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", self.lr.to_string(), "must be positive");
+        }
+        if !["constant", "constant_with_warmup", "cosine"].contains(&self.lr_scheduler.as_str()) {
+            return bad("lr-scheduler", self.lr_scheduler.clone(), "expected constant, constant_with_warmup or cosine");
+        }
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !non_negative(self.max_grad_norm) || !non_negative(self.weight_decay) {
+            return bad("max-grad-norm/weight-decay", format!("{}/{}", self.max_grad_norm, self.weight_decay), "must be ≥ 0");
+        }
+        if self.validation_steps == Some(0) || self.validation_inference_steps == 0 {
+            return bad("validation-steps/validation-inference-steps", "0".into(), "must be at least 1");
+        }
+        if !self.no_t5 {
+            return Err(Sd3Error::Input(
+                "the T5-XXL encoder is not available here yet: add --no-t5 (zeros in its place, as diffusers without text_encoder_3)".into(),
+            ));
+        }
+        self.adapter_config()
+    }
+
+    /// The learning rate of optimizer step `step` (0-based) of `total`: diffusers'
+    /// `get_scheduler(name, num_warmup_steps, num_training_steps)` multiplier times `lr`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warm = |s: usize| s as f64 / self.lr_warmup_steps.max(1) as f64;
+        let factor = match self.lr_scheduler.as_str() {
+            "constant_with_warmup" if step < self.lr_warmup_steps => warm(step),
+            "cosine" if step < self.lr_warmup_steps => warm(step),
+            "cosine" => {
+                let progress = (step - self.lr_warmup_steps) as f64 / total.saturating_sub(self.lr_warmup_steps).max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+            _ => 1.0,
+        };
+        self.lr * factor
+    }
+}
+
+/// The scheduler's training tables (`FlowMatchEulerDiscreteScheduler.__init__`, f32 as torch):
+/// `timesteps[i] = σ_i · T` and `sigmas[i] = shift·s / (1 + (shift − 1)·s)` with
+/// `s = (T − i) / T`, `i = 0 … T−1` (descending from σ = 1).
+pub fn training_schedule(shift: f64, num_train_timesteps: usize) -> (Vec<f32>, Vec<f32>) {
+    let tt = num_train_timesteps as f32;
+    let sh = shift as f32;
+    let sigmas: Vec<f32> = (0..num_train_timesteps)
+        .map(|i| {
+            let s = (num_train_timesteps - i) as f32 / tt;
+            sh * s / (1.0 + (sh - 1.0) * s)
+        })
+        .collect();
+    (sigmas.iter().map(|s| s * tt).collect(), sigmas)
+}
+
+/// The timestep index of one logit-normal draw `n ~ N(0, 1)`:
+/// `⌊sigmoid(mean + std·n) · T⌋` (clamped to `T − 1`).
+pub fn logit_normal_index(n: f32, num_train_timesteps: usize) -> usize {
+    let u = 1.0 / (1.0 + (-n).exp());
+    ((u * num_train_timesteps as f32) as usize).min(num_train_timesteps - 1)
+}
+
+/// `shift` and `num_train_timesteps` of `dir/scheduler/scheduler_config.json` (SD3's 3.0 and
+/// 1000 when the file is absent).
+pub fn scheduler_config(dir: &Path) -> Result<(f64, usize)> {
+    let path = dir.join("scheduler/scheduler_config.json");
+    if !path.is_file() {
+        return Ok((3.0, 1000));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Sd3Error::Io { path: path.clone(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.clone(), message: e.to_string() })?;
+    if v.get("use_dynamic_shifting").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(Sd3Error::Config { path, message: "use_dynamic_shifting is not supported".into() });
+    }
+    let n = v.get("num_train_timesteps").and_then(|x| x.as_u64()).unwrap_or(1000) as usize;
+    Ok((v.get("shift").and_then(|x| x.as_f64()).unwrap_or(1.0), n.max(1)))
+}
+
+/// `latent_dist.sample()` with the draw `eps`, scaled: `(mean + exp(½·logvar)·eps − shift) · scale`.
+pub fn scaled_latents<B: Backend>(mean: Tensor<B, 4>, logvar: Tensor<B, 4>, eps: Tensor<B, 4>, vae: &VaeConfig) -> Tensor<B, 4> {
+    (mean + logvar.mul_scalar(0.5).exp() * eps).sub_scalar(vae.shift_factor.unwrap_or(0.0)).mul_scalar(vae.scaling_factor)
+}
+
+/// The script's loss for latents `x0 [b, c, h, w]`, noise `ε` (same shape), per-sample `sigmas`
+/// and `timesteps` (`[b]`): `mean_b mean((model(x_t)·(−σ) + x_t − x0)²)` with
+/// `x_t = (1 − σ)·x0 + σ·ε`. Returns the loss `[1]` and the per-sample MSE `[b]`.
+pub fn flow_matching_loss<B: Backend>(
+    model: &Sd3Transformer<B>,
+    x0: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    sigmas: &[f32],
+    timesteps: &[f32],
+    prompt_embeds: Tensor<B, 3>,
+    pooled: Tensor<B, 2>,
+) -> Result<(Tensor<B, 1>, Tensor<B, 1>)> {
+    let [b, c, h, w] = x0.dims();
+    if sigmas.len() != b {
+        return Err(Sd3Error::Input(format!("{} sigmas for a batch of {b}", sigmas.len())));
+    }
+    let device = x0.device();
+    let s = Tensor::<B, 1>::from_data(TensorData::new(sigmas.to_vec(), [b]), &device).reshape([b, 1, 1, 1]);
+    let noisy = x0.clone() * s.clone().neg().add_scalar(1.0) + noise * s.clone();
+    let pred = model.forward(noisy.clone(), prompt_embeds, pooled, timesteps)?;
+    let pre = pred * s.neg() + noisy;
+    let per_sample = (pre - x0).powi_scalar(2).reshape([b, c * h * w]).mean_dim(1).reshape([b]);
+    Ok((per_sample.clone().mean(), per_sample))
+}
+
+/// `n` standard normal draws (Box–Muller on `rng`, f64 → f32).
+fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
+/// One cached example: the latent distribution and the prompt embeddings.
+struct Cached {
+    mean: HostTensor,
+    logvar: HostTensor,
+    prompt_embeds: HostTensor,
+    pooled: HostTensor,
+}
+
+fn cache_file(run: &Path, i: usize) -> PathBuf {
+    run.join("cache").join(format!("{i:06}.safetensors"))
+}
+
+/// What a cache entry depends on besides its image: the settings that change latents or
+/// prompt embeddings.
+fn cache_key(cfg: &TrainConfig) -> String {
+    format!("model={} resolution={} random_flip={} seed={} max_sequence_length={}", cfg.model, cfg.resolution, cfg.random_flip, cfg.seed, cfg.max_sequence_length)
+}
+
+fn read_cached(path: &Path, example: &CaptionedImage, key: &str) -> Result<Cached> {
+    let (mut t, meta) = read_safetensors(path)?;
+    let stale = || {
+        let message = format!("cache entry is not for {} with {key} (delete RUN_DIR/cache to rebuild it)", example.image.display());
+        Sd3Error::Dataset { path: path.into(), message }
+    };
+    if meta.get("image").map(String::as_str) != example.image.to_str() || meta.get("key").map(String::as_str) != Some(key) {
+        return Err(stale());
+    }
+    let mut take = |k: &str| t.remove(k).ok_or_else(stale);
+    Ok(Cached { mean: take("latent_mean")?, logvar: take("latent_logvar")?, prompt_embeds: take("prompt_embeds")?, pooled: take("pooled_prompt_embeds")? })
+}
+
+/// The image as the script feeds it to the VAE ([`data::resize_center_crop`], then `ToTensor` and
+/// `Normalize([0.5], [0.5])`): `[3, R, R]` values `(x/255 − 0.5)/0.5`, row-major.
+pub fn pixel_values(example: &CaptionedImage, resolution: usize, flip: bool) -> Result<Vec<f32>> {
+    let img = data::resize_center_crop(&data::load_image(example)?, resolution, flip);
+    let n = resolution * resolution;
+    let mut out = vec![0f32; 3 * n];
+    for (p, px) in img.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * n + p] = (px[c] as f32 / 255.0 - 0.5) / 0.5;
+        }
+    }
+    Ok(out)
+}
+
+/// Validation prompts and their negatives ("").
+#[derive(Clone)]
+struct Validation<B: Backend> {
+    cond: PromptEmbeds<B>,
+    noise: Tensor<B, 4>,
+}
+
+/// Builds `RUN_DIR/cache/` (skipping entries already there, so an interrupted build resumes) and
+/// encodes the validation prompts; the text encoders are dropped on return.
+#[allow(clippy::too_many_arguments)]
+fn build_caches<B: Backend>(
+    cfg: &TrainConfig,
+    dir: &Path,
+    out: &Path,
+    examples: &[CaptionedImage],
+    vae: &Vae<B>,
+    vae_cfg: &VaeConfig,
+    mmdit_cfg: &Sd3TransformerConfig,
+    device: &B::Device,
+) -> Result<Option<PromptEmbeds<B>>> {
+    let key = cache_key(cfg);
+    let fresh = |i: usize| read_cached(&cache_file(out, i), &examples[i], &key).is_ok();
+    let missing: Vec<usize> = (0..examples.len()).filter(|&i| !fresh(i)).collect();
+    if missing.is_empty() && cfg.validation_prompt.is_empty() {
+        return Ok(None);
+    }
+    let enc = TextEncoders::<B>::load(dir, device)?;
+    let encode = |prompts: &[String]| enc.encode(prompts, mmdit_cfg.joint_attention_dim, cfg.max_sequence_length, device);
+    let cache = out.join("cache");
+    std::fs::create_dir_all(&cache).map_err(|e| Sd3Error::Io { path: cache.clone(), source: e })?;
+    let r = cfg.resolution;
+    for chunk in missing.chunks(CACHE_CHUNK) {
+        let mut px = Vec::with_capacity(chunk.len() * 3 * r * r);
+        let mut flips = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let flip = cfg.random_flip && StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_FLIP, i as u64)).random::<f64>() < 0.5;
+            px.extend(pixel_values(&examples[i], r, flip)?);
+            flips.push(flip);
+        }
+        let n = chunk.len();
+        let (mean, logvar, _) = vae.encode(Tensor::from_data(TensorData::new(px, [n, 3, r, r]), device));
+        let texts: Vec<String> = chunk.iter().map(|&i| examples[i].text.clone()).collect();
+        let (pe, pp) = encode(&texts)?;
+        for (j, &i) in chunk.iter().enumerate() {
+            let one4 = |t: &Tensor<B, 4>| HostTensor::from_tensor(t.clone().narrow(0, j, 1).squeeze_dim::<3>(0));
+            let tensors = BTreeMap::from([
+                ("latent_mean".to_string(), one4(&mean)),
+                ("latent_logvar".to_string(), one4(&logvar)),
+                ("prompt_embeds".to_string(), HostTensor::from_tensor(pe.clone().narrow(0, j, 1).squeeze_dim::<2>(0))),
+                ("pooled_prompt_embeds".to_string(), HostTensor::from_tensor(pp.clone().narrow(0, j, 1).squeeze_dim::<1>(0))),
+            ]);
+            let meta = HashMap::from([
+                ("image".to_string(), examples[i].image.display().to_string()),
+                ("text".to_string(), examples[i].text.clone()),
+                ("flip".to_string(), flips[j].to_string()),
+                ("key".to_string(), cache_key(cfg)),
+                ("vae_scaling_factor".to_string(), vae_cfg.scaling_factor.to_string()),
+            ]);
+            write_safetensors(&cache_file(out, i), &tensors, meta)?;
+        }
+    }
+    if cfg.validation_prompt.is_empty() {
+        return Ok(None);
+    }
+    let (pe, pp) = encode(&cfg.validation_prompt)?;
+    let (ne, np) = encode(&vec![String::new(); cfg.validation_prompt.len()])?;
+    Ok(Some(PromptEmbeds { prompt_embeds: pe, pooled_prompt_embeds: pp, negative: Some((ne, np)) }))
+}
+
+/// Sums the gradients of `add` into `acc` (the trainable parameters `ids`, 1-D or 2-D).
+fn accumulate<B: AutodiffBackend>(acc: &mut GradientsParams, mut add: GradientsParams, ids: &[(ParamId, usize)]) {
+    for &(id, ndim) in ids {
+        match ndim {
+            1 => merge::<B, 1>(acc, &mut add, id),
+            _ => merge::<B, 2>(acc, &mut add, id),
+        }
+    }
+}
+
+fn merge<B: AutodiffBackend, const D: usize>(acc: &mut GradientsParams, add: &mut GradientsParams, id: ParamId) {
+    if let Some(g) = add.remove::<B::InnerBackend, D>(id) {
+        let sum = match acc.remove::<B::InnerBackend, D>(id) {
+            Some(a) => a + g,
+            None => g,
+        };
+        acc.register::<B::InnerBackend, D>(id, sum);
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
+/// `min(1, max_norm / (‖g‖₂ + 1e-6))` over all of them; returns the norm before clipping.
+fn clip_grad_norm<B: AutodiffBackend>(grads: &mut GradientsParams, ids: &[(ParamId, usize)], max_norm: f64) -> f32 {
+    fn sq<B: AutodiffBackend, const D: usize>(g: &GradientsParams, id: ParamId) -> f32 {
+        g.get::<B::InnerBackend, D>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar().elem::<f32>())
+    }
+    fn scale<B: AutodiffBackend, const D: usize>(g: &mut GradientsParams, id: ParamId, c: f32) {
+        if let Some(t) = g.remove::<B::InnerBackend, D>(id) {
+            g.register::<B::InnerBackend, D>(id, t.mul_scalar(c));
+        }
+    }
+    let total = ids.iter().map(|&(id, d)| if d == 1 { sq::<B, 1>(grads, id) } else { sq::<B, 2>(grads, id) }).sum::<f32>().sqrt();
+    let coef = (max_norm as f32 / (total + 1e-6)).min(1.0);
+    if max_norm > 0.0 && coef < 1.0 {
+        for &(id, d) in ids {
+            if d == 1 { scale::<B, 1>(grads, id, coef) } else { scale::<B, 2>(grads, id, coef) }
+        }
+    }
+    total
+}
+
+/// Latents `[b, c, h, w]` → PNG files `paths` (VAE decode, `(x/2 + ½)` clamped, rounded to 8 bits).
+fn write_pngs<B: Backend>(vae: &Vae<B>, vae_cfg: &VaeConfig, latents: Tensor<B, 4>, paths: &[PathBuf]) -> Result<()> {
+    let scaled = latents.div_scalar(vae_cfg.scaling_factor).add_scalar(vae_cfg.shift_factor.unwrap_or(0.0));
+    let image = vae.decode(scaled).0.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+    let [n, _, h, w] = image.dims();
+    let px: Vec<f32> = image.into_data().iter::<f32>().collect();
+    for (i, path) in paths.iter().enumerate().take(n) {
+        let rgb: Vec<u8> = (0..h * w).flat_map(|p| (0..3).map(move |c| (c, p))).map(|(c, p)| (px[(i * 3 + c) * h * w + p] * 255.0).round() as u8).collect();
+        let img = image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| Sd3Error::Input("image size".into()))?;
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| Sd3Error::Input(format!("{}: encoding PNG: {e}", path.display())))?;
+        io::write_atomic(path, bytes.get_ref())?;
+    }
+    Ok(())
+}
+
+/// Writes the trained adapter into `out`: LoRA as diffusers' `pytorch_lora_weights.safetensors`
+/// (keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`, `lora_adapter_metadata` with
+/// `transformer.r`, `transformer.lora_alpha`, `transformer.target_modules`, …), loadable by
+/// `StableDiffusion3Pipeline.load_lora_weights`; Serial LoRA as an adapter directory
+/// (`adapter_config.json` + `adapter_model.safetensors`, keys `transformer.<module>.serial_lora_*`).
+/// Both load with `io::load_adapter_with_prefix(.., "transformer.")` (`sd3-gen sample --adapter`).
+pub fn save_trained_adapter<B: Backend>(model: &Sd3Transformer<B>, adapter: &AdapterConfig, out: &Path, base_model: &str) -> Result<PathBuf> {
+    if adapter.method == Method::SerialLora {
+        io::save_adapter_with_prefix(model, adapter, out, Some(base_model), "transformer.")?;
+        return Ok(out.join(io::WEIGHTS_FILE));
+    }
+    let tmp = out.join("lora.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    io::save_adapter_with_prefix(model, adapter, &tmp, Some(base_model), "transformer.")?;
+    let (tensors, _) = read_safetensors(&tmp.join(io::WEIGHTS_FILE))?;
+    let peft = io::read_adapter_config(&tmp)?;
+    let meta = serde_json::json!({
+        "transformer.r": peft.r,
+        "transformer.lora_alpha": peft.lora_alpha,
+        "transformer.lora_dropout": peft.lora_dropout,
+        "transformer.target_modules": peft.target_modules,
+        "transformer.init_lora_weights": "gaussian",
+        "transformer.use_rslora": peft.use_rslora,
+        "transformer.rank_pattern": peft.rank_pattern,
+        "transformer.alpha_pattern": peft.alpha_pattern,
+    });
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("lora_adapter_metadata".to_string(), serde_json::to_string_pretty(&meta).unwrap_or_default()),
+    ]);
+    let path = out.join(io::DIFFUSERS_WEIGHTS_FILE);
+    write_safetensors(&path, &tensors, meta)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(path)
+}
+
+/// `metrics.json` of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub method: String,
+    pub train_images: usize,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// Mean loss over the last epoch's steps.
+    pub final_loss: f64,
+    /// The adapter file (when the run completed).
+    pub adapter: Option<PathBuf>,
+    /// Validation PNGs written by this invocation.
+    pub samples: Vec<PathBuf>,
+}
+
+/// Trains per `cfg`; writes the run directory `out` (`train_config.json`, `cache/`,
+/// `checkpoint/`, `samples/`, `metrics.json` and at the end the adapter, see
+/// [`save_trained_adapter`]). A non-finite loss stops with [`Sd3Error::NonFiniteLoss`] before
+/// the step is applied; the checkpoint on disk stays the last good one.
+pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptions, device: &AB::Device, on_step: &mut dyn FnMut(&Progress)) -> Result<Metrics> {
+    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+    let adapter_cfg = cfg.check()?;
+    let dataset = CaptionDataset::open(&cfg.dataset, cfg.split_seed, cfg.test_fraction)?;
+    let examples = dataset.train_fraction(cfg.fraction, cfg.seed)?;
+    let needed: &[&[&str]] = &[
+        &["transformer/config.json"],
+        &["transformer/diffusion_pytorch_model.safetensors"],
+        &["vae/config.json"],
+        &["vae/diffusion_pytorch_model.safetensors"],
+        &["text_encoder/config.json"],
+        &["text_encoder/model.safetensors"],
+        &["text_encoder_2/config.json"],
+        &["text_encoder_2/model.safetensors"],
+        &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
+        &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
+    ];
+    let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
+    let dir = resolve_model_dir(&cfg.model, needed, &optional, &HubOptions::from_env())?;
+    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
+
+    let (mmdit, mmdit_cfg) = load_transformer::<AB>(&dir, device)?;
+    let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
+    let factor = 1usize << (vae_cfg.block_out_channels.len().saturating_sub(1));
+    if !cfg.resolution.is_multiple_of(factor * mmdit_cfg.patch_size) {
+        let m = factor * mmdit_cfg.patch_size;
+        return Err(serial_lora::Error::config("resolution", cfg.resolution, format!("must be a multiple of {m} (VAE factor {factor} × patch size)")).into());
+    }
+    let validation = build_caches(cfg, &dir, out, &examples, &vae, &vae_cfg, &mmdit_cfg, device)?.map(|cond| {
+        let (b, lh) = (cfg.validation_prompt.len(), cfg.resolution / factor);
+        let shape = [b, mmdit_cfg.in_channels, lh, lh];
+        let n = normals(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_VALIDATION, 0)), shape.iter().product());
+        Validation { cond, noise: Tensor::<B<AB>, 4>::from_data(TensorData::new(n, shape), device) }
+    });
+    let vae = if validation.is_some() { Some(vae) } else { None };
+    let (shift, n_train_t) = scheduler_config(&dir)?;
+    let (sched_t, sched_s) = training_schedule(shift, n_train_t);
+
+    let wd = adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32);
+    let mut optim = loraplus_adamw::<AB, Sd3Transformer<AB>>(&wd, adapter_cfg.lr_ratio.unwrap_or(1.0));
+    let (mut model, mut state) = match resumed {
+        Some(state) => {
+            let (m, o) = run.load_checkpoint(mmdit, optim, device)?;
+            optim = o;
+            (m, state)
+        }
+        None => {
+            AB::seed(device, cfg.seed);
+            (mmdit.with_adapters(&adapter_cfg, device)?, State::default())
+        }
+    };
+    let resumed_from_step = (state.step > 0).then_some(state.step);
+    let counts = model.param_counts();
+    let key = cache_key(cfg);
+    let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
+
+    let n = examples.len();
+    let micro_per_epoch = n.div_ceil(cfg.batch);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+    let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(10) * steps_per_epoch);
+    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
+    let samples_dir = out.join("samples");
+    let mut samples = Vec::new();
+    let sample = |model: &Sd3Transformer<AB>, step: usize, samples: &mut Vec<PathBuf>| -> Result<()> {
+        let (Some(v), Some(vae)) = (&validation, &vae) else { return Ok(()) };
+        let o = SampleOptions { steps: cfg.validation_inference_steps, guidance: cfg.validation_guidance_scale, shift };
+        let latents = denoise(&model.valid(), v.noise.clone(), &v.cond, &o, &mut |_, _| {})?;
+        std::fs::create_dir_all(&samples_dir).map_err(|e| Sd3Error::Io { path: samples_dir.clone(), source: e })?;
+        let paths: Vec<PathBuf> = (0..cfg.validation_prompt.len()).map(|i| samples_dir.join(format!("step-{step:06}-{i}.png"))).collect();
+        write_pngs(vae, &vae_cfg, latents, &paths)?;
+        samples.extend(paths);
+        Ok(())
+    };
+
+    for step in state.step..tracker.stop {
+        let epoch = step / steps_per_epoch;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_SHUFFLE, epoch as u64)));
+        let first = (step % steps_per_epoch) * cfg.grad_accum;
+        let micro = first..(first + cfg.grad_accum).min(micro_per_epoch);
+        let (mut grads, mut loss_sum, mut mse_sum, mut images) = (GradientsParams::new(), 0f32, 0f64, 0usize);
+        for m in micro.clone() {
+            let batch = &order[m * cfg.batch..((m + 1) * cfg.batch).min(n)];
+            let nb = batch.len();
+            let cached = batch.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
+            let stack4 = |f: &dyn Fn(&Cached) -> &HostTensor| {
+                let s = &f(&cached[0]).shape;
+                let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
+                (data, s.clone())
+            };
+            let (mean, ls) = stack4(&|c| &c.mean);
+            let (logvar, _) = stack4(&|c| &c.logvar);
+            let (pe, ps) = stack4(&|c| &c.prompt_embeds);
+            let (pp, pps) = stack4(&|c| &c.pooled);
+            let lshape = [nb, ls[0], ls[1], ls[2]];
+            let numel: usize = lshape.iter().product();
+            let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_NOISE, (step * cfg.grad_accum + (m - first)) as u64));
+            let (eps, noise, u) = (normals(&mut rng, numel), normals(&mut rng, numel), normals(&mut rng, nb));
+            let t4 = |v: Vec<f32>| Tensor::<AB, 4>::from_data(TensorData::new(v, lshape), device);
+            let x0 = scaled_latents(t4(mean), t4(logvar), t4(eps), &vae_cfg);
+            let idx: Vec<usize> = u.iter().map(|&x| logit_normal_index(x, n_train_t)).collect();
+            let (ts, ss): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| (sched_t[i], sched_s[i])).unzip();
+            let embeds = Tensor::<AB, 3>::from_data(TensorData::new(pe, [nb, ps[0], ps[1]]), device);
+            let pooled = Tensor::<AB, 2>::from_data(TensorData::new(pp, [nb, pps[0]]), device);
+            AB::seed(device, stream_seed(cfg.seed, STREAM_DROPOUT, (step * cfg.grad_accum + (m - first)) as u64));
+            let (loss, per_sample) = flow_matching_loss(&model, x0, t4(noise), &ss, &ts, embeds, pooled)?;
+            let value = loss.clone().into_scalar().elem::<f32>();
+            if !value.is_finite() {
+                return Err(Sd3Error::NonFiniteLoss { run_dir: out.to_path_buf(), step: step + 1, loss: value });
+            }
+            let g = GradientsParams::from_grads(loss.div_scalar(cfg.grad_accum as f32).backward(), &model);
+            accumulate::<AB>(&mut grads, g, &ids);
+            loss_sum += value;
+            mse_sum += per_sample.into_data().iter::<f32>().map(f64::from).sum::<f64>();
+            images += nb;
+        }
+        if cfg.max_grad_norm > 0.0 {
+            clip_grad_norm::<AB>(&mut grads, &ids, cfg.max_grad_norm);
+        }
+        let lr = cfg.lr_at(step, total);
+        model = optim.step(lr, model, grads);
+        let log = StepLog { loss: loss_sum / micro.len() as f32, lr, images, score: mse_sum };
+        let due = tracker.record(&mut state, log, epoch, on_step);
+        if due {
+            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
+        }
+        if cfg.validation_steps.is_some_and(|v| state.step.is_multiple_of(v)) && state.step != total {
+            sample(&model, state.step, &mut samples)?;
+        }
+    }
+
+    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
+    let adapter = if summary.completed {
+        sample(&model, state.step, &mut samples)?;
+        Some(save_trained_adapter(&model.valid(), &adapter_cfg, out, &cfg.model)?)
+    } else {
+        None
+    };
+    let (final_loss, _) = state.recent(steps_per_epoch);
+    let metrics = Metrics {
+        method: cfg.method.clone(),
+        train_images: n,
+        trainable_params: counts.trainable,
+        total_params: counts.total,
+        run: summary,
+        final_loss,
+        adapter,
+        samples,
+    };
+    run.write_metrics(&metrics)?;
+    Ok(metrics)
+}
