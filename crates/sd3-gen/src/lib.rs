@@ -1,13 +1,14 @@
 //! # sd3-gen
 //!
 //! Stable Diffusion 3 on Burn (paper Section III-A): the MMDiT denoiser (diffusers
-//! `SD3Transformer2DModel`) with LoRA / Serial LoRA adapters on its joint attention, and the
-//! flow-matching schedule. Work in progress: the VAE, the text encoders and the sampling
-//! pipeline are not here yet.
+//! `SD3Transformer2DModel`) with LoRA / Serial LoRA adapters on its joint attention (image
+//! stream; context stream optional), the flow-matching schedule and sampling loop, the VAE, and
+//! prompt encoding with CLIP-L/G and T5-XXL (`text`, `t5`, `t5_tokenizer`).
 //!
 //! Upstream: diffusers `models/transformers/transformer_sd3.py`, `models/attention.py`
 //! (`JointTransformerBlock`), `models/attention_processor.py` (`JointAttnProcessor2_0`),
-//! `schedulers/scheduling_flow_match_euler_discrete.py` (v0.42.1).
+//! `schedulers/scheduling_flow_match_euler_discrete.py` (v0.42.1); transformers
+//! `models/t5/modeling_t5.py` (v5.24.0).
 pub mod config;
 pub mod data;
 pub mod error;
@@ -16,6 +17,8 @@ pub mod metrics;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;
+pub mod t5;
+pub mod t5_tokenizer;
 pub mod text;
 pub mod train;
 pub mod vae;

@@ -2,7 +2,9 @@
 //! the position table (`pos_embed_max_size`), timestep + pooled-text conditioning, context
 //! embedder, joint transformer blocks (adaLN-Zero, joint attention over image and text tokens,
 //! optional RMS qk-norm, `context_pre_only` last block), final adaptive norm and unpatchify.
-//! Adapters attach to the image stream of each joint attention (`to_q`, `to_k`, `to_v`, `to_out.0`).
+//! Adapters attach to the image stream of each joint attention (`to_q`, `to_k`, `to_v`, `to_out.0`),
+//! and with [`Sd3Transformer::with_context_stream`] also to its context stream (`add_q_proj`,
+//! `add_k_proj`, `add_v_proj`, `to_add_out`; Serial LoRA keys `add_serial_lora_{A,B}`).
 //! Upstream: diffusers `transformer_sd3.py`, `attention.py::JointTransformerBlock`,
 //! `attention_processor.py::JointAttnProcessor2_0`, `embeddings.py`, `normalization.py` (v0.42.1).
 use burn::module::{Module, Param};
@@ -237,6 +239,8 @@ pub struct Sd3Transformer<B: Backend> {
     pub proj_out: Linear<B>,
     pub patch_size: usize,
     pub out_channels: usize,
+    /// Whether the context streams are adaptable sites too (see [`Sd3Transformer::with_context_stream`]).
+    pub adapt_context: bool,
 }
 
 /// Intermediate values of a forward pass (for parity checks).
@@ -293,7 +297,22 @@ impl<B: Backend> Sd3Transformer<B> {
             proj_out: LinearConfig::new(d, c.patch_size * c.patch_size * c.out_channels).init(device),
             patch_size: c.patch_size,
             out_channels: c.out_channels,
+            adapt_context: false,
         }
+    }
+
+    /// Makes the context stream of every joint attention adaptable as well (`false`, the
+    /// default, is the image stream only: the paper's setting and parameter counts). With it,
+    /// [`AdaptedModel::attention_sites`] lists the image streams `0..n` and then the context
+    /// streams `n..2n` (the last block's has no output projection), so `target_blocks` index
+    /// that list, and `with_adapters` / adapter files / merge cover both streams: LoRA on
+    /// `add_q_proj, add_k_proj, add_v_proj, to_add_out` (diffusers' names, so a diffusers LoRA
+    /// with those keys loads), Serial LoRA with its own pair on the context stream's attention
+    /// input, keyed `transformer_blocks.{i}.attn.add_serial_lora_{A,B}.weight`.
+    /// Switch it on before attaching or loading adapters.
+    pub fn with_context_stream(mut self, on: bool) -> Self {
+        self.adapt_context = on;
+        self
     }
 
     /// Velocity prediction `[b, c, h, w]` for latents `[b, c, h, w]`, text tokens
@@ -344,22 +363,50 @@ impl<B: Backend> Sd3Transformer<B> {
 }
 
 /// Adaptable blocks: the image stream of each joint attention, `transformer_blocks.{i}.attn`
-/// (diffusers names `to_q`, `to_k`, `to_v`, `to_out.0`).
+/// (diffusers names `to_q`, `to_k`, `to_v`, `to_out.0`), then — with
+/// [`Sd3Transformer::with_context_stream`] — the context streams (`add_q_proj`, `add_k_proj`,
+/// `add_v_proj`, `to_add_out`) of the same modules.
 impl<B: Backend> AdaptedModel<B> for Sd3Transformer<B> {
     fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
+        let path = |i: usize| format!("transformer_blocks.{i}.attn");
         let blocks = self.transformer_blocks.iter().enumerate();
-        blocks
-            .map(|(i, b)| AttentionSite { path: format!("transformer_blocks.{i}.attn"), names: ProjNames::DIFFUSERS, attention: &b.attn.image })
-            .collect()
+        let image = blocks.clone().map(|(i, b)| AttentionSite { path: path(i), names: ProjNames::DIFFUSERS, attention: &b.attn.image });
+        let context = blocks
+            .filter(|_| self.adapt_context)
+            .map(|(i, b)| AttentionSite { path: path(i), names: ProjNames::DIFFUSERS_CONTEXT, attention: &b.attn.context });
+        image.chain(context).collect()
     }
 
     fn try_map_attention(mut self, f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>) -> serial_lora::Result<Self> {
         let blocks = std::mem::take(&mut self.transformer_blocks);
-        self.transformer_blocks = blocks
+        let n = blocks.len();
+        let blocks: Vec<JointBlock<B>> = blocks
             .into_iter()
             .enumerate()
             .map(|(i, b)| Ok(JointBlock { attn: JointAttention { image: f(i, b.attn.image)?, ..b.attn }, ..b }))
             .collect::<serial_lora::Result<_>>()?;
+        self.transformer_blocks = if self.adapt_context {
+            blocks
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| Ok(JointBlock { attn: JointAttention { context: f(n + i, b.attn.context)?, ..b.attn }, ..b }))
+                .collect::<serial_lora::Result<_>>()?
+        } else {
+            blocks
+        };
         Ok(self)
     }
+}
+
+/// Whether the adapter directory `dir` holds tensors for the context stream (`add_*_proj`,
+/// `to_add_out`, `add_serial_lora_*`), i.e. needs [`Sd3Transformer::with_context_stream`].
+pub fn adapter_has_context_keys(dir: &std::path::Path) -> Result<bool> {
+    let file = [serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE]
+        .into_iter()
+        .map(|f| dir.join(f))
+        .find(|f| f.is_file())
+        .ok_or_else(|| Sd3Error::Input(format!("{}: no {} or {}", dir.display(), serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE)))?;
+    let names = serial_lora::weights::tensor_names(&file)?;
+    let context = [".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.", ".add_serial_lora_"];
+    Ok(names.iter().any(|n| context.iter().any(|c| n.contains(c))))
 }

@@ -67,7 +67,6 @@ fn bad_input_is_named() {
         (vec!["--prompt-embeds", s(&partial_file), "--height", "16", "--width", "12"], "no tensor `negative_pooled_prompt_embeds`"),
         (vec!["--prompt-embeds", s(&embeds), "--latents", s(&latents), "--height", "16", "--width", "16"], "needs [1, 4, 8, 8]"),
         (vec!["--prompt-embeds", s(&embeds), "--height", "15", "--width", "12"], "multiples of 4"),
-        (vec!["--prompt", "a cat"], "--no-t5"),
     ];
     for (extra, want) in cases {
         let (ok, err) = sd3(&[&base[..], &extra[..]].concat());
@@ -113,4 +112,60 @@ fn sample_from_a_prompt_without_t5() {
     let args2: Vec<&str> = args.iter().map(|a| if *a == s(&out) { s(&again) } else { a }).collect();
     assert!(sd3(&args2).0);
     assert_eq!(read_safetensors(&out).unwrap().0["latents"].data, read_safetensors(&again).unwrap().0["latents"].data);
+}
+
+#[test]
+fn sample_from_prompts_with_t5_gives_the_diffusers_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, png) = (tmp.path().join("embeds.safetensors"), tmp.path().join("img.png"));
+    let model = dir();
+    let (ok, err) = sd3(&[
+        "sample", "--model", s(&model), "--prompt", "a photo of a cat", "--prompt", "two dogs, playing!", "--prompt",
+        "a painting of a castle on a hill at sunset, fine art", "--max-sequence-length", "6", "--steps", "1", "--height", "8", "--width", "8",
+        "--save-prompt-embeds", s(&cache), "--output", s(&png),
+    ]);
+    assert!(ok, "{err}");
+    let got = read_safetensors(&cache).unwrap().0;
+    // (the reference file also holds i64 token ids, which read_safetensors refuses)
+    let bytes = std::fs::read(dir().join("t5_reference.safetensors")).unwrap();
+    let want = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for key in ["prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"] {
+        let (g, w) = (&got[key], want.tensor(&format!("pipe.{key}")).unwrap());
+        assert_eq!(g.shape, w.shape(), "{key}");
+        let w: Vec<f32> = w.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = g.data.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+        println!("{key:32} rel err {err:.2e}");
+        assert!(err < 1e-5, "{key}: {err}");
+    }
+    // with --no-t5 the T5 tokens are zeros and the CLIP part is unchanged
+    let (ok, err) = sd3(&[
+        "sample", "--model", s(&model), "--prompt", "a photo of a cat", "--no-t5", "--max-sequence-length", "6", "--steps", "1", "--height",
+        "8", "--width", "8", "--save-prompt-embeds", s(&cache), "--output", s(&png),
+    ]);
+    assert!(ok, "{err}");
+    let zeros = &read_safetensors(&cache).unwrap().0["prompt_embeds"];
+    assert_eq!(zeros.shape, [1, 83, 12]);
+    assert!(zeros.data[77 * 12..].iter().all(|v| *v == 0.0));
+    assert_eq!(zeros.data[..77 * 12], got["prompt_embeds"].data[..77 * 12]);
+}
+
+#[test]
+fn a_model_with_text_encoder_3_but_no_tokenizer_3_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    for sub in ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2"] {
+        std::fs::create_dir_all(model.join(sub)).unwrap();
+        for f in std::fs::read_dir(dir().join(sub)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), model.join(sub).join(f.file_name())).unwrap();
+        }
+    }
+    let png = tmp.path().join("img.png");
+    let (ok, err) = sd3(&["sample", "--model", s(&model), "--prompt", "a cat", "--steps", "1", "--height", "8", "--width", "8", "--output", s(&png)]);
+    assert!(!ok && err.contains("tokenizer_3/tokenizer.json") && !err.contains("panicked"), "{err}");
+    // --no-t5 does not need it
+    let (ok, err) =
+        sd3(&["sample", "--model", s(&model), "--prompt", "a cat", "--no-t5", "--steps", "1", "--height", "8", "--width", "8", "--output", s(&png)]);
+    assert!(ok, "{err}");
 }

@@ -331,8 +331,8 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
     let sd3_dir = s(&fixtures().join("sd3-tiny"));
     let args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
-            "eval", "--model", &sd3_dir, "--dataset", &s(&data), "--inception", &s(&weights), "--clip-model", &s(clip.path()), "--no-t5",
-            "--max-sequence-length", "4", "--steps", "2", "--guidance", "2", "--height", "16", "--width", "16", "--out-images", &s(&images),
+            "eval", "--model", &sd3_dir, "--dataset", &s(&data), "--inception", &s(&weights), "--clip-model", &s(clip.path()),
+            "--max-sequence-length", "4", "--steps", "2", "--guidance", "2", "--height", "16", "--width", "16",
         ]
         .map(String::from)
         .to_vec();
@@ -344,7 +344,7 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
         sd3(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let start = std::time::Instant::now();
-    let (ok, out, err) = run(&["--batch", "2"]);
+    let (ok, out, err) = run(&["--batch", "2", "--out-images", &s(&images)]);
     assert!(ok, "{err}");
     println!("eval: {out} ({:.1} s)", start.elapsed().as_secs_f32());
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -373,7 +373,7 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
     std::fs::remove_file(images.join("00001.png")).unwrap();
     let before = std::fs::read(images.join("00000.png")).unwrap();
     let stats = tmp.path().join("real-stats.safetensors");
-    let (ok, out_s, err) = run(&["--batch", "1", "--real-stats", &s(&stats)]);
+    let (ok, out_s, err) = run(&["--batch", "1", "--real-stats", &s(&stats), "--out-images", &s(&images)]);
     assert!(ok, "{err}");
     assert!(err.contains("reusing 1 generated image(s)") && stats.is_file(), "{err}");
     assert_eq!(before, std::fs::read(images.join("00000.png")).unwrap());
@@ -382,9 +382,14 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
     assert!((fid_s - fid).abs() < ROUTE_TOL * fid, "{fid_s} vs {fid}");
     vs["fid"] = v["fid"].clone();
     assert_eq!(vs, v, "regenerated image 1 alone equals its batch-2 version");
-    let (ok, out_l, err) = run(&["--real-stats", &s(&stats)]);
+    let (ok, out_l, err) = run(&["--real-stats", &s(&stats), "--out-images", &s(&images)]);
     assert!(ok && err.contains("FID statistics of the real images from") && err.contains("reusing 2"), "{err}");
     assert_eq!(out_s.trim(), out_l.trim());
+
+    // --no-t5 (zeros in place of the T5 tokens) conditions differently: other images
+    let (ok, out_z, err) = run(&["--no-t5", "--out-images", &s(&tmp.path().join("no-t5"))]);
+    assert!(ok, "{err}");
+    assert_ne!(serde_json::from_str::<serde_json::Value>(out_z.trim()).unwrap()["fid"], v["fid"]);
 
     // bad input is named
     let (ok, _, err) = run(&["--num-images", "3"]);

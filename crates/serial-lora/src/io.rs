@@ -8,7 +8,8 @@
 //!   entries that give PEFT the same scale: mathematically the same map.
 //! - Serial LoRA: same layout, `peft_type: "SERIAL_LORA"`, keys
 //!   `base_model.model.<attention module>.serial_lora_A.weight` `[r, d]` and
-//!   `.serial_lora_B.weight` `[d, r]`.
+//!   `.serial_lora_B.weight` `[d, r]` (the infix comes from the site's [`ProjNames::serial`]:
+//!   SD3's context stream writes `add_serial_lora_A/B` on the same attention module).
 //!
 //! Upstream: PEFT `utils/save_and_load.py` (`get_peft_model_state_dict`), `tuners/lora/config.py`.
 //! Every write is atomic (temporary file + rename).
@@ -181,7 +182,7 @@ fn collect<B: Backend, M: AdaptedModel<B>>(
         let (a, n) = (site.attention, site.names);
         if let Some(s) = &a.serial {
             let (ta, tb) = pair_host(&s.pair);
-            pairs.push((site.path.clone(), "serial_", ta, tb));
+            pairs.push((site.path.clone(), n.serial, ta, tb));
         }
         let mut linears: Vec<(&LoraLinear<B>, &str)> = Vec::new();
         match &a.qkv {
@@ -222,7 +223,9 @@ fn collect<B: Backend, M: AdaptedModel<B>>(
     for (module, infix, a, b) in pairs {
         tensors.insert(format!("{prefix}{module}.{infix}lora_A.weight"), a);
         tensors.insert(format!("{prefix}{module}.{infix}lora_B.weight"), b);
-        modules.push(module);
+        if !modules.contains(&module) {
+            modules.push(module);
+        }
     }
     (tensors, modules, patterns)
 }
@@ -428,7 +431,7 @@ pub fn load_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
         let names: ProjNames = site.names;
         let d = attn.d_model();
         if method == Method::SerialLora {
-            plan.serial = pair(&mut report, &mut file, &site.path, d, d, "serial_");
+            plan.serial = pair(&mut report, &mut file, &site.path, d, d, names.serial);
         } else {
             match &attn.qkv {
                 QkvProjection::Separate(s) => {

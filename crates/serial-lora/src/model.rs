@@ -16,15 +16,23 @@ pub struct ProjNames {
     /// Name of the fused projection when the block fuses q, k, v.
     pub qkv: &'static str,
     pub o: &'static str,
+    /// Key infix of the block's Serial LoRA pair (`<path>.<serial>lora_A.weight`): `serial_`,
+    /// or another name where two streams of one attention module each carry a pair.
+    pub serial: &'static str,
 }
 
 impl ProjNames {
     /// transformers CLIP / SAM mask decoder: `q_proj`, `k_proj`, `v_proj`, `out_proj`.
-    pub const CLIP: Self = Self { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj" };
+    pub const CLIP: Self = Self { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj", serial: "serial_" };
     /// transformers `SamVisionAttention`: fused `qkv`, output `proj`.
-    pub const SAM_VISION: Self = Self { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj" };
+    pub const SAM_VISION: Self = Self { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj", serial: "serial_" };
     /// diffusers `Attention` (image stream): `to_q`, `to_k`, `to_v`, `to_out.0`.
-    pub const DIFFUSERS: Self = Self { q: "to_q", k: "to_k", v: "to_v", qkv: "to_qkv", o: "to_out.0" };
+    pub const DIFFUSERS: Self = Self { q: "to_q", k: "to_k", v: "to_v", qkv: "to_qkv", o: "to_out.0", serial: "serial_" };
+    /// diffusers `Attention`, context stream of SD3's joint attention: `add_q_proj`, `add_k_proj`,
+    /// `add_v_proj`, `to_add_out`; its Serial LoRA pair is `add_serial_lora_{A,B}` (next to the
+    /// image stream's `serial_lora_{A,B}` of the same module, so the two never collide).
+    pub const DIFFUSERS_CONTEXT: Self =
+        Self { q: "add_q_proj", k: "add_k_proj", v: "add_v_proj", qkv: "add_qkv_proj", o: "to_add_out", serial: "add_serial_" };
 }
 
 /// One adaptable attention block of a model.

@@ -185,3 +185,44 @@ pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTenso
     let data = TensorData::from_bytes_vec(bytes, shape.clone(), dtype).iter::<f32>().collect();
     Ok(Some(crate::io::HostTensor { shape, data }))
 }
+
+/// Loads a checkpoint in HF layout from `dir`: `<stem>.safetensors`, or else the shards named by
+/// `<stem>.safetensors.index.json` (its `weight_map`), each per `table`. A parameter is missing
+/// only if no shard provides it; that, an unreadable index and every per-file check of
+/// [`load_safetensors`] are errors naming the file.
+pub fn load_safetensors_dir<B: Backend, M: Module<B>>(mut module: M, dir: &Path, stem: &str, table: &KeyTable) -> Result<M> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(load_safetensors(module, &single, table, false)?.0);
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        let message = format!("no {stem}.safetensors and no readable {stem}.safetensors.index.json ({e})");
+        Error::io(&single, std::io::Error::new(e.kind(), message))
+    })?;
+    let bad = |message: String| Error::Parse { path: index.clone(), format: "safetensors index", message };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let files: std::collections::BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    if files.is_empty() {
+        return Err(bad("`weight_map` names no file".into()));
+    }
+    let mut missing: Option<std::collections::BTreeSet<String>> = None;
+    for file in files {
+        let (m, report) = load_safetensors(module, &dir.join(file), table, true)?;
+        module = m;
+        let now = report.missing.into_iter().collect();
+        missing = Some(match missing {
+            None => now,
+            Some(before) => before.intersection(&now).cloned().collect(),
+        });
+    }
+    match missing.filter(|m| !m.is_empty()) {
+        None => Ok(module),
+        Some(m) => {
+            let list: Vec<String> = m.into_iter().collect();
+            let report = format!("  missing in every shard ({}):\n    {}\n", list.len(), list.join("\n    "));
+            Err(Error::WeightsMismatch { path: index, report })
+        }
+    }
+}

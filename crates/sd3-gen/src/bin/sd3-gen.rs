@@ -9,8 +9,9 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
 use sd3_gen::load_transformer;
+use sd3_gen::mmdit::adapter_has_context_keys;
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
-use sd3_gen::text::TextEncoders;
+use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
@@ -34,12 +35,13 @@ enum Cmd {
         /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
         #[arg(long)]
         model: String,
-        /// Adapter directory for the transformer (PEFT layout, keys `transformer.<module>…`).
+        /// Adapter directory for the transformer (PEFT layout or diffusers' pytorch_lora_weights.safetensors,
+        /// keys `transformer.<module>…`; context-stream keys `add_*` / `to_add_out` are recognised).
         #[arg(long)]
         adapter: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Text prompt(s), encoded with the CLIP-L/G text encoders of --model (repeatable: a batch).
+        /// Text prompt(s), encoded with the CLIP-L/G and T5 text encoders of --model (repeatable: a batch).
         #[arg(long, conflicts_with = "prompt_embeds")]
         prompt: Vec<String>,
         /// A file with one prompt per line (added to --prompt; empty lines skipped).
@@ -52,11 +54,11 @@ enum Cmd {
         /// Negative prompt (default "").
         #[arg(long, default_value = "")]
         negative: String,
-        /// Without the T5-XXL encoder: zeros in its place, as diffusers does with text_encoder_3=None
-        /// (required with --prompt: the T5 encoder is not available here yet).
+        /// Without the T5-XXL encoder (text_encoder_3): zeros in its place, as diffusers does with
+        /// text_encoder_3=None (also what happens when the model directory has no text_encoder_3).
         #[arg(long)]
         no_t5: bool,
-        /// T5 tokens of the prompt embeddings (zeros with --no-t5).
+        /// T5 tokens of the prompt embeddings (prompt padded/truncated to it; zeros with --no-t5).
         #[arg(long, default_value_t = 256)]
         max_sequence_length: usize,
         /// safetensors with `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
@@ -120,7 +122,8 @@ enum Cmd {
         clip_model: String,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Without the T5-XXL encoder (zeros in its place; required until T5 is ported).
+        /// Without the T5-XXL encoder (text_encoder_3): zeros in its place, as diffusers does with
+        /// text_encoder_3=None (also what happens when the model directory has no text_encoder_3).
         #[arg(long)]
         no_t5: bool,
         #[arg(long, default_value_t = 256)]
@@ -236,9 +239,6 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     if prompt_embeds.is_none() && prompt.is_empty() {
         bail!("give --prompt TEXT or --prompt-embeds FILE");
     }
-    if !prompt.is_empty() && !no_t5 {
-        bail!("--prompt needs the T5-XXL encoder, which is not available here yet: add --no-t5 to use zeros in its place (as diffusers does without text_encoder_3), or pass --prompt-embeds FILE");
-    }
     for out in [Some(output), output_latents.as_ref()].into_iter().flatten() {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.is_dir()
@@ -262,11 +262,21 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
             &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
             &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
         ]);
+        if !no_t5 {
+            needed.extend_from_slice(&[
+                &["text_encoder_3/config.json"][..],
+                &["text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json"],
+                &["tokenizer_3/tokenizer.json"],
+            ]);
+        }
     }
-    let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
+    let optional =
+        ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_3/tokenizer_config.json"];
     let dir = resolve_model_dir(model, &needed, &optional, &HubOptions::from_env()).context("--model")?;
     let (mut mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
     if let Some(a) = adapter {
+        // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
+        mmdit = mmdit.with_context_stream(adapter_has_context_keys(a)?);
         mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
     }
     let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
@@ -286,8 +296,17 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         }
         None => {
             let enc = TextEncoders::<B<AB>>::load(&dir, device)?;
-            let (pe, pp) = enc.encode(&prompt, cfg.joint_attention_dim, *max_sequence_length, device)?;
-            let (ne, np) = enc.encode(&vec![negative.clone(); prompt.len()], cfg.joint_attention_dim, *max_sequence_length, device)?;
+            let t5 = if *no_t5 {
+                None
+            } else if dir.join("text_encoder_3").is_dir() {
+                Some(T5TextEncoder::<B<AB>>::load(&dir, device)?)
+            } else {
+                eprintln!("{}: no text_encoder_3: zeros in place of the T5 tokens (as diffusers with text_encoder_3=None)", dir.display());
+                None
+            };
+            let jd = cfg.joint_attention_dim;
+            let (pe, pp) = enc.encode_with_t5(&prompt, jd, t5.as_ref(), *max_sequence_length, device)?;
+            let (ne, np) = enc.encode_with_t5(&vec![negative.clone(); prompt.len()], jd, t5.as_ref(), *max_sequence_length, device)?;
             if let Some(f) = save_prompt_embeds {
                 let t = |name: &str, h: HostTensor| (name.to_string(), h);
                 let all = BTreeMap::from([

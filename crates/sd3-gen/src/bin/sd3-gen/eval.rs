@@ -1,4 +1,4 @@
-//! `sd3-gen eval`: generate an image for each prompt of a dataset split (text encoders →
+//! `sd3-gen eval`: generate an image for each prompt of a dataset split (CLIP-L/G + T5 text encoders →
 //! flow-matching denoise with guidance → VAE decode, as `sample`), then FID against the split's
 //! real images (pytorch-fid's Inception-v3 pool3, f64 statistics) and CLIP-Score against the
 //! prompts; one JSON object on stdout.
@@ -13,7 +13,8 @@ use sd3_gen::load_transformer;
 use sd3_gen::metrics::inception::POOL3_DIM;
 use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, load_fid_inception, load_rgb_fid};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
-use sd3_gen::text::TextEncoders;
+use sd3_gen::mmdit::adapter_has_context_keys;
+use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::{RgbImage, load_rgb};
@@ -52,6 +53,8 @@ struct Generation<'a> {
     dir: &'a Path,
     adapter: Option<&'a PathBuf>,
     negative: &'a str,
+    /// Encode with text_encoder_3 (else zeros in place of the T5 tokens).
+    t5: bool,
     opts: SampleOptions,
     seed: u64,
     height: Option<usize>,
@@ -63,7 +66,7 @@ struct Generation<'a> {
 
 /// Generates (or, with `--out-images`, reuses) one image per prompt.
 fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) -> Result<Vec<RgbImage>> {
-    let Generation { dir, adapter, negative, ref opts, seed, height, width, batch, t5_tokens, out_images } = *g;
+    let Generation { dir, adapter, negative, t5, ref opts, seed, height, width, batch, t5_tokens, out_images } = *g;
     let path_of = |i: usize| out_images.map(|d| d.join(format!("{i:05}.png")));
     let mut images: Vec<Option<RgbImage>> = (0..prompts.len()).map(|i| path_of(i).filter(|p| p.is_file()).and_then(|p| load_rgb(&p).ok())).collect();
     let reused = images.iter().filter(|i| i.is_some()).count();
@@ -76,10 +79,20 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
     }
     let (mut mmdit, cfg) = load_transformer::<B>(dir, device)?;
     if let Some(a) = adapter {
+        // as `sample`: an adapter with add_* keys adapts the context stream too
+        mmdit = mmdit.with_context_stream(adapter_has_context_keys(a)?);
         mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
     }
     let (vae, vae_cfg) = load_vae::<B>(dir, device)?;
     let enc = TextEncoders::<B>::load(dir, device)?;
+    let t5 = if !t5 {
+        None
+    } else if dir.join("text_encoder_3").is_dir() {
+        Some(T5TextEncoder::<B>::load(dir, device)?)
+    } else {
+        eprintln!("{}: no text_encoder_3: zeros in place of the T5 tokens (as diffusers with text_encoder_3=None)", dir.display());
+        None
+    };
     let factor = 1usize << (vae_cfg.block_out_channels.len() - 1);
     let (h, w) = (height.unwrap_or(cfg.sample_size * factor), width.unwrap_or(cfg.sample_size * factor));
     let multiple = factor * cfg.patch_size;
@@ -89,9 +102,10 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
     let bar = ProgressBar::new(todo.len() as u64).with_message("generating");
     for chunk in todo.chunks(batch.max(1)) {
         let texts: Vec<String> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let (pe, pp) = enc.encode(&texts, cfg.joint_attention_dim, t5_tokens, device)?;
+        let jd = cfg.joint_attention_dim;
+        let (pe, pp) = enc.encode_with_t5(&texts, jd, t5.as_ref(), t5_tokens, device)?;
         let negative = if opts.guidance > 1.0 {
-            Some(enc.encode(&vec![negative.to_string(); texts.len()], cfg.joint_attention_dim, t5_tokens, device)?)
+            Some(enc.encode_with_t5(&vec![negative.to_string(); texts.len()], jd, t5.as_ref(), t5_tokens, device)?)
         } else {
             None
         };
@@ -123,9 +137,6 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     else {
         bail!("not an eval command");
     };
-    if !no_t5 {
-        bail!("eval encodes the dataset's prompts and needs the T5-XXL encoder, which is not available here yet: add --no-t5 to use zeros in its place (as diffusers does without text_encoder_3)");
-    }
     let data = CaptionDataset::open(dataset, *split_seed, *test_fraction)?;
     let items: &[CaptionedImage] = match split.as_str() {
         "test" => &data.test,
@@ -158,7 +169,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let inception_model = load_fid_inception::<B>(&inception_file, device)?;
     let clip_dir = ClipScorer::<B>::resolve(clip_model).with_context(|| format!("--clip-model {clip_model}"))?;
 
-    let needed: &[&[&str]] = &[
+    let mut needed: Vec<&[&str]> = vec![
         &["transformer/config.json"],
         &["transformer/diffusion_pytorch_model.safetensors"],
         &["vae/config.json"],
@@ -170,13 +181,22 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
         &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
         &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
     ];
-    let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
-    let dir = resolve_model_dir(model, needed, &optional, &HubOptions::from_env()).context("--model")?;
+    if !no_t5 {
+        needed.extend_from_slice(&[
+            &["text_encoder_3/config.json"][..],
+            &["text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json"],
+            &["tokenizer_3/tokenizer.json"],
+        ]);
+    }
+    let optional =
+        ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_3/tokenizer_config.json"];
+    let dir = resolve_model_dir(model, &needed, &optional, &HubOptions::from_env()).context("--model")?;
     let prompts: Vec<String> = items[..n].iter().map(|c| c.text.clone()).collect();
     let generation = Generation {
         dir: &dir,
         adapter: adapter.as_ref(),
         negative,
+        t5: !no_t5,
         opts: SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? },
         seed: *seed,
         height: *height,
