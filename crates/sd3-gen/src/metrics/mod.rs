@@ -62,14 +62,29 @@ pub fn inception_features<B: Backend>(
     device: &B::Device,
     on_image: &mut dyn FnMut(usize),
 ) -> Vec<f32> {
-    let mut out = Vec::with_capacity(images.len() * inception::POOL3_DIM);
-    let mut done = 0;
-    for chunk in images.chunks(INCEPTION_BATCH) {
-        let x = Tensor::cat(chunk.iter().map(|i| inception::preprocess(to_unit_tensor::<B>(i, device))).collect(), 0);
-        let f = model.forward_with(x, &mut |_, _| {});
+    let mut get = |i: usize| Ok(images[i].clone());
+    // infallible: the images are in memory
+    inception_features_from(model, images.len(), &mut get, device, on_image).unwrap_or_default()
+}
+
+/// As [`inception_features`] with image `i` produced by `load(i)` when its batch runs (so a
+/// large split is never held in memory at once); the first error stops and is returned.
+pub fn inception_features_from<B: Backend>(
+    model: &FidInceptionV3<B>,
+    count: usize,
+    load: &mut dyn FnMut(usize) -> Result<RgbImage>,
+    device: &B::Device,
+    on_image: &mut dyn FnMut(usize),
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(count * inception::POOL3_DIM);
+    let mut start = 0;
+    while start < count {
+        let end = (start + INCEPTION_BATCH).min(count);
+        let batch = (start..end).map(|i| Ok(inception::preprocess(to_unit_tensor::<B>(&load(i)?, device)))).collect::<Result<Vec<_>>>()?;
+        let f = model.forward_with(Tensor::cat(batch, 0), &mut |_, _| {});
         out.extend(f.into_data().iter::<f32>());
-        done += chunk.len();
-        on_image(done);
+        on_image(end);
+        start = end;
     }
-    out
+    Ok(out)
 }

@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use sd3_gen::data::{CaptionDataset, CaptionedImage, load_image};
 use sd3_gen::load_transformer;
 use sd3_gen::metrics::inception::POOL3_DIM;
-use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, load_fid_inception, load_rgb_fid};
+use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, inception_features_from, load_fid_inception, load_rgb_fid};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::mmdit::adapter_has_context_keys;
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
@@ -152,7 +152,12 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     }
     // fail on bad real images and weights before the expensive generation; FID decodes as
     // pytorch-fid (alpha dropped), CLIP as its image processor (alpha composited on white)
-    let real: Vec<RgbImage> = items.iter().map(load_image).collect::<Result<_, _>>()?;
+    // (the images of the evaluated prompts stay in memory for CLIP; the rest are only checked here
+    // and decoded again, batch by batch, for their Inception features)
+    let real: Vec<RgbImage> = items[..n].iter().map(load_image).collect::<Result<_, _>>()?;
+    for c in &items[n..] {
+        load_image(c)?;
+    }
     let stored = match real_stats {
         Some(p) if p.is_file() => {
             let s = FidStats::load(p)?;
@@ -164,7 +169,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
         }
         _ => None,
     };
-    let real_fid: Vec<RgbImage> = if stored.is_some() { Vec::new() } else { items.iter().map(|c| load_rgb_fid(&c.image)).collect::<Result<_, _>>()? };
+    let real_count = if stored.is_some() { 0 } else { items.len() };
     let inception_file = inception_path(inception)?;
     let inception_model = load_fid_inception::<B>(&inception_file, device)?;
     let clip_dir = ClipScorer::<B>::resolve(clip_model).with_context(|| format!("--clip-model {clip_model}"))?;
@@ -207,25 +212,26 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     };
     let generated = generate::<B>(&generation, &prompts, device)?;
 
-    let bar = ProgressBar::new((generated.len() + real_fid.len()) as u64).with_message("Inception features");
+    let bar = ProgressBar::new((generated.len() + real_count) as u64).with_message("Inception features");
     let fg = inception_features(&inception_model, &generated, device, &mut |i| bar.set_position(i as u64));
-    let fr = inception_features(&inception_model, &real_fid, device, &mut |i| bar.set_position((generated.len() + i) as u64));
+    let mut load = |i: usize| load_rgb_fid(&items[i].image);
+    let fr = inception_features_from(&inception_model, real_count, &mut load, device, &mut |i| bar.set_position((generated.len() + i) as u64))?;
     bar.finish_and_clear();
     drop(inception_model);
     let (fid, real_count) = match (stored, real_stats) {
         (Some(s), _) => (fid_stats_vs_features(&s, &fg, generated.len(), POOL3_DIM)?, s.n),
         (None, Some(p)) => {
-            let s = FidStats::from_features(&fr, real_fid.len(), POOL3_DIM)?;
+            let s = FidStats::from_features(&fr, real_count, POOL3_DIM)?;
             s.save(p)?;
             eprintln!("wrote {}", p.display());
             (fid_stats_vs_features(&s, &fg, generated.len(), POOL3_DIM)?, s.n)
         }
-        (None, None) => (fid_from_features(&fg, generated.len(), &fr, real_fid.len(), POOL3_DIM)?, real_fid.len()),
+        (None, None) => (fid_from_features(&fg, generated.len(), &fr, real_count, POOL3_DIM)?, real_count),
     };
 
     let scorer = ClipScorer::<B>::load(&clip_dir, device)?;
     let score = ClipScore::from_cosines(&scorer.pair_cosines(&generated, &prompts, device)?)?;
-    let similarity = scorer.image_cosines(&generated, &real[..n], device)?;
+    let similarity = scorer.image_cosines(&generated, &real, device)?;
     let out = serde_json::json!({
         "split": split,
         "images": generated.len(),
