@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod load;
+pub mod metrics;
 pub mod mmdit;
 pub mod pipeline;
 pub mod scheduler;

@@ -85,6 +85,71 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Generate images for the prompts of a dataset split and report FID (pytorch-fid's
+    /// Inception-v3) against the split's real images and CLIP-Score against the prompts (JSON).
+    Eval {
+        /// Hub id or local diffusers-layout directory of the SD3 pipeline.
+        #[arg(long)]
+        model: String,
+        /// Adapter directory for the transformer (as `sample --adapter`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Captioned image folder (metadata.jsonl or same-stem .txt captions; split.json or a seeded split).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// `test` or `train`.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Seed of the split when the folder has no split.json (the one training used).
+        #[arg(long, default_value_t = sd3_gen::data::DEFAULT_SPLIT_SEED)]
+        split_seed: u64,
+        /// Held-out share when the folder has no split.json (the one training used).
+        #[arg(long, default_value_t = sd3_gen::data::DEFAULT_TEST_FRACTION)]
+        test_fraction: f64,
+        /// Images to generate: the first N prompts of the split (default: all of them).
+        #[arg(long)]
+        num_images: Option<usize>,
+        /// pytorch-fid's Inception weights as safetensors (a file, a directory holding
+        /// pt_inception-2015-12-05-6726825d.safetensors, or a hub id with that file).
+        #[arg(long)]
+        inception: String,
+        /// FID statistics of the real images (safetensors `mu`, `sigma`): read if the file
+        /// exists, else computed from the split's images and written there.
+        #[arg(long)]
+        real_stats: Option<PathBuf>,
+        /// CLIP model for CLIP-Score (hub id or local HF directory).
+        #[arg(long, default_value = "openai/clip-vit-large-patch14")]
+        clip_model: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Without the T5-XXL encoder (text_encoder_3): zeros in its place, as diffusers does with
+        /// text_encoder_3=None (also what happens when the model directory has no text_encoder_3).
+        #[arg(long)]
+        no_t5: bool,
+        #[arg(long, default_value_t = 256)]
+        max_sequence_length: usize,
+        /// Negative prompt (default "").
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long, default_value_t = 28)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.0)]
+        guidance: f32,
+        /// Image i starts from the noise of seed + i (independent of --batch).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long)]
+        width: Option<usize>,
+        /// Prompts per denoising batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Keep the generated images here (NNNNN.png); images already there are reused, so an
+        /// interrupted eval resumes.
+        #[arg(long)]
+        out_images: Option<PathBuf>,
+    },
     /// Fine-tune the MMDiT on captioned images (diffusers' train_dreambooth_lora_sd3.py recipe).
     /// Writes train_config.json, cache/ (latents, prompt embeddings), checkpoint/, samples/,
     /// metrics.json and the adapter into --out (LoRA: pytorch_lora_weights.safetensors, diffusers'
@@ -137,6 +202,9 @@ fn take<B: Backend, const D: usize>(t: &mut BTreeMap<String, HostTensor>, file: 
     Ok(h.to_tensor(device))
 }
 
+#[path = "sd3-gen/eval.rs"]
+mod eval;
+
 fn scheduler_shift(dir: &Path) -> Result<f64> {
     let path = dir.join("scheduler/scheduler_config.json");
     if !path.is_file() {
@@ -158,7 +226,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
     } = cmd
     else {
-        bail!("not a sampling command");
+        return eval::run::<B<AB>>(device, cmd);
     };
     let mut prompt = prompt.clone();
     if let Some(f) = prompt_file {
@@ -305,7 +373,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (Cmd::Sample { device, .. } | Cmd::Train { device, .. }) = &cli.command;
+    let (Cmd::Sample { device, .. } | Cmd::Train { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command))
 }
