@@ -24,7 +24,7 @@ use serial_lora::imaging::decode_all;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{RunDir, RunSummary, State, StepTracker, cosine_lr, stream_seed};
+use serial_lora::run::{RunDir, RunSummary, State, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -307,11 +307,13 @@ pub fn train<AB: AutodiffBackend>(
         let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
         let loss = log_softmax(logits.clone(), 1).gather(1, y.clone().unsqueeze_dim(1)).mean().neg();
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let loss_value = loss.clone().into_scalar().elem::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
         let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
-        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, score: correct as f64, images: batch.len() };
+        let log = StepLog { loss: loss_value, lr, score: correct as f64, images: batch.len() };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, cosine_lr, stream_seed};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -257,11 +257,13 @@ pub fn train<AB: AutodiffBackend>(
         let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
         let loss = bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean();
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let loss_value = loss.clone().into_scalar().elem::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
         let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
-        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, images: nb, score: dice };
+        let log = StepLog { loss: loss_value, lr, images: nb, score: dice };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }

@@ -251,6 +251,13 @@ pub fn save_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
     if tensors.is_empty() {
         return Err(Error::TargetMatchesNothing(format!("{}: the model has no adapters to save", dir.display())));
     }
+    // an adapter (or checkpoint) with NaN / ±∞ is never written
+    if let Some((key, _)) = tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())) {
+        return Err(Error::Safetensors {
+            path: dir.join(WEIGHTS_FILE),
+            message: format!("refusing to write `{key}`: it holds non-finite values (NaN or ±inf)"),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let peft = PeftConfig {
         peft_type: match cfg.method {
