@@ -152,9 +152,9 @@ pub fn problems(case: &Case, o: &Outcome) -> Vec<String> {
 /// Runs every case (two at a time) and fails with one report listing each mishandled case,
 /// its command line and stderr. Prints one line per case.
 pub fn check_all(bin: &str, cases: &[Case]) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<(usize, Outcome)> = std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
-        let next = std::sync::atomic::AtomicUsize::new(0);
         for _ in 0..2 {
             let (tx, next) = (tx.clone(), &next);
             s.spawn(move || {
