@@ -188,6 +188,19 @@ fn indent(s: &str) -> String {
     s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
 }
 
+/// `base` with each `--flag value` pair of `extra` replacing that flag's value in `base`, or
+/// appended when `base` lacks the flag (clap refuses a flag given twice).
+pub fn with_flags(base: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+    for pair in extra.chunks(2) {
+        match (out.iter().position(|a| a == pair[0]), pair.get(1)) {
+            (Some(i), Some(v)) if i + 1 < out.len() => out[i + 1] = v.to_string(),
+            _ => out.extend(pair.iter().map(|a| a.to_string())),
+        }
+    }
+    out
+}
+
 /// A path as a `&str` (the tests' temporary paths are UTF-8).
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")

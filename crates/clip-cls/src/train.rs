@@ -156,6 +156,9 @@ impl TrainConfig {
         if !lr_ok {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
         }
+        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
+            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
+        }
         if let Some(t) = self.template.as_ref().filter(|t| !t.contains("{}")) {
             return bad("template", t.clone(), "has no {} for the class name");
         }
@@ -367,6 +370,9 @@ pub fn evaluate<B: Backend>(
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
+    if batch == 0 {
+        return Err(serial_lora::Error::config("batch", 0, "must be at least 1").into());
+    }
     let items = dataset.few_shot(split, None, 0)?;
     let text = l2_normalize(model.get_text_features(class_prompts::<B>(tokenizer, &dataset.classnames, template, device)));
     let (mut correct, mut images, mut skipped) = (0, 0, Vec::new());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::{colour_dataset, fixtures, images, tiny_model_dir};
 use hostile::make::{self, Safetensors};
-use hostile::{Case, check_all, copy_dir, s};
+use hostile::{Case, check_all, copy_dir, s, with_flags};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clip-cls");
 
@@ -40,10 +40,11 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let out = w.join("out.safetensors");
     let o = s(&out);
     let png = images()[0].clone();
-    let embed = |extra: &[&str]| [&["embed", "--model", m, "--output", o][..], extra].concat();
-    let embed_image = |img: &Path| embed(&["--images", s(img)]);
-    let embed_model = |dir: &Path| vec!["embed".to_string(), "--model".into(), s(dir).into(), "--texts".into(), "a".into(), "--output".into(), o.into()];
-    let embed_adapter = |dir: &Path| embed(&["--adapter", s(dir), "--texts", "a"]);
+    let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
+    let embed = |extra: &[&str]| -> Vec<String> { strings(&[&["embed", "--model", m, "--output", o][..], extra].concat()) };
+    let embed_image = |img: &Path| -> Vec<String> { embed(&["--images", s(img)]) };
+    let embed_model = |dir: &Path| -> Vec<String> { strings(&["embed", "--model", s(dir), "--texts", "a", "--output", o]) };
+    let embed_adapter = |dir: &Path| -> Vec<String> { embed(&["--adapter", s(dir), "--texts", "a"]) };
 
     let mut cases = Vec::new();
 
@@ -172,17 +173,23 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     // training flags and datasets
     let data = w.join("data");
     colour_dataset(&data, 2, 1);
-    let run_dir = w.join("run");
-    let train = |extra: &[&str]| {
-        let base = ["train", "--model", m, "--dataset", s(&data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--out", s(&run_dir)];
-        // later flags win in clap: the case's value replaces the default above
-        [&base[..], extra].concat()
+    // every training case gets its own --out (a case that wrongly succeeds must not mask others)
+    let runs = std::cell::Cell::new(0);
+    let run_dir = || {
+        runs.set(runs.get() + 1);
+        w.join(format!("run-{}", runs.get()))
     };
+    let train_on = |data: &Path, extra: &[&str]| -> Vec<String> {
+        let out_dir = run_dir();
+        let base = ["train", "--model", m, "--dataset", s(data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--out", s(&out_dir)];
+        with_flags(&base, extra)
+    };
+    let train = |extra: &[&str]| -> Vec<String> { train_on(&data, extra) };
     for (name, flag, value, culprit) in [
         ("train: --rank 0", "--rank", "0", "rank"),
         ("train: --rank -3", "--rank", "-3", "--rank"),
         ("train: --lr 0", "--lr", "0", "lr"),
-        ("train: --lr -1e-3", "--lr", "-1e-3", "lr"),
+        ("train: --lr -0.001", "--lr", "-0.001", "lr"),
         ("train: --lr nan", "--lr", "nan", "lr"),
         ("train: --batch 0", "--batch", "0", "batch"),
         ("train: --batch -1", "--batch", "-1", "--batch"),
@@ -191,7 +198,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
         ("train: --iters 0", "--iters", "0", "iters"),
         ("train: --alpha 0", "--alpha", "0", "alpha"),
         ("train: --dropout 1.5", "--dropout", "1.5", "dropout"),
-        ("train: --lr-ratio -2", "--lr-ratio", "-2", "lr_ratio"),
+        ("train: --lr-ratio -2", "--lr-ratio", "-2", "lr-ratio"),
         ("train: --method dora", "--method", "dora", "dora"),
         ("train: --params q,x", "--params", "q,x", "x"),
         ("train: --device tpu", "--device", "tpu", "tpu"),
@@ -201,9 +208,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let empty_class = w.join("data-empty-class");
     colour_dataset(&empty_class, 2, 0);
     std::fs::create_dir(empty_class.join("train/no_pictures")).unwrap();
-    let with = |d: &Path| -> Vec<String> {
-        train(&[]).into_iter().map(|a| if a == s(&data) { s(d).to_string() } else { a.to_string() }).collect()
-    };
+    let with = |d: &Path| -> Vec<String> { train_on(d, &[]) };
     cases.push(Case::new("dataset: a class with no images", &with(&empty_class), "no_pictures").and("no images"));
     let coop = w.join("data-coop");
     std::fs::create_dir_all(coop.join("images")).unwrap();
@@ -235,7 +240,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let under_run = make::under_a_file(&w.join("data"), "run");
     let mut t = train(&[]);
     let last = t.len() - 1;
-    t[last] = s(&under_run);
+    t[last] = s(&under_run).to_string();
     cases.push(Case::new("train: --out under a regular file", &t, "a-regular-file"));
 
     // hub

@@ -105,6 +105,9 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min)) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
         }
+        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
+            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
+        }
         if !(0.0..1.0).contains(&self.box_jitter) || !(0.0..1.0).contains(&self.test_fraction) {
             return bad("box-jitter/test-fraction", format!("{}/{}", self.box_jitter, self.test_fraction), "must be in [0, 1)");
         }

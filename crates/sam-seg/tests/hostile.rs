@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::{fixtures, squares as dataset};
 use hostile::make::{self, Safetensors};
-use hostile::{Case, check_all, copy_dir, s};
+use hostile::{Case, check_all, copy_dir, s, with_flags};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sam-seg");
 
@@ -24,8 +24,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let out = w.join("o.safetensors");
     let o = s(&out);
     let predict = |model: &str, image: &Path, extra: &[&str]| -> Vec<String> {
-        let base = ["predict", "--model", model, "--image", s(image), "--box", "5,6,40,30", "--output", o];
-        base.iter().chain(extra).map(|a| a.to_string()).collect()
+        with_flags(&["predict", "--model", model, "--image", s(image), "--box", "5,6,40,30", "--output", o], extra)
     };
     let variant = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
         let d = w.join(name);
@@ -115,10 +114,16 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let shapes = fixtures().join("sam-tiny-shapes");
     let data = w.join("data");
     dataset(&data, 4);
-    let run_dir = w.join("run");
+    // every training case gets its own --out (a case that wrongly succeeds must not mask others)
+    let runs = std::cell::Cell::new(0);
+    let run_dir = || {
+        runs.set(runs.get() + 1);
+        w.join(format!("run-{}", runs.get()))
+    };
     let train_on = |data: &Path, extra: &[&str]| -> Vec<String> {
-        let base = ["train", "--model", s(&shapes), "--dataset", s(data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--image-size", "32", "--out", s(&run_dir)];
-        base.iter().chain(extra).map(|a| a.to_string()).collect()
+        let out_dir = run_dir();
+        let base = ["train", "--model", s(&shapes), "--dataset", s(data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--image-size", "32", "--out", s(&out_dir)];
+        with_flags(&base, extra)
     };
     for (name, flag, value, culprit) in [
         ("train: --rank 0", "--rank", "0", "rank"),

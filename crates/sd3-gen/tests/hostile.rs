@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use hostile::make::{self, Safetensors};
-use hostile::{Case, check_all, copy_dir, s};
+use hostile::{Case, check_all, copy_dir, s, with_flags};
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sd3-gen");
@@ -37,7 +37,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let png = w.join("img.png");
     let sample = |model: &str, embeds: &Path, extra: &[&str]| -> Vec<String> {
         let base = ["sample", "--model", model, "--prompt-embeds", s(embeds), "--latents", s(&latents), "--steps", "1", "--height", "16", "--width", "12", "--output", s(&png)];
-        base.iter().chain(extra).map(|a| a.to_string()).collect()
+        with_flags(&base, extra)
     };
     let ok = |extra: &[&str]| sample(m, &embeds, extra);
     let variant = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {

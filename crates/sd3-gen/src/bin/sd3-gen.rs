@@ -27,6 +27,8 @@ struct Cli {
 enum Cmd {
     /// Generate images (flow-matching Euler with classifier-free guidance, as diffusers'
     /// StableDiffusion3Pipeline) and decode them with the VAE.
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Sample {
         /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
         #[arg(long)]
