@@ -19,7 +19,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_clip-cls");
 fn args(model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
     let base = [
         "train", "--model", s(model), "--dataset", s(data), "--shots", "2", "--seed", "5", "--method", "serial-lora-plus", "--rank", "2",
-        "--alpha", "4", "--dropout", "0.25", "--lr", "1e-2", "--lr-ratio", "4", "--batch", "2", "--save-steps", "1", "--logging-steps", "1",
+        "--alpha", "4", "--dropout", "0.25", "--lr-ratio", "4", "--batch", "2", "--save-steps", "1", "--logging-steps", "1",
     ];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
 }
@@ -31,7 +31,7 @@ fn sigkill_at_random_steps_then_resume_is_bit_identical() {
     colour_dataset(data.path(), 3, 0);
     let total = 12;
     let kills = crash::kill_steps(0x5EED_C11F, 2, 2, total - 2);
-    crash::crash_and_resume(BIN, &args(model.path(), data.path(), &["--iters", "12"]), &kills, total);
+    crash::crash_and_resume(BIN, &args(model.path(), data.path(), &["--iters", "12", "--lr", "1e-2"]), &kills, total);
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn args(data: &Path, extra: &[&str]) -> Vec<String> {
     let model = fixtures().join("sam-tiny-shapes");
     let base = [
         "train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--seed", "3", "--method", "serial-lora-plus",
-        "--rank", "2", "--dropout", "0.1", "--lr", "1e-2", "--lr-ratio", "4", "--batch", "2", "--image-size", "32", "--save-steps", "1",
+        "--rank", "2", "--dropout", "0.1", "--lr-ratio", "4", "--batch", "2", "--image-size", "32", "--save-steps", "1",
         "--logging-steps", "1",
     ];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
@@ -30,7 +30,7 @@ fn sigkill_at_random_steps_then_resume_is_bit_identical() {
     squares(data.path(), 5);
     let total = 10;
     let kills = crash::kill_steps(0x5A3_C8A5, 2, 2, total - 2);
-    crash::crash_and_resume(BIN, &args(data.path(), &["--iters", "10"]), &kills, total);
+    crash::crash_and_resume(BIN, &args(data.path(), &["--iters", "10", "--lr", "1e-2"]), &kills, total);
 }
 
 #[test]
