@@ -323,6 +323,18 @@ impl<B: Backend> Sd3Transformer<B> {
                 encoder_hidden_states.dims()[0]
             )));
         }
+        // widths the checkpoint fixes: a mismatch would panic inside a matmul
+        let [_, joint_dim] = self.context_embedder.weight.dims();
+        let [pooled_dim, _] = self.time_text_embed.text_embedder.linear_1.weight.dims();
+        let [_, in_channels, _, _] = self.pos_embed.proj.weight.dims();
+        let widths = [
+            ("latents channels", latents.dims()[1], in_channels, "in_channels"),
+            ("prompt_embeds width", encoder_hidden_states.dims()[2], joint_dim, "joint_attention_dim"),
+            ("pooled_prompt_embeds width", pooled.dims()[1], pooled_dim, "pooled_projection_dim"),
+        ];
+        if let Some((what, got, want, field)) = widths.into_iter().find(|(_, got, want, _)| got != want) {
+            return Err(Sd3Error::Input(format!("{what} is {got}, the transformer's {field} is {want}")));
+        }
         let embedded = self.pos_embed.forward(latents)?;
         let device = embedded.device();
         let te = &self.time_text_embed;

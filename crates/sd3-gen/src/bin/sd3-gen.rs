@@ -190,8 +190,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     let b = prompt_embeds.dims()[0];
     let (h, w) = (height.unwrap_or(cfg.sample_size * factor), width.unwrap_or(cfg.sample_size * factor));
     let multiple = factor * cfg.patch_size;
-    if h % multiple != 0 || w % multiple != 0 {
-        bail!("--height {h} / --width {w} must be multiples of {multiple} (VAE factor {factor} × patch size {})", cfg.patch_size);
+    if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {multiple} (VAE factor {factor} × patch size {})", cfg.patch_size);
     }
     let want = [b, cfg.in_channels, h / factor, w / factor];
     let noise = match latents {
