@@ -324,7 +324,7 @@ impl<B: Backend> Sd3Transformer<B> {
             )));
         }
         // widths the checkpoint fixes: a mismatch would panic inside a matmul
-        let [_, joint_dim] = self.context_embedder.weight.dims();
+        let [joint_dim, _] = self.context_embedder.weight.dims(); // Burn Linear weights are [in, out]
         let [pooled_dim, _] = self.time_text_embed.text_embedder.linear_1.weight.dims();
         let [_, in_channels, _, _] = self.pos_embed.proj.weight.dims();
         let widths = [
