@@ -117,3 +117,35 @@ fn malformed_adapter_presets_are_named() {
     let ok = AdapterConfig::load(preset(w, "ok.toml", "method = \"serial-lora\"\nrank = 4\n")).unwrap();
     assert_eq!((ok.method, ok.rank), (Method::SerialLora, 4));
 }
+
+/// A one-parameter module for [`check_finite`] (`serial_lora::run`).
+#[derive(burn::module::Module, Debug)]
+struct Tiny<B: burn::prelude::Backend> {
+    p: burn::module::Param<burn::prelude::Tensor<B, 1>>,
+}
+
+#[test]
+fn check_finite_names_the_step_and_the_gradient() {
+    use burn::optim::GradientsParams;
+    use burn::prelude::*;
+    use serial_lora::run::check_finite;
+    type AB = burn::backend::Autodiff<burn::backend::Flex>;
+    let dev = Default::default();
+    let m = Tiny::<AB> { p: burn::module::Param::from_tensor(Tensor::from_floats([0.0, 1.0], &dev)).set_require_grad(true) };
+    let grads_of = |loss: Tensor<AB, 1>| {
+        let v = loss.clone().into_scalar();
+        (v, GradientsParams::from_grads(loss.backward(), &m))
+    };
+    // finite loss and gradient
+    let (v, g) = grads_of(m.p.val().powf_scalar(2.0).sum());
+    check_finite(0, v, &m, &g).unwrap();
+    // a finite loss (√0 + √1 = 1) with an infinite gradient (d√p/dp at 0)
+    let (v, g) = grads_of(m.p.val().sqrt().sum());
+    assert!(v.is_finite());
+    let err = check_finite(4, v, &m, &g).unwrap_err().to_string();
+    assert!(err.contains("step 5") && err.contains("gradient of `p`") && err.contains("not finite"), "{err}");
+    // a non-finite loss
+    let (_, g) = grads_of(m.p.val().powf_scalar(2.0).sum());
+    let err = check_finite(0, f32::NAN, &m, &g).unwrap_err().to_string();
+    assert!(err.contains("step 1") && err.contains("loss (NaN)"), "{err}");
+}

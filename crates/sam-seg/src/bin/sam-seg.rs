@@ -179,10 +179,13 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     if r#box.is_none() && points.is_empty() {
         bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
     }
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        bail!("--output {}: directory {} does not exist", output.display(), dir.display());
+    // fail before any work on an output that cannot be written
+    for (flag, out) in [("--output", Some(output)), ("--mask-png", mask_png.as_ref())] {
+        if let Some(dir) = out.and_then(|o| o.parent()).filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            bail!("{flag} {}: directory {} does not exist", out.map(|o| o.display().to_string()).unwrap_or_default(), dir.display());
+        }
     }
     let img = load_rgb(image)?;
     let (w, h) = (img.width as f32, img.height as f32);
