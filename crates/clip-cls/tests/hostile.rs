@@ -243,6 +243,32 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     t[last] = s(&under_run).to_string();
     cases.push(Case::new("train: --out under a regular file", &t, "a-regular-file"));
 
+    // a run directory damaged between invocations, continued with --resume
+    let run = w.join("run-to-damage");
+    let mut first = train(&["--iters", "3", "--save-steps", "1"]);
+    first.iter_mut().filter(|a| a.contains("/run-")).for_each(|a| *a = s(&run).to_string());
+    let mut first_run = first.clone();
+    first_run.extend(["--stop-after".to_string(), "1".to_string()]);
+    let made = hostile::run(BIN, &first_run, &[], false, hostile::TIME_LIMIT);
+    assert_eq!(made.code, Some(0), "{}", made.stderr);
+    for (i, name, file, keep) in [
+        ("resume: truncated checkpoint/state.json", "checkpoint/state.json", 0.5),
+        ("resume: truncated checkpoint/optimizer.mpk", "checkpoint/optimizer.mpk", 0.5),
+        ("resume: truncated checkpoint adapter", "checkpoint/adapter_model.safetensors", 0.5),
+        ("resume: truncated train_config.json", "train_config.json", 0.5),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, c)| (i, c.0, c.1, c.2))
+    {
+        let d = w.join(format!("damaged-run-{i}"));
+        copy_dir(&run, &d);
+        make::truncated(&run.join(file), &d.join(file), keep);
+        let mut args: Vec<String> = first.iter().map(|a| if *a == s(&run) { s(&d).to_string() } else { a.clone() }).collect();
+        args.push("--resume".into());
+        cases.push(Case::new(name, &args, file.rsplit('/').next().unwrap_or(file)).and(s(&d)));
+    }
+
     // hub
     let home = w.join("hf-home");
     std::fs::create_dir(&home).unwrap();

@@ -310,8 +310,13 @@ impl RunDir {
         let (model, _) = io::load_adapter(base, &ckpt, device)?;
         let ids = trainable_ids(&model);
         let opt_path = ckpt.join(OPTIMIZER_FILE);
-        let record: O::Record =
-            NamedMpkFileRecorder::<FullPrecisionSettings>::new().load(opt_path.clone(), device).map_err(|e| ckpt_err(&opt_path, e))?;
+        let record: O::Record = NamedMpkFileRecorder::<FullPrecisionSettings>::new().load(opt_path.clone(), device).map_err(|e| {
+            // (Burn's message goes on with a hint about record formats of Burn ≤ 0.16: first line only)
+            let e = e.to_string();
+            let first = e.split(['\n']).next().and_then(|l| l.split("\\n").next()).unwrap_or_default();
+            let first = first.trim_start_matches("Unknown(\"");
+            ckpt_err(&opt_path.with_extension("mpk"), format!("cannot read the optimizer state (truncated or not this run's): {first}"))
+        })?;
         Ok((model, optim.load_record(rekey(record, &positional_ids(ids.len()), &ids))))
     }
 
