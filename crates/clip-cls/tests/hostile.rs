@@ -123,6 +123,18 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     cases.push(Case::new("config.json: heads do not divide width", &embed_model(&d), "config.json").and("num_attention_heads"));
     let d = variant(w, model, "config-zero-patch", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()));
     cases.push(Case::new("config.json: patch_size 0", &embed_model(&d), "config.json").and("patch_size"));
+    let d = variant(w, model, "config-huge-image", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["image_size"] = 800_000.into()));
+    cases.push(Case::new("config.json: image_size 800000 (a 10^10-entry position table)", &embed_model(&d), "model.safetensors").and("position_embedding").memory_limited());
+    let d = variant(w, model, "preprocessor-crop", |d| {
+        make::text(&d.join("preprocessor_config.json"), r#"{"crop_size": {"height": 48, "width": 48}, "size": {"shortest_edge": 48}}"#);
+    });
+    cases.push(Case::new("preprocessor_config.json: crop 48 for a 32-pixel model", &embed_model(&d), "preprocessor_config.json").and("crop_size"));
+    let d = variant(w, model, "preprocessor-huge", |d| {
+        make::text(&d.join("preprocessor_config.json"), r#"{"crop_size": 32, "size": {"shortest_edge": 3000000}}"#);
+    });
+    let mut args = embed_model(&d);
+    args.extend(["--images".to_string(), s(&png).to_string()]);
+    cases.push(Case::new("preprocessor_config.json: shortest_edge 3000000", &args, "preprocessor_config.json").and("shortest_edge").memory_limited());
     let d = variant(w, model, "vocab-truncated", |d| {
         make::truncated(&model.join("vocab.json"), &d.join("vocab.json"), 0.5);
     });

@@ -89,6 +89,15 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let d = variant("config-type", &|d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = serde_json::json!(-8)));
     cases.push(Case::new("config.json: patch_size -8", &predict(s(&d), &image, &[]), "config.json").and("-8"));
 
+    let d = variant("config-huge-image", &|d| {
+        make::edit_json(&d.join("config.json"), |v| {
+            v["vision_config"]["image_size"] = 524_288.into();
+            v["prompt_encoder_config"]["image_size"] = 524_288.into();
+            v["prompt_encoder_config"]["image_embedding_size"] = 65_536.into();
+        })
+    });
+    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "model.safetensors").and("pos_embed").memory_limited());
+
     // adapters
     let clip_adapter = fixtures().join("clip-tiny/peft_lora");
     cases.push(Case::new("adapter: CLIP's adapter on SAM", &predict(m, &image, &["--adapter", s(&clip_adapter)]), "unexpected").and("text_model"));

@@ -7,7 +7,7 @@
 //! `attention_processor.py::JointAttnProcessor2_0`, `embeddings.py`, `normalization.py` (v0.42.1).
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serial_lora::layers::{Activation, Mlp};
@@ -280,7 +280,8 @@ impl<B: Backend> Sd3Transformer<B> {
         Self {
             pos_embed: PatchEmbed {
                 proj: Conv2dConfig::new([c.in_channels, d], [c.patch_size, c.patch_size]).with_stride([c.patch_size, c.patch_size]).init(device),
-                pos_embed: Param::from_tensor(Tensor::zeros([1, m * m, d], device)),
+                // lazy: a config claiming a huge table allocates nothing before the shapes are checked
+                pos_embed: Initializer::Zeros.init([1, m * m, d], device),
                 pos_embed_max_size: m,
             },
             time_text_embed: TimeTextEmbed {
