@@ -300,6 +300,13 @@ pub mod make {
         f.join(name)
     }
 
+    /// A named pipe (nothing ever writes to it: opening it for reading blocks forever).
+    pub fn fifo(dst: &Path) -> PathBuf {
+        let ok = Command::new("mkfifo").arg(dst).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "mkfifo {}", dst.display());
+        dst.into()
+    }
+
     /// Reads `path` as JSON, lets `edit` change it, writes it back.
     pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
         let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

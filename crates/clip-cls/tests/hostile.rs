@@ -63,6 +63,8 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let dir_as_image = w.join("a-directory.png");
     std::fs::create_dir(&dir_as_image).unwrap();
     cases.push(Case::new("image: a directory", &embed_image(&dir_as_image), "a-directory.png"));
+    let pipe = make::fifo(&w.join("pipe.png"));
+    cases.push(Case::new("image: a named pipe (would block)", &embed_image(&pipe), "pipe.png").and("not a regular file"));
 
     // weights
     let weights = model.join("model.safetensors");

@@ -133,6 +133,8 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let e = w.join("embeds-nan.safetensors");
     write_safetensors(&e, &nan, Default::default()).unwrap();
     cases.push(Case::new("--prompt-embeds: a NaN", &sample(m, &e, &[]), "prompt_embeds").and("finite"));
+    let f = make::fifo(&w.join("embeds-pipe.safetensors"));
+    cases.push(Case::new("--prompt-embeds: a named pipe (would block)", &sample(m, &f, &[]), "embeds-pipe.safetensors").and("not a regular file"));
     let l = make::truncated(&latents, &w.join("latents-truncated.safetensors"), 0.5);
     cases.push(Case::new("--latents: truncated", &sample(m, &embeds, &["--latents", s(&l)]), "latents-truncated.safetensors"));
 

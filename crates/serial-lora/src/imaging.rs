@@ -22,6 +22,10 @@ pub struct RgbImage {
 /// gray + alpha keep the high byte, 16-bit grayscale (`I;16`) is *clipped* to 255.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let err = |m: String| Error::Image { path: path.into(), message: m };
+    // opening a FIFO or a device would block or read forever
+    if path.exists() && !path.is_file() {
+        return Err(err("not a regular file".into()));
+    }
     let reader = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()

@@ -126,8 +126,11 @@ impl HostTensor {
 
 /// Reads every tensor of a safetensors file as f32 (F32, F16, BF16 and F64 are accepted).
 pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let err = |message: String| Error::Safetensors { path: path.into(), message };
+    if path.exists() && !path.is_file() {
+        return Err(err("not a regular file".into())); // a FIFO would block, a directory fail obscurely
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
