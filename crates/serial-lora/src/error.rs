@@ -44,7 +44,7 @@ pub enum Error {
     /// applied and nothing from it was saved.
     #[error(
         "training stopped at step {step}: {what} is not finite; the update of this step was not applied and nothing \
-         from it was written (the run directory keeps its last good checkpoint); lower --lr or check the inputs"
+         from it was written (the run directory keeps its last good checkpoint); start a new run with a lower --lr, or check the inputs"
     )]
     NonFinite { step: usize, what: String },
     /// The requested device is unknown or its backend is not compiled in.
