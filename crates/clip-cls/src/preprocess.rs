@@ -88,6 +88,14 @@ impl ImageProcessor {
         if p.shortest_edge == 0 || p.crop.contains(&0) || p.image_std.contains(&0.0) {
             return Err(bad("sizes and std must be non-zero".into()));
         }
+        // the position table fixes the input size: another crop would not fit the model
+        if p.crop != [cfg.image_size; 2] {
+            return Err(bad(format!("crop_size {:?} differs from the model's vision_config.image_size {}", p.crop, cfg.image_size)));
+        }
+        // every image is resized to this before the crop: a huge value would allocate that much
+        if p.shortest_edge > 8 * cfg.image_size {
+            return Err(bad(format!("size.shortest_edge {} is more than 8× the crop size {}", p.shortest_edge, cfg.image_size)));
+        }
         Ok(p)
     }
 

@@ -24,7 +24,7 @@ use serial_lora::imaging::decode_all;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{RunDir, RunSummary, State, StepTracker, cosine_lr, stream_seed};
+use serial_lora::run::{RunDir, RunSummary, State, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -155,6 +155,9 @@ impl TrainConfig {
         let lr_ok = self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min);
         if !lr_ok {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
+        }
+        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
+            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if let Some(t) = self.template.as_ref().filter(|t| !t.contains("{}")) {
             return bad("template", t.clone(), "has no {} for the class name");
@@ -307,11 +310,13 @@ pub fn train<AB: AutodiffBackend>(
         let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
         let loss = log_softmax(logits.clone(), 1).gather(1, y.clone().unsqueeze_dim(1)).mean().neg();
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let loss_value = loss.clone().into_scalar().elem::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
         let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
-        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, score: correct as f64, images: batch.len() };
+        let log = StepLog { loss: loss_value, lr, score: correct as f64, images: batch.len() };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
@@ -365,6 +370,9 @@ pub fn evaluate<B: Backend>(
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
+    if batch == 0 {
+        return Err(serial_lora::Error::config("batch", 0, "must be at least 1").into());
+    }
     let items = dataset.few_shot(split, None, 0)?;
     let text = l2_normalize(model.get_text_features(class_prompts::<B>(tokenizer, &dataset.classnames, template, device)));
     let (mut correct, mut images, mut skipped) = (0, 0, Vec::new());

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, cosine_lr, stream_seed};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -104,6 +104,9 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min)) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
+        }
+        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
+            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if !(0.0..1.0).contains(&self.box_jitter) || !(0.0..1.0).contains(&self.test_fraction) {
             return bad("box-jitter/test-fraction", format!("{}/{}", self.box_jitter, self.test_fraction), "must be in [0, 1)");
@@ -257,11 +260,13 @@ pub fn train<AB: AutodiffBackend>(
         let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
         let loss = bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean();
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
+        let loss_value = loss.clone().into_scalar().elem::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
         let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
-        let log = StepLog { loss: loss.into_scalar().elem::<f32>(), lr, images: nb, score: dice };
+        let log = StepLog { loss: loss_value, lr, images: nb, score: dice };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }

@@ -5,7 +5,7 @@
 //! `SamVisionAttention`, `SamVisionLayer`, `SamVisionNeck`, `SamVisionEncoder`.
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, PaddingConfig2d};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
 use serial_lora::layers::Mlp;
@@ -164,8 +164,8 @@ impl<B: Backend> VisionEncoder<B> {
                     layer_norm1: LayerNormConfig::new(d).with_epsilon(c.layer_norm_eps).init(device),
                     attn: AttentionConfig::new(d, c.num_attention_heads).with_fused_qkv(true).with_qkv_bias(c.qkv_bias).init(device),
                     rel_pos: c.use_rel_pos.then(|| RelPos {
-                        rel_pos_h: Param::from_tensor(Tensor::zeros([2 * size - 1, head_dim], device)),
-                        rel_pos_w: Param::from_tensor(Tensor::zeros([2 * size - 1, head_dim], device)),
+                        rel_pos_h: Initializer::Zeros.init([2 * size - 1, head_dim], device),
+                        rel_pos_w: Initializer::Zeros.init([2 * size - 1, head_dim], device),
                     }),
                     layer_norm2: LayerNormConfig::new(d).with_epsilon(c.layer_norm_eps).init(device),
                     mlp: Mlp::new(d, c.mlp_width(), c.hidden_act, device),
@@ -180,7 +180,9 @@ impl<B: Backend> VisionEncoder<B> {
                     .with_stride([c.patch_size, c.patch_size])
                     .init(device),
             },
-            pos_embed: c.use_abs_pos.then(|| Param::from_tensor(Tensor::zeros([1, g, g, d], device))),
+            // lazy (as Burn's layers): a config claiming a huge grid allocates nothing before the
+            // checkpoint's shapes are checked
+            pos_embed: c.use_abs_pos.then(|| Initializer::Zeros.init([1, g, g, d], device)),
             layers,
             neck: VisionNeck {
                 conv1: Conv2dConfig::new([d, oc], [1, 1]).with_bias(false).init(device),

@@ -88,9 +88,13 @@ impl Sd3TransformerConfig {
         }
         if cfg.caption_projection_dim != cfg.inner_dim() || cfg.patch_size == 0 || cfg.num_layers == 0 {
             return bad(format!(
-                "caption_projection_dim {} must equal heads·head_dim {}; patch_size and num_layers positive",
+                "caption_projection_dim {} must equal num_attention_heads·attention_head_dim ({}·{} = {}); patch_size {} and num_layers {} must be positive",
                 cfg.caption_projection_dim,
-                cfg.inner_dim()
+                cfg.num_attention_heads,
+                cfg.attention_head_dim,
+                cfg.inner_dim(),
+                cfg.patch_size,
+                cfg.num_layers
             ));
         }
         Ok(cfg)

@@ -9,7 +9,7 @@
 //! `attention_processor.py::JointAttnProcessor2_0`, `embeddings.py`, `normalization.py` (v0.42.1).
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serial_lora::layers::{Activation, Mlp};
@@ -284,7 +284,8 @@ impl<B: Backend> Sd3Transformer<B> {
         Self {
             pos_embed: PatchEmbed {
                 proj: Conv2dConfig::new([c.in_channels, d], [c.patch_size, c.patch_size]).with_stride([c.patch_size, c.patch_size]).init(device),
-                pos_embed: Param::from_tensor(Tensor::zeros([1, m * m, d], device)),
+                // lazy: a config claiming a huge table allocates nothing before the shapes are checked
+                pos_embed: Initializer::Zeros.init([1, m * m, d], device),
                 pos_embed_max_size: m,
             },
             time_text_embed: TimeTextEmbed {
@@ -341,6 +342,18 @@ impl<B: Backend> Sd3Transformer<B> {
                 pooled.dims()[0],
                 encoder_hidden_states.dims()[0]
             )));
+        }
+        // widths the checkpoint fixes: a mismatch would panic inside a matmul
+        let [joint_dim, _] = self.context_embedder.weight.dims(); // Burn Linear weights are [in, out]
+        let [pooled_dim, _] = self.time_text_embed.text_embedder.linear_1.weight.dims();
+        let [_, in_channels, _, _] = self.pos_embed.proj.weight.dims();
+        let widths = [
+            ("latents channels", latents.dims()[1], in_channels, "in_channels"),
+            ("prompt_embeds width", encoder_hidden_states.dims()[2], joint_dim, "joint_attention_dim"),
+            ("pooled_prompt_embeds width", pooled.dims()[1], pooled_dim, "pooled_projection_dim"),
+        ];
+        if let Some((what, got, want, field)) = widths.into_iter().find(|(_, got, want, _)| got != want) {
+            return Err(Sd3Error::Input(format!("{what} is {got}, the transformer's {field} is {want}")));
         }
         let embedded = self.pos_embed.forward(latents)?;
         let device = embedded.device();

@@ -28,6 +28,11 @@ pub struct SampleOptions {
     pub shift: f64,
 }
 
+/// Whether every value of `t` is finite (`Σ 0·t` is 0 exactly then; one host read).
+fn all_finite<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.clone().mul_scalar(0.0).sum().into_scalar().elem::<f32>() == 0.0
+}
+
 /// Denoises `latents [b, c, h, w]` (initial noise) into the final latents.
 pub fn denoise<B: Backend>(
     model: &Sd3Transformer<B>,
@@ -38,6 +43,24 @@ pub fn denoise<B: Backend>(
 ) -> Result<Tensor<B, 4>> {
     if opts.steps == 0 {
         return Err(Sd3Error::Input("--steps must be at least 1".into()));
+    }
+    if !(opts.guidance.is_finite() && opts.guidance >= 0.0) {
+        return Err(Sd3Error::Input(format!("--guidance {} must be a finite number ≥ 0 (≤ 1 turns classifier-free guidance off)", opts.guidance)));
+    }
+    if !(opts.shift.is_finite() && opts.shift > 0.0) {
+        return Err(Sd3Error::Input(format!("the scheduler shift {} (scheduler_config.json) must be a finite number > 0", opts.shift)));
+    }
+    let mut inputs = vec![("latents", all_finite(&latents)), ("prompt_embeds", all_finite(&cond.prompt_embeds)), ("pooled_prompt_embeds", all_finite(&cond.pooled_prompt_embeds))];
+    if let Some((ne, np)) = &cond.negative {
+        for (name, neg, pos) in [("negative_prompt_embeds", ne.dims().to_vec(), cond.prompt_embeds.dims().to_vec()), ("negative_pooled_prompt_embeds", np.dims().to_vec(), cond.pooled_prompt_embeds.dims().to_vec())] {
+            if neg != pos {
+                return Err(Sd3Error::Input(format!("{name} has shape {neg:?}; it must match the positive embeddings' {pos:?}")));
+            }
+        }
+        inputs.extend([("negative_prompt_embeds", all_finite(ne)), ("negative_pooled_prompt_embeds", all_finite(np))]);
+    }
+    if let Some((name, _)) = inputs.iter().find(|(_, ok)| !ok) {
+        return Err(Sd3Error::Input(format!("{name} holds NaN or ±inf values: every input must be finite")));
     }
     let cfg = opts.guidance > 1.0;
     let (embeds, pooled) = if cfg {

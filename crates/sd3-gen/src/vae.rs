@@ -289,7 +289,11 @@ pub fn load_vae<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Vae<B>, V
     let text = std::fs::read_to_string(&path).map_err(|e| Sd3Error::Io { path: path.clone(), source: e })?;
     let cfg: VaeConfig = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.clone(), message: e.to_string() })?;
     if cfg.use_quant_conv || cfg.use_post_quant_conv || cfg.block_out_channels.is_empty() || cfg.layers_per_block == 0 {
-        return Err(Sd3Error::Config { path, message: "SD3's VAE has no quant convs, at least one block and one layer per block".into() });
+        let message = format!(
+            "SD3's VAE has no quant convs and at least one block and one layer per block (use_quant_conv {}, use_post_quant_conv {}, block_out_channels {:?}, layers_per_block {})",
+            cfg.use_quant_conv, cfg.use_post_quant_conv, cfg.block_out_channels, cfg.layers_per_block
+        );
+        return Err(Sd3Error::Config { path, message });
     }
     let (vae, _) = load_safetensors(Vae::new(&cfg, device), &sub.join("diffusion_pytorch_model.safetensors"), &VAE_KEY_TABLE, false)?;
     Ok((vae, cfg))

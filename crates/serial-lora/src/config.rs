@@ -216,7 +216,7 @@ impl AdapterConfig {
             toml::from_str(&text)
                 .map_err(|e| Error::Parse { path: path.into(), format: "TOML", message: e.to_string() })?
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| Error::Parse { path: path.into(), format: "adapter config", message: e.to_string() })?;
         Ok(cfg)
     }
 }

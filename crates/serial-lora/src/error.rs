@@ -40,6 +40,13 @@ pub enum Error {
     /// A model given by hub id could not be resolved.
     #[error("model `{id}`: {message}")]
     Hub { id: String, message: String },
+    /// A training step produced a non-finite loss or gradient; the step's update was not
+    /// applied and nothing from it was saved.
+    #[error(
+        "training stopped at step {step}: {what} is not finite; the update of this step was not applied and nothing \
+         from it was written (the run directory keeps its last good checkpoint); start a new run with a lower --lr, or check the inputs"
+    )]
+    NonFinite { step: usize, what: String },
     /// The requested device is unknown or its backend is not compiled in.
     #[error("device `{device}`: {message}")]
     Device { device: String, message: String },

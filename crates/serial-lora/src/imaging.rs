@@ -16,10 +16,16 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
-/// Decodes an image file to RGB as transformers' `convert_rgb` does with PIL: grayscale is
-/// replicated, alpha is composited on white, 16-bit channels are reduced to 8 bits.
+/// Decodes an image file to RGB as transformers' `convert_to_rgb` does with PIL (Pillow 13):
+/// grayscale is replicated, alpha (or a palette's transparent entry) is composited on white,
+/// CMYK is converted, and 16-bit samples are reduced as Pillow reduces them: 16-bit RGB(A) and
+/// gray + alpha keep the high byte, 16-bit grayscale (`I;16`) is *clipped* to 255.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let err = |m: String| Error::Image { path: path.into(), message: m };
+    // opening a FIFO or a device would block or read forever
+    if path.exists() && !path.is_file() {
+        return Err(err("not a regular file".into()));
+    }
     let reader = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
@@ -31,8 +37,17 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     if width == 0 || height == 0 {
         return Err(err("image has no pixels".into()));
     }
-    let rgba = img.to_rgba8();
-    let data = rgba.pixels().flat_map(|p| composite_on_white(p.0)).collect();
+    let hi = |v: u16| (v >> 8) as u8;
+    let rgba: Vec<[u8; 4]> = match &img {
+        // Pillow's I;16 → RGB conversion clips (Convert.c I16_RGB), it does not rescale
+        image::DynamicImage::ImageLuma16(b) => b.pixels().map(|p| p.0[0].min(255) as u8).map(|v| [v, v, v, 255]).collect(),
+        // PngImagePlugin reads these with the "…;16B" raw modes: the high byte of each sample
+        image::DynamicImage::ImageLumaA16(b) => b.pixels().map(|p| [hi(p.0[0]), hi(p.0[0]), hi(p.0[0]), hi(p.0[1])]).collect(),
+        image::DynamicImage::ImageRgb16(b) => b.pixels().map(|p| [hi(p.0[0]), hi(p.0[1]), hi(p.0[2]), 255]).collect(),
+        image::DynamicImage::ImageRgba16(b) => b.pixels().map(|p| p.0.map(hi)).collect(),
+        other => other.to_rgba8().pixels().map(|p| p.0).collect(),
+    };
+    let data = rgba.into_iter().flat_map(composite_on_white).collect();
     Ok(RgbImage { width, height, data })
 }
 

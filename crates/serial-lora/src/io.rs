@@ -127,8 +127,11 @@ impl HostTensor {
 
 /// Reads every tensor of a safetensors file as f32 (F32, F16, BF16 and F64 are accepted).
 pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let err = |message: String| Error::Safetensors { path: path.into(), message };
+    if path.exists() && !path.is_file() {
+        return Err(err("not a regular file".into())); // a FIFO would block, a directory fail obscurely
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
@@ -253,6 +256,13 @@ pub fn save_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
     let (tensors, modules, patterns) = collect(model, cfg, prefix);
     if tensors.is_empty() {
         return Err(Error::TargetMatchesNothing(format!("{}: the model has no adapters to save", dir.display())));
+    }
+    // an adapter (or checkpoint) with NaN / ±∞ is never written
+    if let Some((key, _)) = tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())) {
+        return Err(Error::Safetensors {
+            path: dir.join(WEIGHTS_FILE),
+            message: format!("refusing to write `{key}`: it holds non-finite values (NaN or ±inf)"),
+        });
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let peft = PeftConfig {

@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, ParamId};
-use burn::optim::Optimizer;
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -55,6 +55,61 @@ pub struct Progress<'a> {
     pub epoch: usize,
     pub log: &'a StepLog,
     pub images_per_second: f64,
+}
+
+/// Stops a run whose step `step` (0-based; reported 1-based, as the logs count) has a
+/// non-finite loss or gradient: call it after the backward pass and before the optimizer step,
+/// so the model keeps its last finite weights and no non-finite checkpoint or adapter is
+/// written. Gradients are checked with one host read (`Σ 0·g` over every gradient is 0 exactly
+/// when all are finite); only on failure are they visited again to name the first bad one.
+pub fn check_finite<AB: AutodiffBackend, M: AutodiffModule<AB>>(step: usize, loss: f32, model: &M, grads: &GradientsParams) -> Result<()> {
+    let step = step + 1;
+    if !loss.is_finite() {
+        return Err(Error::NonFinite { step, what: format!("the loss ({loss})") });
+    }
+    let mut probe = FiniteProbe::<AB::InnerBackend> { grads, stack: Vec::new(), acc: None, first_bad: None, per_tensor: false };
+    model.visit(&mut probe);
+    let Some(acc) = probe.acc.take() else { return Ok(()) };
+    if acc.into_scalar().elem::<f32>() == 0.0 {
+        return Ok(());
+    }
+    probe.per_tensor = true;
+    model.visit(&mut probe);
+    let name = probe.first_bad.unwrap_or_else(|| "a parameter".into());
+    Err(Error::NonFinite { step, what: format!("the gradient of `{name}`") })
+}
+
+/// Visits the parameters of a model with their gradients: sums `0·g` (NaN iff some entry of
+/// `g` is NaN or ±∞), or with `per_tensor` finds the first parameter whose gradient is not finite.
+struct FiniteProbe<'a, B: Backend> {
+    grads: &'a GradientsParams,
+    stack: Vec<String>,
+    acc: Option<Tensor<B, 1>>,
+    first_bad: Option<String>,
+    per_tensor: bool,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for FiniteProbe<'_, AB::InnerBackend> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) else { return };
+        let zero = g.mul_scalar(0.0).sum();
+        if self.per_tensor {
+            if self.first_bad.is_none() && zero.into_scalar().elem::<f32>() != 0.0 {
+                self.first_bad = Some(self.stack.join("."));
+            }
+        } else {
+            self.acc = Some(match self.acc.take() {
+                Some(a) => a + zero,
+                None => zero,
+            });
+        }
+    }
 }
 
 /// Options of one invocation (not part of the run's identity).
@@ -212,6 +267,12 @@ impl RunDir {
         let dir = Self { path: path.to_path_buf() };
         let config_path = path.join(CONFIG_FILE);
         let ckpt = path.join(CHECKPOINT);
+        // A process killed between the two renames of `save_checkpoint` leaves no `checkpoint/`
+        // but the previous one, complete, as `checkpoint.old/`: put it back.
+        let old = path.join(format!("{CHECKPOINT}.old"));
+        if !ckpt.exists() && old.join(STATE_FILE).is_file() {
+            std::fs::rename(&old, &ckpt).map_err(|e| Error::io(&old, e))?;
+        }
         if resume && ckpt.join(STATE_FILE).is_file() {
             let saved: C = read_json(&config_path)?;
             if &saved != config {
@@ -249,8 +310,13 @@ impl RunDir {
         let (model, _) = io::load_adapter(base, &ckpt, device)?;
         let ids = trainable_ids(&model);
         let opt_path = ckpt.join(OPTIMIZER_FILE);
-        let record: O::Record =
-            NamedMpkFileRecorder::<FullPrecisionSettings>::new().load(opt_path.clone(), device).map_err(|e| ckpt_err(&opt_path, e))?;
+        let record: O::Record = NamedMpkFileRecorder::<FullPrecisionSettings>::new().load(opt_path.clone(), device).map_err(|e| {
+            // (Burn's message goes on with a hint about record formats of Burn ≤ 0.16: first line only)
+            let e = e.to_string();
+            let first = e.split(['\n']).next().and_then(|l| l.split("\\n").next()).unwrap_or_default();
+            let first = first.trim_start_matches("Unknown(\"");
+            ckpt_err(&opt_path.with_extension("mpk"), format!("cannot read the optimizer state (truncated or not this run's): {first}"))
+        })?;
         Ok((model, optim.load_record(rekey(record, &positional_ids(ids.len()), &ids))))
     }
 

@@ -72,8 +72,23 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     table: &KeyTable,
     allow_missing: bool,
 ) -> Result<(M, LoadReport)> {
-    if !path.is_file() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found")));
+    let ignore: Vec<regex::Regex> = table.ignore.iter().filter_map(|r| regex::Regex::new(r).ok()).collect();
+    // Burn panics on integer data in a float parameter: refuse non-float tensors up front.
+    let (_, header, _) = read_header(path)?;
+    let file_keys: Vec<(String, String)> = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string()))
+        .collect();
+    let not_float: Vec<String> = file_keys
+        .iter()
+        .filter(|(k, d)| !matches!(d.as_str(), "F32" | "F16" | "BF16" | "F64") && !ignore.iter().any(|r| r.is_match(k)))
+        .map(|(k, d)| format!("{k}: dtype {d}, expected a float type (F32, F16, BF16, F64)"))
+        .collect();
+    if !not_float.is_empty() {
+        return Err(Error::WeightsMismatch { path: path.into(), report: report_list("wrong dtype", &not_float) });
     }
     let mut store = SafetensorsStore::from_file(path)
         .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloatToF32))
@@ -89,7 +104,6 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     let result = module
         .load_from(&mut store)
         .map_err(|e| Error::Safetensors { path: path.into(), message: format!("cannot read weights: {e}") })?;
-    let ignore: Vec<regex::Regex> = table.ignore.iter().filter_map(|r| regex::Regex::new(r).ok()).collect();
     // burn-store lists a norm's `weight`/`bias` as unused even when it applied them as
     // `gamma`/`beta` (its fallback name); those were loaded.
     let applied: std::collections::HashSet<&str> = result.applied.iter().map(String::as_str).collect();
@@ -105,7 +119,27 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         .collect();
     let missing: Vec<String> =
         result.missing.iter().map(|(p, _)| p.clone()).filter(|p| !table.by_hand.contains(&p.as_str())).collect();
-    let errors: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
+    // burn-store names the module path; name the file key too
+    let rules: Vec<(regex::Regex, &str)> =
+        table.rules.iter().flat_map(|g| g.iter()).filter_map(|(f, t)| regex::Regex::new(f).ok().map(|r| (r, *t))).collect();
+    let to_module = |key: &str| rules.iter().fold(key.to_string(), |k, (r, t)| r.replace_all(&k, *t).into_owned());
+    let file_key_of = |module_path: &str| {
+        let base = module_path.strip_suffix(".gamma").map(|p| format!("{p}.weight"));
+        let base = base.or_else(|| module_path.strip_suffix(".beta").map(|p| format!("{p}.bias"))).unwrap_or_else(|| module_path.into());
+        file_keys.iter().map(|(k, _)| k).find(|k| to_module(k) == module_path || to_module(k) == base).cloned()
+    };
+    let errors: Vec<String> = result
+        .errors
+        .iter()
+        .map(|e| {
+            let text = e.to_string();
+            let module_path = text.split('\'').nth(1).unwrap_or_default();
+            match file_key_of(module_path) {
+                Some(k) if k != module_path => format!("file key `{k}`: {text} (shapes in Burn's [in, out] layout)"),
+                _ => text,
+            }
+        })
+        .collect();
     let mut report = String::new();
     let mut list = |title: &str, items: &[String]| {
         if !items.is_empty() {
@@ -127,6 +161,18 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         return Err(Error::WeightsMismatch { path: path.into(), report });
     }
     Ok((module, LoadReport { applied: result.applied, missing }))
+}
+
+/// `  title (n):` and up to 20 indented items.
+fn report_list(title: &str, items: &[String]) -> String {
+    let mut report = format!("  {title} ({}):\n", items.len());
+    for i in items.iter().take(20) {
+        report += &format!("    {i}\n");
+    }
+    if items.len() > 20 {
+        report += &format!("    … and {} more\n", items.len() - 20);
+    }
+    report
 }
 
 /// The JSON header of a safetensors file, the open file and the header length.

@@ -67,6 +67,8 @@ enum Cmd {
     },
     /// Few-shot fine-tuning with LoRA / Serial LoRA (+) (the CLIP-LoRA recipe). Writes the
     /// adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Train {
         #[command(flatten)]
         config: Box<TrainConfig>,
@@ -87,6 +89,8 @@ enum Cmd {
         device: String,
     },
     /// Top-1 accuracy on a dataset split (JSON on stdout).
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Eval {
         #[command(flatten)]
         model: ModelArgs,

@@ -28,6 +28,8 @@ enum Cmd {
     /// Masks for one image and one prompt (a box and/or points), as transformers'
     /// `SamModel(..., multimask_output=True)`: `pred_masks` [1, 1, 3, h, w] low-resolution logits
     /// and `iou_scores` [1, 1, 3] in a safetensors file; the best mask as a PNG at image size.
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Predict {
         /// Hub id (e.g. facebook/sam-vit-base; HF cache, HF_HOME, HF_HUB_OFFLINE) or local HF-layout directory.
         #[arg(long)]
@@ -57,6 +59,8 @@ enum Cmd {
     },
     /// Fine-tune the image encoder on box prompts from ground-truth masks (Dice + BCE). Writes
     /// the adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Train {
         #[command(flatten)]
         config: Box<TrainConfig>,
@@ -76,6 +80,8 @@ enum Cmd {
         device: String,
     },
     /// Mean Dice and Dice loss (1 − Dice) of box-prompted masks on a split (JSON on stdout).
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Eval {
         #[arg(long)]
         model: String,
@@ -173,10 +179,13 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     if r#box.is_none() && points.is_empty() {
         bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
     }
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        bail!("--output {}: directory {} does not exist", output.display(), dir.display());
+    // fail before any work on an output that cannot be written
+    for (flag, out) in [("--output", Some(output)), ("--mask-png", mask_png.as_ref())] {
+        if let Some(dir) = out.and_then(|o| o.parent()).filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            bail!("{flag} {}: directory {} does not exist", out.map(|o| o.display().to_string()).unwrap_or_default(), dir.display());
+        }
     }
     let img = load_rgb(image)?;
     let (w, h) = (img.width as f32, img.height as f32);

@@ -31,6 +31,8 @@ struct Cli {
 enum Cmd {
     /// Generate images (flow-matching Euler with classifier-free guidance, as diffusers'
     /// StableDiffusion3Pipeline) and decode them with the VAE.
+    // a negative number is a (bad) value, named in the error, not an unknown flag
+    #[command(allow_negative_numbers = true)]
     Sample {
         /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
         #[arg(long)]
@@ -324,8 +326,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
     let b = prompt_embeds.dims()[0];
     let (h, w) = (height.unwrap_or(cfg.sample_size * factor), width.unwrap_or(cfg.sample_size * factor));
     let multiple = factor * cfg.patch_size;
-    if h % multiple != 0 || w % multiple != 0 {
-        bail!("--height {h} / --width {w} must be multiples of {multiple} (VAE factor {factor} × patch size {})", cfg.patch_size);
+    if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {multiple} (VAE factor {factor} × patch size {})", cfg.patch_size);
     }
     let want = [b, cfg.in_channels, h / factor, w / factor];
     let noise = match latents {
