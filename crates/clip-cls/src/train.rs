@@ -22,7 +22,6 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serial_lora::imaging::decode_all;
 use serial_lora::io;
-use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
 use serial_lora::run::{RunDir, RunSummary, State, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
@@ -259,19 +258,7 @@ pub fn train<AB: AutodiffBackend>(
     let tokenizer = ClipTokenizer::from_dir(model_dir)?;
     let processor = ImageProcessor::from_dir(model_dir, &clip_cfg.vision_config)?;
     let adapter_cfg = cfg.adapter_config(&clip_cfg)?;
-    let ratio = adapter_cfg.lr_ratio.unwrap_or(1.0);
-    let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), ratio);
-    let (mut model, mut state) = match resumed {
-        Some(state) => {
-            let (model, o) = run.load_checkpoint(model, optim, device)?;
-            optim = o;
-            (model, state)
-        }
-        None => {
-            AB::seed(device, cfg.seed);
-            (model.with_adapters(&adapter_cfg, device)?, State::default())
-        }
-    };
+    let (mut model, mut optim, mut state) = run.start(resumed, model, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
     let resumed_from_step = (state.step > 0).then_some(state.step);
     let counts = model.param_counts();
 

@@ -20,7 +20,6 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
-use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -212,18 +211,7 @@ pub fn train<AB: AutodiffBackend>(
         return Err(SamError::Dataset { path: cfg.dataset.clone(), message: "no training mask has an object".into() });
     }
 
-    let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter_cfg.lr_ratio.unwrap_or(1.0));
-    let (mut model, mut state) = match resumed {
-        Some(state) => {
-            let (m, o) = run.load_checkpoint(model, optim, device)?;
-            optim = o;
-            (m, state)
-        }
-        None => {
-            AB::seed(device, cfg.seed);
-            (model.with_adapters(&adapter_cfg, device)?, State::default())
-        }
-    };
+    let (mut model, mut optim, mut state) = run.start(resumed, model, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
     let resumed_from_step = (state.step > 0).then_some(state.step);
     let counts = model.param_counts();
 

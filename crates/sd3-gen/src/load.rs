@@ -3,11 +3,47 @@
 use std::path::Path;
 
 use burn::prelude::*;
+use serial_lora::hub::Needed;
 use serial_lora::weights::{KeyTable, load_safetensors};
 
 use crate::config::Sd3TransformerConfig;
 use crate::error::Result;
 use crate::mmdit::Sd3Transformer;
+
+/// The files of a diffusers SD3 directory a command needs, for
+/// [`serial_lora::hub::resolve_model_dir`] (alternatives per entry): the transformer and the VAE,
+/// with `text` the CLIP-L/G encoders and tokenizers, with `t5` also `text_encoder_3` (single or
+/// sharded) and `tokenizer_3`.
+pub fn pipeline_files(text: bool, t5: bool) -> Vec<Needed<'static>> {
+    let mut files: Vec<Needed<'static>> = vec![
+        &["transformer/config.json"],
+        &["transformer/diffusion_pytorch_model.safetensors"],
+        &["vae/config.json"],
+        &["vae/diffusion_pytorch_model.safetensors"],
+    ];
+    if text {
+        files.extend_from_slice(&[
+            &["text_encoder/config.json"][..],
+            &["text_encoder/model.safetensors"],
+            &["text_encoder_2/config.json"],
+            &["text_encoder_2/model.safetensors"],
+            &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
+            &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
+        ]);
+    }
+    if t5 {
+        files.extend_from_slice(&[
+            &["text_encoder_3/config.json"][..],
+            &["text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json"],
+            &["tokenizer_3/tokenizer.json"],
+        ]);
+    }
+    files
+}
+
+/// Files fetched when the repository has them.
+pub const OPTIONAL_FILES: [&str; 4] =
+    ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_3/tokenizer_config.json"];
 
 /// diffusers `SD3Transformer2DModel` keys → Burn paths. Everything not listed maps by identical
 /// name; `Linear` weights are transposed by the PyTorch adapter.

@@ -37,16 +37,17 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serial_lora::config::Init;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
+use serial_lora::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
-use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::params::param_infos;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, stream_seed};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
 use crate::error::{Result, Sd3Error};
 use crate::mmdit::Sd3Transformer;
-use crate::pipeline::{PromptEmbeds, SampleOptions, denoise};
+use crate::load::{OPTIONAL_FILES, pipeline_files};
+use crate::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use crate::text::{T5TextEncoder, TextEncoders};
 use crate::vae::{Vae, VaeConfig, load_vae};
 use crate::{Sd3TransformerConfig, load_transformer};
@@ -439,16 +440,8 @@ pub fn clip_grad_norm<B: AutodiffBackend>(grads: &mut GradientsParams, ids: &[(P
 
 /// Latents `[b, c, h, w]` → PNG files `paths` (VAE decode, `(x/2 + ½)` clamped, rounded to 8 bits).
 fn write_pngs<B: Backend>(vae: &Vae<B>, vae_cfg: &VaeConfig, latents: Tensor<B, 4>, paths: &[PathBuf]) -> Result<()> {
-    let scaled = latents.div_scalar(vae_cfg.scaling_factor).add_scalar(vae_cfg.shift_factor.unwrap_or(0.0));
-    let image = vae.decode(scaled).0.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
-    let [n, _, h, w] = image.dims();
-    let px: Vec<f32> = image.into_data().iter::<f32>().collect();
-    for (i, path) in paths.iter().enumerate().take(n) {
-        let rgb: Vec<u8> = (0..h * w).flat_map(|p| (0..3).map(move |c| (c, p))).map(|(c, p)| (px[(i * 3 + c) * h * w + p] * 255.0).round() as u8).collect();
-        let img = image::RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| Sd3Error::Input("image size".into()))?;
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| Sd3Error::Input(format!("{}: encoding PNG: {e}", path.display())))?;
-        io::write_atomic(path, bytes.get_ref())?;
+    for (img, path) in decode_to_rgb(vae, vae_cfg, latents).iter().zip(paths) {
+        save_png(img, path)?;
     }
     Ok(())
 }
@@ -508,27 +501,14 @@ pub struct Metrics {
 
 /// Trains per `cfg`; writes the run directory `out` (`train_config.json`, `cache/`,
 /// `checkpoint/`, `samples/`, `metrics.json` and at the end the adapter, see
-/// [`save_trained_adapter`]). A non-finite loss stops with [`Sd3Error::NonFiniteLoss`] before
+/// [`save_trained_adapter`]). A non-finite loss or gradient stops with `serial_lora::Error::NonFinite` before
 /// the step is applied; the checkpoint on disk stays the last good one.
 pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptions, device: &AB::Device, on_step: &mut dyn FnMut(&Progress)) -> Result<Metrics> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     let adapter_cfg = cfg.check()?;
     let dataset = CaptionDataset::open(&cfg.dataset, cfg.split_seed, cfg.test_fraction)?;
     let examples = dataset.train_fraction(cfg.fraction, cfg.seed)?;
-    let needed: &[&[&str]] = &[
-        &["transformer/config.json"],
-        &["transformer/diffusion_pytorch_model.safetensors"],
-        &["vae/config.json"],
-        &["vae/diffusion_pytorch_model.safetensors"],
-        &["text_encoder/config.json"],
-        &["text_encoder/model.safetensors"],
-        &["text_encoder_2/config.json"],
-        &["text_encoder_2/model.safetensors"],
-        &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
-        &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
-    ];
-    let optional = ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"];
-    let dir = resolve_model_dir(&cfg.model, needed, &optional, &HubOptions::from_env())?;
+    let dir = resolve_model_dir(&cfg.model, &pipeline_files(true, !cfg.no_t5), &OPTIONAL_FILES, &HubOptions::from_env())?;
     let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
 
     let (mmdit, mmdit_cfg) = load_transformer::<AB>(&dir, device)?;
@@ -548,19 +528,7 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     let (shift, n_train_t) = scheduler_config(&dir)?;
     let (sched_t, sched_s) = training_schedule(shift, n_train_t);
 
-    let wd = adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32);
-    let mut optim = loraplus_adamw::<AB, Sd3Transformer<AB>>(&wd, adapter_cfg.lr_ratio.unwrap_or(1.0));
-    let (mut model, mut state) = match resumed {
-        Some(state) => {
-            let (m, o) = run.load_checkpoint(mmdit, optim, device)?;
-            optim = o;
-            (m, state)
-        }
-        None => {
-            AB::seed(device, cfg.seed);
-            (mmdit.with_adapters(&adapter_cfg, device)?, State::default())
-        }
-    };
+    let (mut model, mut optim, mut state) = run.start(resumed, mmdit, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
     let resumed_from_step = (state.step > 0).then_some(state.step);
     let counts = model.param_counts();
     let key = cache_key(cfg);
@@ -617,21 +585,20 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
             AB::seed(device, stream_seed(cfg.seed, STREAM_DROPOUT, (step * cfg.grad_accum + (m - first)) as u64));
             let (loss, per_sample) = flow_matching_loss(&model, x0, t4(noise), &ss, &ts, embeds, pooled)?;
             let value = loss.clone().into_scalar().elem::<f32>();
-            if !value.is_finite() {
-                return Err(Sd3Error::NonFiniteLoss { run_dir: out.to_path_buf(), step: step + 1, loss: value });
-            }
             let g = GradientsParams::from_grads(loss.div_scalar(cfg.grad_accum as f32).backward(), &model);
             accumulate::<AB>(&mut grads, g, &ids);
             loss_sum += value;
             mse_sum += per_sample.into_data().iter::<f32>().map(f64::from).sum::<f64>();
             images += nb;
         }
+        let loss = loss_sum / micro.len() as f32;
+        check_finite(step, loss, &model, &grads)?;
         if cfg.max_grad_norm > 0.0 {
             clip_grad_norm::<AB>(&mut grads, &ids, cfg.max_grad_norm);
         }
         let lr = cfg.lr_at(step, total);
         model = optim.step(lr, model, grads);
-        let log = StepLog { loss: loss_sum / micro.len() as f32, lr, images, score: mse_sum };
+        let log = StepLog { loss, lr, images, score: mse_sum };
         let due = tracker.record(&mut state, log, epoch, on_step);
         if due {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;

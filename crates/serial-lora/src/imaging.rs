@@ -235,3 +235,13 @@ pub fn decode_all(paths: &[&Path]) -> Vec<Result<RgbImage>> {
         handles.into_iter().flat_map(|(c, h)| h.join().unwrap_or_else(|_| c.iter().map(panicked).collect())).collect()
     })
 }
+
+/// Writes `img` to `path` as an 8-bit RGB PNG, atomically (temporary file + rename).
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    let bad = |message: String| Error::Parse { path: path.into(), format: "PNG", message };
+    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .ok_or_else(|| bad(format!("{} bytes are not a {}×{} RGB image", img.data.len(), img.width, img.height)))?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    buf.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| bad(e.to_string()))?;
+    crate::io::write_atomic(path, bytes.get_ref())
+}

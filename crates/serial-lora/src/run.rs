@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -20,6 +21,7 @@ use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
 use crate::io::{self, write_atomic};
 use crate::model::AdaptedModel;
+use crate::optim::{LoraPlus, adamw_pytorch_defaults, loraplus_adamw};
 use crate::params::param_infos;
 
 /// `CosineAnnealingLR(T_max = total, eta_min)` before step `step` (0-based).
@@ -295,6 +297,38 @@ impl RunDir {
         std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
         write_json(&config_path, config)?;
         Ok((dir, None))
+    }
+
+    /// The model and optimizer a training loop starts from: the checkpoint's when `resumed`
+    /// holds its state (from [`RunDir::open`]), else `base` with fresh adapters (the backend RNG
+    /// seeded with `seed` first) at step 0. The optimizer is AdamW with PyTorch's defaults and
+    /// `weight_decay`, the B matrices at `lr × adapter.lr_ratio` (LoRA+; plain AdamW without).
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub fn start<AB, M>(
+        &self,
+        resumed: Option<State>,
+        base: M,
+        adapter: &AdapterConfig,
+        weight_decay: f64,
+        seed: u64,
+        device: &AB::Device,
+    ) -> Result<(M, LoraPlus<OptimizerAdaptor<AdamW, M, AB>, M, AB>, State)>
+    where
+        AB: AutodiffBackend,
+        M: AdaptedModel<AB> + AutodiffModule<AB>,
+    {
+        let config = adamw_pytorch_defaults().with_weight_decay(weight_decay as f32);
+        let optim = loraplus_adamw::<AB, M>(&config, adapter.lr_ratio.unwrap_or(1.0));
+        match resumed {
+            Some(state) => {
+                let (model, optim) = self.load_checkpoint(base, optim, device)?;
+                Ok((model, optim, state))
+            }
+            None => {
+                AB::seed(device, seed);
+                Ok((base.with_adapters(adapter, device)?, optim, State::default()))
+            }
+        }
     }
 
     /// Loads the checkpoint's adapter into `base` (a model without adapters) and its optimizer

@@ -8,9 +8,10 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
+use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
 use sd3_gen::mmdit::adapter_has_context_keys;
-use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, denoise};
+use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
@@ -248,33 +249,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
             bail!("{}: directory {} does not exist", out.display(), dir.display());
         }
     }
-    let needed: &[&[&str]] = &[
-        &["transformer/config.json"],
-        &["transformer/diffusion_pytorch_model.safetensors"],
-        &["vae/config.json"],
-        &["vae/diffusion_pytorch_model.safetensors"],
-    ];
-    let mut needed = needed.to_vec();
-    if !prompt.is_empty() {
-        needed.extend_from_slice(&[
-            &["text_encoder/config.json"][..],
-            &["text_encoder/model.safetensors"],
-            &["text_encoder_2/config.json"],
-            &["text_encoder_2/model.safetensors"],
-            &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
-            &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
-        ]);
-        if !no_t5 {
-            needed.extend_from_slice(&[
-                &["text_encoder_3/config.json"][..],
-                &["text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json"],
-                &["tokenizer_3/tokenizer.json"],
-            ]);
-        }
-    }
-    let optional =
-        ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_3/tokenizer_config.json"];
-    let dir = resolve_model_dir(model, &needed, &optional, &HubOptions::from_env()).context("--model")?;
+    let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
     let (mut mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
     if let Some(a) = adapter {
         // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
@@ -353,21 +328,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
         io::write_safetensors(f, &BTreeMap::from([("latents".to_string(), HostTensor::from_tensor(out.clone()))]), Default::default())?;
         eprintln!("wrote {}", f.display());
     }
-    let scaled = out.div_scalar(vae_cfg.scaling_factor).add_scalar(vae_cfg.shift_factor.unwrap_or(0.0));
-    let (image, _) = vae.decode(scaled);
-    let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
-    let [n, _, ih, iw] = image.dims();
-    let px: Vec<f32> = image.into_data().iter::<f32>().collect();
-    for i in 0..n {
-        let rgb: Vec<u8> = (0..ih * iw)
-            .flat_map(|p| (0..3).map(move |c| (c, p)))
-            .map(|(c, p)| (px[((i * 3 + c) * ih * iw) + p] * 255.0).round() as u8)
-            .collect();
-        let img = image::RgbImage::from_raw(iw as u32, ih as u32, rgb).context("image size")?;
+    let images = decode_to_rgb(&vae, &vae_cfg, out);
+    let n = images.len();
+    for (i, img) in images.iter().enumerate() {
         let path = if n == 1 { output.clone() } else { output.with_file_name(format!("{}-{i}.png", output.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))) };
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut bytes, image::ImageFormat::Png).context("encoding PNG")?;
-        io::write_atomic(&path, bytes.get_ref())?;
+        save_png(img, &path)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

@@ -17,7 +17,7 @@ use sd3_gen::mmdit::adapter_has_context_keys;
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::imaging::{RgbImage, load_rgb};
+use serial_lora::imaging::{RgbImage, load_rgb, save_png};
 use serial_lora::{AdaptedModel, io};
 
 use super::{Cmd, scheduler_shift};
@@ -39,13 +39,6 @@ fn inception_path(spec: &str) -> Result<PathBuf> {
     }
     let dir = resolve_model_dir(spec, &[INCEPTION_FILES], &[], &HubOptions::from_env()).with_context(|| format!("--inception {spec}"))?;
     Ok(INCEPTION_FILES.iter().map(|f| dir.join(f)).find(|f| f.is_file()).unwrap_or_else(|| dir.join(INCEPTION_FILES[0])))
-}
-
-fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
-    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone()).context("image size")?;
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    buf.write_to(&mut bytes, image::ImageFormat::Png).context("encoding PNG")?;
-    Ok(bytes.into_inner())
 }
 
 /// How the images are generated.
@@ -120,7 +113,7 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
         let out = denoise(&mmdit, Tensor::cat(noise, 0), &cond, opts, &mut |_, _| {})?;
         for (&i, img) in chunk.iter().zip(decode_to_rgb(&vae, &vae_cfg, out)) {
             if let Some(p) = path_of(i) {
-                io::write_atomic(&p, &png_bytes(&img)?)?;
+                save_png(&img, &p)?;
             }
             images[i] = Some(img);
             bar.inc(1);
@@ -174,28 +167,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let inception_model = load_fid_inception::<B>(&inception_file, device)?;
     let clip_dir = ClipScorer::<B>::resolve(clip_model).with_context(|| format!("--clip-model {clip_model}"))?;
 
-    let mut needed: Vec<&[&str]> = vec![
-        &["transformer/config.json"],
-        &["transformer/diffusion_pytorch_model.safetensors"],
-        &["vae/config.json"],
-        &["vae/diffusion_pytorch_model.safetensors"],
-        &["text_encoder/config.json"],
-        &["text_encoder/model.safetensors"],
-        &["text_encoder_2/config.json"],
-        &["text_encoder_2/model.safetensors"],
-        &["tokenizer/tokenizer.json", "tokenizer/vocab.json+tokenizer/merges.txt"],
-        &["tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json+tokenizer_2/merges.txt"],
-    ];
-    if !no_t5 {
-        needed.extend_from_slice(&[
-            &["text_encoder_3/config.json"][..],
-            &["text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json"],
-            &["tokenizer_3/tokenizer.json"],
-        ]);
-    }
-    let optional =
-        ["scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_3/tokenizer_config.json"];
-    let dir = resolve_model_dir(model, &needed, &optional, &HubOptions::from_env()).context("--model")?;
+    let dir = resolve_model_dir(model, &pipeline_files(true, !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
     let prompts: Vec<String> = items[..n].iter().map(|c| c.text.clone()).collect();
     let generation = Generation {
         dir: &dir,
