@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serial_lora::imaging::decode_all;
 use serial_lora::io;
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{RunDir, RunSummary, State, StepTracker, check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt, Projection};
+use serial_lora::run::{RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
+use serial_lora::{AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
 use crate::error::{ClipError, Result};

@@ -20,8 +20,8 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
+use serial_lora::{AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
 use crate::error::{Result, SamError};

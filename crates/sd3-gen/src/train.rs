@@ -40,8 +40,8 @@ use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
 use serial_lora::params::param_infos;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, State, StepLog, StepTracker, check_finite, stream_seed};
-use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
+use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, stream_seed};
+use serial_lora::{AdapterConfig, Method, ParamCountExt};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
 use crate::error::{Result, Sd3Error};

@@ -17,6 +17,7 @@ use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
+use serial_lora::imaging::save_png;
 use serial_lora::run::{ProgressReporter, RunOptions};
 use serial_lora::{AdaptedModel, DeviceSpec};
 

@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use indicatif::ProgressBar;
 use sd3_gen::data::{CaptionDataset, CaptionedImage, load_image};
+use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
 use sd3_gen::metrics::inception::POOL3_DIM;
 use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, inception_features_from, load_fid_inception, load_rgb_fid};
