@@ -99,6 +99,40 @@ impl burn::module::ModuleMapper<B> for Bump {
     }
 }
 
+/// `spectra` writes the library's `qkv_spectra` of the base and of the adapted model.
+#[test]
+fn spectra_equal_the_library() {
+    let model = tiny_model_dir();
+    let dev = Default::default();
+    let (base, _) = clip_cls::load_clip::<B>(model.path(), &dev).unwrap();
+    let cfg = AdapterConfig::new(Method::SerialLora, 2);
+    let adapted = base.clone().with_adapters(&cfg, &dev).unwrap().map(&mut Bump::default());
+    let adapter = model.path().join("adapter");
+    io::save_adapter(&adapted, &cfg, &adapter, None).unwrap();
+    let out = model.path().join("spectra.json");
+    let (ok, _, err) = clip(&["spectra", "--model", s(model.path()), "--adapter", s(&adapter), "--output", s(&out)]);
+    assert!(ok, "{err}");
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // f64 SVDs of the same f32 weights: equal up to the last bits of their rounding
+    let same = |got: &serde_json::Value, m: &clip_cls::ClipModel<B>| {
+        let want = serial_lora::analysis::qkv_spectra(m);
+        assert_eq!(got.as_array().unwrap().len(), want.len());
+        for (g, w) in got.as_array().unwrap().iter().zip(&want) {
+            assert_eq!((g["block"].as_str().unwrap(), g["projection"].as_str().unwrap()), (w.block.as_str(), w.projection));
+            let sv: Vec<f64> = serde_json::from_value(g["singular_values"].clone()).unwrap();
+            assert_eq!(sv.len(), w.singular_values.len());
+            assert!(sv.iter().zip(&w.singular_values).all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0)), "{} {}", w.block, w.projection);
+        }
+    };
+    same(&got["base"], &base);
+    same(&got["adapted"], &adapted);
+    assert_ne!(got["base"], got["adapted"]);
+    // 2 towers × 2 blocks × q, k, v
+    assert_eq!(got["base"].as_array().unwrap().len(), 12);
+    let (ok, _, err) = clip(&["spectra", "--model", s(model.path()), "--output", "/nonexistent/dir/s.json"]);
+    assert!(!ok && err.contains("/nonexistent/dir"), "{err}");
+}
+
 #[test]
 fn zero_shot_prints_one_json_object_per_image() {
     let model = tiny_model_dir();

@@ -15,6 +15,7 @@ use clip_cls::{ClipModel, load_clip};
 use indicatif::ProgressBar;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::run::ProgressReporter;
+use serial_lora::analysis::qkv_spectra;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
 #[derive(Parser)]
@@ -88,6 +89,17 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Singular values of the effective Q, K, V weights of every attention block (the paper's
+    /// Fig. 3) of the base model and, with --adapter, of the adapted one (adapter folded in):
+    /// JSON `{"base": [...], "adapted": [...]}`, entries `{"block", "projection",
+    /// "singular_values"}` (largest first).
+    Spectra {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSON file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Top-1 accuracy on a dataset split (JSON on stdout).
     // a negative number is a (bad) value, named in the error, not an unknown flag
     #[command(allow_negative_numbers = true)]
@@ -140,6 +152,14 @@ fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
     })
 }
 
+/// Refuses an output file whose directory does not exist, before any work.
+fn check_output_dir(output: &std::path::Path) -> Result<()> {
+    match output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => bail!("--output {}: directory {} does not exist", output.display(), dir.display()),
+        _ => Ok(()),
+    }
+}
+
 fn ids<B: Backend>(tok: &ClipTokenizer, texts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = texts.iter().flat_map(|t| tok.tokenize(t, CONTEXT_LENGTH)).map(i64::from).collect();
     Tensor::from_data(TensorData::new(data, [texts.len(), CONTEXT_LENGTH]), device)
@@ -157,11 +177,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
             if images.is_empty() && texts.is_empty() {
                 bail!("nothing to embed: give --images and/or --texts");
             }
-            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
-                && !dir.is_dir()
-            {
-                bail!("--output {}: directory {} does not exist", output.display(), dir.display());
-            }
+            check_output_dir(output)?;
             let l = load::<B<AB>>(model, device)?;
             let mut out = std::collections::BTreeMap::new();
             if !images.is_empty() {
@@ -213,6 +229,19 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                 m.skipped_images.len()
             );
         }
+        Cmd::Spectra { model, output } => {
+            check_output_dir(output)?;
+            let (base, _) = load_clip::<B<AB>>(&model_dir(&model.model)?, device)?;
+            let mut out = serde_json::json!({ "model": model.model, "base": qkv_spectra(&base) });
+            if let Some(a) = &model.adapter {
+                let (adapted, cfg) = io::load_adapter(base, a, device)?;
+                out["adapter"] = serde_json::json!(a);
+                out["method"] = serde_json::json!(cfg.method);
+                out["adapted"] = serde_json::json!(qkv_spectra(&adapted));
+            }
+            io::write_atomic(output, serde_json::to_string(&out)?.as_bytes())?;
+            eprintln!("wrote {}", output.display());
+        }
         Cmd::Eval { model, dataset, split, batch, template, skip_bad_images } => {
             let dataset = Dataset::open(dataset)?;
             let template = template.as_deref().unwrap_or(dataset.default_template());
@@ -236,7 +265,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device_arg = match &cli.command {
-        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Eval { model, .. } => model.device.clone(),
+        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } => model.device.clone(),
         Cmd::Train { device, .. } => device.clone(),
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
