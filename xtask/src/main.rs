@@ -6,7 +6,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod plot;
+mod report;
+mod smoke;
+mod sweep;
 
 #[derive(Parser)]
 #[command(about = "Project automation for the serial-lora workspace")]
@@ -30,9 +36,48 @@ enum Cmd {
     /// `StableDiffusion3Pipeline.load_lora_weights` and compare a sample with `sd3-gen sample
     /// --adapter`. Needs the .venv of `fixtures`.
     Sd3LoraCheck,
+    /// Run a sweep preset (`configs/<preset>.toml`): every run writes `<out>/<run-id>/{config.json,
+    /// adapter/, metrics.json}`; finished runs are skipped, unfinished ones resumed.
+    BenchAll(BenchArgs),
+    /// The smoke sweep as CI checks it: a shard, the whole preset killed mid-run and re-run
+    /// (finished runs skipped), then the report with every table and figure.
+    SmokeCheck,
+    /// Tables (Markdown + CSV) and figures (SVG + PNG) of the finished runs in `<out>/report/`.
+    Report {
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
 }
 
-fn root() -> PathBuf {
+#[derive(Args)]
+struct BenchArgs {
+    /// `smoke` (tiny models, generated data, minutes on a CPU), `proxy` (digits transfer on
+    /// CPU), `paper` (the paper's grid: GPU, datasets, weights) or a path to a TOML file.
+    #[arg(long, default_value = "smoke")]
+    preset: String,
+    /// Device for every run: cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (builds with that backend).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Only runs whose task, dataset or method is one of these (comma-separated).
+    #[arg(long)]
+    only: Option<String>,
+    /// Run shard K of N (1-based): every N-th run of the sorted grid.
+    #[arg(long)]
+    shard: Option<String>,
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// Write a Slurm job-array script for N shards (`<out>/bench-<preset>.sbatch`) and exit.
+    #[arg(long, value_name = "N")]
+    emit_slurm: Option<usize>,
+    /// Build the task binaries with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// List the runs (and whether each is finished) without running them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
@@ -43,7 +88,7 @@ fn target_dir(suffix: &str) -> PathBuf {
     if suffix.is_empty() { base } else { PathBuf::from(format!("{}-{suffix}", base.display())) }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {cmd:?}");
     let t = Instant::now();
     let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
@@ -82,6 +127,7 @@ fn main() -> Result<()> {
             if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
                 run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
             }
+            smoke_check()?;
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
@@ -102,7 +148,182 @@ fn main() -> Result<()> {
             run(cargo("").args(["build", "-p", "sd3-gen", "--bin", "sd3-gen"]))?;
             run(Command::new(&py).arg("tools/fixtures/check_sd3_lora_load.py").arg(target_dir("").join("debug/sd3-gen")))?;
         }
+        Cmd::BenchAll(args) => bench_all(&args)?,
+        Cmd::SmokeCheck => smoke_check()?,
+        Cmd::Report { out } => {
+            let out = absolute(&out)?;
+            eprintln!("wrote {}", report::report(&root(), &out)?.display());
+        }
     }
     eprintln!("xtask done in {:.0} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The `smoke` sweep end to end, as CI runs it: shard 1 of 2; then the whole preset, killed
+/// (SIGKILL to its process group) while a run is in progress; then again, which must skip every
+/// finished run and complete the rest; then the report, which must hold every table and figure.
+fn smoke_check() -> Result<()> {
+    let t = Instant::now();
+    let out = target_dir("").join("smoke-ci");
+    let _ = std::fs::remove_dir_all(&out);
+    let exe = std::env::current_exe().context("the xtask binary")?;
+    let bench = |extra: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.args(["bench-all", "--preset", "smoke", "--out"]).arg(&out).args(extra);
+        c
+    };
+    let finished = || report::finished_runs(&out).map(|r| r.len());
+    run(&mut bench(&["--shard", "1/2"]))?;
+    let shard1 = finished()?;
+    #[cfg(unix)]
+    {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        eprintln!("$ {:?} (killed once a run has finished and the next has started)", bench(&[]));
+        let mut child = bench(&[]).process_group(0).stderr(std::process::Stdio::piped()).spawn()?;
+        for line in std::io::BufReader::new(child.stderr.take().context("stderr")?).lines() {
+            let line = line?;
+            eprintln!("{line}");
+            if line.contains(": done in") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // SAFETY: signals the process group the child leads
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        child.wait()?;
+    }
+    let before = finished()?;
+    if before <= shard1 {
+        bail!("smoke check: the interrupted sweep finished no run ({before} finished, {shard1} before)");
+    }
+    let output = bench(&[]).stderr(std::process::Stdio::piped()).output()?;
+    let log = String::from_utf8_lossy(&output.stderr);
+    eprint!("{log}");
+    if !output.status.success() {
+        bail!("smoke check: the resumed sweep failed");
+    }
+    let skipped = log.lines().filter(|l| l.contains(": finished earlier")).count();
+    if skipped != before {
+        bail!("smoke check: {before} runs were finished but {skipped} were skipped");
+    }
+    let path = report::report(&root(), &out)?;
+    let dir = path.parent().context("report dir")?;
+    let mut expected: Vec<String> = ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "runs.csv"].map(String::from).to_vec();
+    for fig in ["fig5_rank_sweep", "fig3_spectra", "loss_clip", "loss_sam", "loss_sd3"] {
+        expected.extend(["svg", "png"].map(|e| format!("{fig}.{e}")));
+    }
+    let missing: Vec<&String> = expected.iter().filter(|f| !dir.join(f).is_file()).collect();
+    if !missing.is_empty() {
+        bail!("smoke check: the report lacks {missing:?}");
+    }
+    let md = std::fs::read_to_string(&path)?;
+    if md.contains("No finished runs") {
+        bail!("smoke check: a table of the report is empty:\n{md}");
+    }
+    eprintln!("smoke sweep: {} runs, interrupted and resumed, report complete ({:.0} s)", finished()?, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("{}", p.display()))
+}
+
+/// `1m 05s` style durations.
+fn hms(secs: f64) -> String {
+    let s = secs.round() as u64;
+    if s >= 3600 { format!("{}h {:02}m", s / 3600, s % 3600 / 60) } else if s >= 60 { format!("{}m {:02}s", s / 60, s % 60) } else { format!("{s}s") }
+}
+
+fn bench_all(a: &BenchArgs) -> Result<()> {
+    let root = root();
+    let out = absolute(&a.out)?;
+    let (preset_path, preset) = sweep::Preset::load(&root, &a.preset)?;
+    let mut runs = preset.runs(&sweep::Vars { root: &root, out: &out })?;
+    let total_grid = runs.len();
+    if let Some(only) = &a.only {
+        runs = sweep::filter(runs, only);
+    }
+    if let Some(n) = a.emit_slurm {
+        if n == 0 {
+            bail!("--emit-slurm 0: need at least one shard");
+        }
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let name = preset_path.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep");
+        let path = out.join(format!("bench-{name}.sbatch"));
+        let only = a.only.as_ref().map(|o| format!(" --only {o}")).unwrap_or_default();
+        let script = format!(
+            "#!/bin/bash\n# {n} shards of the `{name}` preset ({} runs); submit with: sbatch {}\n#SBATCH --job-name=serial-lora-{name}\n#SBATCH --array=1-{n}\n#SBATCH --gpus=1\n#SBATCH --cpus-per-task=8\n#SBATCH --time=24:00:00\n#SBATCH --output={}/slurm-%A_%a.log\nset -euo pipefail\ncd {}\n# each array task runs its shard; finished runs are skipped, so resubmitting resumes\ncargo xtask bench-all --preset {} --device {} --release --out {} --shard ${{SLURM_ARRAY_TASK_ID}}/{n}{only}\n",
+            runs.len(),
+            path.display(),
+            out.display(),
+            root.display(),
+            a.preset,
+            a.device,
+            out.display(),
+        );
+        bench::write_atomic(&path, script.as_bytes())?;
+        eprintln!("wrote {} ({n} array tasks; gather with: cargo xtask report --out {})", path.display(), out.display());
+        return Ok(());
+    }
+    if let Some(s) = &a.shard {
+        runs = sweep::shard(runs, sweep::parse_shard(s)?);
+    }
+    eprintln!("{} ({}): {} of {total_grid} runs -> {}", preset_path.display(), preset.description, runs.len(), out.display());
+    if a.dry_run {
+        for r in &runs {
+            let done = out.join(&r.id).join("metrics.json").is_file();
+            println!("{}{}", r.id, if done { " (finished)" } else { "" });
+        }
+        return Ok(());
+    }
+
+    // the task binaries, with the device's backend (its own target dir) and profile
+    let device: String = a.device.clone();
+    let (suffix, features) = match device.split(':').next().unwrap_or("") {
+        "cpu" => ("", None),
+        "cuda" => ("cuda", Some("cuda")),
+        "tch-cpu" | "tch-cuda" => ("tch", Some("tch")),
+        d => bail!("--device {device}: unknown device `{d}` (cpu, cuda[:N], tch-cpu, tch-cuda[:N])"),
+    };
+    let mut build = cargo(suffix);
+    // the workspace's feature set, as `cargo test --workspace` builds it, so nothing is rebuilt
+    build.args(["build", "--workspace", "--bins", "--examples"]);
+    if let Some(f) = features {
+        build.args(["--features", f]);
+    }
+    if a.release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let bin_dir = target_dir(suffix).join(if a.release { "release" } else { "debug" });
+    if preset.generate_smoke_data {
+        smoke::generate(&root, &out, &bin_dir.join("examples/fid_test_weights"))?;
+    }
+
+    let runner = bench::Runner { bin_dir, device };
+    let start = Instant::now();
+    let (mut executed, mut failed) = (0usize, Vec::new());
+    let mut spent = 0.0;
+    for (i, r) in runs.iter().enumerate() {
+        let t = Instant::now();
+        match runner.run(r, &out.join(&r.id)) {
+            Ok(false) => eprintln!("[{:>3}/{}] {}: finished earlier", i + 1, runs.len(), r.id),
+            Ok(true) => {
+                executed += 1;
+                spent += t.elapsed().as_secs_f64();
+                let left = runs.len() - i - 1;
+                eprintln!("[{:>3}/{}] {}: done in {} (ETA {})", i + 1, runs.len(), r.id, hms(t.elapsed().as_secs_f64()), hms(spent / executed as f64 * left as f64));
+            }
+            Err(e) => {
+                eprintln!("[{:>3}/{}] {}: FAILED: {e:#}", i + 1, runs.len(), r.id);
+                failed.push(r.id.clone());
+            }
+        }
+    }
+    eprintln!("{executed} runs done, {} skipped as finished, {} failed, in {}", runs.len() - executed - failed.len(), failed.len(), hms(start.elapsed().as_secs_f64()));
+    if !failed.is_empty() {
+        bail!("failed runs (rerun the same command to retry them): {}", failed.join(", "));
+    }
     Ok(())
 }
