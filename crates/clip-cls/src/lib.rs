@@ -12,6 +12,7 @@ pub mod error;
 pub mod load;
 pub mod model;
 pub mod preprocess;
+pub mod proxy;
 pub mod text_model;
 pub mod tokenizer;
 pub mod train;
