@@ -159,9 +159,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The `smoke` sweep end to end, as CI runs it: shard 1 of 2; then the whole preset, killed
-/// (SIGKILL to its process group) while a run is in progress; then again, which must skip every
-/// finished run and complete the rest; then the report, which must hold every table and figure.
+/// The `smoke` sweep end to end, as CI runs it: shard 1 of 2; then its SD3 runs, killed
+/// (SIGKILL to the process group) in the middle of one; then the whole preset again, which must
+/// skip every finished run and complete the rest, the killed one included; then the report,
+/// which must hold every table and figure.
 fn smoke_check() -> Result<()> {
     let t = Instant::now();
     let out = target_dir("").join("smoke-ci");
@@ -179,23 +180,32 @@ fn smoke_check() -> Result<()> {
     {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
-        eprintln!("$ {:?} (killed once a run has finished and the next has started)", bench(&[]));
-        let mut child = bench(&[]).process_group(0).stderr(std::process::Stdio::piped()).spawn()?;
-        for line in std::io::BufReader::new(child.stderr.take().context("stderr")?).lines() {
-            let line = line?;
-            eprintln!("{line}");
-            if line.contains(": done in") {
-                break;
+        // the SD3 runs take seconds each: kill 1 s into the run after the first one finished
+        let mut interrupted = bench(&["--only", "sd3"]);
+        eprintln!("$ {interrupted:?} (killed 1 s into its second run)");
+        let mut child = interrupted.process_group(0).stderr(std::process::Stdio::piped()).spawn()?;
+        // keep draining its stderr (a closed pipe would end it early), note the first finished run
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let forward = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if line.contains(": done in") {
+                    let _ = tx.send(());
+                }
             }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(600)).context("smoke check: no SD3 run finished")?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
         // SAFETY: signals the process group the child leads
         unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
         child.wait()?;
+        let _ = forward.join();
     }
     let before = finished()?;
-    if before <= shard1 {
-        bail!("smoke check: the interrupted sweep finished no run ({before} finished, {shard1} before)");
+    let started: Vec<PathBuf> = std::fs::read_dir(&out)?.filter_map(|e| Some(e.ok()?.path())).filter(|d| d.join("config.json").is_file() && !d.join("metrics.json").exists()).collect();
+    if before <= shard1 || (cfg!(unix) && started.is_empty()) {
+        bail!("smoke check: the interrupted sweep should have finished a run and left one unfinished ({before} finished, {shard1} before; unfinished: {started:?})");
     }
     let output = bench(&[]).stderr(std::process::Stdio::piped()).output()?;
     let log = String::from_utf8_lossy(&output.stderr);
@@ -209,8 +219,8 @@ fn smoke_check() -> Result<()> {
     }
     let path = report::report(&root(), &out)?;
     let dir = path.parent().context("report dir")?;
-    let mut expected: Vec<String> = ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "runs.csv"].map(String::from).to_vec();
-    for fig in ["fig5_rank_sweep", "fig3_spectra", "loss_clip", "loss_sam", "loss_sd3"] {
+    let mut expected: Vec<String> = ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_params.csv", "runs.csv"].map(String::from).to_vec();
+    for fig in ["fig5_rank_sweep", "fig3_spectra", "loss_clip", "loss_sam", "loss_sd3", "loss_proxy"] {
         expected.extend(["svg", "png"].map(|e| format!("{fig}.{e}")));
     }
     let missing: Vec<&String> = expected.iter().filter(|f| !dir.join(f).is_file()).collect();
