@@ -153,3 +153,20 @@ fn bad_checkpoints_are_named() {
     let err = load_sam::<B>(tmp.path(), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("num_pos_feats"), "{err}");
 }
+
+/// The paper's accounting on SAM ViT-B's image encoder (12 blocks of width 768, rank 64), built
+/// from the config Table I of `cargo xtask report` reads: LoRA on Q, K, V, O (three pairs on the
+/// fused qkv) = 4,718,592, Serial LoRA = 1,179,648 trainable parameters (method.md). Parameters
+/// are lazy: nothing of the 90M-parameter model is allocated to count them.
+#[test]
+fn vit_b_adapter_parameter_counts() {
+    use serial_lora::ParamCountExt;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/sam-vit-base.json");
+    let cfg = sam_seg::SamConfig::from_json_file(&path).unwrap();
+    assert_eq!(cfg.vision_config, sam_seg::SamConfig::preset("vit-b").unwrap().vision_config);
+    let dev = Default::default();
+    let count = |method| SamModel::<burn::backend::Autodiff<B>>::new(&cfg, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts();
+    let (lora, serial) = (count(Method::Lora), count(Method::SerialLora));
+    assert_eq!((lora.trainable, serial.trainable), (4_718_592, 1_179_648));
+    assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
+}

@@ -236,3 +236,20 @@ fn sd35_dual_attention_matches_diffusers() {
         assert_eq!(p.caption_projection_dim, p.inner_dim(), "{name}");
     }
 }
+
+/// The paper's accounting on SD3-medium's MMDiT image stream (24 blocks of width 1536, rank 64),
+/// from the config Table I of `cargo xtask report` reads: LoRA on to_q, to_k, to_v, to_out.0 =
+/// 18,874,368, Serial LoRA = 4,718,592 trainable parameters (method.md). Counted on two of the
+/// 24 identical-width blocks (building all 2B parameters would take minutes and 8 GB) × 12.
+#[test]
+fn sd3_medium_adapter_parameter_counts() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/sd3-medium-transformer.json");
+    let cfg = sd3_gen::Sd3TransformerConfig::from_json_file(&path).unwrap();
+    assert_eq!(cfg, sd3_gen::Sd3TransformerConfig::preset("sd3-medium").unwrap());
+    let two = sd3_gen::Sd3TransformerConfig { num_layers: 2, ..cfg };
+    let dev = Default::default();
+    let count = |method| sd3_gen::Sd3Transformer::<burn::backend::Autodiff<B>>::new(&two, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts();
+    let (lora, serial) = (count(Method::Lora), count(Method::SerialLora));
+    assert_eq!((lora.trainable * 12, serial.trainable * 12), (18_874_368, 4_718_592));
+    assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
+}
