@@ -66,6 +66,9 @@ pub const KEYS: [&str; 5] = ["model", "method", "mode", "median_step_s", "peak_r
 pub fn parse_case(stdout: &str) -> Result<CaseResult> {
     let line = stdout.lines().rev().map(str::trim).find(|l| l.starts_with('{')).context("no JSON line in the output")?;
     let raw: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+    if let Some(k) = KEYS.iter().find(|k| raw.get(**k).is_none()) {
+        bail!("`{k}` missing in {line}");
+    }
     let s = |k: &str| raw.get(k).and_then(Value::as_str).map(String::from).with_context(|| format!("`{k}` (string) missing in {line}"));
     let f = |k: &str| raw.get(k).and_then(Value::as_f64).with_context(|| format!("`{k}` (number) missing in {line}"));
     Ok(CaseResult { model: s("model")?, method: s("method")?, mode: s("mode")?, median_step_s: f("median_step_s")?, peak_rss_mb: f("peak_rss_mb")?, raw })
