@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod perf;
 mod plot;
 mod report;
 mod smoke;
@@ -47,6 +48,9 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Time training and inference steps of a model on synthetic inputs (random weights of the
+    /// real config), optionally next to PyTorch + PEFT (`--vs-pytorch`); see docs/perf.md.
+    Perf(perf::PerfArgs),
 }
 
 #[derive(Args)]
@@ -150,6 +154,7 @@ fn main() -> Result<()> {
         }
         Cmd::BenchAll(args) => bench_all(&args)?,
         Cmd::SmokeCheck => smoke_check()?,
+        Cmd::Perf(args) => perf::perf(&args)?,
         Cmd::Report { out } => {
             let out = absolute(&out)?;
             eprintln!("wrote {}", report::report(&root(), &out)?.display());

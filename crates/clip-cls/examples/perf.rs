@@ -1,0 +1,235 @@
+//! Timing of one CLIP case on synthetic inputs, for `cargo xtask perf`: random weights of the
+//! real config (default `vit-b-16` = openai/clip-vit-base-patch16 shapes), both towers adapted.
+//!
+//! Modes (one per process, so the peak RSS of a case is its own):
+//! - `train`: the steady-state step of `clip-cls train` — image features, the class text
+//!   features re-encoded, logits `100 · cos`, cross-entropy, backward, AdamW (LoRA+ with the
+//!   `-plus` methods) through `serial_lora::optim`.
+//! - `infer`: the same forward (image + class text features + logits), adapters unmerged, no
+//!   autodiff.
+//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture).
+//! - `--method base --mode infer`: the frozen base model, the reference for `infer-merged`.
+//!
+//! Prints one JSON line: `model`, `method`, `mode`, `median_step_s`, `peak_rss_mb` (the
+//! contract `cargo xtask perf` reads) plus details (per-step times, images/s, and for `train`
+//! the medians of the forward, backward and optimizer parts).
+//!
+//! cargo run --release -p clip-cls --example perf -- --method serial-lora --mode train --steps 5
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Parser;
+use clip_cls::ClipConfig;
+use clip_cls::model::{ClipModel, l2_normalize};
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled in)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CLIP config preset (clip-cls `ClipConfig::preset`).
+    #[arg(long, default_value = "vit-b-16")]
+    preset: String,
+    /// base | lora | serial-lora | lora-plus | serial-lora-plus
+    #[arg(long, default_value = "serial-lora")]
+    method: String,
+    /// train | infer | infer-merged
+    #[arg(long, default_value = "train")]
+    mode: String,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Class prompts re-encoded per step (77 tokens each).
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Adapter dropout while training (CLIP-LoRA: 0.25).
+    #[arg(long, default_value_t = 0.25)]
+    dropout: f64,
+    /// LoRA+ ratio of the `-plus` methods.
+    #[arg(long, default_value_t = 20.0)]
+    lr_ratio: f64,
+    /// Name written to the JSON `model` key.
+    #[arg(long, default_value = "clip-b16")]
+    model_name: String,
+}
+
+/// Synthetic inputs: normalized-pixel-like noise, token ids `<bos> w1..w6 <eos> <eos>…` (CLIP
+/// pads with the end token), labels `i mod classes`.
+struct Inputs<B: Backend> {
+    pixels: Tensor<B, 4>,
+    ids: Tensor<B, 2, Int>,
+    labels: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Inputs<B> {
+    fn new(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Self {
+        let v = &cfg.vision_config;
+        let t = &cfg.text_config;
+        let pixels = Tensor::random([args.batch, v.num_channels, v.image_size, v.image_size], Distribution::Normal(0.0, 1.0), device);
+        let len = t.max_position_embeddings;
+        let ids: Vec<i64> = (0..args.classes)
+            .flat_map(|c| {
+                (0..len).map(move |j| match j {
+                    0 => t.bos_token_id as i64,
+                    1..=6 => ((c * 7919 + j * 104_729) % 49_000) as i64 + 256,
+                    _ => t.eos_token_id as i64,
+                })
+            })
+            .collect();
+        let ids = Tensor::from_data(TensorData::new(ids, [args.classes, len]), device);
+        let labels: Vec<i64> = (0..args.batch).map(|i| (i % args.classes) as i64).collect();
+        let labels = Tensor::from_data(TensorData::new(labels, [args.batch]), device);
+        Self { pixels, ids, labels }
+    }
+}
+
+/// `100 · cos(image, class text)`: `[batch, classes]` (CLIP-LoRA's logits).
+fn logits<B: Backend>(model: &ClipModel<B>, x: &Inputs<B>) -> Tensor<B, 2> {
+    let image = l2_normalize(model.get_image_features(x.pixels.clone()));
+    let text = l2_normalize(model.get_text_features(x.ids.clone()));
+    image.matmul(text.transpose()).mul_scalar(100.0)
+}
+
+/// Per-step seconds of the timed steps.
+#[derive(Default)]
+struct Times {
+    step: Vec<f64>,
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    optim: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident set size of this process (`VmHWM`), MiB.
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn adapter(args: &Args) -> Result<AdapterConfig> {
+    Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(1.0).with_dropout(args.dropout))
+}
+
+fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(Times, usize)> {
+    let acfg = adapter(args)?;
+    let mut model = ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, device)?;
+    let trainable = model.param_counts().trainable;
+    let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
+    let x = Inputs::<AB>::new(cfg, args, device);
+    let mut times = Times::default();
+    for step in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let logits = logits(&model, &x);
+        let loss = log_softmax(logits, 1).gather(1, x.labels.clone().unsqueeze_dim(1)).mean().neg();
+        let value = loss.clone().into_scalar().elem::<f32>(); // as `clip-cls train` (and a sync)
+        let t1 = Instant::now();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let _ = AB::sync(device);
+        let t2 = Instant::now();
+        model = optim.step(2e-4, model, grads);
+        let _ = AB::sync(device);
+        let t3 = Instant::now();
+        if !value.is_finite() {
+            bail!("non-finite loss {value} at step {step}");
+        }
+        if step >= args.warmup {
+            times.forward.push((t1 - t0).as_secs_f64());
+            times.backward.push((t2 - t1).as_secs_f64());
+            times.optim.push((t3 - t2).as_secs_f64());
+            times.step.push((t3 - t0).as_secs_f64());
+        }
+    }
+    Ok((times, trainable))
+}
+
+fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(Times, usize)> {
+    let base = ClipModel::<B>::new(cfg, device);
+    let model = match (args.method.as_str(), args.mode.as_str()) {
+        ("base", "infer") => base,
+        ("base", _) => bail!("--method base has only --mode infer"),
+        (_, "infer") => base.with_adapters(&adapter(args)?, device)?,
+        (_, "infer-merged") => base.with_adapters(&adapter(args)?, device)?.merge_and_unload()?,
+        (_, m) => bail!("unknown mode `{m}` (train | infer | infer-merged)"),
+    };
+    let trainable = model.param_counts().trainable;
+    let x = Inputs::<B>::new(cfg, args, device);
+    let mut times = Times::default();
+    for step in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let l = logits(&model, &x);
+        let _ = l.into_data(); // sync: the logits on the host
+        if step >= args.warmup {
+            times.step.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok((times, trainable))
+}
+
+fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
+    let Some(cfg) = ClipConfig::preset(&args.preset) else { bail!("unknown preset `{}`", args.preset) };
+    AB::seed(device, 0);
+    let (times, trainable) = match args.mode.as_str() {
+        "train" if args.method == "base" => bail!("--method base has only --mode infer"),
+        "train" => train::<AB>(&cfg, args, device)?,
+        _ => infer::<AB::InnerBackend>(&cfg, args, device)?,
+    };
+    let med = median(&times.step);
+    let mut line = serde_json::json!({
+        "model": args.model_name,
+        "method": args.method,
+        "mode": args.mode,
+        "median_step_s": med,
+        "peak_rss_mb": peak_rss_mb(),
+        "framework": format!("burn-{}", <AB::InnerBackend as Backend>::name(device)),
+        "images_per_s": args.batch as f64 / med,
+        "batch": args.batch,
+        "classes": args.classes,
+        "rank": args.rank,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "trainable_params": trainable,
+        "step_s": times.step,
+    });
+    if args.mode == "train" {
+        line["forward_s"] = median(&times.forward).into();
+        line["backward_s"] = median(&times.backward).into();
+        line["optim_s"] = median(&times.optim).into();
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device: DeviceSpec = args.device.parse()?;
+    serial_lora::dispatch!(device, run(&args))
+}

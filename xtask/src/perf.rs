@@ -1,0 +1,352 @@
+//! `cargo xtask perf`: times training and inference cases of a model (one process per case, so
+//! each peak RSS is the case's own) with the model crate's `perf` example, optionally next to
+//! the PyTorch + PEFT reference (`tools/perf/`). Prints a Markdown table, the targets of the
+//! performance issue, and last one JSON line per case (`model`, `method`, `mode`,
+//! `median_step_s`, `peak_rss_mb`, `framework`, …). xtask stays free of Burn: the timing lives
+//! in the task crates.
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// `cargo xtask perf` arguments.
+#[derive(clap::Args, Debug)]
+pub struct PerfArgs {
+    /// cpu | cuda[:N] (cuda: untested, no GPU was available when this was written).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// clip-b16 (CLIP ViT-B/16, both towers adapted, rank 32). sam-b and sd3-block: not yet.
+    #[arg(long, default_value = "clip-b16")]
+    pub model: String,
+    /// Comma-separated: lora, serial-lora, lora-plus, serial-lora-plus.
+    #[arg(long, value_delimiter = ',', default_value = "lora,serial-lora")]
+    pub method: Vec<String>,
+    /// Comma-separated: train, infer, infer-merged (the base forward comes with infer-merged).
+    #[arg(long, value_delimiter = ',', default_value = "train,infer,infer-merged")]
+    pub modes: Vec<String>,
+    /// Timed steps per case (median reported), after --warmup untimed ones.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Also run every case in PyTorch 2.9 + PEFT (.venv) and print both side by side.
+    #[arg(long)]
+    pub vs_pytorch: bool,
+    /// Torch threads of the PyTorch side.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// One measured case (a JSON line of a perf program).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseResult {
+    pub model: String,
+    pub method: String,
+    pub mode: String,
+    pub median_step_s: f64,
+    pub peak_rss_mb: f64,
+    /// Everything the program printed (details: framework, images/s, forward/backward/optim …).
+    pub raw: Value,
+}
+
+impl CaseResult {
+    fn num(&self, key: &str) -> Option<f64> {
+        self.raw.get(key).and_then(Value::as_f64)
+    }
+    fn key(&self) -> (&str, &str, &str) {
+        (&self.model, &self.method, &self.mode)
+    }
+}
+
+/// The contract keys of a JSON line, in order.
+pub const KEYS: [&str; 5] = ["model", "method", "mode", "median_step_s", "peak_rss_mb"];
+
+/// The last line of `stdout` that is a JSON object, with the contract keys checked.
+pub fn parse_case(stdout: &str) -> Result<CaseResult> {
+    let line = stdout.lines().rev().map(str::trim).find(|l| l.starts_with('{')).context("no JSON line in the output")?;
+    let raw: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+    if let Some(k) = KEYS.iter().find(|k| raw.get(**k).is_none()) {
+        bail!("`{k}` missing in {line}");
+    }
+    let s = |k: &str| raw.get(k).and_then(Value::as_str).map(String::from).with_context(|| format!("`{k}` (string) missing in {line}"));
+    let f = |k: &str| raw.get(k).and_then(Value::as_f64).with_context(|| format!("`{k}` (number) missing in {line}"));
+    Ok(CaseResult { model: s("model")?, method: s("method")?, mode: s("mode")?, median_step_s: f("median_step_s")?, peak_rss_mb: f("peak_rss_mb")?, raw })
+}
+
+/// The JSON line printed for a case: the contract keys first, then the framework, images/s and
+/// the train breakdown when present.
+pub fn json_line(c: &CaseResult) -> String {
+    // written by hand: serde_json's map (without `preserve_order`) would sort the keys
+    let mut parts = vec![
+        format!("\"model\":{}", json!(c.model)),
+        format!("\"method\":{}", json!(c.method)),
+        format!("\"mode\":{}", json!(c.mode)),
+        format!("\"median_step_s\":{}", json!(c.median_step_s)),
+        format!("\"peak_rss_mb\":{}", json!(c.peak_rss_mb)),
+    ];
+    for k in ["framework", "images_per_s", "forward_s", "backward_s", "optim_s", "threads", "steps"] {
+        if let Some(v) = c.raw.get(k) {
+            parts.push(format!("{}:{v}", json!(k)));
+        }
+    }
+    format!("{{{}}}", parts.join(","))
+}
+
+/// The cases to run: `(method, mode)`, with the frozen base forward (`base`, `infer`) once when
+/// any merged inference is measured.
+pub fn cases(methods: &[String], modes: &[String]) -> Result<Vec<(String, String)>> {
+    for m in modes {
+        if !["train", "infer", "infer-merged"].contains(&m.as_str()) {
+            bail!("--modes: unknown mode `{m}` (train, infer, infer-merged)");
+        }
+    }
+    for m in methods {
+        if !["lora", "serial-lora", "lora-plus", "serial-lora-plus"].contains(&m.as_str()) {
+            bail!("--method: unknown method `{m}` (lora, serial-lora, lora-plus, serial-lora-plus)");
+        }
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for mode in modes {
+        for method in methods {
+            out.push((method.clone(), mode.clone()));
+        }
+        if mode == "infer-merged" {
+            out.push(("base".into(), "infer".into()));
+        }
+    }
+    Ok(out)
+}
+
+fn fmt_s(x: Option<f64>) -> String {
+    x.map_or("–".into(), |v| format!("{v:.3}"))
+}
+fn fmt_f(x: Option<f64>, digits: usize) -> String {
+    x.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a? / b?).filter(|r| r.is_finite())
+}
+
+/// Markdown table: ours, and with PyTorch results their numbers and the ratio ours ÷ PyTorch.
+pub fn table(ours: &[CaseResult], torch: &[CaseResult]) -> String {
+    let mut s = String::new();
+    let find = |c: &CaseResult| torch.iter().find(|t| t.key() == c.key());
+    if torch.is_empty() {
+        s.push_str("| model | method | mode | s/step | images/s | peak RSS MiB |\n|---|---|---|---:|---:|---:|\n");
+        for c in ours {
+            s.push_str(&format!("| {} | {} | {} | {:.3} | {} | {:.0} |\n", c.model, c.method, c.mode, c.median_step_s, fmt_f(c.num("images_per_s"), 2), c.peak_rss_mb));
+        }
+        return s;
+    }
+    s.push_str("| model | method | mode | ours s/step | PyTorch s/step | time ours÷PT | ours img/s | PyTorch img/s | ours peak MiB | PyTorch peak MiB | mem ours÷PT |\n");
+    s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for c in ours {
+        let t = find(c);
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.3} | {} | {} | {} | {} | {:.0} | {} | {} |\n",
+            c.model,
+            c.method,
+            c.mode,
+            c.median_step_s,
+            fmt_s(t.map(|t| t.median_step_s)),
+            fmt_f(ratio(Some(c.median_step_s), t.map(|t| t.median_step_s)), 2),
+            fmt_f(c.num("images_per_s"), 2),
+            fmt_f(t.and_then(|t| t.num("images_per_s")), 2),
+            c.peak_rss_mb,
+            fmt_f(t.map(|t| t.peak_rss_mb), 0),
+            fmt_f(ratio(Some(c.peak_rss_mb), t.map(|t| t.peak_rss_mb)), 2),
+        ));
+    }
+    s
+}
+
+/// Where the training step's time goes: forward / backward / optimizer medians.
+pub fn breakdown(results: &[&CaseResult]) -> String {
+    let mut s = String::from("| framework | method | forward s | backward s | optimizer s | step s |\n|---|---|---:|---:|---:|---:|\n");
+    for c in results.iter().filter(|c| c.mode == "train") {
+        let fw = c.raw.get("framework").and_then(Value::as_str).unwrap_or("?");
+        s.push_str(&format!("| {fw} | {} | {} | {} | {} | {:.3} |\n", c.method, fmt_s(c.num("forward_s")), fmt_s(c.num("backward_s")), fmt_s(c.num("optim_s")), c.median_step_s));
+    }
+    s
+}
+
+/// The issue's targets, each with the measured value and whether it is met.
+pub fn targets(ours: &[CaseResult], torch: &[CaseResult]) -> String {
+    let get = |set: &[CaseResult], method: &str, mode: &str| set.iter().find(|c| c.method == method && c.mode == mode).cloned();
+    let mut rows = Vec::new();
+    let mut row = |name: String, value: Option<f64>, limit: f64| {
+        let verdict = match value {
+            Some(v) if v <= limit => "met",
+            Some(_) => "missed",
+            None => "not measured",
+        };
+        rows.push(format!("| {name} | {} | ≤ {limit} | {verdict} |", fmt_f(value, 3)));
+    };
+    let methods: Vec<String> = ours.iter().map(|c| c.method.clone()).filter(|m| m != "base").fold(Vec::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m);
+        }
+        v
+    });
+    for m in &methods {
+        if !torch.is_empty() {
+            let r = ratio(get(ours, m, "train").map(|c| c.median_step_s), get(torch, m, "train").map(|c| c.median_step_s));
+            row(format!("train step ours ÷ PyTorch ({m})"), r, 1.0);
+        }
+    }
+    for (serial, lora) in [("serial-lora", "lora"), ("serial-lora-plus", "lora-plus")] {
+        if methods.iter().any(|m| m == serial) && methods.iter().any(|m| m == lora) {
+            let r = ratio(get(ours, serial, "train").map(|c| c.median_step_s), get(ours, lora, "train").map(|c| c.median_step_s));
+            row(format!("ours: {serial} train step ÷ {lora} train step"), r, 0.9);
+        }
+    }
+    for m in &methods {
+        let r = ratio(get(ours, m, "infer-merged").map(|c| c.median_step_s), get(ours, "base", "infer").map(|c| c.median_step_s));
+        row(format!("ours: {m} merged inference ÷ base forward"), r, 1.02);
+    }
+    for m in &methods {
+        if !torch.is_empty() {
+            let r = ratio(get(ours, m, "train").map(|c| c.peak_rss_mb), get(torch, m, "train").map(|c| c.peak_rss_mb));
+            row(format!("train peak RSS ours ÷ PyTorch ({m})"), r, 1.0);
+        }
+    }
+    format!("| target | measured | limit | verdict |\n|---|---:|---:|---|\n{}\n", rows.join("\n"))
+}
+
+/// (package, example) of the perf program of a model.
+fn program(model: &str) -> Result<(&'static str, Vec<String>)> {
+    match model {
+        "clip-b16" => Ok(("clip-cls", vec!["--preset".into(), "vit-b-16".into()])),
+        "sam-b" | "sd3-block" => bail!("--model {model}: no perf program yet (only clip-b16); see docs/perf.md"),
+        m => bail!("--model {m}: unknown (clip-b16; sam-b and sd3-block are planned)"),
+    }
+}
+
+fn python_script(model: &str) -> Result<&'static str> {
+    match model {
+        "clip-b16" => Ok("tools/perf/clip_perf.py"),
+        m => bail!("--model {m}: no PyTorch reference yet"),
+    }
+}
+
+/// Runs `cmd`, echoing stderr, and parses its JSON line.
+fn run_case(cmd: &mut Command) -> Result<CaseResult> {
+    eprintln!("$ {cmd:?}");
+    let out = cmd.current_dir(crate::root()).stderr(Stdio::inherit()).output().with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}:\n{stdout}", out.status);
+    }
+    let c = parse_case(&stdout)?;
+    eprintln!("  {:.3} s/step, peak {:.0} MiB", c.median_step_s, c.peak_rss_mb);
+    Ok(c)
+}
+
+pub fn perf(a: &PerfArgs) -> Result<()> {
+    let (package, model_args) = program(&a.model)?;
+    let cases = cases(&a.method, &a.modes)?;
+    let (suffix, features) = match a.device.split(':').next().unwrap_or("") {
+        "cpu" => ("", None),
+        "cuda" => ("cuda", Some("cuda")),
+        d => bail!("--device {}: unknown device `{d}` (cpu, cuda[:N])", a.device),
+    };
+    let mut build = crate::cargo(suffix);
+    build.args(["build", "--release", "--example", "perf", "-p", package]);
+    if let Some(f) = features {
+        build.args(["--features", f]);
+    }
+    crate::run(&mut build)?;
+    let exe: PathBuf = crate::target_dir(suffix).join("release/examples/perf");
+    let py = if a.vs_pytorch { Some(crate::venv_python()?) } else { None };
+
+    let (mut ours, mut torch) = (Vec::new(), Vec::new());
+    for (method, mode) in &cases {
+        let (steps, warmup) = (a.steps.to_string(), a.warmup.to_string());
+        let case = ["--method", method, "--mode", mode, "--steps", &steps, "--warmup", &warmup, "--model-name", &a.model];
+        ours.push(run_case(Command::new(&exe).args(["--device", &a.device]).args(&model_args).args(case))?);
+        if let Some(py) = &py {
+            let device = if a.device.starts_with("cuda") { a.device.as_str() } else { "cpu" };
+            torch.push(run_case(Command::new(py).arg(python_script(&a.model)?).args(case).args(["--threads", &a.threads.to_string(), "--device", device]))?);
+        }
+    }
+
+    println!("## `cargo xtask perf` — {} on {} ({} timed steps after {} warm-up)\n", a.model, a.device, a.steps, a.warmup);
+    println!("{}", table(&ours, &torch));
+    let all: Vec<&CaseResult> = ours.iter().chain(torch.iter()).collect();
+    if all.iter().any(|c| c.mode == "train") {
+        println!("{}", breakdown(&all));
+    }
+    println!("{}", targets(&ours, &torch));
+    for c in &all {
+        println!("{}", json_line(c));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(method: &str, mode: &str, s: f64, mb: f64, fw: &str) -> CaseResult {
+        let line = json!({"model": "clip-b16", "method": method, "mode": mode, "median_step_s": s, "peak_rss_mb": mb,
+                          "framework": fw, "images_per_s": 8.0 / s, "step_s": [s, s]});
+        parse_case(&line.to_string()).unwrap()
+    }
+
+    #[test]
+    fn parses_the_last_json_line_and_checks_the_contract_keys() {
+        let out = "warming up\n{\"model\":\"x\"}\n{\"model\":\"clip-b16\",\"method\":\"lora\",\"mode\":\"train\",\"median_step_s\":1.5,\"peak_rss_mb\":900.0,\"forward_s\":0.5}\n";
+        let c = parse_case(out).unwrap();
+        assert_eq!((c.model.as_str(), c.method.as_str(), c.mode.as_str()), ("clip-b16", "lora", "train"));
+        assert_eq!((c.median_step_s, c.peak_rss_mb, c.num("forward_s")), (1.5, 900.0, Some(0.5)));
+        assert!(parse_case("{\"model\":\"x\"}").is_err(), "missing keys must fail");
+        assert!(parse_case("no json").is_err());
+    }
+
+    #[test]
+    fn json_line_starts_with_the_contract_keys() {
+        let c = case("serial-lora", "infer-merged", 0.25, 512.5, "burn-flex");
+        let line = json_line(&c);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let at: Vec<usize> = KEYS.iter().map(|k| line.find(&format!("\"{k}\":")).unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]) && at[0] == 1, "contract keys first, in order: {line}");
+        assert!(line.find("\"framework\"").unwrap() > at[4], "{line}");
+        assert_eq!(v["median_step_s"], 0.25);
+        assert_eq!(v["peak_rss_mb"], 512.5);
+        assert_eq!(v["framework"], "burn-flex");
+        assert!(v.get("step_s").is_none(), "per-step lists stay out of the summary line");
+        assert_eq!(parse_case(&line).unwrap().key(), c.key(), "the printed line parses back");
+    }
+
+    #[test]
+    fn cases_add_the_base_forward_once_with_merged_inference() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = cases(&m(&["lora", "serial-lora"]), &m(&["train", "infer-merged"])).unwrap();
+        let want = [("lora", "train"), ("serial-lora", "train"), ("lora", "infer-merged"), ("serial-lora", "infer-merged"), ("base", "infer")];
+        assert_eq!(c, want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec());
+        assert!(cases(&m(&["dora"]), &m(&["train"])).is_err());
+        assert!(cases(&m(&["lora"]), &m(&["eval"])).is_err());
+    }
+
+    #[test]
+    fn tables_and_targets() {
+        let ours = vec![
+            case("lora", "train", 4.0, 3000.0, "burn-flex"),
+            case("serial-lora", "train", 3.0, 2500.0, "burn-flex"),
+            case("serial-lora", "infer-merged", 1.01, 800.0, "burn-flex"),
+            case("base", "infer", 1.0, 800.0, "burn-flex"),
+        ];
+        let torch = vec![case("lora", "train", 2.0, 3500.0, "pytorch"), case("serial-lora", "train", 1.5, 2000.0, "pytorch")];
+        let t = table(&ours, &torch);
+        assert!(t.contains("| clip-b16 | lora | train | 4.000 | 2.000 | 2.00 |"), "{t}");
+        assert!(t.contains("| clip-b16 | base | infer | 1.000 | – | – |"), "{t}");
+        let g = targets(&ours, &torch);
+        assert!(g.contains("| train step ours ÷ PyTorch (lora) | 2.000 | ≤ 1 | missed |"), "{g}");
+        assert!(g.contains("| ours: serial-lora train step ÷ lora train step | 0.750 | ≤ 0.9 | met |"), "{g}");
+        assert!(g.contains("| ours: serial-lora merged inference ÷ base forward | 1.010 | ≤ 1.02 | met |"), "{g}");
+        assert!(g.contains("| ours: lora merged inference ÷ base forward | – | ≤ 1.02 | not measured |"), "{g}");
+        assert!(g.contains("| train peak RSS ours ÷ PyTorch (lora) | 0.857 | ≤ 1 | met |"), "{g}");
+        assert!(table(&ours, &[]).contains("| clip-b16 | lora | train | 4.000 | 2.00 | 3000 |"));
+    }
+}
