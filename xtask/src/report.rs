@@ -52,7 +52,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -340,11 +340,14 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
             .collect();
         figure(&mut md, "fig5_rank_sweep", Figure { title: "Fig. 5: accuracy vs rank".into(), cols: 2, panels })?;
     }
-    // Fig. 3: the spectra of one LoRA and one Serial LoRA CLIP run of the same setting
+    // Fig. 3: the spectra of a LoRA and a Serial LoRA CLIP run of the same dataset, setting, rank and seed
     let with_spectra: Vec<(&Value, Value)> =
         runs.iter().filter_map(|r| Some((r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
-    let pick = |method: &str| with_spectra.iter().find(|(r, _)| r["method"] == method);
-    if let (Some((lr, ls)), Some((_, ss))) = (pick("lora"), pick("serial-lora")) {
+    let same_setting = |a: &Value, b: &Value| ["dataset", "setting", "rank", "seed"].iter().all(|k| a[k] == b[k]);
+    let pair = with_spectra.iter().filter(|(r, _)| r["method"] == "lora").find_map(|(lr, ls)| {
+        with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).map(|(_, ss)| (lr, ls, ss))
+    });
+    if let Some((lr, ls, ss)) = pair {
         // blocks in model order; the first, middle and last are shown
         let mut blocks: Vec<String> = Vec::new();
         for b in ls["base"].as_array().into_iter().flatten().filter_map(|p| p["block"].as_str()) {
