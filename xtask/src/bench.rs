@@ -168,29 +168,28 @@ impl Runner {
         let log = dir.join("log.txt");
         let start = Instant::now();
 
-        let trained = read_json(&adapter.join("metrics.json")).ok().filter(|m| m["completed"] == json!(true) || run.task == "proxy");
         let mut peak = 0f64;
+        let mut step = |cmd: &mut Command, stdout: &Path, what: &str| -> Result<()> {
+            let f = run_logged(cmd, stdout, &log)?;
+            peak = peak.max(f.peak_rss_mb);
+            if !f.success {
+                bail!("{what} failed; see {}", log.display());
+            }
+            Ok(())
+        };
+        let trained = read_json(&adapter.join("metrics.json")).ok().filter(|m| m["completed"] == json!(true) || run.task == "proxy");
         let train_metrics = match trained {
             Some(m) => m,
             None => {
                 std::fs::create_dir_all(&adapter)?;
-                let f = run_logged(&mut self.train_cmd(run, &adapter), &dir.join("train.stdout"), &log)?;
-                peak = peak.max(f.peak_rss_mb);
-                if !f.success {
-                    bail!("training failed; see {}", log.display());
-                }
+                step(&mut self.train_cmd(run, &adapter), &dir.join("train.stdout"), "training")?;
                 read_json(&adapter.join("metrics.json"))?
             }
         };
         let eval = match self.eval_cmd(run, &adapter) {
             Some(mut cmd) => {
-                let out = dir.join("eval.json");
-                let f = run_logged(&mut cmd, &out, &log)?;
-                peak = peak.max(f.peak_rss_mb);
-                if !f.success {
-                    bail!("evaluation failed; see {}", log.display());
-                }
-                last_json(&out)?
+                step(&mut cmd, &dir.join("eval.json"), "evaluation")?;
+                last_json(&dir.join("eval.json"))?
             }
             None => json!({}),
         };
@@ -198,11 +197,7 @@ impl Runner {
         if run.task == "clip" && ["lora", "serial-lora"].contains(&run.method.as_str()) {
             let mut cmd = self.bin("clip-cls");
             cmd.args(["spectra", "--model", &run.model, "--device", &self.device]).arg("--adapter").arg(&adapter).arg("--output").arg(dir.join("spectra.json"));
-            let f = run_logged(&mut cmd, &dir.join("spectra.stdout"), &log)?;
-            peak = peak.max(f.peak_rss_mb);
-            if !f.success {
-                bail!("spectra failed; see {}", log.display());
-            }
+            step(&mut cmd, &dir.join("spectra.stdout"), "spectra")?;
         }
         let mut metrics = json!({
             "id": run.id, "sweeps": run.sweeps, "task": run.task, "dataset": run.dataset, "method": run.method,
