@@ -9,8 +9,13 @@
 //! pass over the few-shot set (`--epochs`), or a fixed step count (`--iters`).
 //!
 //! Determinism: every random draw of step `t` (batch order, augmentation, adapter dropout) is
-//! seeded from `(seed, t)`, and a checkpoint holds the adapter, the AdamW moments and the step;
-//! a resumed run therefore reaches the same adapter as an uninterrupted one.
+//! seeded from `(seed, t)` (augmentation per image of the batch), and a checkpoint holds the
+//! adapter, the AdamW moments and the step; a resumed run therefore reaches the same adapter as
+//! an uninterrupted one.
+//!
+//! Data parallel ([`serial_lora::dist`]): `--batch` is per device; the peers share out each
+//! global batch and sum their weighted gradients, which is the single-device step on the whole
+//! batch (up to float rounding, and adapter dropout masks, which differ per peer).
 use std::path::{Path, PathBuf};
 
 use burn::optim::{GradientsParams, Optimizer};
@@ -233,7 +238,8 @@ pub fn train<AB: AutodiffBackend>(
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<Metrics> {
     cfg.check()?;
-    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
+    let peer = &opts.peer;
+    let (run, resumed) = RunDir::open::<AB::InnerBackend, _>(out, cfg, opts, device)?;
 
     let dataset = Dataset::open(&cfg.dataset)?;
     let items = dataset.few_shot(&cfg.split, cfg.shots, cfg.seed)?;
@@ -263,7 +269,8 @@ pub fn train<AB: AutodiffBackend>(
     let counts = model.param_counts();
 
     let n = images.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch);
+    let global_batch = cfg.batch * peer.world;
+    let steps_per_epoch = n.div_ceil(global_batch);
     let total = cfg.total_steps(steps_per_epoch);
     let mut tracker = StepTracker::new(total, opts.stop_after, cfg.checkpoint_every(steps_per_epoch));
     let template = cfg.template.clone().unwrap_or_else(|| dataset.default_template().to_string());
@@ -275,42 +282,51 @@ pub fn train<AB: AutodiffBackend>(
         let epoch = step / steps_per_epoch;
         let order = permutation(n, stream_seed(cfg.seed, 1, epoch as u64));
         let b = step % steps_per_epoch;
-        let batch = &order[b * cfg.batch..((b + 1) * cfg.batch).min(n)];
-        let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 2, step as u64));
-        let mut pixels = Vec::with_capacity(batch.len());
-        for &i in batch {
+        let batch = &order[b * global_batch..((b + 1) * global_batch).min(n)];
+        let (offset, mine) = peer.shard(batch);
+        let augment_seed = stream_seed(cfg.seed, 2, step as u64);
+        let mut pixels = Vec::with_capacity(mine.len());
+        for (j, &i) in mine.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(stream_seed(augment_seed, 0, (offset + j) as u64));
             pixels.push(match &images[i].0 {
                 Some(img) => processor.augment(img, &mut rng),
                 None => processor.augment(&load_rgb(&images[i].1.path)?, &mut rng),
             });
         }
-        let labels: Vec<i64> = batch.iter().map(|&i| images[i].1.label as i64).collect();
-        let x = processor.stack::<AB>(pixels, device);
-        let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [batch.len()]), device);
+        // [this peer's share of the batch's mean loss, correct predictions]
+        let mut stats = [0.0; 2];
+        let mut grads = GradientsParams::new();
+        if !mine.is_empty() {
+            let labels: Vec<i64> = mine.iter().map(|&i| images[i].1.label as i64).collect();
+            let x = processor.stack::<AB>(pixels, device);
+            let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [mine.len()]), device);
 
-        AB::seed(device, stream_seed(cfg.seed, 3, step as u64)); // adapter dropout
-        let image = l2_normalize(model.get_image_features(x));
-        let text = match &fixed_text {
-            Some(t) => t.clone(),
-            None => l2_normalize(model.get_text_features(ids.clone())),
-        };
-        let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
-        let loss = log_softmax(logits.clone(), 1).gather(1, y.clone().unsqueeze_dim(1)).mean().neg();
+            AB::seed(device, peer.seed(stream_seed(cfg.seed, 3, step as u64))); // adapter dropout
+            let image = l2_normalize(model.get_image_features(x));
+            let text = match &fixed_text {
+                Some(t) => t.clone(),
+                None => l2_normalize(model.get_text_features(ids.clone())),
+            };
+            let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
+            let correct = logits.clone().argmax(1).squeeze_dim::<1>(1).equal(y.clone()).int().sum().into_scalar().elem::<i64>();
+            let loss = log_softmax(logits, 1).gather(1, y.unsqueeze_dim(1)).mean().neg().mul_scalar(peer.weight(mine.len(), batch.len()));
+            stats = [f64::from(loss.clone().into_scalar().elem::<f32>()), correct as f64];
+            grads = GradientsParams::from_grads(loss.backward(), &model);
+        }
+        let grads = peer.all_reduce(&model, grads, &mut stats, device)?;
+        let (loss_value, correct) = (stats[0] as f32, stats[1]);
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
-        let loss_value = loss.clone().into_scalar().elem::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
-        let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar().elem::<i64>();
-        let log = StepLog { loss: loss_value, lr, score: correct as f64, images: batch.len() };
+        let log = StepLog { loss: loss_value, lr, score: correct, images: batch.len() };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
     }
 
     let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    if summary.completed {
+    if summary.completed && peer.is_writer() {
         io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
     }
     let (final_loss, train_accuracy) = state.recent(steps_per_epoch);

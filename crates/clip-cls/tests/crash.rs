@@ -97,7 +97,7 @@ fn a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let (full, parts) = (tmp.path().join("full"), tmp.path().join("parts"));
     let a = train::<AB>(&cfg, model.path(), &full, &RunOptions::default(), &dev, &mut |_| {}).unwrap();
-    let stop = RunOptions { resume: true, stop_after: Some(3), cache_bytes: None };
+    let stop = RunOptions { resume: true, stop_after: Some(3), ..Default::default() };
     train::<AB>(&cfg, model.path(), &parts, &stop, &dev, &mut |_| {}).unwrap();
     // the state a SIGKILL between the renames leaves: no checkpoint/, the previous one as
     // checkpoint.old/, the next one half-written in checkpoint.tmp/

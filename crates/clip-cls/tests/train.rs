@@ -143,7 +143,7 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
 
     let parts = tempfile::tempdir().unwrap();
     // (and with no image cache: pixels decoded again for every batch)
-    let stop = |n| RunOptions { resume: true, stop_after: Some(n), cache_bytes: Some(0) };
+    let stop = |n| RunOptions { resume: true, stop_after: Some(n), cache_bytes: Some(0), ..Default::default() };
     let first = train::<AB>(&cfg, model.path(), parts.path(), &stop(3), &dev, &mut |_| {}).unwrap();
     assert!(!first.run.completed && first.run.steps == 3);
     assert!(!parts.path().join("adapter_model.safetensors").exists(), "no final adapter before the end");

@@ -193,7 +193,8 @@ pub fn train<AB: AutodiffBackend>(
     let adapter_cfg = cfg.check()?;
     let dataset = SegDataset::open(&cfg.dataset, cfg.seed, cfg.test_fraction)?;
     let pairs = dataset.split("train", cfg.fraction, cfg.seed)?;
-    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
+    let peer = &opts.peer;
+    let (run, resumed) = RunDir::open::<AB::InnerBackend, _>(out, cfg, opts, device)?;
 
     let (model, sam_cfg, proc): (SamModel<AB>, SamConfig, SamProcessor) = load_sam_sized(model_dir, device, cfg.image_size)?;
     let low = 4 * sam_cfg.vision_config.grid();
@@ -216,7 +217,8 @@ pub fn train<AB: AutodiffBackend>(
     let counts = model.param_counts();
 
     let n = usable.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch);
+    let global_batch = cfg.batch * peer.world;
+    let steps_per_epoch = n.div_ceil(global_batch);
     let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(5) * steps_per_epoch);
     let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
     let [ph, pw] = proc.pad;
@@ -225,43 +227,52 @@ pub fn train<AB: AutodiffBackend>(
         let mut order: Vec<usize> = (0..n).collect();
         rand::seq::SliceRandom::shuffle(&mut order[..], &mut StdRng::seed_from_u64(stream_seed(cfg.seed, 1, epoch as u64)));
         let b = step % steps_per_epoch;
-        let batch = &order[b * cfg.batch..((b + 1) * cfg.batch).min(n)];
-        let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 2, step as u64));
-        let mut examples = Vec::with_capacity(batch.len());
-        for &i in batch {
+        let batch = &order[b * global_batch..((b + 1) * global_batch).min(n)];
+        let (offset, mine) = peer.shard(batch);
+        let jitter_seed = stream_seed(cfg.seed, 2, step as u64);
+        let mut examples = Vec::with_capacity(mine.len());
+        for (j, &i) in mine.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(stream_seed(jitter_seed, 0, (offset + j) as u64));
             let (img, mask) = load_pair(&usable[i], cfg.class_id)?;
             let bbox = mask.bbox().ok_or_else(|| SamError::Dataset { path: usable[i].mask.clone(), message: "mask became empty".into() })?;
             let jittered = jitter_box(bbox, cfg.box_jitter, (img.width, img.height), &mut rng);
             let px = proc.process(&img);
             examples.push(Example { boxed: proc.scale_box(px.original_size, jittered), pixels: px.pixel_values, target: low_res_target(&mask, low) });
         }
+        // [this peer's share of the batch's mean loss, Σ Dice]
+        let mut stats = [0.0; 2];
+        let mut grads = GradientsParams::new();
         let nb = examples.len();
-        let pixels = Tensor::<AB, 4>::from_data(TensorData::new(examples.iter().flat_map(|e| e.pixels.clone()).collect::<Vec<_>>(), [nb, 3, ph, pw]), device);
-        let boxes = Tensor::<AB, 3>::from_data(TensorData::new(examples.iter().flat_map(|e| e.boxed).collect::<Vec<_>>(), [nb, 1, 4]), device);
-        let y = Tensor::<AB, 2>::from_data(TensorData::new(examples.iter().flat_map(|e| e.target.clone()).collect::<Vec<_>>(), [nb, low * low]), device);
+        if nb > 0 {
+            let pixels = Tensor::<AB, 4>::from_data(TensorData::new(examples.iter().flat_map(|e| e.pixels.clone()).collect::<Vec<_>>(), [nb, 3, ph, pw]), device);
+            let boxes = Tensor::<AB, 3>::from_data(TensorData::new(examples.iter().flat_map(|e| e.boxed).collect::<Vec<_>>(), [nb, 1, 4]), device);
+            let y = Tensor::<AB, 2>::from_data(TensorData::new(examples.iter().flat_map(|e| e.target.clone()).collect::<Vec<_>>(), [nb, low * low]), device);
 
-        AB::seed(device, stream_seed(cfg.seed, 3, step as u64)); // adapter dropout
-        let prompts = Prompts { points: None, boxes: Some(boxes), masks: None };
-        let out = model.forward(model.get_image_embeddings(pixels), &prompts, false)?;
-        let logits = out.pred_masks.reshape([nb, low * low]);
-        // BCE with logits: −[y·logσ(x) + (1−y)·logσ(−x)]
-        let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
-        let loss = bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean();
+            AB::seed(device, peer.seed(stream_seed(cfg.seed, 3, step as u64))); // adapter dropout
+            let prompts = Prompts { points: None, boxes: Some(boxes), masks: None };
+            let out = model.forward(model.get_image_embeddings(pixels), &prompts, false)?;
+            let logits = out.pred_masks.reshape([nb, low * low]);
+            // BCE with logits: −[y·logσ(x) + (1−y)·logσ(−x)]
+            let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
+            let loss = (bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean()).mul_scalar(peer.weight(nb, batch.len()));
+            let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
+            stats = [f64::from(loss.clone().into_scalar().elem::<f32>()), dice];
+            grads = GradientsParams::from_grads(loss.backward(), &model);
+        }
+        let grads = peer.all_reduce(&model, grads, &mut stats, device)?;
+        let loss_value = stats[0] as f32;
         let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
-        let loss_value = loss.clone().into_scalar().elem::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         check_finite(step, loss_value, &model, &grads)?;
         model = optim.step(lr, model, grads);
 
-        let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
-        let log = StepLog { loss: loss_value, lr, images: nb, score: dice };
+        let log = StepLog { loss: loss_value, lr, images: batch.len(), score: stats[1] };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
     }
 
     let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    if summary.completed {
+    if summary.completed && peer.is_writer() {
         io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
     }
     let (final_loss, train_dice) = state.recent(steps_per_epoch);

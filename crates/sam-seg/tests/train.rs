@@ -135,7 +135,7 @@ fn a_resumed_run_ends_bit_identical() {
     let full = tempfile::tempdir().unwrap();
     let a = train::<AB>(&cfg, &model(), full.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
     let parts = tempfile::tempdir().unwrap();
-    let opts = |stop| RunOptions { resume: true, stop_after: stop, cache_bytes: None };
+    let opts = |stop| RunOptions { resume: true, stop_after: stop, ..Default::default() };
     assert!(!train::<AB>(&cfg, &model(), parts.path(), &opts(Some(3)), &dev, &mut |_| {}).unwrap().run.completed);
     let b = train::<AB>(&cfg, &model(), parts.path(), &opts(None), &dev, &mut |_| {}).unwrap();
     assert_eq!((b.run.resumed_from_step, &a.run.loss), (Some(3), &b.run.loss));

@@ -509,7 +509,8 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     let dataset = CaptionDataset::open(&cfg.dataset, cfg.split_seed, cfg.test_fraction)?;
     let examples = dataset.train_fraction(cfg.fraction, cfg.seed)?;
     let dir = resolve_model_dir(&cfg.model, &pipeline_files(true, !cfg.no_t5), &OPTIONAL_FILES, &HubOptions::from_env())?;
-    let (run, resumed) = RunDir::open(out, cfg, opts.resume)?;
+    let peer = &opts.peer;
+    let (run, resumed) = RunDir::open::<B<AB>, _>(out, cfg, opts, device)?;
 
     let (mmdit, mmdit_cfg) = load_transformer::<AB>(&dir, device)?;
     let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
@@ -518,7 +519,12 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
         let m = factor * mmdit_cfg.patch_size;
         return Err(serial_lora::Error::config("resolution", cfg.resolution, format!("must be a multiple of {m} (VAE factor {factor} × patch size)")).into());
     }
-    let validation = build_caches(cfg, &dir, out, &examples, &vae, &vae_cfg, &mmdit_cfg, device)?.map(|cond| {
+    // Peer 0 fills the cache (and samples); the others read it.
+    let built = if peer.is_writer() { build_caches(cfg, &dir, out, &examples, &vae, &vae_cfg, &mmdit_cfg, device) } else { Ok(None) };
+    let agreed = peer.agree::<B<AB>>(built.is_ok(), 0, "build the latent cache", device);
+    let built = built?;
+    agreed?;
+    let validation = built.map(|cond| {
         let (b, lh) = (cfg.validation_prompt.len(), cfg.resolution / factor);
         let shape = [b, mmdit_cfg.in_channels, lh, lh];
         let n = normals(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_VALIDATION, 0)), shape.iter().product());
@@ -535,7 +541,8 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
 
     let n = examples.len();
-    let micro_per_epoch = n.div_ceil(cfg.batch);
+    let global_batch = cfg.batch * peer.world;
+    let micro_per_epoch = n.div_ceil(global_batch);
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
     let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(10) * steps_per_epoch);
     let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
@@ -560,9 +567,14 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
         let micro = first..(first + cfg.grad_accum).min(micro_per_epoch);
         let (mut grads, mut loss_sum, mut mse_sum, mut images) = (GradientsParams::new(), 0f32, 0f64, 0usize);
         for m in micro.clone() {
-            let batch = &order[m * cfg.batch..((m + 1) * cfg.batch).min(n)];
-            let nb = batch.len();
-            let cached = batch.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
+            let batch = &order[m * global_batch..((m + 1) * global_batch).min(n)];
+            let (offset, mine) = peer.shard(batch);
+            let nb = mine.len();
+            images += batch.len();
+            if nb == 0 {
+                continue;
+            }
+            let cached = mine.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
             let stack = |f: &dyn Fn(&Cached) -> &HostTensor| {
                 let s = &f(&cached[0]).shape;
                 let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
@@ -574,24 +586,34 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
             let (pp, pps) = stack(&|c| &c.pooled);
             let lshape = [nb, ls[0], ls[1], ls[2]];
             let numel: usize = lshape.iter().product();
-            let mut rng = StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_NOISE, (step * cfg.grad_accum + (m - first)) as u64));
-            let (eps, noise, u) = (normals(&mut rng, numel), normals(&mut rng, numel), normals(&mut rng, nb));
+            // per sample of the global batch: the latent draw, the noise and the timestep
+            let micro_seed = stream_seed(cfg.seed, STREAM_NOISE, (step * cfg.grad_accum + (m - first)) as u64);
+            let (mut eps, mut noise, mut u) = (Vec::with_capacity(numel), Vec::with_capacity(numel), Vec::with_capacity(nb));
+            for j in 0..nb {
+                let mut rng = StdRng::seed_from_u64(stream_seed(micro_seed, 0, (offset + j) as u64));
+                eps.extend(normals(&mut rng, numel / nb));
+                noise.extend(normals(&mut rng, numel / nb));
+                u.extend(normals(&mut rng, 1));
+            }
             let t4 = |v: Vec<f32>| Tensor::<AB, 4>::from_data(TensorData::new(v, lshape), device);
             let x0 = scaled_latents(t4(mean), t4(logvar), t4(eps), &vae_cfg);
             let idx: Vec<usize> = u.iter().map(|&x| logit_normal_index(x, n_train_t)).collect();
             let (ts, ss): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| (sched_t[i], sched_s[i])).unzip();
             let embeds = Tensor::<AB, 3>::from_data(TensorData::new(pe, [nb, ps[0], ps[1]]), device);
             let pooled = Tensor::<AB, 2>::from_data(TensorData::new(pp, [nb, pps[0]]), device);
-            AB::seed(device, stream_seed(cfg.seed, STREAM_DROPOUT, (step * cfg.grad_accum + (m - first)) as u64));
+            AB::seed(device, peer.seed(stream_seed(cfg.seed, STREAM_DROPOUT, (step * cfg.grad_accum + (m - first)) as u64)));
             let (loss, per_sample) = flow_matching_loss(&model, x0, t4(noise), &ss, &ts, embeds, pooled)?;
+            let loss = loss.mul_scalar(peer.weight(nb, batch.len()));
             let value = loss.clone().into_scalar().elem::<f32>();
             let g = GradientsParams::from_grads(loss.div_scalar(cfg.grad_accum as f32).backward(), &model);
             accumulate::<AB>(&mut grads, g, &ids);
             loss_sum += value;
             mse_sum += per_sample.into_data().iter::<f32>().map(f64::from).sum::<f64>();
-            images += nb;
         }
-        let loss = loss_sum / micro.len() as f32;
+        let mut stats = [f64::from(loss_sum), mse_sum];
+        let mut grads = peer.all_reduce(&model, grads, &mut stats, device)?;
+        let loss = stats[0] as f32 / micro.len() as f32;
+        mse_sum = stats[1];
         check_finite(step, loss, &model, &grads)?;
         if cfg.max_grad_norm > 0.0 {
             clip_grad_norm::<AB>(&mut grads, &ids, cfg.max_grad_norm);
@@ -609,7 +631,7 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     }
 
     let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    let adapter = if summary.completed {
+    let adapter = if summary.completed && peer.is_writer() {
         sample(&model, state.step, &mut samples)?;
         Some(save_trained_adapter(&model.valid(), &adapter_cfg, out, &cfg.model)?)
     } else {

@@ -334,6 +334,28 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sd3-gen"))
 }
 
+#[path = "../../../tests/common/data_parallel.rs"]
+mod data_parallel;
+
+/// `sd3-gen train` on two peers with `--batch 1` (`--devices cpu,cpu`, and `--nodes 2` sharing
+/// one run directory, whose latent cache peer 0 writes) reaches the adapter of one device with
+/// `--batch 2`: the latent, noise and timestep draws are per image, and the peers sum the same
+/// gradients in another order (f32), through 2 micro-batches and gradient clipping.
+#[test]
+fn two_peers_reach_the_single_device_adapter_of_the_doubled_batch() {
+    const SUM_ORDER_TOL: f32 = 1e-5;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    captioned(&data, 6);
+    let model = fixture("sd3-tiny");
+    let base = [
+        "train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--method", "lora", "--rank", "2", "--lr", "1e-3",
+        "--iters", "3", "--resolution", "16", "--grad-accum", "2", "--max-grad-norm", "1", "--max-sequence-length", "2", "--no-t5",
+        "--test-fraction", "0",
+    ];
+    data_parallel::two_peers_match_doubled_batch(env!("CARGO_BIN_EXE_sd3-gen"), &base, 1, tmp.path(), io::DIFFUSERS_WEIGHTS_FILE, SUM_ORDER_TOL);
+}
+
 /// `sd3-gen train` end to end (metadata.jsonl dataset, validation samples, metrics.json), then
 /// `sd3-gen sample --adapter` with the trained LoRA.
 #[test]

@@ -50,6 +50,9 @@ pub enum Error {
     /// The requested device is unknown or its backend is not compiled in.
     #[error("device `{device}`: {message}")]
     Device { device: String, message: String },
+    /// A collective operation of data-parallel training failed.
+    #[error("data-parallel peer {rank}: {message}")]
+    Collective { rank: usize, message: String },
 }
 
 impl Error {

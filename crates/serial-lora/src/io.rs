@@ -125,6 +125,24 @@ impl HostTensor {
     }
 }
 
+/// The largest |a − b| over the tensors of two safetensors files (e.g. two adapters), which
+/// must hold the same keys with the same shapes.
+pub fn max_abs_diff(a: &Path, b: &Path) -> Result<f32> {
+    let ((ta, _), (tb, _)) = (read_safetensors(a)?, read_safetensors(b)?);
+    let mut max = 0f32;
+    for (key, x) in &ta {
+        let y = tb.get(key).filter(|y| y.shape == x.shape).ok_or_else(|| Error::Safetensors {
+            path: b.into(),
+            message: format!("no tensor `{key}` of shape {:?} (as in {})", x.shape, a.display()),
+        })?;
+        max = x.data.iter().zip(&y.data).fold(max, |m, (p, q)| m.max((p - q).abs()));
+    }
+    if let Some(extra) = tb.keys().find(|k| !ta.contains_key(*k)) {
+        return Err(Error::Safetensors { path: b.into(), message: format!("tensor `{extra}` is not in {}", a.display()) });
+    }
+    Ok(max)
+}
+
 /// Reads every tensor of a safetensors file as f32 (F32, F16, BF16 and F64 are accepted).
 pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>)> {
     let err = |message: String| Error::Safetensors { path: path.into(), message };

@@ -17,6 +17,7 @@ pub mod analysis;
 pub mod attention;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod hub;
 pub mod imaging;

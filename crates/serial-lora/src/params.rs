@@ -17,6 +17,7 @@ pub struct ParamInfo {
     pub id: ParamId,
     pub ndim: usize,
     pub numel: usize,
+    pub shape: Vec<usize>,
     pub trainable: bool,
 }
 
@@ -39,6 +40,7 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
             id: p.id,
             ndim: D,
             numel: p.lazy_shape().num_elements(),
+            shape: p.lazy_shape().to_vec(),
             trainable: p.is_require_grad(),
         });
     }

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AdapterConfig;
+use crate::dist::{DistArgs, Peer};
 use crate::error::{Error, Result};
 use crate::io::{self, write_atomic};
 use crate::model::AdaptedModel;
@@ -124,6 +125,37 @@ pub struct RunOptions {
     /// Bytes of decoded training images kept in memory (default 2 GiB); the rest is decoded
     /// again for each batch.
     pub cache_bytes: Option<usize>,
+    /// This process's place in a data-parallel job ([`Peer::single`] by default).
+    pub peer: Peer,
+}
+
+/// The run flags every `train` command shares.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct RunArgs {
+    /// Run directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (checkpointed) once this many steps are done; continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Log line every N steps when stderr is not a terminal.
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub dist: DistArgs,
+}
+
+impl RunArgs {
+    /// The options of this invocation as `peer`.
+    pub fn options(&self, peer: Peer) -> RunOptions {
+        RunOptions { resume: self.resume, stop_after: self.stop_after, cache_bytes: None, peer }
+    }
 }
 
 /// Step bookkeeping of a training loop: the steps this invocation runs, when checkpoints are
@@ -201,10 +233,23 @@ pub struct RunSummary {
 }
 
 /// Progress of a run: the next step and every step's log.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
     pub step: usize,
     pub history: Vec<StepLog>,
+    /// Data-parallel peers of the run (the global batch is per-device batch × peers).
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self { step: 0, history: Vec::new(), world: 1 }
+    }
 }
 
 impl State {
@@ -259,14 +304,31 @@ fn positional_ids(n: usize) -> Vec<ParamId> {
 /// run completes, the adapter (`adapter_config.json` + `adapter_model.safetensors`).
 pub struct RunDir {
     pub path: PathBuf,
+    /// The process's place in a data-parallel job; only peer 0 writes.
+    pub peer: Peer,
 }
 
 impl RunDir {
     /// Opens `path` for a run with `config`. Resuming (when asked and a checkpoint exists)
     /// requires the saved config to equal `config` and returns the saved state; a fresh run
     /// refuses a directory that already holds one and writes the config.
-    pub fn open<C: Serialize + DeserializeOwned + PartialEq>(path: &Path, config: &C, resume: bool) -> Result<(Self, Option<State>)> {
-        let dir = Self { path: path.to_path_buf() };
+    ///
+    /// In a data-parallel job ([`RunOptions::peer`]) peer 0 opens the directory first; the
+    /// others then read the checkpoint's state, and none goes on unless every one succeeded.
+    pub fn open<B: Backend, C: Serialize + DeserializeOwned + PartialEq>(path: &Path, config: &C, opts: &RunOptions, device: &B::Device) -> Result<(Self, Option<State>)> {
+        let peer = &opts.peer;
+        let opened = if peer.is_writer() { Self::open_writer(path, config, opts.resume) } else { Ok(None) };
+        let agreed = peer.agree::<B>(opened.is_ok(), 0, "open the run directory", device);
+        let mut state = opened?;
+        agreed?;
+        let ckpt_state = path.join(CHECKPOINT).join(STATE_FILE);
+        if !peer.is_writer() && opts.resume && ckpt_state.is_file() {
+            state = Some(read_json(&ckpt_state)?);
+        }
+        Ok((Self { path: path.to_path_buf(), peer: peer.clone() }, state))
+    }
+
+    fn open_writer<C: Serialize + DeserializeOwned + PartialEq>(path: &Path, config: &C, resume: bool) -> Result<Option<State>> {
         let config_path = path.join(CONFIG_FILE);
         let ckpt = path.join(CHECKPOINT);
         // A process killed between the two renames of `save_checkpoint` leaves no `checkpoint/`
@@ -288,21 +350,22 @@ impl RunDir {
                     .collect();
                 return Err(ckpt_err(&config_path, format!("--resume with different settings: {}", diff.join("; "))));
             }
-            let state = read_json(&ckpt.join(STATE_FILE))?;
-            return Ok((dir, Some(state)));
+            return Ok(Some(read_json(&ckpt.join(STATE_FILE))?));
         }
         if ckpt.exists() || path.join(io::WEIGHTS_FILE).exists() {
             return Err(ckpt_err(path, "already holds a run: pass --resume to continue it, or choose another --out"));
         }
         std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
         write_json(&config_path, config)?;
-        Ok((dir, None))
+        Ok(None)
     }
 
     /// The model and optimizer a training loop starts from: the checkpoint's when `resumed`
     /// holds its state (from [`RunDir::open`]), else `base` with fresh adapters (the backend RNG
     /// seeded with `seed` first) at step 0. The optimizer is AdamW with PyTorch's defaults and
     /// `weight_decay`, the B matrices at `lr × adapter.lr_ratio` (LoRA+; plain AdamW without).
+    /// Data-parallel peers all start from the same step (checked), with the same adapters (the
+    /// same seed; or the same checkpoint, written by a job with as many peers).
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     pub fn start<AB, M>(
         &self,
@@ -319,16 +382,23 @@ impl RunDir {
     {
         let config = adamw_pytorch_defaults().with_weight_decay(weight_decay as f32);
         let optim = loraplus_adamw::<AB, M>(&config, adapter.lr_ratio.unwrap_or(1.0));
-        match resumed {
-            Some(state) => {
-                let (model, optim) = self.load_checkpoint(base, optim, device)?;
-                Ok((model, optim, state))
-            }
+        let world = self.peer.world;
+        let started = match resumed {
+            Some(state) if state.world != world => Err(ckpt_err(
+                &self.path.join(CHECKPOINT),
+                format!("written by a run on {} data-parallel peer(s), resumed on {world}: resume with the same --devices and --nodes", state.world),
+            )),
+            Some(state) => self.load_checkpoint(base, optim, device).map(|(model, optim)| (model, optim, state)),
             None => {
                 AB::seed(device, seed);
-                Ok((base.with_adapters(adapter, device)?, optim, State::default()))
+                base.with_adapters(adapter, device).map(|model| (model, optim, State { world, ..State::default() }))
             }
-        }
+        };
+        let step = started.as_ref().map_or(0, |s| s.2.step);
+        let agreed = self.peer.agree::<AB::InnerBackend>(started.is_ok(), step, "the step to start from", device);
+        let started = started?;
+        agreed?;
+        Ok(started)
     }
 
     /// Loads the checkpoint's adapter into `base` (a model without adapters) and its optimizer
@@ -363,6 +433,9 @@ impl RunDir {
         O: Optimizer<M, AB>,
         O::Record: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
     {
+        if !self.peer.is_writer() {
+            return Ok(());
+        }
         let tmp = self.path.join(format!("{CHECKPOINT}.tmp"));
         let old = self.path.join(format!("{CHECKPOINT}.old"));
         let ckpt = self.path.join(CHECKPOINT);
@@ -382,8 +455,11 @@ impl RunDir {
         Ok(())
     }
 
-    /// Writes `metrics.json`.
+    /// Writes `metrics.json` (the writing peers only).
     pub fn write_metrics(&self, metrics: &impl Serialize) -> Result<()> {
+        if !self.peer.is_writer() {
+            return Ok(());
+        }
         write_json(&self.path.join(METRICS_FILE), metrics)
     }
 }
@@ -394,6 +470,7 @@ pub struct ProgressReporter {
     bar: Option<indicatif::ProgressBar>,
     logging_steps: usize,
     score_name: &'static str,
+    silent: bool,
 }
 
 impl ProgressReporter {
@@ -406,11 +483,22 @@ impl ProgressReporter {
             bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
             bar
         });
-        Self { bar, logging_steps: logging_steps.max(1), score_name }
+        Self { bar, logging_steps: logging_steps.max(1), score_name, silent: false }
+    }
+
+    /// [`ProgressReporter::new`] on the first peer of a data-parallel job; silent on the others.
+    pub fn for_peer(logging_steps: usize, score_name: &'static str, peer: &Peer) -> Self {
+        match peer.rank {
+            0 => Self::new(logging_steps, score_name),
+            _ => Self { bar: None, logging_steps: 1, score_name, silent: true },
+        }
     }
 
     /// Shows one step.
     pub fn report(&self, p: &Progress) {
+        if self.silent {
+            return;
+        }
         let line = format!(
             "epoch {} loss {:.4} lr {:.3e} {} {:.3} {:.2} img/s",
             p.epoch + 1,

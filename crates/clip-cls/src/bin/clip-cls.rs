@@ -11,11 +11,12 @@ use clip_cls::data::Dataset;
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
 use clip_cls::proxy::{ProxyConfig, run_proxy};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
-use clip_cls::train::{RunOptions, TrainConfig, evaluate, train};
+use clip_cls::train::{TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
 use indicatif::ProgressBar;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::run::ProgressReporter;
+use serial_lora::dist::{Launch, Peer, launch};
+use serial_lora::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
 
@@ -74,21 +75,8 @@ enum Cmd {
     Train {
         #[command(flatten)]
         config: Box<TrainConfig>,
-        /// Run directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Continue the run in --out from its last checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
-        #[arg(long)]
-        stop_after: Option<usize>,
-        /// Log line every N steps when stderr is not a terminal.
-        #[arg(long, default_value_t = 10)]
-        logging_steps: usize,
-        /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Singular values of the effective Q, K, V weights of every attention block (the paper's
     /// Fig. 3) of the base model and, with --adapter, of the adapted one (adapter folded in):
@@ -186,7 +174,7 @@ fn pixels<B: Backend>(l: &Loaded<B>, paths: &[PathBuf], device: &B::Device) -> R
     Ok(l.processor.batch(&images, device))
 }
 
-fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     match cmd {
         Cmd::Embed { model, images, texts, output } => {
@@ -227,12 +215,14 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
                 println!("{obj}");
             }
         }
-        Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
-            let dir = model_dir(&config.model)?;
-            let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
-            let reporter = ProgressReporter::new(*logging_steps, "acc");
-            let m = train::<AB>(config, &dir, out, &opts, device, &mut |p| reporter.report(p))?;
+        Cmd::Train { config, run } => {
+            let (dir, out) = (model_dir(&config.model)?, &run.out);
+            let reporter = ProgressReporter::for_peer(run.logging_steps, "acc", peer);
+            let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
             reporter.finish();
+            if peer.rank > 0 {
+                return Ok(());
+            }
             eprintln!(
                 "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train accuracy {:.3}; {} skipped image(s)",
                 out.display(),
@@ -301,10 +291,14 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let device_arg = match &cli.command {
-        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } => model.device.clone(),
-        Cmd::Train { device, .. } | Cmd::Proxy { device, .. } => device.clone(),
+    let (device_arg, peer) = match &cli.command {
+        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } => (model.device.clone(), Peer::single()),
+        Cmd::Proxy { device, .. } => (device.clone(), Peer::single()),
+        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
+            Launch::Done(code) => std::process::exit(code),
+            Launch::Train { peer, device } => (device, peer),
+        },
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command))
+    serial_lora::dispatch!(device, run(&cli.command, &peer))
 }

@@ -11,7 +11,8 @@ use indicatif::ProgressBar;
 use sam_seg::data::SegDataset;
 use sam_seg::train::{TrainConfig, evaluate, train};
 use sam_seg::{Prompts, load_sam_sized};
-use serial_lora::run::{ProgressReporter, RunOptions};
+use serial_lora::dist::{Launch, Peer, launch};
+use serial_lora::run::{ProgressReporter, RunArgs};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::load_rgb;
 use serial_lora::{AdaptedModel, DeviceSpec, io};
@@ -64,20 +65,8 @@ enum Cmd {
     Train {
         #[command(flatten)]
         config: Box<TrainConfig>,
-        /// Run directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Continue the run in --out from its last checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
-        #[arg(long)]
-        stop_after: Option<usize>,
-        /// Log line every N steps when stderr is not a terminal.
-        #[arg(long, default_value_t = 10)]
-        logging_steps: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Mean Dice and Dice loss (1 − Dice) of box-prompted masks on a split (JSON on stdout).
     // a negative number is a (bad) value, named in the error, not an unknown flag
@@ -134,18 +123,20 @@ fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
     Ok(([v[0], v[1]], v[2] as i64))
 }
 
-fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     let (model, adapter, image, r#box, points, output, mask_png, image_size) = match cmd {
         Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, image_size, .. } => {
             (model, adapter, image, r#box, points, output, mask_png, image_size)
         }
-        Cmd::Train { config, out, resume, stop_after, logging_steps, .. } => {
-            let dir = model_dir(&config.model)?;
-            let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
-            let reporter = ProgressReporter::new(*logging_steps, "dice");
-            let m = train::<AB>(config, &dir, out, &opts, device, &mut |p| reporter.report(p))?;
+        Cmd::Train { config, run } => {
+            let (dir, out) = (model_dir(&config.model)?, &run.out);
+            let reporter = ProgressReporter::for_peer(run.logging_steps, "dice", peer);
+            let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
             reporter.finish();
+            if peer.rank > 0 {
+                return Ok(());
+            }
             eprintln!(
                 "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train dice {:.3}; {} empty mask(s) skipped",
                 out.display(),
@@ -243,7 +234,13 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (Cmd::Predict { device, .. } | Cmd::Train { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
+    let (device, peer) = match &cli.command {
+        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
+            Launch::Done(code) => std::process::exit(code),
+            Launch::Train { peer, device } => (device, peer),
+        },
+        Cmd::Predict { device, .. } | Cmd::Eval { device, .. } => (device.clone(), Peer::single()),
+    };
     let device: DeviceSpec = device.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command))
+    serial_lora::dispatch!(device, run(&cli.command, &peer))
 }

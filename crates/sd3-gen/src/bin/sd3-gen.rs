@@ -18,7 +18,8 @@ use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
 use serial_lora::imaging::save_png;
-use serial_lora::run::{ProgressReporter, RunOptions};
+use serial_lora::dist::{Launch, Peer, launch};
+use serial_lora::run::{ProgressReporter, RunArgs};
 use serial_lora::{AdaptedModel, DeviceSpec};
 
 #[derive(Parser)]
@@ -161,29 +162,20 @@ enum Cmd {
     Train {
         #[command(flatten)]
         config: Box<TrainConfig>,
-        /// Run directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Continue the run in --out from its last checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Stop (checkpointed) once this many steps are done; continue later with --resume.
-        #[arg(long)]
-        stop_after: Option<usize>,
-        /// Log line every N steps when stderr is not a terminal.
-        #[arg(long, default_value_t = 10)]
-        logging_steps: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        run: RunArgs,
     },
 }
 
-fn run_train<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
-    let Cmd::Train { config, out, resume, stop_after, logging_steps, .. } = cmd else { return Ok(()) };
-    let opts = RunOptions { resume: *resume, stop_after: *stop_after, cache_bytes: None };
-    let reporter = ProgressReporter::new(*logging_steps, "mse");
-    let m = train::<AB>(config, out, &opts, device, &mut |p| reporter.report(p))?;
+fn run_train<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
+    let Cmd::Train { config, run } = cmd else { return Ok(()) };
+    let out = &run.out;
+    let reporter = ProgressReporter::for_peer(run.logging_steps, "mse", peer);
+    let m = train::<AB>(config, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
     reporter.finish();
+    if peer.rank > 0 {
+        return Ok(());
+    }
     eprintln!(
         "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}{}",
         out.display(),
@@ -221,10 +213,10 @@ fn scheduler_shift(dir: &Path) -> Result<f64> {
     Ok(v.get("shift").and_then(|x| x.as_f64()).unwrap_or(1.0))
 }
 
-fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
+fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     if matches!(cmd, Cmd::Train { .. }) {
-        return run_train::<AB>(device, cmd);
+        return run_train::<AB>(device, cmd, peer);
     }
     let Cmd::Sample {
         model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
@@ -341,7 +333,13 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (Cmd::Sample { device, .. } | Cmd::Train { device, .. } | Cmd::Eval { device, .. }) = &cli.command;
+    let (device, peer) = match &cli.command {
+        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
+            Launch::Done(code) => std::process::exit(code),
+            Launch::Train { peer, device } => (device, peer),
+        },
+        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } => (device.clone(), Peer::single()),
+    };
     let device: DeviceSpec = device.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command))
+    serial_lora::dispatch!(device, run(&cli.command, &peer))
 }
