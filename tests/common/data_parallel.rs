@@ -29,7 +29,8 @@ fn args(base: &[&str], extra: &[&str]) -> Vec<String> {
 /// Runs `bin base…` three ways under `dir` (`one`: `--batch 2b`; `devices`: `--batch b
 /// --devices cpu,cpu`; `nodes`: `--batch b --nodes 2`) and checks that the data-parallel runs'
 /// adapters (`weights` in the run directory) are within `tol` of the single run's, with the same
-/// steps and logged losses (relative `tol`). Returns the three run directories.
+/// steps and logged losses (relative `tol`), while one device with `--batch b` is more than
+/// 10 × `tol` away. Returns the three run directories.
 pub fn two_peers_match_doubled_batch(bin: &str, base: &[&str], b: usize, dir: &Path, weights: &str, tol: f32) -> [PathBuf; 3] {
     let (b, b2) = (b.to_string(), (2 * b).to_string());
     let [one, devices, nodes] = ["one", "devices", "nodes"].map(|n| dir.join(n));
@@ -66,5 +67,10 @@ pub fn two_peers_match_doubled_batch(bin: &str, base: &[&str], b: usize, dir: &P
             assert!((x - y).abs() <= f64::from(tol) * x.abs().max(1.0), "{}: logged losses {la:?} vs {lb:?}", run.display());
         }
     }
+    // the control: one device with half the batch ends far away, so the tolerance discriminates
+    let half = dir.join("half");
+    ok("one device, half the batch", &run(bin, &args(base, &["--batch", &b, "--out", half.to_str().unwrap()])));
+    let d = max_abs_diff(&one.join(weights), &half.join(weights)).unwrap();
+    assert!(d > 10.0 * tol, "half the batch differs by only {d:e}: the test cannot tell batches apart");
     [one, devices, nodes]
 }

@@ -216,8 +216,17 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
         ("train: --method dora", "--method", "dora", "dora"),
         ("train: --params q,x", "--params", "q,x", "x"),
         ("train: --device tpu", "--device", "tpu", "tpu"),
+        ("train: --devices cpu,tpu", "--devices", "cpu,tpu", "tpu"),
+        ("train: --nodes 0", "--nodes", "0", "nodes"),
+        ("train: --nodes 2 without --orchestrator", "--nodes", "2", "--orchestrator"),
     ] {
         cases.push(Case::new(name, &train(&[flag, value]), culprit));
+    }
+    for (name, extra, culprit) in [
+        ("train: --node-rank 2 of 2", ["--nodes", "2", "--node-rank", "2", "--orchestrator", "127.0.0.1:29500"], "node-rank"),
+        ("train: --orchestrator without a port", ["--nodes", "2", "--node-rank", "1", "--orchestrator", "node0"], "node0"),
+    ] {
+        cases.push(Case::new(name, &train(&extra), culprit));
     }
     let empty_class = w.join("data-empty-class");
     colour_dataset(&empty_class, 2, 0);

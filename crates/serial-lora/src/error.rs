@@ -4,8 +4,8 @@ use std::path::PathBuf;
 /// Errors of the adapter library. Every variant names the file, key, module or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An adapter configuration value is out of range.
-    #[error("invalid adapter config: `{field}` = {value}: {reason}")]
+    /// A setting (adapter configuration, training or launch flag) is out of range.
+    #[error("invalid setting: `{field}` = {value}: {reason}")]
     InvalidConfig { field: &'static str, value: String, reason: String },
     /// A target selection matched no module of the model.
     #[error("adapter target matches nothing: {0}")]
