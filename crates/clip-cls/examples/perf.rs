@@ -27,7 +27,7 @@ use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::perf::{Case, StepTimes, json_line};
+use serial_lora::perf::{Case, StepTimes, adapter_params, json_line};
 use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
 
 #[derive(Parser, Debug)]
@@ -140,14 +140,15 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let base = ClipModel::<B>::new(cfg, device);
-    let model = match (args.method.as_str(), args.mode.as_str()) {
+    let adapted = match (args.method.as_str(), args.mode.as_str()) {
         ("base", "infer") => base,
         ("base", _) => bail!("--method base has only --mode infer"),
-        (_, "infer") => base.with_adapters(&adapter(args)?, device)?,
-        (_, "infer-merged") => base.with_adapters(&adapter(args)?, device)?.merge_and_unload()?,
+        (_, "infer" | "infer-merged") => base.with_adapters(&adapter(args)?, device)?,
         (_, m) => bail!("unknown mode `{m}` (train | infer | infer-merged)"),
     };
-    let trainable = model.param_counts().trainable;
+    // the adapter's size before any merge (PyTorch's script counts the same)
+    let trainable = adapter_params(&adapted);
+    let model = if args.mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {

@@ -31,7 +31,7 @@ use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::params::param_infos;
-use serial_lora::perf::{Case, StepTimes, json_line};
+use serial_lora::perf::{Case, StepTimes, adapter_params, json_line};
 use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
 
 #[derive(Parser, Debug)]
@@ -155,14 +155,15 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
 
 fn infer<B: Backend>(cfg: &Sd3TransformerConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let base = Sd3Transformer::<B>::new(cfg, device);
-    let model = match (args.method.as_str(), args.mode.as_str()) {
+    let adapted = match (args.method.as_str(), args.mode.as_str()) {
         ("base", "infer") => base,
         ("base", _) => bail!("--method base has only --mode infer"),
-        (_, "infer") => base.with_adapters(&adapter(args)?, device)?,
-        (_, "infer-merged") => base.with_adapters(&adapter(args)?, device)?.merge_and_unload()?,
+        (_, "infer" | "infer-merged") => base.with_adapters(&adapter(args)?, device)?,
         (_, m) => bail!("unknown mode `{m}` (train | infer | infer-merged)"),
     };
-    let trainable = model.param_counts().trainable;
+    // the adapter's size before any merge (PyTorch's script counts the same)
+    let trainable = adapter_params(&adapted);
+    let model = if args.mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {

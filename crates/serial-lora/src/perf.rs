@@ -1,7 +1,10 @@
 //! Timing helpers of the model crates' `perf` examples (`cargo xtask perf`): per-step times,
 //! their median, the process's peak RSS, and the JSON line whose first five keys are the
 //! contract the xtask reads (`model`, `method`, `mode`, `median_step_s`, `peak_rss_mb`).
+use burn::prelude::Backend;
 use serde_json::{Value, json};
+
+use crate::model::AdaptedModel;
 
 /// Seconds of the timed steps; `forward`, `backward`, `optim` stay empty for inference.
 #[derive(Clone, Debug, Default)]
@@ -51,6 +54,14 @@ pub fn threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Adapter parameters (A and B of every pair, merged or not) of a model: its trainable count
+/// on an autodiff backend, also on the inner backend where `require_grad` is not kept.
+pub fn adapter_params<B: Backend, M: AdaptedModel<B>>(model: &M) -> usize {
+    let sites = model.attention_sites();
+    let pairs = sites.iter().flat_map(|s| s.attention.pairs());
+    pairs.map(|p| p.lora_a.lazy_shape().num_elements() + p.lora_b.lazy_shape().num_elements()).sum()
 }
 
 /// What a perf line says about its case besides the times.
