@@ -85,9 +85,9 @@ impl<B: Backend> Inputs<B> {
         let ids: Vec<i64> = (0..args.classes)
             .flat_map(|c| {
                 (0..len).map(move |j| match j {
-                    0 => t.bos_token_id as i64,
+                    0 => t.bos_token_id,
                     1..=6 => ((c * 7919 + j * 104_729) % 49_000) as i64 + 256,
-                    _ => t.eos_token_id as i64,
+                    _ => t.eos_token_id,
                 })
             })
             .collect();
