@@ -3,7 +3,9 @@
 //! the PyTorch + PEFT reference (`tools/perf/`). Prints a Markdown table, the targets of the
 //! performance issue, and last one JSON line per case (`model`, `method`, `mode`,
 //! `median_step_s`, `peak_rss_mb`, `framework`, …). xtask stays free of Burn: the timing lives
-//! in the task crates.
+//! in the task crates — `clip-b16`: `clip-cls --example perf`, `sam-b`: `sam-seg --example
+//! sam-perf`, `sd3-block`: `sd3-gen --example sd3-perf` (each `examples/perf.rs`), next to
+//! `tools/perf/{clip,sam,sd3}_perf.py`.
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -16,7 +18,9 @@ pub struct PerfArgs {
     /// cpu | cuda[:N] (cuda: untested, no GPU was available when this was written).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// clip-b16 (CLIP ViT-B/16, both towers adapted, rank 32). sam-b and sd3-block: not yet.
+    /// clip-b16 (CLIP ViT-B/16, both towers adapted, batch 8), sam-b (SAM ViT-B image encoder
+    /// adapted, box prompt, 512² input, batch 1), sd3-block (2 joint blocks of SD3-medium's
+    /// MMDiT, image stream adapted, 64×64 latents, batch 1); rank 32 each.
     #[arg(long, default_value = "clip-b16")]
     pub model: String,
     /// Comma-separated: lora, serial-lora, lora-plus, serial-lora-plus.
@@ -214,19 +218,30 @@ pub fn targets(ours: &[CaseResult], torch: &[CaseResult]) -> String {
     format!("| target | measured | limit | verdict |\n|---|---:|---:|---|\n{}\n", rows.join("\n"))
 }
 
-/// (package, example) of the perf program of a model.
-fn program(model: &str) -> Result<(&'static str, Vec<String>)> {
+/// The perf program of a model: (package, example, model arguments).
+struct Program {
+    package: &'static str,
+    example: &'static str,
+    args: Vec<String>,
+}
+
+/// The perf program of a model (the model arguments are the defaults of the PyTorch script).
+fn program(model: &str) -> Result<Program> {
+    let p = |package: &'static str, example: &'static str, args: &[&str]| Ok(Program { package, example, args: args.iter().map(|s| s.to_string()).collect() });
     match model {
-        "clip-b16" => Ok(("clip-cls", vec!["--preset".into(), "vit-b-16".into()])),
-        "sam-b" | "sd3-block" => bail!("--model {model}: no perf program yet (only clip-b16); see docs/perf.md"),
-        m => bail!("--model {m}: unknown (clip-b16; sam-b and sd3-block are planned)"),
+        "clip-b16" => p("clip-cls", "perf", &["--preset", "vit-b-16"]),
+        "sam-b" => p("sam-seg", "sam-perf", &["--preset", "vit-b", "--image-size", "512"]),
+        "sd3-block" => p("sd3-gen", "sd3-perf", &["--preset", "sd3-medium", "--blocks", "2", "--resolution", "512"]),
+        m => bail!("--model {m}: unknown (clip-b16, sam-b, sd3-block)"),
     }
 }
 
 fn python_script(model: &str) -> Result<&'static str> {
     match model {
         "clip-b16" => Ok("tools/perf/clip_perf.py"),
-        m => bail!("--model {m}: no PyTorch reference yet"),
+        "sam-b" => Ok("tools/perf/sam_perf.py"),
+        "sd3-block" => Ok("tools/perf/sd3_perf.py"),
+        m => bail!("--model {m}: no PyTorch reference"),
     }
 }
 
@@ -244,7 +259,7 @@ fn run_case(cmd: &mut Command) -> Result<CaseResult> {
 }
 
 pub fn perf(a: &PerfArgs) -> Result<()> {
-    let (package, model_args) = program(&a.model)?;
+    let prog = program(&a.model)?;
     let cases = cases(&a.method, &a.modes)?;
     let (suffix, features) = match a.device.split(':').next().unwrap_or("") {
         "cpu" => ("", None),
@@ -252,19 +267,19 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         d => bail!("--device {}: unknown device `{d}` (cpu, cuda[:N])", a.device),
     };
     let mut build = crate::cargo(suffix);
-    build.args(["build", "--release", "--example", "perf", "-p", package]);
+    build.args(["build", "--release", "--example", prog.example, "-p", prog.package]);
     if let Some(f) = features {
         build.args(["--features", f]);
     }
     crate::run(&mut build)?;
-    let exe: PathBuf = crate::target_dir(suffix).join("release/examples/perf");
+    let exe: PathBuf = crate::target_dir(suffix).join("release/examples").join(prog.example);
     let py = if a.vs_pytorch { Some(crate::venv_python()?) } else { None };
 
     let (mut ours, mut torch) = (Vec::new(), Vec::new());
     for (method, mode) in &cases {
         let (steps, warmup) = (a.steps.to_string(), a.warmup.to_string());
         let case = ["--method", method, "--mode", mode, "--steps", &steps, "--warmup", &warmup, "--model-name", &a.model];
-        ours.push(run_case(Command::new(&exe).args(["--device", &a.device]).args(&model_args).args(case))?);
+        ours.push(run_case(Command::new(&exe).args(["--device", &a.device]).args(&prog.args).args(case))?);
         if let Some(py) = &py {
             let device = if a.device.starts_with("cuda") { a.device.as_str() } else { "cpu" };
             torch.push(run_case(Command::new(py).arg(python_script(&a.model)?).args(case).args(["--threads", &a.threads.to_string(), "--device", device]))?);
@@ -327,6 +342,18 @@ mod tests {
         assert_eq!(c, want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec());
         assert!(cases(&m(&["dora"]), &m(&["train"])).is_err());
         assert!(cases(&m(&["lora"]), &m(&["eval"])).is_err());
+    }
+
+    #[test]
+    fn every_model_has_an_example_and_a_pytorch_script() {
+        for m in ["clip-b16", "sam-b", "sd3-block"] {
+            let p = program(m).unwrap();
+            let manifest = std::fs::read_to_string(crate::root().join("crates").join(p.package).join("Cargo.toml")).unwrap();
+            assert!(p.example == "perf" || manifest.contains(&format!("name = \"{}\"", p.example)), "{m}: example {} not declared", p.example);
+            assert!(crate::root().join("crates").join(p.package).join("examples/perf.rs").is_file(), "{m}");
+            assert!(crate::root().join(python_script(m).unwrap()).is_file(), "{m}");
+        }
+        assert!(program("sam-h").is_err() && python_script("sam-h").is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::perf::{Case, StepTimes, adapter_params, json_line};
 use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
 
 #[derive(Parser, Debug)]
@@ -84,9 +85,9 @@ impl<B: Backend> Inputs<B> {
         let ids: Vec<i64> = (0..args.classes)
             .flat_map(|c| {
                 (0..len).map(move |j| match j {
-                    0 => t.bos_token_id as i64,
+                    0 => t.bos_token_id,
                     1..=6 => ((c * 7919 + j * 104_729) % 49_000) as i64 + 256,
-                    _ => t.eos_token_id as i64,
+                    _ => t.eos_token_id,
                 })
             })
             .collect();
@@ -104,46 +105,17 @@ fn logits<B: Backend>(model: &ClipModel<B>, x: &Inputs<B>) -> Tensor<B, 2> {
     image.matmul(text.transpose()).mul_scalar(100.0)
 }
 
-/// Per-step seconds of the timed steps.
-#[derive(Default)]
-struct Times {
-    step: Vec<f64>,
-    forward: Vec<f64>,
-    backward: Vec<f64>,
-    optim: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// Peak resident set size of this process (`VmHWM`), MiB.
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn adapter(args: &Args) -> Result<AdapterConfig> {
     Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(1.0).with_dropout(args.dropout))
 }
 
-fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(Times, usize)> {
+fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
     let mut model = ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, device)?;
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
-    let mut times = Times::default();
+    let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let logits = logits(&model, &x);
@@ -160,27 +132,25 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
             bail!("non-finite loss {value} at step {step}");
         }
         if step >= args.warmup {
-            times.forward.push((t1 - t0).as_secs_f64());
-            times.backward.push((t2 - t1).as_secs_f64());
-            times.optim.push((t3 - t2).as_secs_f64());
-            times.step.push((t3 - t0).as_secs_f64());
+            times.push_train([t0, t1, t2, t3]);
         }
     }
     Ok((times, trainable))
 }
 
-fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(Times, usize)> {
+fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let base = ClipModel::<B>::new(cfg, device);
-    let model = match (args.method.as_str(), args.mode.as_str()) {
+    let adapted = match (args.method.as_str(), args.mode.as_str()) {
         ("base", "infer") => base,
         ("base", _) => bail!("--method base has only --mode infer"),
-        (_, "infer") => base.with_adapters(&adapter(args)?, device)?,
-        (_, "infer-merged") => base.with_adapters(&adapter(args)?, device)?.merge_and_unload()?,
+        (_, "infer" | "infer-merged") => base.with_adapters(&adapter(args)?, device)?,
         (_, m) => bail!("unknown mode `{m}` (train | infer | infer-merged)"),
     };
-    let trainable = model.param_counts().trainable;
+    // the adapter's size before any merge (PyTorch's script counts the same)
+    let trainable = adapter_params(&adapted);
+    let model = if args.mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
     let x = Inputs::<B>::new(cfg, args, device);
-    let mut times = Times::default();
+    let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let l = logits(&model, &x);
@@ -200,30 +170,17 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
         "train" => train::<AB>(&cfg, args, device)?,
         _ => infer::<AB::InnerBackend>(&cfg, args, device)?,
     };
-    let med = median(&times.step);
-    let mut line = serde_json::json!({
-        "model": args.model_name,
-        "method": args.method,
-        "mode": args.mode,
-        "median_step_s": med,
-        "peak_rss_mb": peak_rss_mb(),
-        "framework": format!("burn-{}", <AB::InnerBackend as Backend>::name(device)),
-        "images_per_s": args.batch as f64 / med,
-        "batch": args.batch,
-        "classes": args.classes,
-        "rank": args.rank,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        "trainable_params": trainable,
-        "step_s": times.step,
-    });
-    if args.mode == "train" {
-        line["forward_s"] = median(&times.forward).into();
-        line["backward_s"] = median(&times.backward).into();
-        line["optim_s"] = median(&times.optim).into();
-    }
+    let case = Case {
+        model: &args.model_name,
+        method: &args.method,
+        mode: &args.mode,
+        framework: format!("burn-{}", <AB::InnerBackend as Backend>::name(device)),
+        batch: args.batch,
+        steps: args.steps,
+        warmup: args.warmup,
+        trainable_params: trainable,
+    };
+    let line = json_line(&case, &times, serde_json::json!({"classes": args.classes, "rank": args.rank}));
     println!("{line}");
     Ok(())
 }

@@ -1,0 +1,137 @@
+//! Timing helpers of the model crates' `perf` examples (`cargo xtask perf`): per-step times,
+//! their median, the process's peak RSS, and the JSON line whose first five keys are the
+//! contract the xtask reads (`model`, `method`, `mode`, `median_step_s`, `peak_rss_mb`).
+use burn::prelude::Backend;
+use serde_json::{Value, json};
+
+use crate::model::AdaptedModel;
+
+/// Seconds of the timed steps; `forward`, `backward`, `optim` stay empty for inference.
+#[derive(Clone, Debug, Default)]
+pub struct StepTimes {
+    pub step: Vec<f64>,
+    pub forward: Vec<f64>,
+    pub backward: Vec<f64>,
+    pub optim: Vec<f64>,
+}
+
+impl StepTimes {
+    /// Records one training step from its four instants: start, loss on the host, gradients,
+    /// optimizer step done.
+    pub fn push_train(&mut self, t: [std::time::Instant; 4]) {
+        self.forward.push((t[1] - t[0]).as_secs_f64());
+        self.backward.push((t[2] - t[1]).as_secs_f64());
+        self.optim.push((t[3] - t[2]).as_secs_f64());
+        self.step.push((t[3] - t[0]).as_secs_f64());
+    }
+}
+
+/// Median (mean of the middle two for an even count; NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident set size of this process (`VmHWM` of `/proc/self/status`), MiB; NaN where
+/// there is no procfs.
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Worker threads of the CPU backends (`RAYON_NUM_THREADS`, else the available cores).
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Adapter parameters (A and B of every pair, merged or not) of a model: its trainable count
+/// on an autodiff backend, also on the inner backend where `require_grad` is not kept.
+pub fn adapter_params<B: Backend, M: AdaptedModel<B>>(model: &M) -> usize {
+    let sites = model.attention_sites();
+    let pairs = sites.iter().flat_map(|s| s.attention.pairs());
+    pairs.map(|p| p.lora_a.lazy_shape().num_elements() + p.lora_b.lazy_shape().num_elements()).sum()
+}
+
+/// What a perf line says about its case besides the times.
+pub struct Case<'a> {
+    pub model: &'a str,
+    pub method: &'a str,
+    pub mode: &'a str,
+    /// e.g. `burn-flex`.
+    pub framework: String,
+    /// Images (samples) per step, for `images_per_s`.
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub trainable_params: usize,
+}
+
+/// The case's JSON line: contract keys, framework, images/s, threads, the per-step times and,
+/// for training, the medians of the forward, backward and optimizer parts. `extra` (an object)
+/// is merged in (model-specific settings: rank, image size …).
+pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
+    let med = median(&times.step);
+    let mut line = json!({
+        "model": c.model,
+        "method": c.method,
+        "mode": c.mode,
+        "median_step_s": med,
+        "peak_rss_mb": peak_rss_mb(),
+        "framework": c.framework,
+        "images_per_s": c.batch as f64 / med,
+        "batch": c.batch,
+        "steps": c.steps,
+        "warmup": c.warmup,
+        "threads": threads(),
+        "trainable_params": c.trainable_params,
+        "step_s": times.step,
+    });
+    if !times.forward.is_empty() {
+        line["forward_s"] = median(&times.forward).into();
+        line["backward_s"] = median(&times.backward).into();
+        line["optim_s"] = median(&times.optim).into();
+    }
+    if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn json_line_has_the_contract_keys_and_the_train_split() {
+        let mut t = StepTimes::default();
+        let t0 = std::time::Instant::now();
+        t.push_train([t0, t0, t0, t0]);
+        let c = Case { model: "m", method: "lora", mode: "train", framework: "burn-x".into(), batch: 2, steps: 1, warmup: 0, trainable_params: 7 };
+        let v = json_line(&c, &t, json!({"rank": 32}));
+        for k in ["model", "method", "mode", "median_step_s", "peak_rss_mb", "forward_s", "backward_s", "optim_s", "rank"] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        let infer = json_line(&Case { mode: "infer", ..c }, &StepTimes { step: vec![1.0], ..Default::default() }, json!({}));
+        assert!(infer.get("forward_s").is_none());
+        assert_eq!(infer["images_per_s"], 2.0);
+    }
+}
