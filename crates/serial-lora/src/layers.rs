@@ -1,9 +1,22 @@
-//! Small building blocks shared by the model crates: HF activations and the two-layer MLP.
+//! Small building blocks shared by the model crates: HF activations, the two-layer MLP, and
+//! [`on_rows`] for token-wise layers.
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
 use serde::{Deserialize, Serialize};
+
+/// Applies the token-wise `f` to `x ∈ [..., k]` viewed as 2-D `[rows, k]`, and restores the
+/// leading dimensions. Flex runs a batched `[b, m, k]·[k, n]` as `b` gemms that each pack the
+/// weight again (SAM's `[1, 32, 32, 768]` grid: 32 gemms of 32 rows; CLIP: one per image), and
+/// the weight gradient of a batched product is `b` products summed; as 2-D it is one of each.
+pub fn on_rows<B: Backend, const D: usize>(x: Tensor<B, D>, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    let y = f(x.reshape([rows, dims[D - 1]]));
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
+}
 
 /// Activation functions by their HF `hidden_act` names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +62,6 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(self.act.forward(self.fc1.forward(x)))
+        on_rows(x, |x| self.fc2.forward(self.act.forward(self.fc1.forward(x))))
     }
 }

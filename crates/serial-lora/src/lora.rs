@@ -11,6 +11,7 @@ use burn::prelude::*;
 
 use crate::config::{AdapterConfig, Init};
 use crate::error::{Error, Result};
+use crate::layers::on_rows;
 
 /// One low-rank pair: `delta(x) = s·(dropout(x)·A)·B`.
 #[derive(Module, Debug)]
@@ -121,10 +122,10 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `x·W + b + s·(dropout(x)·A)·B`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lora {
+        on_rows(x, |x| match &self.lora {
             Some(l) if !l.merged => self.base.forward(x.clone()) + l.delta(x),
             _ => self.base.forward(x),
-        }
+        })
     }
 
     /// Folds the pair into the base weight: `W ← W + s·A·B`. Refuses non-finite results.
@@ -183,6 +184,10 @@ impl<B: Backend> FusedQkv<B> {
 
     /// `x·W + b`, plus each unmerged pair's delta on its slice.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        on_rows(x, |x| self.forward_rows(x))
+    }
+
+    fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let active = self.pairs().map(|p| p.filter(|p| !p.merged));
         if active.iter().all(Option::is_none) {
             return self.base.forward(x);

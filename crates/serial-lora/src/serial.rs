@@ -11,6 +11,7 @@ use burn::prelude::*;
 
 use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
+use crate::layers::on_rows;
 use crate::lora::LoraPair;
 use crate::host_f64;
 
@@ -29,7 +30,7 @@ impl<B: Backend> SerialLora<B> {
 
     /// `h + s·(dropout(h)·A)·B`; the identity once merged.
     pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        if self.pair.merged { h } else { h.clone() + self.pair.delta(h) }
+        if self.pair.merged { h } else { on_rows(h, |h| h.clone() + self.pair.delta(h)) }
     }
 
     /// `W ← (I + s·A·B)·W` for a projection weight `W ∈ [d, out]`.
