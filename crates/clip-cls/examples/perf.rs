@@ -27,7 +27,7 @@ use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::perf::{Case, StepTimes, adapter_params, json_line};
+use serial_lora::perf::{Case, StepTimes, infer_model, json_line};
 use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
 
 #[derive(Parser, Debug)]
@@ -105,7 +105,7 @@ fn logits<B: Backend>(model: &ClipModel<B>, x: &Inputs<B>) -> Tensor<B, 2> {
     image.matmul(text.transpose()).mul_scalar(100.0)
 }
 
-fn adapter(args: &Args) -> Result<AdapterConfig> {
+fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
     Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(1.0).with_dropout(args.dropout))
 }
 
@@ -128,36 +128,21 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
         model = optim.step(2e-4, model, grads);
         let _ = AB::sync(device);
         let t3 = Instant::now();
-        if !value.is_finite() {
-            bail!("non-finite loss {value} at step {step}");
-        }
-        if step >= args.warmup {
-            times.push_train([t0, t1, t2, t3]);
-        }
+        times.record_train(step, args.warmup, value, [t0, t1, t2, t3])?;
     }
     Ok((times, trainable))
 }
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let base = ClipModel::<B>::new(cfg, device);
-    let adapted = match (args.method.as_str(), args.mode.as_str()) {
-        ("base", "infer") => base,
-        ("base", _) => bail!("--method base has only --mode infer"),
-        (_, "infer" | "infer-merged") => base.with_adapters(&adapter(args)?, device)?,
-        (_, m) => bail!("unknown mode `{m}` (train | infer | infer-merged)"),
-    };
-    // the adapter's size before any merge (PyTorch's script counts the same)
-    let trainable = adapter_params(&adapted);
-    let model = if args.mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
+    let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let l = logits(&model, &x);
         let _ = l.into_data(); // sync: the logits on the host
-        if step >= args.warmup {
-            times.step.push(t0.elapsed().as_secs_f64());
-        }
+        times.record_infer(step, args.warmup, t0);
     }
     Ok((times, trainable))
 }

@@ -1,9 +1,13 @@
 //! Timing helpers of the model crates' `perf` examples (`cargo xtask perf`): per-step times,
 //! their median, the process's peak RSS, and the JSON line whose first five keys are the
 //! contract the xtask reads (`model`, `method`, `mode`, `median_step_s`, `peak_rss_mb`).
+use std::time::Instant;
+
 use burn::prelude::Backend;
 use serde_json::{Value, json};
 
+use crate::config::AdapterConfig;
+use crate::error::{Error, Result};
 use crate::model::AdaptedModel;
 
 /// Seconds of the timed steps; `forward`, `backward`, `optim` stay empty for inference.
@@ -18,12 +22,53 @@ pub struct StepTimes {
 impl StepTimes {
     /// Records one training step from its four instants: start, loss on the host, gradients,
     /// optimizer step done.
-    pub fn push_train(&mut self, t: [std::time::Instant; 4]) {
+    pub fn push_train(&mut self, t: [Instant; 4]) {
         self.forward.push((t[1] - t[0]).as_secs_f64());
         self.backward.push((t[2] - t[1]).as_secs_f64());
         self.optim.push((t[3] - t[2]).as_secs_f64());
         self.step.push((t[3] - t[0]).as_secs_f64());
     }
+
+    /// After training step `step` with loss `loss` and instants `t` (see [`Self::push_train`]):
+    /// stops on a non-finite loss, records the step unless it is one of the `warmup` first.
+    pub fn record_train(&mut self, step: usize, warmup: usize, loss: f32, t: [Instant; 4]) -> Result<()> {
+        if !loss.is_finite() {
+            return Err(Error::NonFinite { step: step + 1, what: format!("the loss ({loss})") });
+        }
+        if step >= warmup {
+            self.push_train(t);
+        }
+        Ok(())
+    }
+
+    /// After inference step `step`, begun at `t0` and ended by a host read: records it unless it
+    /// is one of the `warmup` first.
+    pub fn record_infer(&mut self, step: usize, warmup: usize, t0: Instant) {
+        if step >= warmup {
+            self.step.push(t0.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// The model of an inference case and the adapter's size before any merge (as the PyTorch
+/// scripts count it): the base model (`--method base`, `--mode infer` only), or `base` with the
+/// adapter `adapter()` (`infer`), merged (`infer-merged`).
+pub fn infer_model<B: Backend, M: AdaptedModel<B>>(
+    base: M,
+    method: &str,
+    mode: &str,
+    adapter: impl FnOnce() -> Result<AdapterConfig>,
+    device: &B::Device,
+) -> Result<(M, usize)> {
+    let adapted = match (method, mode) {
+        ("base", "infer") => base,
+        ("base", _) => return Err(Error::config("mode", mode, "--method base has only --mode infer")),
+        (_, "infer" | "infer-merged") => base.with_adapters(&adapter()?, device)?,
+        (_, m) => return Err(Error::config("mode", m, "expected train | infer | infer-merged")),
+    };
+    let trainable = adapter_params(&adapted);
+    let model = if mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
+    Ok((model, trainable))
 }
 
 /// Median (mean of the middle two for an even count; NaN when empty).
