@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod encoder;
 pub mod error;
+pub mod export;
 pub mod load;
 pub mod model;
 pub mod preprocess;

@@ -18,6 +18,7 @@
 //! batch (up to float rounding, and adapter dropout masks, which differ per peer).
 use std::path::{Path, PathBuf};
 
+use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serial_lora::imaging::decode_all;
 use serial_lora::io;
 pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
+use serial_lora::run::{EvalKeeper, RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -114,6 +115,12 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (default: every epoch).
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Top-1 accuracy on the validation split every N steps and at the end (CoOp's `val`; for
+    /// class folders without one, a seeded tenth of the training split), logged to
+    /// metrics.jsonl; the best adapter is kept in RUN_DIR/best/.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_steps: Option<usize>,
 }
 
 fn parse_projection(s: &str) -> std::result::Result<Projection, String> {
@@ -277,6 +284,8 @@ pub fn train<AB: AutodiffBackend>(
     let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &template, device);
     let text_adapted = cfg.encoder != Towers::Vision;
     let fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(ids.clone())).detach());
+    let mut keeper = EvalKeeper::new(&run, cfg.eval_steps, "accuracy");
+    let val_items = if cfg.eval_steps.is_some() { validation_items(&dataset, cfg.seed)? } else { Vec::new() };
 
     for step in state.step..tracker.stop {
         let epoch = step / steps_per_epoch;
@@ -322,6 +331,11 @@ pub fn train<AB: AutodiffBackend>(
         let log = StepLog { loss: loss_value, lr, score: correct, images: batch.len() };
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
+        }
+        if keeper.due(state.step, total) {
+            let valid = model.valid();
+            let r = evaluate_items(&valid, &tokenizer, &processor, &dataset.classnames, &val_items, "val", &template, cfg.batch, cfg.skip_bad_images, device, &mut |_, _| {})?;
+            keeper.record(state.step, r.top1, r.images, &model, &adapter_cfg, &cfg.model)?;
         }
     }
 
@@ -377,7 +391,40 @@ pub fn evaluate<B: Backend>(
         return Err(serial_lora::Error::config("batch", 0, "must be at least 1").into());
     }
     let items = dataset.few_shot(split, None, 0)?;
-    let text = l2_normalize(model.get_text_features(class_prompts::<B>(tokenizer, &dataset.classnames, template, device)));
+    evaluate_items(model, tokenizer, processor, &dataset.classnames, &items, split, template, batch, skip_bad, device, on_batch)
+}
+
+/// The images `--eval-steps` evaluates on: the `val` split when the dataset has one, else a
+/// seeded tenth (at least one image) of the training split.
+pub fn validation_items(dataset: &Dataset, seed: u64) -> Result<Vec<Item>> {
+    if dataset.splits.get("val").is_some_and(|v| !v.is_empty()) {
+        return dataset.few_shot("val", None, 0);
+    }
+    let train = dataset.few_shot("train", None, 0)?;
+    let order = permutation(train.len(), stream_seed(seed, 4, 0));
+    let n = train.len().div_ceil(10).max(1).min(train.len());
+    Ok(order[..n].iter().map(|&i| train[i].clone()).collect())
+}
+
+/// [`evaluate`] on given items (`split` names them in the result).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_items<B: Backend>(
+    model: &ClipModel<B>,
+    tokenizer: &ClipTokenizer,
+    processor: &ImageProcessor,
+    classnames: &[String],
+    items: &[Item],
+    split: &str,
+    template: &str,
+    batch: usize,
+    skip_bad: bool,
+    device: &B::Device,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    if batch == 0 {
+        return Err(serial_lora::Error::config("batch", 0, "must be at least 1").into());
+    }
+    let text = l2_normalize(model.get_text_features(class_prompts::<B>(tokenizer, classnames, template, device)));
     let (mut correct, mut images, mut skipped) = (0, 0, Vec::new());
     for (i, chunk) in items.chunks(batch.max(1)).enumerate() {
         let (decoded, bad) = decode_items(chunk, skip_bad)?;
@@ -395,7 +442,7 @@ pub fn evaluate<B: Backend>(
     Ok(EvalResult {
         split: split.to_string(),
         template: template.to_string(),
-        num_classes: dataset.classnames.len(),
+        num_classes: classnames.len(),
         images,
         correct,
         top1: correct as f64 / images.max(1) as f64,

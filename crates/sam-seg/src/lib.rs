@@ -8,6 +8,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod load;
 pub mod mask_decoder;
 pub mod model;

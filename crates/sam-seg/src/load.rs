@@ -39,7 +39,7 @@ pub const ORIGINAL_KEY_TABLE: KeyTable = KeyTable {
     by_hand: &[],
 };
 
-const ORIGINAL_TO_HF: &[(&str, &str)] = &[
+pub(crate) const ORIGINAL_TO_HF: &[(&str, &str)] = &[
     (r"^image_encoder\.blocks\.", "vision_encoder.layers."),
     (r"^image_encoder\.patch_embed\.proj\.", "vision_encoder.patch_embed.projection."),
     (r"^image_encoder\.neck\.0\.", "vision_encoder.neck.conv1."),

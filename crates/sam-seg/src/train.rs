@@ -11,6 +11,7 @@
 //! Dice loss = 1 − mean Dice.
 use std::path::{Path, PathBuf};
 
+use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, sigmoid};
@@ -20,7 +21,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serial_lora::imaging::load_rgb;
 use serial_lora::io;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
+use serial_lora::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -85,6 +86,12 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (default: every epoch).
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Mean Dice on the validation split every N steps and at the end (split.json's `val`;
+    /// without one, a seeded tenth of the training split), logged to metrics.jsonl; the best
+    /// adapter is kept in RUN_DIR/best/.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_steps: Option<usize>,
 }
 
 impl TrainConfig {
@@ -222,6 +229,8 @@ pub fn train<AB: AutodiffBackend>(
     let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(5) * steps_per_epoch);
     let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
     let [ph, pw] = proc.pad;
+    let mut keeper = EvalKeeper::new(&run, cfg.eval_steps, "dice");
+    let val_pairs = if cfg.eval_steps.is_some() { validation_pairs(&dataset, cfg.seed)? } else { Vec::new() };
     for step in state.step..tracker.stop {
         let epoch = step / steps_per_epoch;
         let mut order: Vec<usize> = (0..n).collect();
@@ -269,6 +278,10 @@ pub fn train<AB: AutodiffBackend>(
         if tracker.record(&mut state, log, epoch, on_step) {
             run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
         }
+        if keeper.due(state.step, total) {
+            let r = evaluate_pairs(&model.valid(), &proc, &val_pairs, "val", cfg.class_id, device, &mut |_, _| {})?;
+            keeper.record(state.step, r.dice, r.images, &model, &adapter_cfg, &cfg.model)?;
+        }
     }
 
     let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
@@ -315,6 +328,31 @@ pub fn evaluate<B: Backend>(
     on_image: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
     let pairs = dataset.split(split, 1.0, 0)?;
+    evaluate_pairs(model, proc, &pairs, split, class_id, device, on_image)
+}
+
+/// The pairs `--eval-steps` evaluates on: the `val` split when split.json has one, else a
+/// seeded tenth (at least one pair) of the training split.
+pub fn validation_pairs(dataset: &SegDataset, seed: u64) -> Result<Vec<Pair>> {
+    if dataset.splits.get("val").is_some_and(|v| !v.is_empty()) {
+        return dataset.split("val", 1.0, 0);
+    }
+    let mut train = dataset.split("train", 1.0, 0)?;
+    rand::seq::SliceRandom::shuffle(&mut train[..], &mut StdRng::seed_from_u64(stream_seed(seed, 4, 0)));
+    train.truncate(train.len().div_ceil(10).max(1));
+    Ok(train)
+}
+
+/// [`evaluate`] on given pairs (`split` names them in the result).
+pub fn evaluate_pairs<B: Backend>(
+    model: &SamModel<B>,
+    proc: &SamProcessor,
+    pairs: &[Pair],
+    split: &str,
+    class_id: Option<u8>,
+    device: &B::Device,
+    on_image: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
     let [ph, pw] = proc.pad;
     let (mut dices, mut skipped) = (Vec::new(), Vec::new());
     for (i, p) in pairs.iter().enumerate() {

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod load;
 pub mod metrics;
 pub mod mmdit;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 use serial_lora::hub::Needed;
-use serial_lora::weights::{KeyTable, load_safetensors};
+use serial_lora::weights::{KeyTable, load_safetensors_dir};
 
 use crate::config::Sd3TransformerConfig;
 use crate::error::Result;
@@ -67,6 +67,7 @@ pub fn load_transformer<B: Backend>(dir: &Path, device: &B::Device) -> Result<(S
     let sub = dir.join("transformer");
     let config = Sd3TransformerConfig::from_json_file(&sub.join("config.json"))?;
     let model = Sd3Transformer::new(&config, device);
-    let (model, _) = load_safetensors(model, &sub.join("diffusion_pytorch_model.safetensors"), &KEY_TABLE, false)?;
+    // a single file, or the shards of its index (what diffusers writes above `max_shard_size`)
+    let model = load_safetensors_dir(model, &sub, "diffusion_pytorch_model", &KEY_TABLE)?;
     Ok((model, config))
 }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod export;
 pub mod hub;
 pub mod imaging;
 pub mod io;

@@ -471,6 +471,71 @@ pub struct ProgressReporter {
     logging_steps: usize,
     score_name: &'static str,
     silent: bool,
+    jsonl: Option<std::cell::RefCell<MetricsLog>>,
+}
+
+/// `RUN_DIR/metrics.jsonl`: one JSON object per logging step, appended and flushed as the run
+/// goes (`tail -f`, or a notebook reading it while the run is in progress).
+pub struct MetricsLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    lr_ratio: Option<f64>,
+    start: std::time::Instant,
+    /// (sum of losses, steps) since the last line.
+    window: (f64, usize),
+}
+
+/// File name of the per-logging-step metrics in a run directory.
+pub const METRICS_JSONL: &str = "metrics.jsonl";
+
+impl MetricsLog {
+    /// Appends to `path` (created on the first line). `lr_ratio` (LoRA+) adds the B matrices'
+    /// learning rate `lr_b = lr × ratio` to each line.
+    pub fn new(path: PathBuf, lr_ratio: Option<f64>) -> Self {
+        Self { path, file: None, lr_ratio, start: std::time::Instant::now(), window: (0.0, 0) }
+    }
+
+    /// Appends one object (a line) and flushes it.
+    pub fn append(&mut self, value: &serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+            self.file = Some(f);
+        }
+        let mut line = serde_json::to_string(value).unwrap_or_default();
+        line.push('\n');
+        match self.file.as_mut() {
+            Some(f) => f.write_all(line.as_bytes()).and_then(|()| f.flush()).map_err(|e| Error::io(&self.path, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a step; on a logging step returns its line: `step`, `epoch`, `loss` (the step's
+    /// batch loss), `loss_avg` (mean since the last line), `lr` (A matrices; `lr_b` for the B
+    /// matrices with LoRA+), `score` (per image: accuracy, Dice, …), `images_per_second`,
+    /// `elapsed_s` (of this invocation).
+    fn step(&mut self, p: &Progress, score_name: &str, log_now: bool) -> Option<serde_json::Value> {
+        self.window.0 += p.log.loss as f64;
+        self.window.1 += 1;
+        if !log_now {
+            return None;
+        }
+        let mut v = serde_json::json!({
+            "step": p.step,
+            "epoch": p.epoch + 1,
+            "loss": p.log.loss,
+            "loss_avg": self.window.0 / self.window.1.max(1) as f64,
+            "lr": p.log.lr,
+            "images_per_second": p.images_per_second,
+            "elapsed_s": self.start.elapsed().as_secs_f64(),
+        });
+        v[score_name] = serde_json::json!(p.log.score / p.log.images.max(1) as f64);
+        if let Some(r) = self.lr_ratio {
+            v["lr_b"] = serde_json::json!(p.log.lr * r);
+        }
+        self.window = (0.0, 0);
+        Some(v)
+    }
 }
 
 impl ProgressReporter {
@@ -483,14 +548,32 @@ impl ProgressReporter {
             bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
             bar
         });
-        Self { bar, logging_steps: logging_steps.max(1), score_name, silent: false }
+        Self { bar, logging_steps: logging_steps.max(1), score_name, silent: false, jsonl: None }
+    }
+
+    /// Also appends a line to `RUN_DIR/metrics.jsonl` every `logging_steps` steps and at the last
+    /// (see [`MetricsLog`]); nothing on a silent (non-first) data-parallel peer.
+    pub fn with_metrics_log(mut self, run_dir: &Path, lr_ratio: Option<f64>) -> Self {
+        if !self.silent {
+            self.jsonl = Some(std::cell::RefCell::new(MetricsLog::new(run_dir.join(METRICS_JSONL), lr_ratio)));
+        }
+        self
+    }
+
+    /// Appends an extra line (e.g. an evaluation during training) to `metrics.jsonl`.
+    pub fn log_line(&self, value: &serde_json::Value) {
+        if let Some(j) = &self.jsonl
+            && let Err(e) = j.borrow_mut().append(value)
+        {
+            eprintln!("warning: {e}");
+        }
     }
 
     /// [`ProgressReporter::new`] on the first peer of a data-parallel job; silent on the others.
     pub fn for_peer(logging_steps: usize, score_name: &'static str, peer: &Peer) -> Self {
         match peer.rank {
             0 => Self::new(logging_steps, score_name),
-            _ => Self { bar: None, logging_steps: 1, score_name, silent: true },
+            _ => Self { bar: None, logging_steps: 1, score_name, silent: true, jsonl: None },
         }
     }
 
@@ -498,6 +581,13 @@ impl ProgressReporter {
     pub fn report(&self, p: &Progress) {
         if self.silent {
             return;
+        }
+        let log_now = p.step.is_multiple_of(self.logging_steps) || p.step == p.total;
+        if let Some(j) = &self.jsonl {
+            let line = j.borrow_mut().step(p, self.score_name, log_now);
+            if let Some(line) = line {
+                self.log_line(&line);
+            }
         }
         let line = format!(
             "epoch {} loss {:.4} lr {:.3e} {} {:.3} {:.2} img/s",
@@ -524,5 +614,57 @@ impl ProgressReporter {
         if let Some(bar) = self.bar {
             bar.finish();
         }
+    }
+}
+
+/// Directory of the best adapter under `--eval-steps`, inside the run directory.
+pub const BEST_DIR: &str = "best";
+
+/// `--eval-steps N`: when an evaluation is due, its result is appended to `metrics.jsonl`
+/// (`{"step", "eval_<metric>", "eval_images"}`) and the adapter with the best value so far is
+/// kept in `RUN_DIR/best/` (PEFT layout, plus `best.json` with the step and value). Only the
+/// writing peer evaluates. A resumed run continues from the best recorded in `best/best.json`.
+pub struct EvalKeeper {
+    every: Option<usize>,
+    dir: PathBuf,
+    best: Option<f64>,
+    log: MetricsLog,
+    writer: bool,
+    metric: &'static str,
+}
+
+impl EvalKeeper {
+    /// For a run in `run`, evaluating every `every` steps (none: never), `metric` naming the
+    /// value (higher is better: `accuracy`, `dice`).
+    pub fn new(run: &RunDir, every: Option<usize>, metric: &'static str) -> Self {
+        let dir = run.path.join(BEST_DIR);
+        let best = read_json::<serde_json::Value>(&dir.join("best.json")).ok().and_then(|v| v.get(metric).and_then(|x| x.as_f64()));
+        Self { every: every.filter(|&e| e > 0), dir, best, log: MetricsLog::new(run.path.join(METRICS_JSONL), None), writer: run.peer.is_writer(), metric }
+    }
+
+    /// Whether step `step` (1-based count of steps done) evaluates: every N-th and the last of
+    /// the run (`total`), on the writing peer.
+    pub fn due(&self, step: usize, total: usize) -> bool {
+        self.writer && self.every.is_some_and(|e| step.is_multiple_of(e) || step == total)
+    }
+
+    /// Records the evaluation after step `step`; saves the adapters of `model` into `best/` if
+    /// `value` is the best so far.
+    pub fn record<B: Backend, M: crate::AdaptedModel<B>>(&mut self, step: usize, value: f64, images: usize, model: &M, adapter: &AdapterConfig, base_model: &str) -> Result<()> {
+        let mut line = serde_json::json!({ "step": step, "eval_images": images });
+        line[format!("eval_{}", self.metric)] = serde_json::json!(value);
+        self.log.append(&line)?;
+        if self.best.is_none_or(|b| value > b) {
+            let tmp = self.dir.with_extension("tmp");
+            let _ = std::fs::remove_dir_all(&tmp);
+            io::save_adapter(model, adapter, &tmp, Some(base_model))?;
+            let mut best = serde_json::json!({ "step": step, "eval_images": images });
+            best[self.metric] = serde_json::json!(value);
+            write_json(&tmp.join("best.json"), &best)?;
+            let _ = std::fs::remove_dir_all(&self.dir);
+            std::fs::rename(&tmp, &self.dir).map_err(|e| Error::io(&self.dir, e))?;
+            self.best = Some(value);
+        }
+        Ok(())
     }
 }

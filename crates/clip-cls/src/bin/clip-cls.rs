@@ -18,7 +18,9 @@ use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::dist::{Launch, Peer, launch};
 use serial_lora::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
-use serial_lora::{AdaptedModel, DeviceSpec, io};
+use clip_cls::export::export_clip;
+use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use serial_lora::{DeviceSpec, io};
 
 #[derive(Parser)]
 #[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
@@ -33,9 +35,15 @@ struct ModelArgs {
     /// HF_HUB_OFFLINE) or a local directory in HF layout.
     #[arg(long)]
     model: String,
-    /// Adapter directory (PEFT LoRA or Serial LoRA) to apply.
+    /// Adapter directory (PEFT LoRA or Serial LoRA) to apply; repeat for several, applied in
+    /// the order given: LoRA deltas add (W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ), Serial LoRA transforms compose
+    /// (W (I + w₁s₁B₁A₁)(I + w₂s₂B₂A₂), PyTorch layout); LoRA and Serial adapters may be mixed.
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    adapter: Vec<PathBuf>,
+    /// Weight of each --adapter, comma-separated (default 1 each; diffusers'
+    /// `set_adapters(..., adapter_weights=...)`): scales s·B·A; 0 gives the base model exactly.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    adapter_weights: Vec<f64>,
     /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -109,6 +117,23 @@ enum Cmd {
         #[arg(long)]
         skip_bad_images: bool,
     },
+    /// A merged, full model in transformers' layout (`CLIPModel.from_pretrained(OUT)` loads it
+    /// without adapter code): config, tokenizer and preprocessor files copied, model.safetensors
+    /// rewritten with the adapters folded in (merged in f64; LoRA W + s·B·A, Serial LoRA
+    /// W (I + s·B·A)). Written into a temporary directory renamed into place.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output directory (refused if it exists, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output precision of the float tensors (default: the checkpoint's own).
+        #[arg(long, value_enum)]
+        dtype: Option<ExportDtype>,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
+    },
     /// The proxy transfer experiment on scikit-learn's digits: a tiny CLIP-style ViT pretrained
     /// on digits 0–4 (cached in --backbone), adapted few-shot to digits 5–9 with a frozen
     /// backbone. Writes metrics.json (also printed), the adapter and head.safetensors into --out.
@@ -144,16 +169,17 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
 
 fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = &model_dir(&args.model)?;
-    let (mut model, cfg) = load_clip::<B>(dir, device)?;
-    if let Some(adapter) = &args.adapter {
-        let (m, _) = io::load_adapter(model, adapter, device)?;
-        model = m.merge_and_unload()?;
-    }
+    let (model, cfg) = load_clip::<B>(dir, device)?;
+    let model = merge_weighted(model, &adapters(args)?, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
     Ok(Loaded {
         model,
         tokenizer: ClipTokenizer::from_dir(dir)?,
         processor: ImageProcessor::from_dir(dir, &cfg.vision_config)?,
     })
+}
+
+fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {
+    Ok(weighted_adapters(&args.adapter, &args.adapter_weights)?)
 }
 
 /// Refuses an output file whose directory does not exist, before any work.
@@ -217,7 +243,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         }
         Cmd::Train { config, run } => {
             let (dir, out) = (model_dir(&config.model)?, &run.out);
-            let reporter = ProgressReporter::for_peer(run.logging_steps, "acc", peer);
+            let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
+            let reporter = ProgressReporter::for_peer(run.logging_steps, "acc", peer).with_metrics_log(out, plus);
             let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
             reporter.finish();
             if peer.rank > 0 {
@@ -239,7 +266,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             check_output_dir(output)?;
             let (base, _) = load_clip::<B<AB>>(&model_dir(&model.model)?, device)?;
             let mut out = serde_json::json!({ "model": model.model, "base": qkv_spectra(&base) });
-            if let Some(a) = &model.adapter {
+            if model.adapter.len() > 1 || !model.adapter_weights.is_empty() {
+                bail!("spectra takes one --adapter and no --adapter-weights");
+            }
+            if let Some(a) = model.adapter.first() {
                 let (adapted, cfg) = io::load_adapter(base, a, device)?;
                 out["adapter"] = serde_json::json!(a);
                 out["method"] = serde_json::json!(cfg.method);
@@ -263,6 +293,12 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             let r = evaluate(&l.model, &l.tokenizer, &l.processor, &dataset, split, template, *batch, *skip_bad_images, device, &mut progress)?;
             bar.finish_and_clear();
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Export { model, out, dtype, force } => {
+            let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+            let summary = export_clip::<B<AB>>(&model_dir(&model.model)?, &adapters(model)?, &opts, out, device)?;
+            eprintln!("wrote {} ({} tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
+            println!("{}", serde_json::to_string(&summary)?);
         }
         Cmd::Proxy { config, out, .. } => {
             let epochs = config.pretrain_epochs;
@@ -292,7 +328,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let (device_arg, peer) = match &cli.command {
-        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } => (model.device.clone(), Peer::single()),
+        Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } | Cmd::Export { model, .. } => {
+            (model.device.clone(), Peer::single())
+        }
         Cmd::Proxy { device, .. } => (device.clone(), Peer::single()),
         Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
             Launch::Done(code) => std::process::exit(code),

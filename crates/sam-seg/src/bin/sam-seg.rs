@@ -15,13 +15,34 @@ use serial_lora::dist::{Launch, Peer, launch};
 use serial_lora::run::{ProgressReporter, RunArgs};
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::load_rgb;
-use serial_lora::{AdaptedModel, DeviceSpec, io};
+use sam_seg::export::export_sam;
+use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use serial_lora::{DeviceSpec, io};
 
 #[derive(Parser)]
 #[command(version, about = "SAM with LoRA / Serial LoRA (+) adapters on the image encoder: prediction, fine-tuning, Dice evaluation")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdapterArgs {
+    /// Adapter directory (PEFT LoRA or Serial LoRA) for the image encoder; repeat for several,
+    /// applied in the order given: LoRA deltas add (W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ), Serial LoRA transforms
+    /// compose (W (I + w₁s₁B₁A₁)(I + w₂s₂B₂A₂), PyTorch layout); LoRA and Serial may be mixed.
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Weight of each --adapter, comma-separated (default 1 each; diffusers'
+    /// `set_adapters(..., adapter_weights=...)`): scales s·B·A; 0 gives the base model exactly.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    adapter_weights: Vec<f64>,
+}
+
+impl AdapterArgs {
+    fn list(&self) -> Result<Vec<WeightedAdapter>> {
+        Ok(weighted_adapters(&self.adapter, &self.adapter_weights)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -35,9 +56,8 @@ enum Cmd {
         /// Hub id (e.g. facebook/sam-vit-base; HF cache, HF_HOME, HF_HUB_OFFLINE) or local HF-layout directory.
         #[arg(long)]
         model: String,
-        /// Adapter directory (PEFT LoRA or Serial LoRA) for the image encoder.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: AdapterArgs,
         /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -74,8 +94,8 @@ enum Cmd {
     Eval {
         #[arg(long)]
         model: String,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: AdapterArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long)]
@@ -92,6 +112,28 @@ enum Cmd {
         /// Square input size (as given to train).
         #[arg(long)]
         image_size: Option<usize>,
+    },
+    /// A merged, full model in transformers' layout (`SamModel.from_pretrained(OUT)` loads it
+    /// without adapter code), also from a segment-anything checkpoint: config and processor
+    /// files copied, model.safetensors rewritten under HF key names with the adapters folded in
+    /// (merged in f64; LoRA W + s·B·A, Serial LoRA W (I + s·B·A)). Written into a temporary
+    /// directory renamed into place.
+    Export {
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Output directory (refused if it exists, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output precision of the float tensors (default: the checkpoint's own).
+        #[arg(long, value_enum)]
+        dtype: Option<ExportDtype>,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -125,13 +167,21 @@ fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    let (model, adapter, image, r#box, points, output, mask_png, image_size) = match cmd {
-        Cmd::Predict { model, adapter, image, r#box, points, output, mask_png, image_size, .. } => {
-            (model, adapter, image, r#box, points, output, mask_png, image_size)
+    let (model, adapters, image, r#box, points, output, mask_png, image_size) = match cmd {
+        Cmd::Predict { model, adapters, image, r#box, points, output, mask_png, image_size, .. } => {
+            (model, adapters, image, r#box, points, output, mask_png, image_size)
+        }
+        Cmd::Export { model, adapters, out, dtype, force, .. } => {
+            let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+            let summary = export_sam::<B<AB>>(&model_dir(model)?, &adapters.list()?, &opts, out, device)?;
+            eprintln!("wrote {} ({} tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
+            println!("{}", serde_json::to_string(&summary)?);
+            return Ok(());
         }
         Cmd::Train { config, run } => {
             let (dir, out) = (model_dir(&config.model)?, &run.out);
-            let reporter = ProgressReporter::for_peer(run.logging_steps, "dice", peer);
+            let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
+            let reporter = ProgressReporter::for_peer(run.logging_steps, "dice", peer).with_metrics_log(out, plus);
             let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
             reporter.finish();
             if peer.rank > 0 {
@@ -150,12 +200,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             );
             return Ok(());
         }
-        Cmd::Eval { model, adapter, dataset, split, class_id, seed, test_fraction, image_size, .. } => {
+        Cmd::Eval { model, adapters, dataset, split, class_id, seed, test_fraction, image_size, .. } => {
             let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
-            let (mut sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
-            if let Some(a) = adapter {
-                sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
-            }
+            let (sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
+            let sam = merge_weighted(sam, &adapters.list()?, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
             let bar = ProgressBar::new(0);
             let mut progress = |done: usize, total: usize| {
                 bar.set_length(total as u64);
@@ -190,10 +238,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         bail!("--point {p:?} lies outside the image {} ({}×{} pixels)", image.display(), img.width, img.height);
     }
 
-    let (mut sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
-    if let Some(a) = adapter {
-        sam = io::load_adapter(sam, a, device)?.0.merge_and_unload()?;
-    }
+    let adapters = adapters.list()?;
+    let (sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
+    let sam = merge_weighted(sam, &adapters, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
     let px = proc.process(&img);
     let [ph, pw] = proc.pad;
     let pixel_values = Tensor::<B<AB>, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
@@ -239,7 +286,7 @@ fn main() -> Result<()> {
             Launch::Done(code) => std::process::exit(code),
             Launch::Train { peer, device } => (device, peer),
         },
-        Cmd::Predict { device, .. } | Cmd::Eval { device, .. } => (device.clone(), Peer::single()),
+        Cmd::Predict { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } => (device.clone(), Peer::single()),
     };
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command, &peer))

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
-use sd3_gen::mmdit::adapter_has_context_keys;
+use sd3_gen::export::{export_sd3, merge_adapters};
+use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::train::{TrainConfig, train};
@@ -20,13 +21,33 @@ use serial_lora::io::{self, HostTensor, read_safetensors};
 use serial_lora::imaging::save_png;
 use serial_lora::dist::{Launch, Peer, launch};
 use serial_lora::run::{ProgressReporter, RunArgs};
-use serial_lora::{AdaptedModel, DeviceSpec};
+use serial_lora::DeviceSpec;
 
 #[derive(Parser)]
 #[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling and fine-tuning")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct AdapterArgs {
+    /// Adapter directory for the transformer (PEFT layout or diffusers' pytorch_lora_weights.safetensors,
+    /// keys `transformer.<module>…`; context-stream keys `add_*` / `to_add_out` are recognised);
+    /// repeat for several, applied in the order given: LoRA deltas add (W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ),
+    /// Serial LoRA transforms compose (W (I + w₁s₁B₁A₁)(I + w₂s₂B₂A₂), PyTorch layout).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Weight of each --adapter, comma-separated (default 1 each; diffusers'
+    /// `set_adapters(..., adapter_weights=...)`): scales s·B·A; 0 gives the base model exactly.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    adapter_weights: Vec<f64>,
+}
+
+impl AdapterArgs {
+    fn list(&self) -> Result<Vec<WeightedAdapter>> {
+        Ok(weighted_adapters(&self.adapter, &self.adapter_weights)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -40,10 +61,8 @@ enum Cmd {
         /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
         #[arg(long)]
         model: String,
-        /// Adapter directory for the transformer (PEFT layout or diffusers' pytorch_lora_weights.safetensors,
-        /// keys `transformer.<module>…`; context-stream keys `add_*` / `to_add_out` are recognised).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: AdapterArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Text prompt(s), encoded with the CLIP-L/G and T5 text encoders of --model (repeatable: a batch).
@@ -90,15 +109,58 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// A merged, full diffusers pipeline directory (`StableDiffusion3Pipeline.from_pretrained(OUT)`
+    /// loads it without adapter code): transformer/ rewritten with the adapters folded in
+    /// (merged in f64; LoRA W + s·B·A, Serial LoRA W (I + s·B·A); sharded with an index above
+    /// 10 GB), every other component copied. Written into a temporary directory renamed into place.
+    Export {
+        /// Hub id or local diffusers-layout directory of the SD3 pipeline.
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Output directory (refused if it exists, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output precision of the transformer's float tensors (default: the checkpoint's own).
+        #[arg(long, value_enum)]
+        dtype: Option<ExportDtype>,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// FID of two folders of images (or a folder and a statistics file), as
+    /// `python -m pytorch_fid DIR_A DIR_B`: JSON `{"fid", "images_a", "images_b"}` on stdout.
+    /// With --save-stats OUT and one folder: its statistics (the --real-stats format), as
+    /// pytorch-fid's --save-stats.
+    Fid {
+        /// Folders of images (bmp, jpg, jpeg, pgm, png, ppm, tif, tiff, webp; not recursive) or
+        /// statistics files (safetensors `mu`, `sigma`, as `eval --real-stats` writes).
+        #[arg(required = true, num_args = 1..=2)]
+        paths: Vec<PathBuf>,
+        /// pytorch-fid's Inception weights as safetensors (a file, a directory holding
+        /// pt_inception-2015-12-05-6726825d.safetensors, or a hub id with that file).
+        #[arg(long)]
+        inception: String,
+        /// Images per Inception forward pass.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Write the statistics of the one folder given to this file instead.
+        #[arg(long)]
+        save_stats: Option<PathBuf>,
+    },
     /// Generate images for the prompts of a dataset split and report FID (pytorch-fid's
     /// Inception-v3) against the split's real images and CLIP-Score against the prompts (JSON).
     Eval {
         /// Hub id or local diffusers-layout directory of the SD3 pipeline.
         #[arg(long)]
         model: String,
-        /// Adapter directory for the transformer (as `sample --adapter`).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: AdapterArgs,
         /// Captioned image folder (metadata.jsonl or same-stem .txt captions; split.json or a seeded split).
         #[arg(long)]
         dataset: PathBuf,
@@ -170,7 +232,8 @@ enum Cmd {
 fn run_train<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     let Cmd::Train { config, run } = cmd else { return Ok(()) };
     let out = &run.out;
-    let reporter = ProgressReporter::for_peer(run.logging_steps, "mse", peer);
+    let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
+    let reporter = ProgressReporter::for_peer(run.logging_steps, "mse", peer).with_metrics_log(out, plus);
     let m = train::<AB>(config, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
     reporter.finish();
     if peer.rank > 0 {
@@ -200,6 +263,8 @@ fn take<B: Backend, const D: usize>(t: &mut BTreeMap<String, HostTensor>, file: 
 
 #[path = "sd3-gen/eval.rs"]
 mod eval;
+#[path = "sd3-gen/fid.rs"]
+mod fid;
 
 fn scheduler_shift(dir: &Path) -> Result<f64> {
     let path = dir.join("scheduler/scheduler_config.json");
@@ -218,8 +283,19 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     if matches!(cmd, Cmd::Train { .. }) {
         return run_train::<AB>(device, cmd, peer);
     }
+    if matches!(cmd, Cmd::Fid { .. }) {
+        return fid::run::<B<AB>>(device, cmd);
+    }
+    if let Cmd::Export { model, adapters, out, dtype, force, .. } = cmd {
+        let dir = resolve_model_dir(model, &pipeline_files(true, false), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
+        let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+        let summary = export_sd3::<B<AB>>(&dir, &adapters.list()?, &opts, out, device)?;
+        eprintln!("wrote {} ({} transformer tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
     let Cmd::Sample {
-        model, adapter, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
+        model, adapters, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
     } = cmd
     else {
         return eval::run::<B<AB>>(device, cmd);
@@ -243,12 +319,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         }
     }
     let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
-    let (mut mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
-    if let Some(a) = adapter {
-        // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
-        mmdit = mmdit.with_context_stream(adapter_has_context_keys(a)?);
-        mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
-    }
+    let adapters = adapters.list()?;
+    let (mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
+    // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
+    let mmdit = merge_adapters(mmdit, &adapters, device)?;
     let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
     let factor = 1usize << (vae_cfg.block_out_channels.len() - 1);
 
@@ -338,7 +412,9 @@ fn main() -> Result<()> {
             Launch::Done(code) => std::process::exit(code),
             Launch::Train { peer, device } => (device, peer),
         },
-        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } => (device.clone(), Peer::single()),
+        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } | Cmd::Fid { device, .. } => {
+            (device.clone(), Peer::single())
+        }
     };
     let device: DeviceSpec = device.parse().context("--device")?;
     serial_lora::dispatch!(device, run(&cli.command, &peer))

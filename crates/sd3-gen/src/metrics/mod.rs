@@ -76,10 +76,23 @@ pub fn inception_features_from<B: Backend>(
     device: &B::Device,
     on_image: &mut dyn FnMut(usize),
 ) -> Result<Vec<f32>> {
+    inception_features_batched(model, count, load, INCEPTION_BATCH, device, on_image)
+}
+
+/// As [`inception_features_from`] with `batch` images per forward pass (pytorch-fid's
+/// `--batch-size`: the features do not depend on it beyond f32 rounding).
+pub fn inception_features_batched<B: Backend>(
+    model: &FidInceptionV3<B>,
+    count: usize,
+    load: &mut dyn FnMut(usize) -> Result<RgbImage>,
+    batch: usize,
+    device: &B::Device,
+    on_image: &mut dyn FnMut(usize),
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(count * inception::POOL3_DIM);
     let mut start = 0;
     while start < count {
-        let end = (start + INCEPTION_BATCH).min(count);
+        let end = (start + batch.max(1)).min(count);
         let batch = (start..end).map(|i| Ok(inception::preprocess(to_unit_tensor::<B>(&load(i)?, device)))).collect::<Result<Vec<_>>>()?;
         let f = model.forward_with(Tensor::cat(batch, 0), &mut |_, _| {});
         out.extend(f.into_data().iter::<f32>());

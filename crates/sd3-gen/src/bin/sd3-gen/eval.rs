@@ -14,7 +14,6 @@ use sd3_gen::load_transformer;
 use sd3_gen::metrics::inception::POOL3_DIM;
 use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, inception_features_from, load_fid_inception, load_rgb_fid};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
-use sd3_gen::mmdit::adapter_has_context_keys;
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
@@ -26,7 +25,7 @@ use super::{Cmd, scheduler_shift};
 /// File names pytorch-fid's converted weights are looked up under (directory or hub repo).
 const INCEPTION_FILES: &[&str] = &["pt_inception-2015-12-05-6726825d.safetensors", "pt_inception-2015-12-05.safetensors", "model.safetensors"];
 
-fn inception_path(spec: &str) -> Result<PathBuf> {
+pub(crate) fn inception_path(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.is_file() {
         return Ok(p.to_path_buf());
@@ -45,7 +44,7 @@ fn inception_path(spec: &str) -> Result<PathBuf> {
 /// How the images are generated.
 struct Generation<'a> {
     dir: &'a Path,
-    adapter: Option<&'a PathBuf>,
+    adapters: &'a [serial_lora::export::WeightedAdapter],
     negative: &'a str,
     /// Encode with text_encoder_3 (else zeros in place of the T5 tokens).
     t5: bool,
@@ -60,7 +59,7 @@ struct Generation<'a> {
 
 /// Generates (or, with `--out-images`, reuses) one image per prompt.
 fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) -> Result<Vec<RgbImage>> {
-    let Generation { dir, adapter, negative, t5, ref opts, seed, height, width, batch, t5_tokens, out_images } = *g;
+    let Generation { dir, adapters, negative, t5, ref opts, seed, height, width, batch, t5_tokens, out_images } = *g;
     let path_of = |i: usize| out_images.map(|d| d.join(format!("{i:05}.png")));
     let mut images: Vec<Option<RgbImage>> = (0..prompts.len()).map(|i| path_of(i).filter(|p| p.is_file()).and_then(|p| load_rgb(&p).ok())).collect();
     let reused = images.iter().filter(|i| i.is_some()).count();
@@ -71,12 +70,9 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
     if todo.is_empty() {
         return Ok(images.into_iter().flatten().collect());
     }
-    let (mut mmdit, cfg) = load_transformer::<B>(dir, device)?;
-    if let Some(a) = adapter {
-        // as `sample`: an adapter with add_* keys adapts the context stream too
-        mmdit = mmdit.with_context_stream(adapter_has_context_keys(a)?);
-        mmdit = io::load_adapter_with_prefix(mmdit, a, device, "transformer.")?.0.merge_and_unload()?;
-    }
+    let (mmdit, cfg) = load_transformer::<B>(dir, device)?;
+    // as `sample`: an adapter with add_* keys adapts the context stream too
+    let mmdit = sd3_gen::export::merge_adapters(mmdit, adapters, device)?;
     let (vae, vae_cfg) = load_vae::<B>(dir, device)?;
     let enc = TextEncoders::<B>::load(dir, device)?;
     let t5 = if !t5 {
@@ -126,11 +122,12 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
 
 pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let Cmd::Eval {
-        model, adapter, dataset, split, split_seed, test_fraction, num_images, inception, real_stats, clip_model, no_t5, max_sequence_length, negative, steps, guidance, seed, height, width, batch, out_images, ..
+        model, adapters, dataset, split, split_seed, test_fraction, num_images, inception, real_stats, clip_model, no_t5, max_sequence_length, negative, steps, guidance, seed, height, width, batch, out_images, ..
     } = cmd
     else {
         bail!("not an eval command");
     };
+    let adapters = adapters.list()?;
     let data = CaptionDataset::open(dataset, *split_seed, *test_fraction)?;
     let items: &[CaptionedImage] = match split.as_str() {
         "test" => &data.test,
@@ -172,7 +169,7 @@ pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let prompts: Vec<String> = items[..n].iter().map(|c| c.text.clone()).collect();
     let generation = Generation {
         dir: &dir,
-        adapter: adapter.as_ref(),
+        adapters: &adapters,
         negative,
         t5: !no_t5,
         opts: SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? },
