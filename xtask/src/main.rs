@@ -135,7 +135,7 @@ fn main() -> Result<()> {
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py", "sd3_text.py", "sd3_t5.py", "sd3_lora_context.py", "sd3_train_step.py", "fid_inception.py", "clip_score.py", "unusual_images.py"] {
+            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py", "sd3_text.py", "sd3_t5.py", "sd3_lora_context.py", "sd3_train_step.py", "fid_inception.py", "fid_folders.py", "clip_score.py", "unusual_images.py", "export_merge.py"] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
             }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::bench::{read_json, write_atomic};
-use crate::plot::{Figure, Panel, Series, save};
+use crate::plot::{Figure, Panel, Series, XTicks, save};
 use crate::sweep::METHODS;
 
 /// Table I: full-size model, its config file, how its adapted blocks are read from it, rank.
@@ -225,14 +225,18 @@ fn result_table(runs: &[&Value], paper: &Paper, table: &str, metrics: &[Metric])
     Table { header, rows }
 }
 
-fn series_by_method(runs: &[&Value], point: impl Fn(&Value) -> Option<Vec<(f64, f64)>>) -> Vec<Series> {
-    ordered_methods(runs)
-        .into_iter()
-        .filter_map(|m| {
-            let run = runs.iter().find(|r| r["method"] == m.as_str())?;
-            Some(Series { name: m.clone(), points: point(run)? })
-        })
-        .collect()
+/// `(step, loss_avg)` of each training line of a run's `metrics.jsonl` (evaluation lines have no
+/// loss); empty when the file is missing.
+fn loss_from_jsonl(path: &Path) -> Vec<(f64, f64)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let mut by_step: BTreeMap<u64, f64> = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss_avg"].as_f64().or_else(|| v["loss"].as_f64())) {
+            by_step.insert(step, loss); // a resumed run may log a step again: keep the last
+        }
+    }
+    by_step.into_iter().map(|(s, l)| (s as f64, l)).collect()
 }
 
 /// Writes the report into `out/report`; returns the Markdown path.
@@ -332,13 +336,17 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
                                 by_rank.entry(k).or_default().push(a * 100.0);
                             }
                         }
-                        Series { name: m, points: by_rank.into_iter().map(|(k, a)| ((k as f64).log2(), mean_std(&a).0)).collect() }
+                        let stats: Vec<(f64, (f64, f64), usize)> = by_rank.into_iter().map(|(k, a)| ((k as f64).log2(), mean_std(&a), a.len())).collect();
+                        let band = stats.iter().filter(|s| s.2 > 1).map(|&(x, (m, sd), _)| (x, m - sd, m + sd)).collect();
+                        Series { name: m, points: stats.iter().map(|&(x, (m, _), _)| (x, m)).collect(), band }
                     })
                     .collect();
-                Panel { title: d, x_label: "log2 rank".into(), y_label: "accuracy (%)".into(), log_y: false, series }
+                Panel { title: d, x_label: "rank (log scale)".into(), y_label: "top-1 accuracy (%)".into(), log_y: false, x_ticks: XTicks::Pow2, series }
             })
             .collect();
-        figure(&mut md, "fig5_rank_sweep", Figure { title: "Fig. 5: accuracy vs rank".into(), cols: 2, panels })?;
+        let seeds: std::collections::BTreeSet<u64> = fig5.iter().filter_map(|r| r["seed"].as_u64()).collect();
+        let caption = format!("{} CLIP runs ({}); line: mean over seeds {:?}, band: ± sample std", fig5.len(), setting_label(fig5[0]), seeds);
+        figure(&mut md, "fig5_rank_sweep", Figure { title: "Fig. 5: accuracy vs rank".into(), caption, cols: 2, panels })?;
     }
     // Fig. 3: the spectra of a LoRA and a Serial LoRA CLIP run of the same dataset, setting, rank and seed
     let with_spectra: Vec<(&Value, Value)> =
@@ -370,24 +378,59 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         for proj in ["q", "k", "v"] {
             for b in &shown {
                 let series = vec![
-                    Series { name: "base".into(), points: spectrum(&ls["base"], b, proj) },
-                    Series { name: "LoRA".into(), points: spectrum(&ls["adapted"], b, proj) },
-                    Series { name: "Serial LoRA".into(), points: spectrum(&ss["adapted"], b, proj) },
+                    Series::new("base", spectrum(&ls["base"], b, proj)),
+                    Series::new("LoRA", spectrum(&ls["adapted"], b, proj)),
+                    Series::new("Serial LoRA", spectrum(&ss["adapted"], b, proj)),
                 ];
-                panels.push(Panel { title: format!("{} {}", proj.to_uppercase(), b), x_label: "index".into(), y_label: "singular value".into(), log_y: true, series });
+                panels.push(Panel { title: format!("W_{proj} of {b}"), x_label: "singular value index".into(), y_label: "singular value (log)".into(), log_y: true, x_ticks: XTicks::Integer, series });
             }
         }
-        let title = format!("Fig. 3: singular values of the effective Q, K, V weights ({} {} {})", lr["dataset"].as_str().unwrap_or(""), setting_label(lr), lr["rank"]);
-        figure(&mut md, "fig3_spectra", Figure { title, cols: shown.len(), panels })?;
+        let title = format!("Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})", lr["dataset"].as_str().unwrap_or(""), setting_label(lr), lr["rank"]);
+        let caption = format!("runs {} and {}: base weights and the weights with each adapter merged; first, middle and last attention block", lr["id"].as_str().unwrap_or(""), with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).and_then(|(r, _)| r["id"].as_str()).unwrap_or(""));
+        figure(&mut md, "fig3_spectra", Figure { title, caption, cols: shown.len(), panels })?;
     }
     // training loss per method, for the first dataset and setting of each task (lowest seed)
     for task in ["clip", "sam", "sd3", "proxy"] {
         let rs: Vec<&Value> = runs.iter().filter(|r| r["task"] == task).collect();
         let Some(first) = rs.iter().min_by_key(|r| (r["dataset"].as_str().unwrap_or("").to_string(), setting_key(r), r["rank"].as_u64(), r["seed"].as_u64())) else { continue };
-        let same: Vec<&Value> = rs.iter().copied().filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && r["rank"] == first["rank"] && r["seed"] == first["seed"]).collect();
-        let series = series_by_method(&same, |r| Some(r["train"]["loss"].as_array()?.iter().enumerate().filter_map(|(i, l)| Some(((i + 1) as f64, l.as_f64()?))).collect()));
-        let title = format!("Training loss: {task}, {} {} rank {} seed {}", first["dataset"].as_str().unwrap_or(""), setting_label(first), first["rank"], first["seed"]);
-        figure(&mut md, &format!("loss_{task}"), Figure { title, cols: 1, panels: vec![Panel { title: String::new(), x_label: "step".into(), y_label: "loss".into(), log_y: false, series }] })?;
+        // every seed of that setting: mean ± std per step where there are several
+        let same: Vec<&Value> = rs.iter().copied().filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && r["rank"] == first["rank"]).collect();
+        let mut from_jsonl = 0;
+        let mut series = Vec::new();
+        let mut seeds = std::collections::BTreeSet::new();
+        for m in ordered_methods(&same) {
+            let mut curves: Vec<Vec<(f64, f64)>> = Vec::new();
+            for r in same.iter().filter(|r| r["method"] == m.as_str()) {
+                seeds.insert(r["seed"].as_u64().unwrap_or(0));
+                let jsonl = r["id"].as_str().map(|id| loss_from_jsonl(&out.join(id).join("adapter").join("metrics.jsonl"))).unwrap_or_default();
+                let curve = if jsonl.len() >= 2 {
+                    from_jsonl += 1;
+                    jsonl
+                } else {
+                    r["train"]["loss"].as_array().map(|a| a.iter().enumerate().filter_map(|(i, l)| Some(((i + 1) as f64, l.as_f64()?))).collect()).unwrap_or_default()
+                };
+                if !curve.is_empty() {
+                    curves.push(curve);
+                }
+            }
+            if curves.is_empty() {
+                continue;
+            }
+            let mut by_step: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+            for c in &curves {
+                for &(x, y) in c {
+                    by_step.entry(x.round() as i64).or_default().push(y);
+                }
+            }
+            let stats: Vec<(f64, (f64, f64), usize)> = by_step.into_iter().map(|(x, ys)| (x as f64, mean_std(&ys), ys.len())).collect();
+            let band = if curves.len() > 1 { stats.iter().filter(|s| s.2 > 1).map(|&(x, (mu, sd), _)| (x, mu - sd, mu + sd)).collect() } else { Vec::new() };
+            series.push(Series { name: m, points: stats.iter().map(|&(x, (mu, _), _)| (x, mu)).collect(), band });
+        }
+        let title = format!("Training loss: {task}, {} {} rank {}", first["dataset"].as_str().unwrap_or(""), setting_label(first), first["rank"]);
+        let source = if from_jsonl > 0 { "metrics.jsonl (mean over each logging window)" } else { "metrics.json (per-step batch loss)" };
+        let caption = format!("{} runs, seeds {seeds:?}: line = mean over seeds, band = ± sample std; from {source}", same.len());
+        let panel = Panel { title: String::new(), x_label: "optimizer step".into(), y_label: "training loss".into(), log_y: false, x_ticks: XTicks::Integer, series };
+        figure(&mut md, &format!("loss_{task}"), Figure { title, caption, cols: 1, panels: vec![panel] })?;
     }
     let path = dir.join("report.md");
     write_atomic(&path, md.as_bytes())?;
