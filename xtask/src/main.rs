@@ -31,7 +31,10 @@ enum Cmd {
     /// packages (creates .venv from tools/fixtures/requirements.txt if missing).
     Fixtures,
     /// Save adapters with this crate and load them with PEFT (`PeftModel.from_pretrained`),
-    /// comparing outputs. Needs the .venv of `fixtures`.
+    /// comparing outputs; then load the merged models of `clip-cls export`, `sam-seg export` and
+    /// `sd3-gen export` (f32, f16, bf16) with `CLIPModel` / `SamModel` /
+    /// `StableDiffusion3Pipeline.from_pretrained` and compare them with `embed` / `predict` /
+    /// `sample --adapter`. Needs the .venv of `fixtures`.
     PeftCheck,
     /// Train a LoRA with `sd3-gen train` on the tiny SD3 fixture, load it in diffusers'
     /// `StableDiffusion3Pipeline.load_lora_weights` and compare a sample with `sd3-gen sample
@@ -146,6 +149,9 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_dir_all(&out);
             run(cargo("").args(["test", "-p", "serial-lora", "--test", "peft_export"]).env("PEFT_EXPORT_DIR", &out))?;
             run(Command::new(&py).arg("tools/fixtures/check_peft_load.py").arg(&out))?;
+            // merged exports, loaded by transformers / diffusers without adapter code
+            run(cargo("").args(["build", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--bins"]))?;
+            run(Command::new(&py).arg("tools/fixtures/check_export_load.py").arg(target_dir("").join("debug")))?;
         }
         Cmd::Sd3LoraCheck => {
             let py = venv_python()?;
