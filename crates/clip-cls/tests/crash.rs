@@ -92,6 +92,7 @@ fn a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint() {
         logit_scale: 100.0,
         skip_bad_images: false,
         save_steps: Some(1),
+        eval_steps: None,
     };
     let dev = Default::default();
     let tmp = tempfile::tempdir().unwrap();

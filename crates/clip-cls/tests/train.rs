@@ -41,6 +41,7 @@ fn config(model: &Path, dataset: &Path, method: &str) -> TrainConfig {
         logit_scale: 100.0,
         skip_bad_images: false,
         save_steps: None,
+        eval_steps: None,
     }
 }
 
@@ -267,4 +268,48 @@ fn train_and_eval_commands() {
     assert!(!ok && err.contains("no `val` split"), "{err}");
     let (ok, _, err) = clip(&args);
     assert!(!ok && err.contains("already holds a run"), "{err}");
+}
+
+/// The lines of a run's metrics.jsonl.
+fn jsonl(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn metrics_jsonl_and_eval_steps_keep_the_best_adapter() {
+    let _turn = take_turn();
+    let model = tiny_model_dir();
+    let data = tempfile::tempdir().unwrap();
+    colour_dataset(data.path(), 5, 0);
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let args = [
+        "train", "--model", s(model.path()), "--dataset", s(data.path()), "--shots", "4", "--method", "lora-plus", "--rank", "2",
+        "--iters", "6", "--batch", "6", "--lr", "1e-2", "--logging-steps", "2", "--eval-steps", "4", "--out", s(&run),
+    ];
+    let (ok, _, err) = clip(&args);
+    assert!(ok, "{err}");
+    let lines = jsonl(&run);
+    let train: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(train.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4, 6]);
+    for l in &train {
+        // LoRA+: both learning rates (ratio 20 by default)
+        assert!((l["lr_b"].as_f64().unwrap() - 20.0 * l["lr"].as_f64().unwrap()).abs() < 1e-12, "{l}");
+        for k in ["epoch", "loss_avg", "acc", "images_per_second", "elapsed_s"] {
+            assert!(l.get(k).is_some(), "{k} missing in {l}");
+        }
+    }
+    // evaluations at step 4 and at the end (a seeded tenth of the 15 training images: 2)
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("eval_accuracy").is_some()).collect();
+    assert_eq!(evals.iter().map(|l| (l["step"].as_u64().unwrap(), l["eval_images"].as_u64().unwrap())).collect::<Vec<_>>(), [(4, 2), (6, 2)]);
+    let best: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("best/best.json")).unwrap()).unwrap();
+    let top = evals.iter().map(|l| l["eval_accuracy"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+    assert_eq!(best["accuracy"].as_f64(), Some(top));
+    assert!(run.join("best/adapter_model.safetensors").is_file() && run.join("best/adapter_config.json").is_file());
+    // the best adapter loads as any adapter
+    let (ok, _, err) = clip(&["zero-shot", "--model", s(model.path()), "--adapter", s(&run.join("best")), "--classes", "red,green,blue", s(&data.path().join("train/bright_red/00.png"))]);
+    assert!(ok, "{err}");
+    // without --eval-steps: no best/, train_config.json unchanged in form
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["eval_steps"].as_u64(), Some(4));
 }

@@ -81,6 +81,7 @@ fn config(data: &Path, method: &str) -> TrainConfig {
         image_size: None,
         test_fraction: 0.2,
         save_steps: None,
+        eval_steps: None,
     }
 }
 
@@ -201,4 +202,28 @@ fn train_and_eval_commands() {
     assert_eq!((r["split"].as_str(), r["images"].as_u64()), (Some("test"), Some(2)));
     let (dice, loss) = (r["dice"].as_f64().unwrap(), r["dice_loss"].as_f64().unwrap());
     assert!((dice + loss - 1.0).abs() < 1e-12 && (0.0..=1.0).contains(&dice));
+}
+
+#[test]
+fn metrics_jsonl_and_eval_steps() {
+    let data = tempfile::tempdir().unwrap();
+    shapes(data.path(), 4, 2);
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "train", "--model", &s(&model()), "--dataset", &s(data.path()), "--method", "serial-lora", "--rank", "2", "--iters", "3", "--batch", "2",
+        "--image-size", "32", "--logging-steps", "1", "--eval-steps", "2", "--out", &s(&run),
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_sam-seg")).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps = |key: &str| lines.iter().filter(|l| l.get(key).is_some()).map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(steps("loss"), [1, 2, 3]);
+    assert_eq!(steps("eval_dice"), [2, 3]);
+    assert!(lines.iter().all(|l| l.get("lr_b").is_none()), "no LoRA+ here");
+    let best: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("best/best.json")).unwrap()).unwrap();
+    let top = lines.iter().filter_map(|l| l["eval_dice"].as_f64()).fold(f64::MIN, f64::max);
+    assert_eq!(best["dice"].as_f64(), Some(top));
+    assert!(run.join("best/adapter_model.safetensors").is_file());
 }
