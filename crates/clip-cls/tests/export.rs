@@ -173,11 +173,12 @@ fn two_lora_adapters_give_peft_cat_embeddings() {
     let (model, _) = clip_cls::load_clip::<Flex>(&fixtures().join("clip-tiny"), &dev).unwrap();
     let adapters = weighted_adapters(&[fixtures().join("clip-tiny/peft_lora"), export_dir().join("clip_lora_b")], &[0.7, 0.5]).unwrap();
     let model = serial_lora::export::merge_weighted(model, &adapters, &mut |m, a| serial_lora::io::load_adapter(m, a, &dev).map(|(m, _)| m)).unwrap();
-    let (inputs, _) = read_safetensors(&fixtures().join("clip-tiny/reference.safetensors")).unwrap();
+    let inputs = read_checkpoint(&fixtures().join("clip-tiny"), "reference").unwrap();
     let (cat, _) = read_safetensors(&export_dir().join("clip_cat.safetensors")).unwrap();
-    let px: Tensor<Flex, 4> = inputs["pixel_values"].to_tensor(&dev);
-    let ids = inputs["input_ids"].data.iter().map(|&x| x as i64).collect::<Vec<_>>();
-    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [3, 77]), &dev);
+    let (_, shape, px) = &inputs["pixel_values"];
+    let px = Tensor::<Flex, 4>::from_data(TensorData::new(px.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape.clone()), &dev);
+    let (_, shape, ids) = &inputs["input_ids"];
+    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), shape.clone()), &dev);
     let f64s = |t: Tensor<Flex, 2>| t.into_data().iter::<f64>().collect::<Vec<_>>();
     let img = max_rel_diff(&f64s(model.get_image_features(px)), &cat["image_embeds"].data.iter().map(|&x| x as f64).collect::<Vec<_>>());
     let txt = max_rel_diff(&f64s(model.get_text_features(ids)), &cat["text_embeds"].data.iter().map(|&x| x as f64).collect::<Vec<_>>());

@@ -51,21 +51,18 @@ pub fn weighted_adapters(dirs: &[PathBuf], weights: &[f64]) -> Result<Vec<Weight
 }
 
 fn map_pairs<B: Backend>(mut a: Attention<B>, f: &mut dyn FnMut(LoraPair<B>) -> Option<LoraPair<B>>) -> Attention<B> {
-    a.serial = a.serial.and_then(|mut s| {
-        f(s.pair).map(|p| {
-            s.pair = p;
-            s
-        })
-    });
-    let mut lin = |l: LoraLinear<B>| LoraLinear { lora: l.lora.and_then(&mut *f), ..l };
+    a.serial = a.serial.and_then(|s| f(s.pair).map(|pair| crate::serial::SerialLora { pair }));
+    fn lin<B: Backend>(l: LoraLinear<B>, f: &mut dyn FnMut(LoraPair<B>) -> Option<LoraPair<B>>) -> LoraLinear<B> {
+        LoraLinear { lora: l.lora.and_then(&mut *f), ..l }
+    }
     a.qkv = match a.qkv {
-        QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv { q: lin(s.q), k: lin(s.k), v: lin(s.v) }),
+        QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv { q: lin(s.q, f), k: lin(s.k, f), v: lin(s.v, f) }),
         QkvProjection::Fused(fq) => {
             let FusedQkv { base, q, k, v } = fq;
             QkvProjection::Fused(FusedQkv { base, q: q.and_then(&mut *f), k: k.and_then(&mut *f), v: v.and_then(&mut *f) })
         }
     };
-    a.o = a.o.map(lin);
+    a.o = a.o.map(|o| lin(o, f));
     a
 }
 

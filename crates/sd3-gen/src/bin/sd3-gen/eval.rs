@@ -18,7 +18,6 @@ use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
 use serial_lora::hub::{HubOptions, resolve_model_dir};
 use serial_lora::imaging::{RgbImage, load_rgb, save_png};
-use serial_lora::{AdaptedModel, io};
 
 use super::{Cmd, scheduler_shift};
 
