@@ -8,12 +8,11 @@ use burn::backend::Flex;
 use sd3_gen::metrics::inception::deterministic_state_dict;
 use serial_lora::io::{read_safetensors, write_safetensors};
 
-/// pool3 features agree with pytorch-fid to ~1.6e-6 relative (the metrics tests); with 5 and 4
-/// images in 2048 dimensions the FID (sums of squared feature differences and the nuclear norm
-/// of a rank-4 product, where pytorch-fid's `sqrtm` also adds round-off roots) moves by the same
-/// order relative to itself; 1e-4 leaves margin and still fails for a wrong image, decoding or
-/// resize.
-const FID_TOL: f64 = 1e-4;
+/// pool3 features agree with pytorch-fid to ~1.6e-6 relative (the metrics tests) and
+/// pytorch-fid's `sqrtm` adds round-off roots (1.2e-6 relative here against an exact eigenvalue
+/// computation); the FID (1.41) is a difference of larger terms (traces ≈ 3.7), which amplifies
+/// both: measured 3.4e-6, bounded at 2e-5. (PNG inputs: JPEG decoders differ, see the script.)
+const FID_TOL: f64 = 2e-5;
 /// f64 statistics of f32 features: the mean to the features' agreement.
 const MU_TOL: f64 = 1e-5;
 
