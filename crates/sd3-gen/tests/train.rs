@@ -377,10 +377,14 @@ fn cli_train_then_sample() {
         .args(["train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--fraction", "0.5", "--method", "lora"])
         .args(["--rank", "2", "--lr", "1e-3", "--epochs", "2", "--resolution", "16", "--batch", "1", "--grad-accum", "2"])
         .args(["--max-sequence-length", "2", "--validation-prompt", "a red box", "--validation-steps", "1", "--validation-inference-steps", "2"])
-        .args(["--test-fraction", "0", "--out", run.to_str().unwrap()])
+        .args(["--test-fraction", "0", "--logging-steps", "1", "--out", run.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // one metrics.jsonl line per logging step (plain LoRA: no lr_b)
+    let jsonl: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(jsonl.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    assert!(jsonl.iter().all(|l| l["loss"].is_number() && l["lr"].is_number() && l["elapsed_s"].is_number() && l.get("lr_b").is_none()));
     let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
     // 2 of 4 images, 2 micro-batches of 1 per step: 1 step per epoch.
     assert_eq!((metrics["train_images"].as_u64(), metrics["steps"].as_u64()), (Some(2), Some(2)));
