@@ -247,9 +247,11 @@ where
     for (i, (line, _)) in pixel_series.iter().enumerate() {
         let style = color(i).stroke_width(if n > 1 && i + 1 < n { 3 } else { 2 });
         polyline(canvas, &shift(line), i, style)?;
-        let every = (line.len() / 12).max(1);
+        // markers on every k-th point, each series at another phase, so coinciding series
+        // show each other's markers instead of stacking them
+        let every = (line.len() / 10).max(n.min(line.len() / 3)).max(1);
         for (j, &c) in shift(line).iter().enumerate() {
-            if j % every == 0 || j + 1 == line.len() {
+            if j % every == i % every {
                 marker(canvas, c, i, color(i).into())?;
             }
         }
@@ -271,15 +273,38 @@ where
 {
     let e = |e| anyhow::anyhow!("{e:?}");
     root.fill(&WHITE).map_err(e)?;
-    let (_, h) = root.dim_in_pixel();
-    let (body, caption) = root.split_vertically(h.saturating_sub(CAPTION_H));
+    let (w, h) = root.dim_in_pixel();
+    let caption_h = CAPTION_H + 16 * (wrap(&f.caption, w).len() as u32).saturating_sub(1);
+    let (body, caption) = root.split_vertically(h.saturating_sub(caption_h));
     let body = body.titled(&f.title, ("sans-serif", 18)).map_err(e)?;
     for (area, panel) in body.split_evenly((rows, cols)).iter().zip(&f.panels) {
         draw_panel(area, panel)?;
     }
-    caption.draw(&Text::new(f.caption.clone(), (10, 6), ("sans-serif", 12).into_font().color(&RGBColor(70, 70, 70)))).map_err(e)?;
+    let (w, _) = caption.dim_in_pixel();
+    for (i, line) in wrap(&f.caption, w).iter().enumerate() {
+        caption.draw(&Text::new(line.clone(), (10, 4 + 16 * i as i32), ("sans-serif", 12).into_font().color(&RGBColor(70, 70, 70)))).map_err(e)?;
+    }
     root.present().map_err(e)?;
     Ok(())
+}
+
+/// The caption broken into lines that fit `width` pixels (about 6.6 px per character at 12 px).
+fn wrap(text: &str, width: u32) -> Vec<String> {
+    let max = ((width.saturating_sub(20)) as f64 / 6.6) as usize;
+    let mut lines: Vec<String> = vec![String::new()];
+    for word in text.split(' ') {
+        let last = lines.last_mut().map(|l| l.len()).unwrap_or(0);
+        if last > 0 && last + 1 + word.chars().count() > max.max(20) {
+            lines.push(String::new());
+        }
+        if let Some(l) = lines.last_mut() {
+            if !l.is_empty() {
+                l.push(' ');
+            }
+            l.push_str(word);
+        }
+    }
+    lines
 }
 
 /// Writes `stem.svg` and `stem.png`.
@@ -287,7 +312,8 @@ pub fn save(f: &Figure, stem: &Path) -> Result<()> {
     register_font();
     let cols = f.cols.max(1).min(f.panels.len().max(1));
     let rows = f.panels.len().div_ceil(cols).max(1);
-    let size = (PANEL.0 * cols as u32, PANEL.1 * rows as u32 + 30 + CAPTION_H);
+    let caption_h = CAPTION_H + 16 * (wrap(&f.caption, PANEL.0 * cols as u32).len() as u32).saturating_sub(1);
+    let size = (PANEL.0 * cols as u32, PANEL.1 * rows as u32 + 30 + caption_h);
     let svg = stem.with_extension("svg");
     draw(SVGBackend::new(&svg, size).into_drawing_area(), f, (rows, cols)).with_context(|| format!("drawing {}", svg.display()))?;
     let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];

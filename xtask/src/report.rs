@@ -428,7 +428,11 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         }
         let title = format!("Training loss: {task}, {} {} rank {}", first["dataset"].as_str().unwrap_or(""), setting_label(first), first["rank"]);
         let source = if from_jsonl > 0 { "metrics.jsonl (mean over each logging window)" } else { "metrics.json (per-step batch loss)" };
-        let caption = format!("{} runs, seeds {seeds:?}: line = mean over seeds, band = ± sample std; from {source}", same.len());
+        let caption = if seeds.len() > 1 {
+            format!("{} runs, seeds {seeds:?}: line = mean over seeds, band = ± sample std; from {source}", same.len())
+        } else {
+            format!("{} runs, seed {seeds:?}; from {source}", same.len())
+        };
         let panel = Panel { title: String::new(), x_label: "optimizer step".into(), y_label: "training loss".into(), log_y: false, x_ticks: XTicks::Integer, series };
         figure(&mut md, &format!("loss_{task}"), Figure { title, caption, cols: 1, panels: vec![panel] })?;
     }
