@@ -198,7 +198,7 @@ fn half_precision_exports_round_the_f32_merge() {
         let (ok, err) = export(model.path(), &[&lora], &["--dtype", dtype], &out);
         assert!(ok, "{err}");
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["torch_dtype"], if dtype == "f16" { "float16" } else { "bfloat16" });
+        assert_eq!(cfg["dtype"], if dtype == "f16" { "float16" } else { "bfloat16" });
         for (k, (dt, shape, v)) in checkpoint(&out) {
             let (rdt, rshape, rv) = &reference[&k];
             assert_eq!(&shape, rshape);

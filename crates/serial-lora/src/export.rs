@@ -549,16 +549,21 @@ pub fn is_weights_file(name: &str) -> bool {
         .any(|s| name.ends_with(s))
 }
 
-/// Sets `torch_dtype` (and `dtype`, transformers 5's name, where present) of a `config.json`.
+/// Sets the dtype recorded in a transformers `config.json`: `dtype` (transformers 5) and / or
+/// `torch_dtype` (older), whichever it has (`torch_dtype` when neither, and the file has a
+/// `transformers_version`). diffusers configs record no dtype and are left alone.
 pub fn set_config_dtype(path: &Path, dtype: ExportDtype) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })?;
-    if let Some(o) = v.as_object_mut() {
-        if o.contains_key("dtype") {
-            o.insert("dtype".into(), dtype.torch_name().into());
-        }
-        o.insert("torch_dtype".into(), dtype.torch_name().into());
+    let Some(o) = v.as_object_mut() else { return Ok(()) };
+    let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| o.contains_key(*k)).collect();
+    let keys = if keys.is_empty() && o.contains_key("transformers_version") { vec!["torch_dtype"] } else { keys };
+    if keys.is_empty() {
+        return Ok(());
+    }
+    for k in keys {
+        o.insert(k.into(), dtype.torch_name().into());
     }
     let text = serde_json::to_string_pretty(&v).unwrap_or_default();
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
