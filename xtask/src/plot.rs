@@ -202,7 +202,8 @@ where
     chart.caption(&p.title, ("sans-serif", 15)).margin(8).x_label_area_size(38).y_label_area_size(58);
     // pixel positions of every series (so lines, markers and bands are drawn in pixel space
     // with dash patterns and marker shapes plotters' series types do not offer)
-    let mut pixel_series: Vec<(Vec<(i32, i32)>, Vec<(i32, i32)>)> = Vec::new();
+    type Pixels = Vec<(i32, i32)>;
+    let mut pixel_series: Vec<(Pixels, Pixels)> = Vec::new();
     macro_rules! mesh {
         ($c:expr) => {{
             let mut c = $c;

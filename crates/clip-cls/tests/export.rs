@@ -100,7 +100,8 @@ fn two_lora_adapters_equal_peft_cat_and_serial_adapters_compose_in_order() {
     let model = tiny_model_dir();
     let (cat, _) = read_safetensors(&export_dir().join("clip_cat.safetensors")).unwrap();
     let (serial, _) = read_safetensors(&export_dir().join("clip_serial_merged.safetensors")).unwrap();
-    let cases: [(&str, [PathBuf; 2], &BTreeMap<String, serial_lora::io::HostTensor>, &str); 3] = [
+    type Case<'a> = (&'a str, [PathBuf; 2], &'a BTreeMap<String, serial_lora::io::HostTensor>, &'a str);
+    let cases: [Case; 3] = [
         ("cat", [fixtures().join("clip-tiny/peft_lora"), export_dir().join("clip_lora_b")], &cat, "merged."),
         ("composed", [export_dir().join("clip_serial"), export_dir().join("clip_serial_b")], &serial, "composed."),
         ("mixed", [fixtures().join("clip-tiny/peft_lora"), export_dir().join("clip_serial_b")], &serial, "mixed."),

@@ -607,6 +607,7 @@ pub fn atomic_dir<T>(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result
 /// Exports a merged model: `base` (loaded from `src`) gets `adapters` through `load`, the
 /// merge updates are written into the weights of `spec` under `out`, and every other file of
 /// `src` (except hidden ones and paths `skip` names) is copied. Atomic; see [`atomic_dir`].
+#[allow(clippy::too_many_arguments)]
 pub fn export_model<B: Backend, M: AdaptedModel<B>>(
     base: M,
     adapters: &[WeightedAdapter],
