@@ -56,9 +56,10 @@ impl<B: Backend> ClipModel<B> {
         self.image_features(pixel_values).0
     }
 
-    /// `get_text_features`: `[batch, projection_dim]`.
+    /// `get_text_features`: `[batch, projection_dim]`. Runs the text tower only up to the last
+    /// pooled position ([`TextModel::pooled`]): the same features as [`ClipModel::text_features`].
     pub fn get_text_features(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        self.text_features(input_ids).0
+        self.text_projection.forward(self.text_model.pooled(input_ids))
     }
 
     /// `logits_per_image [images, texts] = exp(logit_scale) · norm(image)·norm(text)ᵀ`.

@@ -79,16 +79,35 @@ impl<B: Backend> VisionLayer<B> {
         self.attn.output(o).reshape([n, h, w, c])
     }
 
+    /// Windowed attention over a `[b, h, w, c]` grid, as transformers computes it (zero-pad the
+    /// grid to whole windows, attend in each window, crop) without its wasted work: q, k, v are
+    /// projected for the real positions only and padded with what the projection of a zero
+    /// row gives (exactly what the padded positions would produce: `0·W + b`, and every adapter
+    /// maps 0 to 0), and the output projection runs after the crop. At 512² (32² grid, 42²
+    /// padded) that is 42 % fewer rows through `qkv` and `proj`.
+    fn windowed_attention(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, w, c] = x.dims();
+        let ws = self.window_size;
+        let (q, k, v) = self.attn.qkv(x.reshape([b, h * w, c]));
+        let (q0, k0, v0) = self.attn.qkv(Tensor::zeros([1, 1, c], &q.device()));
+        let windows = |t: Tensor<B, 3>, zero: Tensor<B, 3>| {
+            let d = t.dims()[2];
+            let t = pad_with_row(t.reshape([b, h, w, d]), zero.reshape([1, 1, 1, d]), ws);
+            let nw = t.dims()[0] * (t.dims()[1] / ws) * (t.dims()[2] / ws);
+            self.attn.split_heads(window_partition(t, ws).0.reshape([nw, ws * ws, d]))
+        };
+        let (q, k, v) = (windows(q, q0), windows(k, k0), windows(v, v0));
+        let bias = self.rel_pos.as_ref().map(|r| r.bias(q.clone(), ws, ws));
+        let o = serial_lora::merge_heads(sdpa(q, k, v, None, bias));
+        let [nw, _, d] = o.dims();
+        let (ph, pw) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+        let o = window_unpartition(o.reshape([nw, ws, ws, d]), ws, (ph, pw), (h, w), b, d);
+        self.attn.out_proj(o)
+    }
+
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.layer_norm1.forward(x.clone());
-        let h = if self.window_size > 0 {
-            let [b, height, width, c] = h.dims();
-            let (windows, (ph, pw)) = window_partition(h, self.window_size);
-            let out = self.attention(windows);
-            window_unpartition(out, self.window_size, (ph, pw), (height, width), b, c)
-        } else {
-            self.attention(h)
-        };
+        let h = if self.window_size > 0 { self.windowed_attention(h) } else { self.attention(h) };
         let x = x + h;
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
@@ -102,6 +121,15 @@ pub fn window_partition<B: Backend>(x: Tensor<B, 4>, ws: usize) -> (Tensor<B, 4>
     let x = if (ph, pw) != (h, w) { x.pad([(0, 0), (0, ph - h), (0, pw - w), (0, 0)], PadMode::Constant(0.0)) } else { x };
     let x = x.reshape([b, ph / ws, ws, pw / ws, ws, c]).permute([0, 1, 3, 2, 4, 5]);
     (x.reshape([b * (ph / ws) * (pw / ws), ws, ws, c]), (ph, pw))
+}
+
+/// `[b, h, w, d]` padded at the bottom/right to whole `ws × ws` windows with copies of `row`
+/// (`[1, 1, 1, d]`).
+fn pad_with_row<B: Backend>(x: Tensor<B, 4>, row: Tensor<B, 4>, ws: usize) -> Tensor<B, 4> {
+    let [b, h, w, d] = x.dims();
+    let (ph, pw) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+    let x = if pw > w { Tensor::cat(vec![x, row.clone().expand([b, h, pw - w, d])], 2) } else { x };
+    if ph > h { Tensor::cat(vec![x, row.expand([b, ph - h, pw, d])], 1) } else { x }
 }
 
 /// Inverse of [`window_partition`], cropping the padding.

@@ -19,6 +19,8 @@ pub mod config;
 pub mod device;
 pub mod dist;
 pub mod error;
+#[cfg(feature = "flex")]
+mod flex_attention;
 pub mod hub;
 pub mod imaging;
 pub mod io;
@@ -32,7 +34,7 @@ pub mod run;
 pub mod serial;
 pub mod weights;
 
-pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, sdpa};
+pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use device::DeviceSpec;
 pub use error::{Error, Result};
