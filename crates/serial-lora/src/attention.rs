@@ -120,7 +120,7 @@ pub fn sdpa<B: Backend>(
     };
     let bias = bias.map(|t| t.expand([b, h, lq, lk]));
     #[cfg(feature = "flex")]
-    if let Some(kind) = crate::flex_attention::kind::<B>() {
+    if let Some(kind) = crate::flex::kind::<B>().filter(|_| q.dtype() == burn::tensor::DType::F32) {
         return flex_sdpa(kind, q, k, v, bias);
     }
     attention(q, k, v, None, bias, AttentionModuleOptions::default())
@@ -130,42 +130,30 @@ pub fn sdpa<B: Backend>(
 /// without autodiff) rather than Burn's `attention` (decomposed under autodiff).
 pub fn has_fused_attention<B: Backend>() -> bool {
     #[cfg(feature = "flex")]
-    if crate::flex_attention::kind::<B>().is_some() {
+    if crate::flex::kind::<B>().is_some() {
         return true;
     }
     false
 }
 
-/// [`sdpa`] on Flex, with or without autodiff: the fused op of [`crate::flex_attention`] (its
+/// [`sdpa`] on Flex, with or without autodiff: the fused op of `crate::flex::attention` (its
 /// own backward: nothing `[b, h, lq, lk]` is kept for it), reading the strided head views in
 /// place. `B` is `Flex` or `Autodiff<Flex>` (checked by the caller), so the casts cannot fail.
 #[cfg(feature = "flex")]
 fn flex_sdpa<B: Backend>(
-    kind: crate::flex_attention::Kind,
+    kind: crate::flex::Kind,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
-    use crate::flex_attention::{self as fa, Kind};
-    use burn::tensor::TensorPrimitive;
-    fn cast<T: 'static, U: 'static>(t: T) -> U {
-        *(Box::new(t) as Box<dyn std::any::Any>).downcast::<U>().expect("backend type checked by TypeId")
-    }
+    use crate::flex::{Kind, attention as fa, cast, prim, tensor};
     let scale = 1.0 / (q.dims()[3] as f32).sqrt();
-    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
     let (q, k, v, bias) = (prim(q), prim(k), prim(v), bias.map(prim));
-    let out: B::FloatTensorPrimitive = match kind {
+    tensor(match kind {
         Kind::Inner => cast(fa::inference(cast(q), cast(k), cast(v), bias.map(cast), scale)),
-        Kind::Autodiff => cast(fa::autodiff::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(
-            cast(q),
-            cast(k),
-            cast(v),
-            bias.map(cast),
-            scale,
-        )),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+        Kind::Autodiff => cast(fa::autodiff(cast(q), cast(k), cast(v), bias.map(cast), scale)),
+    })
 }
 
 /// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` (free when the

@@ -20,7 +20,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 #[cfg(feature = "flex")]
-mod flex_attention;
+mod flex;
 pub mod hub;
 pub mod imaging;
 pub mod io;

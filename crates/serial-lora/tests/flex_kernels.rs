@@ -1,4 +1,4 @@
-//! The fused attention of `sdpa` (Flex: `serial_lora`'s own kernel with its own backward)
+//! The Flex kernels with their own backward. The fused attention of `sdpa`
 //! against Burn's decomposed `attention_fallback` (matmul + softmax + matmul, differentiated op
 //! by op): outputs and the gradients of q, k, v and of an additive bias, for self- and
 //! cross-attention, boolean masks (one fully masked row), strided head views, several query
@@ -109,4 +109,46 @@ fn fully_masked_row_gives_zero_output_and_no_gradient() {
     let dq = q.grad(&g).unwrap();
     assert!(!dq.clone().is_nan().any().into_scalar());
     assert_eq!(dq.slice([0..1, 0..1, 1..2, 0..8]).abs().sum().into_scalar(), 0.0);
+}
+
+/// The vectorised activations (forward and their own backward) against the formulas in f64
+/// with libm's `erf`, `tanh` and `exp`.
+#[test]
+fn activations_match_f64_formulas() {
+    use serial_lora::layers::Activation;
+    // f32 evaluation of a closed form with ≤ 3.5e-7 absolute error in erf / tanh (flex/mod.rs)
+    const ACT_TOL: f64 = 2e-6;
+    let dev = Default::default();
+    let xs: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) / 250.0 + 0.0013).collect(); // [-8, 8]
+    let n = xs.len();
+    type F = fn(f64) -> (f64, f64);
+    let cases: [(Activation, F); 3] = [
+        (Activation::Gelu, |x| {
+            let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            (x * cdf, cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt())
+        }),
+        (Activation::GeluTanh, |x| {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let t = (c * (x + 0.044715 * x * x * x)).tanh();
+            (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x))
+        }),
+        (Activation::QuickGelu, |x| {
+            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            (x * s, s + 1.702 * x * s * (1.0 - s))
+        }),
+    ];
+    for (act, f) in cases {
+        let x = Tensor::<AB, 1>::from_data(TensorData::new(xs.clone(), [n]), &dev).require_grad();
+        let y = act.forward(x.clone().reshape([1, n])).reshape([n]);
+        let dx = x.grad(&y.clone().sum().backward()).unwrap().into_data();
+        let (y, dx) = (y.inner().into_data(), dx);
+        for (i, (&xi, (yi, di))) in xs.iter().zip(y.iter::<f32>().zip(dx.iter::<f32>())).enumerate() {
+            let (ry, rd) = f(xi as f64);
+            assert!((yi as f64 - ry).abs() <= ACT_TOL * ry.abs().max(1.0), "{act:?} y[{i}] at {xi}: {yi} vs {ry}");
+            assert!((di as f64 - rd).abs() <= ACT_TOL * rd.abs().max(1.0), "{act:?} dy/dx[{i}] at {xi}: {di} vs {rd}");
+        }
+        // the plain backend (inference) gives the same forward
+        let yi = act.forward(Tensor::<Flex, 1>::from_data(TensorData::new(xs.clone(), [n]), &dev));
+        assert_eq!(yi.into_data(), y, "{act:?}: inference vs autodiff forward");
+    }
 }

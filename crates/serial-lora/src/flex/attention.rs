@@ -17,17 +17,15 @@
 //! exponentials are a vectorised polynomial (Cephes `expf`, ≤ 2 ulp) instead of libm's scalar
 //! `expf`. Parity with the decomposed path and with PyTorch's `scaled_dot_product_attention`:
 //! `tests/invariants.rs` and the models' parity suites, tolerances unchanged.
-use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Shape};
 use burn::backend::flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
 
-/// `AutodiffTensor<Flex>` (not nameable by path in 0.21: its module is private).
-type AdTensor = <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+use super::{AdTensor, Out, simd};
 
 /// Query rows per block: the `[ROWS, lk]` score block of one thread stays in L2 (lk = 4096:
 /// 2 MiB) and the products keep an inner dimension long enough for gemm's micro-kernel.
@@ -76,23 +74,6 @@ fn heads_major(b: usize, h: usize, l: usize, d: usize) -> FlexTensor {
     let t = FlexTensor::zeros(Shape::new([b, l, h, d]), DType::F32);
     let layout = Layout::new(Shape::new([b, h, l, d]), vec![(l * h * d) as isize, d as isize, (h * d) as isize, 1], 0);
     t.with_layout(layout)
-}
-
-/// Raw output pointer shared by the tasks of one op; each task writes disjoint rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-fn out_ptr(t: &mut FlexTensor) -> Out {
-    Out(t.storage_mut::<f32>().as_mut_ptr())
 }
 
 /// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]`, single-threaded (the tasks are the parallelism).
@@ -158,7 +139,7 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<&FlexTen
     let (lk, dv) = (kv.shape[2], vv.shape[3]);
     let mut o = heads_major(b, h, lq, dv);
     let mut lse = FlexTensor::zeros(Shape::new([b, h, lq]), DType::F32);
-    let (o_ptr, lse_ptr) = (out_ptr(&mut o), out_ptr(&mut lse));
+    let (o_ptr, lse_ptr) = (Out::of(&mut o), Out::of(&mut lse));
     let blocks = lq.div_ceil(ROWS);
     (0..b * h * blocks).into_par_iter().for_each_init(Vec::new, |s: &mut Vec<f32>, task| {
         let (bh, blk) = (task / blocks, task % blocks);
@@ -223,8 +204,8 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> (FlexTensor, Flex
     let mut dk = heads_major(b, h, lk, d);
     let mut dvt = heads_major(b, h, lk, dv);
     let mut db = want_bias.then(|| FlexTensor::zeros(Shape::new([b, h, lq, lk]), DType::F32));
-    let (dq_ptr, dk_ptr, dv_ptr) = (out_ptr(&mut dq), out_ptr(&mut dk), out_ptr(&mut dvt));
-    let db_ptr = db.as_mut().map(out_ptr);
+    let (dq_ptr, dk_ptr, dv_ptr) = (Out::of(&mut dq), Out::of(&mut dk), Out::of(&mut dvt));
+    let db_ptr = db.as_mut().map(Out::of);
     (0..b * h).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
         |(p, dp): &mut (Vec<f32>, Vec<f32>), bh| {
@@ -301,9 +282,9 @@ impl<const N: usize> Backward<Flex, N> for FusedAttention<N> {
     }
 }
 
-fn tracked<C: CheckpointStrategy, const N: usize>(inputs: [&AdTensor; N], st: Saved) -> AdTensor {
+fn tracked<const N: usize>(inputs: [&AdTensor; N], st: Saved) -> AdTensor {
     let nodes = inputs.map(|t| t.node.clone());
-    match FusedAttention::<N>.prepare::<C>(nodes).compute_bound().stateful() {
+    match FusedAttention::<N>.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let o = st.o.clone();
             prep.finish(st, o)
@@ -314,7 +295,7 @@ fn tracked<C: CheckpointStrategy, const N: usize>(inputs: [&AdTensor; N], st: Sa
 
 /// Fused attention on `Autodiff<Flex, C>` tensors `[b, h, l, d]`; `bias` broadcastable to
 /// `[b, h, lq, lk]` (expanded views are read in place), `-∞` entries mask.
-pub(crate) fn autodiff<C: CheckpointStrategy>(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<AdTensor>, scale: f32) -> AdTensor {
+pub(crate) fn autodiff(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<AdTensor>, scale: f32) -> AdTensor {
     let readable_ad = |mut t: AdTensor| {
         t.primitive = readable(t.primitive);
         t
@@ -332,8 +313,8 @@ pub(crate) fn autodiff<C: CheckpointStrategy>(q: AdTensor, k: AdTensor, v: AdTen
         scale,
     };
     match &bias {
-        Some(bt) => tracked::<C, 4>([&q, &k, &v, bt], st),
-        None => tracked::<C, 3>([&q, &k, &v], st),
+        Some(bt) => tracked::<4>([&q, &k, &v, bt], st),
+        None => tracked::<3>([&q, &k, &v], st),
     }
 }
 
@@ -343,135 +324,3 @@ pub(crate) fn inference(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: Optio
     forward(&q, &k, &v, bias.map(readable).as_ref(), scale).0
 }
 
-/// Whether `B` is a backend this module serves, and how.
-pub(crate) enum Kind {
-    Inner,
-    Autodiff,
-}
-
-pub(crate) fn kind<B: 'static>() -> Option<Kind> {
-    use std::any::TypeId;
-    let t = TypeId::of::<B>();
-    if t == TypeId::of::<Flex>() {
-        Some(Kind::Inner)
-    } else if t == TypeId::of::<Autodiff<Flex>>() {
-        Some(Kind::Autodiff)
-    } else {
-        None
-    }
-}
-
-/// Row kernels, vectorised by the compiler for the CPU's widest instruction set (AVX-512,
-/// AVX2 + FMA; checked at run time), with a portable fallback.
-pub(crate) mod simd {
-    const LANES: usize = 16;
-
-    /// Cephes `expf` without branches (≤ 2 ulp on [−87.3, 88.7]; below −87.3 it is 0).
-    #[inline(always)]
-    fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        let xc = x.clamp(-87.336_54, 88.376_26);
-        let n = (xc * LOG2E + 0.5).floor();
-        let r = xc - n * LN2_HI - n * LN2_LO;
-        let z = r * r;
-        let y = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-            + 5.000_000_1e-1)
-            * z
-            + r
-            + 1.0;
-        let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        if x < -87.336_54 { 0.0 } else { y * pow2 }
-    }
-
-    macro_rules! dispatch {
-        ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) -> $r:ty $body:block) => {
-            $(#[$m])*
-            pub(crate) fn $name($($a: $t),*) -> $r {
-                #[inline(always)]
-                fn body($($a: $t),*) -> $r $body
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    unsafe fn v4($($a: $t),*) -> $r { body($($a),*) }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn v3($($a: $t),*) -> $r { body($($a),*) }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the CPU has the feature
-                        return unsafe { v4($($a),*) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                        // SAFETY: the CPU has the features
-                        return unsafe { v3($($a),*) };
-                    }
-                }
-                body($($a),*)
-            }
-        };
-    }
-
-    dispatch! {
-        /// The maximum of a row (−∞ for an empty or fully masked one).
-        fn max(row: &[f32]) -> f32 {
-            let mut acc = [f32::NEG_INFINITY; LANES];
-            let chunks = row.chunks_exact(LANES);
-            let tail = chunks.remainder();
-            for c in chunks {
-                for (a, x) in acc.iter_mut().zip(c) {
-                    *a = a.max(*x);
-                }
-            }
-            tail.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x)), |m, x| m.max(*x))
-        }
-    }
-
-    dispatch! {
-        /// `row ← exp(row − sub)`, returns the sum of the new row.
-        fn exp_sub(row: &mut [f32], sub: f32) -> f32 {
-            let mut acc = [0f32; LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-                    *x = exp(*x - sub);
-                    *a += *x;
-                }
-            }
-            let mut sum: f32 = acc.iter().sum();
-            for x in chunks.into_remainder() {
-                *x = exp(*x - sub);
-                sum += *x;
-            }
-            sum
-        }
-    }
-
-    dispatch! {
-        /// `dp ← p ∘ (dp − d)`: the softmax backward of one row.
-        fn softmax_grad(dp: &mut [f32], p: &[f32], d: f32) -> () {
-            for (g, p) in dp.iter_mut().zip(p) {
-                *g = p * (*g - d);
-            }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn exp_matches_libm() {
-            let mut worst = 0f32;
-            for i in -87_000..88_000 {
-                let x = i as f32 / 1000.0 + 0.000_37;
-                let (a, b) = (super::exp(x), x.exp());
-                worst = worst.max(((a - b) / b).abs());
-            }
-            assert!(worst < 3.0 * f32::EPSILON, "worst relative error {worst}");
-            assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
-            let mut row = [0.5f32, -1.0, f32::NEG_INFINITY, 2.0];
-            let s = super::exp_sub(&mut row, 2.0);
-            let want: f32 = [-1.5f32, -3.0, 0.0].iter().map(|x| x.exp()).sum();
-            assert!((s - want).abs() < 1e-6, "{s} vs {want}");
-            assert_eq!(row[2], 0.0);
-        }
-    }
-}
