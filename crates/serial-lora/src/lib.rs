@@ -34,7 +34,7 @@ pub mod run;
 pub mod serial;
 pub mod weights;
 
-pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa};
+pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use device::DeviceSpec;
 pub use error::{Error, Result};

@@ -119,22 +119,100 @@ unsafe fn mm(
     }
 }
 
-/// Adds the bias rows `[i0, i0 + rows)` of `(b, h)` to the score block `s` (`[rows, lk]`).
-fn add_bias(s: &mut [f32], bias: &View, b: usize, h: usize, i0: usize, lk: usize) {
-    for (i, row) in s.chunks_exact_mut(lk).enumerate() {
-        let p = bias.row(b, h, i0 + i);
-        let cs = bias.strides[3];
-        for (j, x) in row.iter_mut().enumerate() {
-            // SAFETY: column j < lk of a row the bias layout addresses
-            *x += unsafe { *p.add(j * cs) };
+/// An additive score bias: a full `[b, h, lq, lk]` tensor (broadcast views read in place), or
+/// SAM's decomposed relative-position terms `rel_h [b, h, lq, kh]` and `rel_w [b, h, lq, kw]`
+/// with `lk = kh·kw` and `bias[i, ky·kw + kx] = rel_h[i, ky] + rel_w[i, kx]`, added inside the
+/// kernel so that nothing `[lq, lk]`-sized is materialised for it, forward or backward.
+#[derive(Clone, Debug)]
+pub(crate) enum Bias<T> {
+    Full(T),
+    Decomposed(T, T),
+}
+
+impl<T> Bias<T> {
+    pub(crate) fn map<U>(self, mut f: impl FnMut(T) -> U) -> Bias<U> {
+        match self {
+            Bias::Full(t) => Bias::Full(f(t)),
+            Bias::Decomposed(h, w) => Bias::Decomposed(f(h), f(w)),
+        }
+    }
+
+    fn as_ref(&self) -> Bias<&T> {
+        match self {
+            Bias::Full(t) => Bias::Full(t),
+            Bias::Decomposed(h, w) => Bias::Decomposed(h, w),
+        }
+    }
+
+    fn terms(self) -> Vec<T> {
+        match self {
+            Bias::Full(t) => vec![t],
+            Bias::Decomposed(h, w) => vec![h, w],
         }
     }
 }
 
+fn bias_view(b: Bias<&FlexTensor>) -> Bias<View<'_>> {
+    b.map(|t| View::of(t).unwrap())
+}
+
+/// Adds the bias rows `[i0, i0 + rows)` of `(b, h)` to the score block `s` (`[rows, lk]`), in
+/// transformers' order for the decomposed terms (`(s + rel_h) + rel_w`).
+fn add_bias(s: &mut [f32], bias: &Bias<View>, b: usize, h: usize, i0: usize, lk: usize) {
+    for (i, row) in s.chunks_exact_mut(lk).enumerate() {
+        // SAFETY: every column read is < the row length the layout addresses
+        match bias {
+            Bias::Full(v) => {
+                let (p, cs) = (v.row(b, h, i0 + i), v.strides[3]);
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x += unsafe { *p.add(j * cs) };
+                }
+            }
+            Bias::Decomposed(vh, vw) => {
+                let (ph, pw) = (vh.row(b, h, i0 + i), vw.row(b, h, i0 + i));
+                let kw = vw.shape[3];
+                for (ky, chunk) in row.chunks_exact_mut(kw).enumerate() {
+                    let a = unsafe { *ph.add(ky * vh.strides[3]) };
+                    for (kx, x) in chunk.iter_mut().enumerate() {
+                        *x = (*x + a) + unsafe { *pw.add(kx * vw.strides[3]) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bias gradients of one `(b, h)` block of `dS` rows (`[rows, lk]`), written at row `i0` of
+/// the `[b, h, lq, ·]` outputs.
+fn bias_grad(ds: &[f32], grads: &[Out], bh: usize, lq: usize, i0: usize, lk: usize, kw: usize) {
+    let rows = ds.len() / lk;
+    match grads {
+        // SAFETY: rows (bh, i0..i0 + rows) of the outputs belong to this task
+        [full] => unsafe { std::ptr::copy_nonoverlapping(ds.as_ptr(), full.at((bh * lq + i0) * lk), rows * lk) },
+        [gh, gw] => {
+            let kh = lk / kw;
+            for (i, row) in ds.chunks_exact(lk).enumerate() {
+                let (rh, rw) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(gh.at((bh * lq + i0 + i) * kh), kh),
+                        std::slice::from_raw_parts_mut(gw.at((bh * lq + i0 + i) * kw), kw),
+                    )
+                };
+                rw.fill(0.0);
+                for (ky, chunk) in row.chunks_exact(kw).enumerate() {
+                    rh[ky] = chunk.iter().sum();
+                    rw.iter_mut().zip(chunk).for_each(|(a, x)| *a += x);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Forward: `(O [b, h, lq, dv] (a view of [b, lq, h, dv]), L [b, h, lq])`.
-fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<&FlexTensor>, scale: f32) -> (FlexTensor, FlexTensor) {
+fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&FlexTensor>>, scale: f32) -> (FlexTensor, FlexTensor) {
     let (qv, kv, vv) = (View::of(q).unwrap(), View::of(k).unwrap(), View::of(v).unwrap());
-    let bv = bias.map(|t| View::of(t).unwrap());
+    let bv = bias.map(bias_view);
     let [b, h, lq, d] = qv.shape;
     let (lk, dv) = (kv.shape[2], vv.shape[3]);
     let mut o = heads_major(b, h, lq, dv);
@@ -185,16 +263,17 @@ struct Saved {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
-    bias: Option<FlexTensor>,
+    bias: Option<Bias<FlexTensor>>,
     o: FlexTensor,
     lse: FlexTensor,
     scale: f32,
 }
 
-/// Gradients `(dq, dk, dv, dbias)`; `dbias` only when asked (`[b, h, lq, lk]`, contiguous).
-fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
+/// Gradients `[dq, dk, dv, bias terms…]`; those of the bias only when asked (contiguous
+/// `[b, h, lq, lk]`, or `[b, h, lq, kh]` and `[b, h, lq, kw]`).
+fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
     let (qv, kv, vv, ov) = (View::of(&st.q).unwrap(), View::of(&st.k).unwrap(), View::of(&st.v).unwrap(), View::of(&st.o).unwrap());
-    let bv = st.bias.as_ref().map(|t| View::of(t).unwrap());
+    let bv = st.bias.as_ref().map(|b| bias_view(b.as_ref()));
     let dov = View::of(dout).unwrap();
     let lse = st.lse.storage::<f32>();
     let [b, h, lq, d] = qv.shape;
@@ -203,9 +282,17 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> (FlexTensor, Flex
     let mut dq = heads_major(b, h, lq, d);
     let mut dk = heads_major(b, h, lk, d);
     let mut dvt = heads_major(b, h, lk, dv);
-    let mut db = want_bias.then(|| FlexTensor::zeros(Shape::new([b, h, lq, lk]), DType::F32));
+    let kw = match &bv {
+        Some(Bias::Decomposed(_, vw)) => vw.shape[3],
+        _ => lk,
+    };
+    let mut db: Vec<FlexTensor> = match (&bv, want_bias) {
+        (Some(Bias::Full(_)), true) => vec![FlexTensor::zeros(Shape::new([b, h, lq, lk]), DType::F32)],
+        (Some(Bias::Decomposed(..)), true) => [lk / kw, kw].map(|n| FlexTensor::zeros(Shape::new([b, h, lq, n]), DType::F32)).to_vec(),
+        _ => Vec::new(),
+    };
     let (dq_ptr, dk_ptr, dv_ptr) = (Out::of(&mut dq), Out::of(&mut dk), Out::of(&mut dvt));
-    let db_ptr = db.as_mut().map(Out::of);
+    let db_ptr: Vec<Out> = db.iter_mut().map(Out::of).collect();
     (0..b * h).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
         |(p, dp): &mut (Vec<f32>, Vec<f32>), bh| {
@@ -249,10 +336,7 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> (FlexTensor, Flex
                         }
                         simd::softmax_grad(dp_row, p_row, di);
                     }
-                    if let Some(db) = db_ptr {
-                        let dst = db.at((bh * lq + i0) * lk);
-                        std::ptr::copy_nonoverlapping(dp.as_ptr(), dst, rows * lk);
-                    }
+                    bias_grad(dp, &db_ptr, bh, lq, i0, lk, kw);
                     // dQ = scale·dS·K
                     mm((rows, d, lk), dq_rows.add(i0 * h * d), (h * d, 1), false, dp.as_ptr(), (lk, 1), kv.row(bi, hi, 0), (kv.strides[2], kv.strides[3]), scale);
                     // dK += scale·dSᵀ·Q
@@ -261,7 +345,7 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> (FlexTensor, Flex
             }
         },
     );
-    (dq, dk, dvt, db)
+    [dq, dk, dvt].into_iter().chain(db).collect()
 }
 
 #[derive(Debug)]
@@ -272,10 +356,9 @@ impl<const N: usize> Backward<Flex, N> for FusedAttention<N> {
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dout = readable(grads.consume::<Flex>(&ops.node));
-        let want_bias = N == 4 && ops.parents[N - 1].is_some();
-        let (dq, dk, dv, db) = backward(&ops.state, &dout, want_bias);
-        for (parent, grad) in ops.parents.iter().zip([Some(dq), Some(dk), Some(dv), db]) {
-            if let (Some(node), Some(grad)) = (parent, grad) {
+        let want_bias = ops.parents[3..].iter().any(Option::is_some);
+        for (parent, grad) in ops.parents.iter().zip(backward(&ops.state, &dout, want_bias)) {
+            if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad);
             }
         }
@@ -293,34 +376,37 @@ fn tracked<const N: usize>(inputs: [&AdTensor; N], st: Saved) -> AdTensor {
     }
 }
 
-/// Fused attention on `Autodiff<Flex, C>` tensors `[b, h, l, d]`; `bias` broadcastable to
-/// `[b, h, lq, lk]` (expanded views are read in place), `-∞` entries mask.
-pub(crate) fn autodiff(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<AdTensor>, scale: f32) -> AdTensor {
+/// Fused attention on `Autodiff<Flex>` tensors `[b, h, l, d]`; a full bias is broadcastable
+/// to `[b, h, lq, lk]` (expanded views are read in place), `-∞` entries mask.
+pub(crate) fn autodiff(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<Bias<AdTensor>>, scale: f32) -> AdTensor {
     let readable_ad = |mut t: AdTensor| {
         t.primitive = readable(t.primitive);
         t
     };
     let [q, k, v] = [q, k, v].map(readable_ad);
-    let bias = bias.map(readable_ad);
-    let (o, lse) = forward(&q.primitive, &k.primitive, &v.primitive, bias.as_ref().map(|t| &t.primitive), scale);
+    let bias = bias.map(|b| b.map(readable_ad));
+    let (o, lse) = forward(&q.primitive, &k.primitive, &v.primitive, bias.as_ref().map(|b| b.as_ref().map(|t| &t.primitive)), scale);
     let st = Saved {
         q: q.primitive.clone(),
         k: k.primitive.clone(),
         v: v.primitive.clone(),
-        bias: bias.as_ref().map(|t| t.primitive.clone()),
+        bias: bias.as_ref().map(|b| b.as_ref().map(|t| t.primitive.clone())),
         o,
         lse,
         scale,
     };
-    match &bias {
-        Some(bt) => tracked::<4>([&q, &k, &v, bt], st),
-        None => tracked::<3>([&q, &k, &v], st),
+    let terms = bias.map(Bias::terms).unwrap_or_default();
+    match terms.as_slice() {
+        [] => tracked::<3>([&q, &k, &v], st),
+        [t] => tracked::<4>([&q, &k, &v, t], st),
+        [h, w] => tracked::<5>([&q, &k, &v, h, w], st),
+        _ => unreachable!("a bias has one or two terms"),
     }
 }
 
 /// Fused attention on plain Flex tensors (inference): the forward alone.
-pub(crate) fn inference(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: Option<FlexTensor>, scale: f32) -> FlexTensor {
+pub(crate) fn inference(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: Option<Bias<FlexTensor>>, scale: f32) -> FlexTensor {
     let [q, k, v] = [q, k, v].map(readable);
-    forward(&q, &k, &v, bias.map(readable).as_ref(), scale).0
+    let bias = bias.map(|b| b.map(readable));
+    forward(&q, &k, &v, bias.as_ref().map(|b| b.as_ref()), scale).0
 }
-
