@@ -13,6 +13,7 @@
 //! [`optim::LoraPlus`], PEFT-compatible adapter files ([`io`]) and spectrum analysis
 //! ([`analysis`]). Layout convention: Burn's `[in, out]` for every weight; PyTorch's
 //! `[out, in]` exists only in files.
+pub mod alloc;
 pub mod analysis;
 pub mod attention;
 pub mod config;
