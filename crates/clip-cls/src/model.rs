@@ -51,9 +51,10 @@ impl<B: Backend> ClipModel<B> {
         (self.text_projection.forward(out.pooler_output.clone()), out)
     }
 
-    /// `get_image_features`: `[batch, projection_dim]`.
+    /// `get_image_features`: `[batch, projection_dim]`. The last layer runs for the class token
+    /// only ([`VisionModel::pooled`]): the same features as [`ClipModel::image_features`].
     pub fn get_image_features(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
-        self.image_features(pixel_values).0
+        self.visual_projection.forward(self.vision_model.pooled(pixel_values))
     }
 
     /// `get_text_features`: `[batch, projection_dim]`. Runs the text tower only up to the last

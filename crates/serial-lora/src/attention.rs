@@ -325,6 +325,31 @@ impl<B: Backend> Attention<B> {
         self.output(o)
     }
 
+    /// Self-attention on `[batch, tokens, d_model]` computed for the queries `start..start + len`
+    /// only: `[batch, len, d_model]`, the rows of [`Attention::forward`]'s output (keys and
+    /// values from every token; with separate projections q is projected for those rows alone).
+    /// For a model whose output reads a few tokens of its last layer (CLIP's class token).
+    pub fn forward_queries(&self, x: Tensor<B, 3>, start: usize, len: usize, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+        let x = match &self.serial {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        let (q, k, v) = match &self.qkv {
+            QkvProjection::Separate(s) => (s.q.forward(x.clone().narrow(1, start, len)), s.k.forward(x.clone()), s.v.forward(x)),
+            QkvProjection::Fused(f) => {
+                let d = f.slice_dims()[1];
+                let y = f.forward(x);
+                (y.clone().narrow(1, start, len).narrow(2, 0, d), y.clone().narrow(2, d, d), y.narrow(2, 2 * d, d))
+            }
+        };
+        let mask = mask.map(|m| {
+            let [mb, mh, _, lk] = m.dims();
+            m.slice([0..mb, 0..mh, start..start + len, 0..lk])
+        });
+        let o = sdpa(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, None);
+        self.output(o)
+    }
+
     /// Cross-attention: queries `[batch, lq, d_model]`, keys and values `[batch, lk, kv_dim]`.
     pub fn forward_cross(
         &self,
