@@ -52,11 +52,33 @@ impl<B: Backend> Encoder<B> {
         states.push(x.clone());
         let mut x = x;
         for layer in &self.layers {
-            let h = layer.self_attn.forward(layer.layer_norm1.forward(x.clone()), mask.clone(), None);
-            x = x + h;
-            x = x.clone() + layer.mlp.forward(layer.layer_norm2.forward(x));
+            x = layer.forward(x, mask.clone());
             states.push(x.clone());
         }
         states
+    }
+
+    /// The last layer's output at token `row` alone, `[batch, 1, hidden]`: every layer but the
+    /// last runs on all tokens, the last one only for that query (its attention still reads every
+    /// key and value) and its MLP on that row. The same sums as row `row` of
+    /// [`Encoder::forward`]'s last state; CLIP's image tower pools the class token, so 196 of
+    /// 197 rows skip the last layer's q, output projection and MLP (7 % of the tower).
+    pub fn forward_row(&self, x: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>, row: usize) -> Tensor<B, 3> {
+        let Some((last, layers)) = self.layers.split_last() else { return x.narrow(1, row, 1) };
+        let mut x = x;
+        for layer in layers {
+            x = layer.forward(x, mask.clone());
+        }
+        let h = last.self_attn.forward_queries(last.layer_norm1.forward(x.clone()), row, 1, mask);
+        let x = x.narrow(1, row, 1) + h;
+        x.clone() + last.mlp.forward(last.layer_norm2.forward(x))
+    }
+}
+
+impl<B: Backend> EncoderLayer<B> {
+    /// `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+    pub fn forward(&self, x: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), mask, None);
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 }

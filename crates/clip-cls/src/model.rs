@@ -51,14 +51,16 @@ impl<B: Backend> ClipModel<B> {
         (self.text_projection.forward(out.pooler_output.clone()), out)
     }
 
-    /// `get_image_features`: `[batch, projection_dim]`.
+    /// `get_image_features`: `[batch, projection_dim]`. The last layer runs for the class token
+    /// only ([`VisionModel::pooled`]): the same features as [`ClipModel::image_features`].
     pub fn get_image_features(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
-        self.image_features(pixel_values).0
+        self.visual_projection.forward(self.vision_model.pooled(pixel_values))
     }
 
-    /// `get_text_features`: `[batch, projection_dim]`.
+    /// `get_text_features`: `[batch, projection_dim]`. Runs the text tower only up to the last
+    /// pooled position ([`TextModel::pooled`]): the same features as [`ClipModel::text_features`].
     pub fn get_text_features(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        self.text_features(input_ids).0
+        self.text_projection.forward(self.text_model.pooled(input_ids))
     }
 
     /// `logits_per_image [images, texts] = exp(logit_scale) · norm(image)·norm(text)ᵀ`.

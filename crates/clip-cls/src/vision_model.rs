@@ -79,4 +79,13 @@ impl<B: Backend> VisionModel<B> {
         let pooler_output = self.post_layernorm.forward(last.clone().narrow(1, 0, 1).reshape([b, d]));
         TowerOutput { hidden_states, last_hidden_state: last, pooler_output }
     }
+
+    /// The pooled output alone (`pooler_output` of [`VisionModel::forward`]): the last layer
+    /// runs for the class token only ([`crate::encoder::Encoder::forward_row`]).
+    pub fn pooled(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = self.pre_layrnorm.forward(self.embed(pixel_values));
+        let cls = self.encoder.forward_row(x, None, 0);
+        let [b, _, d] = cls.dims();
+        self.post_layernorm.forward(cls.reshape([b, d]))
+    }
 }

@@ -9,7 +9,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
 use serial_lora::layers::Mlp;
-use serial_lora::{Attention, AttentionConfig, sdpa};
+use serial_lora::{Attention, AttentionConfig, sdpa, sdpa_rel_pos};
 
 use crate::config::SamVisionConfig;
 
@@ -36,9 +36,11 @@ fn rel_pos_lookup<B: Backend>(table: Tensor<B, 2>, size: usize) -> Tensor<B, 3> 
 }
 
 impl<B: Backend> RelPos<B> {
-    /// The decomposed bias `[n, heads, h·w, h·w]` for queries `[n, heads, h·w, head_dim]`
-    /// (unscaled), as `get_decomposed_rel_pos`.
-    pub fn bias(&self, q: Tensor<B, 4>, h: usize, w: usize) -> Tensor<B, 4> {
+    /// The two terms of the decomposed bias for queries `[n, heads, h·w, head_dim]` (unscaled),
+    /// as `get_decomposed_rel_pos` computes them: `rel_h [n, heads, h·w, h]` and
+    /// `rel_w [n, heads, h·w, w]`; the bias is `rel_h[.., ky] + rel_w[.., kx]` for key `(ky, kx)`
+    /// ([`serial_lora::sdpa_rel_pos`] adds them inside the attention).
+    pub fn terms(&self, q: Tensor<B, 4>, h: usize, w: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [n, heads, _, hd] = q.dims();
         let nh = n * heads;
         let q = q.reshape([nh, h, w, hd]);
@@ -50,8 +52,19 @@ impl<B: Backend> RelPos<B> {
         // rel_w[b, y, x, k] = Σ_c q[b, y, x, c] · rw[x, k, c]
         let qx = q.permute([2, 0, 1, 3]).reshape([w, nh * h, hd]);
         let rel_w = qx.matmul(rw.swap_dims(1, 2)).reshape([w, nh, h, w]).permute([1, 2, 0, 3]);
-        let bias = rel_h.unsqueeze_dim::<5>(4) + rel_w.unsqueeze_dim::<5>(3); // [nh, h, w, h, w]
-        bias.reshape([n, heads, h * w, h * w])
+        (rel_h.reshape([n, heads, h * w, h]), rel_w.reshape([n, heads, h * w, w]))
+    }
+}
+
+/// Attention of one grid (window or whole image) of `[n, heads, h·w, head_dim]` queries, with the
+/// relative-position bias when the layer has one.
+fn grid_attention<B: Backend>(rel_pos: Option<&RelPos<B>>, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, (h, w): (usize, usize)) -> Tensor<B, 4> {
+    match rel_pos {
+        Some(r) => {
+            let (rel_h, rel_w) = r.terms(q.clone(), h, w);
+            sdpa_rel_pos(q, k, v, rel_h, rel_w)
+        }
+        None => sdpa(q, k, v, None, None),
     }
 }
 
@@ -73,22 +86,39 @@ impl<B: Backend> VisionLayer<B> {
     fn attention(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, h, w, c] = x.dims();
         let (q, k, v) = self.attn.qkv(x.reshape([n, h * w, c]));
-        let q = self.attn.split_heads(q);
-        let bias = self.rel_pos.as_ref().map(|r| r.bias(q.clone(), h, w));
-        let o = sdpa(q, self.attn.split_heads(k), self.attn.split_heads(v), None, bias);
+        let (q, k, v) = (self.attn.split_heads(q), self.attn.split_heads(k), self.attn.split_heads(v));
+        let o = grid_attention(self.rel_pos.as_ref(), q, k, v, (h, w));
         self.attn.output(o).reshape([n, h, w, c])
+    }
+
+    /// Windowed attention over a `[b, h, w, c]` grid, as transformers computes it (zero-pad the
+    /// grid to whole windows, attend in each window, crop) without its wasted work: q, k, v are
+    /// projected for the real positions only and padded with what the projection of a zero
+    /// row gives (exactly what the padded positions would produce: `0·W + b`, and every adapter
+    /// maps 0 to 0), and the output projection runs after the crop. At 512² (32² grid, 42²
+    /// padded) that is 42 % fewer rows through `qkv` and `proj`.
+    fn windowed_attention(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, w, c] = x.dims();
+        let ws = self.window_size;
+        let (q, k, v) = self.attn.qkv(x.reshape([b, h * w, c]));
+        let (q0, k0, v0) = self.attn.qkv(Tensor::zeros([1, 1, c], &q.device()));
+        let windows = |t: Tensor<B, 3>, zero: Tensor<B, 3>| {
+            let d = t.dims()[2];
+            let t = pad_with_row(t.reshape([b, h, w, d]), zero.reshape([1, 1, 1, d]), ws);
+            let nw = t.dims()[0] * (t.dims()[1] / ws) * (t.dims()[2] / ws);
+            self.attn.split_heads(window_partition(t, ws).0.reshape([nw, ws * ws, d]))
+        };
+        let (q, k, v) = (windows(q, q0), windows(k, k0), windows(v, v0));
+        let o = serial_lora::merge_heads(grid_attention(self.rel_pos.as_ref(), q, k, v, (ws, ws)));
+        let [nw, _, d] = o.dims();
+        let (ph, pw) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+        let o = window_unpartition(o.reshape([nw, ws, ws, d]), ws, (ph, pw), (h, w), b, d);
+        self.attn.out_proj(o)
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.layer_norm1.forward(x.clone());
-        let h = if self.window_size > 0 {
-            let [b, height, width, c] = h.dims();
-            let (windows, (ph, pw)) = window_partition(h, self.window_size);
-            let out = self.attention(windows);
-            window_unpartition(out, self.window_size, (ph, pw), (height, width), b, c)
-        } else {
-            self.attention(h)
-        };
+        let h = if self.window_size > 0 { self.windowed_attention(h) } else { self.attention(h) };
         let x = x + h;
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
@@ -102,6 +132,15 @@ pub fn window_partition<B: Backend>(x: Tensor<B, 4>, ws: usize) -> (Tensor<B, 4>
     let x = if (ph, pw) != (h, w) { x.pad([(0, 0), (0, ph - h), (0, pw - w), (0, 0)], PadMode::Constant(0.0)) } else { x };
     let x = x.reshape([b, ph / ws, ws, pw / ws, ws, c]).permute([0, 1, 3, 2, 4, 5]);
     (x.reshape([b * (ph / ws) * (pw / ws), ws, ws, c]), (ph, pw))
+}
+
+/// `[b, h, w, d]` padded at the bottom/right to whole `ws × ws` windows with copies of `row`
+/// (`[1, 1, 1, d]`).
+fn pad_with_row<B: Backend>(x: Tensor<B, 4>, row: Tensor<B, 4>, ws: usize) -> Tensor<B, 4> {
+    let [b, h, w, d] = x.dims();
+    let (ph, pw) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+    let x = if pw > w { Tensor::cat(vec![x, row.clone().expand([b, h, pw - w, d])], 2) } else { x };
+    if ph > h { Tensor::cat(vec![x, row.expand([b, ph - h, pw, d])], 1) } else { x }
 }
 
 /// Inverse of [`window_partition`], cropping the padding.

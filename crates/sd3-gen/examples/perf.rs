@@ -193,6 +193,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    serial_lora::alloc::keep_freed_memory();
     let args = Args::parse();
     let device: DeviceSpec = args.device.parse()?;
     serial_lora::dispatch!(device, run(&args))

@@ -119,7 +119,76 @@ pub fn sdpa<B: Backend>(
         }
     };
     let bias = bias.map(|t| t.expand([b, h, lq, lk]));
+    #[cfg(feature = "flex")]
+    if let Some(kind) = flex_kind::<B>(&q) {
+        return flex_sdpa(kind, q, k, v, bias.map(crate::flex::attention::Bias::Full));
+    }
     attention(q, k, v, None, bias, AttentionModuleOptions::default())
+}
+
+/// [`sdpa`] with SAM's decomposed relative-position bias (`get_decomposed_rel_pos`):
+/// `bias[b, h, i, ky·kw + kx] = rel_h[b, h, i, ky] + rel_w[b, h, i, kx]` for `rel_h
+/// [b, h, lq, kh]`, `rel_w [b, h, lq, kw]` and `kh·kw` keys. On Flex the two terms go into the
+/// fused kernel as they are (no `[b, h, lq, lk]` bias, forward or backward: 805 MB for one
+/// global layer of SAM at 1024²); elsewhere the bias is materialised for [`sdpa`].
+pub fn sdpa_rel_pos<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    rel_h: Tensor<B, 4>,
+    rel_w: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    if let Some(kind) = flex_kind::<B>(&q) {
+        return flex_sdpa(kind, q, k, v, Some(crate::flex::attention::Bias::Decomposed(rel_h, rel_w)));
+    }
+    let [b, h, lq, kh] = rel_h.dims();
+    let kw = rel_w.dims()[3];
+    let bias = (rel_h.unsqueeze_dim::<5>(4) + rel_w.unsqueeze_dim::<5>(3)).reshape([b, h, lq, kh * kw]);
+    sdpa(q, k, v, None, Some(bias))
+}
+
+/// Whether [`sdpa`] runs the fused kernel with its own backward on backend `B` (Flex, with or
+/// without autodiff, in f32) rather than Burn's `attention` (decomposed under autodiff).
+pub fn has_fused_attention<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    if crate::flex::kind::<B>().is_some() {
+        return true;
+    }
+    false
+}
+
+#[cfg(feature = "flex")]
+fn flex_kind<B: Backend>(q: &Tensor<B, 4>) -> Option<crate::flex::Kind> {
+    crate::flex::kind::<B>().filter(|_| q.dtype() == burn::tensor::DType::F32)
+}
+
+/// [`sdpa`] on Flex, with or without autodiff: the fused op of `crate::flex::attention` (its
+/// own backward: nothing `[b, h, lq, lk]` is kept for it), reading the strided head views in
+/// place. `B` is `Flex` or `Autodiff<Flex>` (checked by the caller), so the casts cannot fail.
+#[cfg(feature = "flex")]
+fn flex_sdpa<B: Backend>(
+    kind: crate::flex::Kind,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<crate::flex::attention::Bias<Tensor<B, 4>>>,
+) -> Tensor<B, 4> {
+    use crate::flex::{Kind, attention as fa, cast, prim, tensor};
+    let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+    let (q, k, v) = (prim(q), prim(k), prim(v));
+    let bias = bias.map(|b| b.map(prim));
+    tensor(match kind {
+        Kind::Inner => cast(fa::inference(cast(q), cast(k), cast(v), bias.map(|b| b.map(cast)), scale)),
+        Kind::Autodiff => cast(fa::autodiff(cast(q), cast(k), cast(v), bias.map(|b| b.map(cast)), scale)),
+    })
+}
+
+/// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` (free when the
+/// attention wrote its output tokens-major, as the fused Flex op does).
+pub fn merge_heads<B: Backend>(o: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, l, hd] = o.dims();
+    o.swap_dims(1, 2).reshape([b, l, h * hd])
 }
 
 impl<B: Backend> Attention<B> {
@@ -238,11 +307,14 @@ impl<B: Backend> Attention<B> {
 
     /// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` → output projection.
     pub fn output(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, l, hd] = o.dims();
-        let o = o.swap_dims(1, 2).reshape([b, l, h * hd]);
+        self.out_proj(merge_heads(o))
+    }
+
+    /// The output projection alone (identity without one), on any `[..., inner]` tensor.
+    pub fn out_proj<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.o {
-            Some(proj) => proj.forward(o),
-            None => o,
+            Some(proj) => proj.forward(x),
+            None => x,
         }
     }
 
@@ -250,6 +322,31 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let (q, k, v) = self.qkv(x);
         let o = sdpa(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, bias);
+        self.output(o)
+    }
+
+    /// Self-attention on `[batch, tokens, d_model]` computed for the queries `start..start + len`
+    /// only: `[batch, len, d_model]`, the rows of [`Attention::forward`]'s output (keys and
+    /// values from every token; with separate projections q is projected for those rows alone).
+    /// For a model whose output reads a few tokens of its last layer (CLIP's class token).
+    pub fn forward_queries(&self, x: Tensor<B, 3>, start: usize, len: usize, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+        let x = match &self.serial {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        let (q, k, v) = match &self.qkv {
+            QkvProjection::Separate(s) => (s.q.forward(x.clone().narrow(1, start, len)), s.k.forward(x.clone()), s.v.forward(x)),
+            QkvProjection::Fused(f) => {
+                let d = f.slice_dims()[1];
+                let y = f.forward(x);
+                (y.clone().narrow(1, start, len).narrow(2, 0, d), y.clone().narrow(2, d, d), y.narrow(2, 2 * d, d))
+            }
+        };
+        let mask = mask.map(|m| {
+            let [mb, mh, _, lk] = m.dims();
+            m.slice([0..mb, 0..mh, start..start + len, 0..lk])
+        });
+        let o = sdpa(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, None);
         self.output(o)
     }
 

@@ -37,12 +37,37 @@ pub enum Activation {
 
 impl Activation {
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        #[cfg(feature = "flex")]
+        let x = match self.flex(x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
         match self {
             Activation::QuickGelu => x.clone() * activation::sigmoid(x.mul_scalar(1.702)),
             Activation::Gelu => activation::gelu(x),
             Activation::GeluTanh => activation::gelu_approximate(x),
             Activation::Relu => activation::relu(x),
         }
+    }
+
+    /// On Flex (with or without autodiff), in f32: one vectorised pass with its own exact
+    /// backward (`crate::flex::activation`); `Err(x)` elsewhere.
+    #[cfg(feature = "flex")]
+    fn flex<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        use crate::flex::activation::{self as fa, Act};
+        use crate::flex::{Kind, cast, prim, tensor};
+        let act = match self {
+            Activation::Gelu => Act::Gelu,
+            Activation::GeluTanh => Act::GeluTanh,
+            Activation::QuickGelu => Act::QuickGelu,
+            Activation::Relu => return Err(x),
+        };
+        let Some(kind) = crate::flex::kind::<B>() else { return Err(x) };
+        let p = prim(x);
+        Ok(tensor(match kind {
+            Kind::Inner => cast(fa::inference(act, cast(p)).map_err(|p| tensor(cast(p)))?),
+            Kind::Autodiff => cast(fa::autodiff(act, cast(p)).map_err(|p| tensor(cast(p)))?),
+        }))
     }
 }
 

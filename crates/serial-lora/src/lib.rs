@@ -13,6 +13,7 @@
 //! [`optim::LoraPlus`], PEFT-compatible adapter files ([`io`]) and spectrum analysis
 //! ([`analysis`]). Layout convention: Burn's `[in, out]` for every weight; PyTorch's
 //! `[out, in]` exists only in files.
+pub mod alloc;
 pub mod analysis;
 pub mod attention;
 pub mod config;
@@ -20,6 +21,8 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod export;
+#[cfg(feature = "flex")]
+mod flex;
 pub mod hub;
 pub mod imaging;
 pub mod io;
@@ -33,7 +36,7 @@ pub mod run;
 pub mod serial;
 pub mod weights;
 
-pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, sdpa};
+pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use device::DeviceSpec;
 pub use error::{Error, Result};

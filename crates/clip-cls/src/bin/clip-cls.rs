@@ -326,6 +326,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
+    serial_lora::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device_arg, peer) = match &cli.command {
         Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } | Cmd::Export { model, .. } => {

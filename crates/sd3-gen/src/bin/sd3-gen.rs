@@ -406,6 +406,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
+    serial_lora::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device, peer) = match &cli.command {
         Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
