@@ -61,7 +61,7 @@ impl ImageProcessor {
         }
         let bad = |m: String| ClipError::Config { path: path.clone(), message: m };
         let text = std::fs::read_to_string(&path).map_err(|e| ClipError::Io { path: path.clone(), source: e })?;
-        let raw: RawProcessor = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: RawProcessor = serial_lora::parse::json(&text).map_err(bad)?;
         if raw.resample.is_some_and(|r| r != 3) {
             return Err(bad(format!("resample {:?} is not supported (only 3 = bicubic)", raw.resample)));
         }
