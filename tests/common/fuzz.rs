@@ -43,6 +43,11 @@ pub fn cases(default: u32) -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Runs per subcommand of the CLI-flag fuzzing: `FUZZ_CLI_CASES`, else `default`.
+pub fn cli_cases(default: usize) -> usize {
+    std::env::var("FUZZ_CLI_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn seed() -> u64 {
     std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_SEED)
 }
@@ -382,4 +387,130 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), &target).unwrap();
         }
     }
+}
+
+/// The `--flag <VALUE>` options of a clap `--help` text that take a number: a numeric
+/// `[default: …]`, or a placeholder in `numeric` (e.g. `N`, `HEIGHT`: options without a default).
+pub fn numeric_flags(help: &str, numeric: &[&str]) -> Vec<String> {
+    let mut blocks: Vec<(String, String, String)> = Vec::new(); // (flag, placeholder, text)
+    for line in help.lines() {
+        let t = line.trim_start();
+        if t.starts_with('-') {
+            let Some(i) = t.find("--") else { continue };
+            let mut words = t[i..].split_whitespace();
+            let flag = words.next().unwrap_or_default().trim_end_matches(',').to_string();
+            let placeholder = words.next().filter(|w| w.starts_with('<')).map(|w| w.trim_matches(|c| c == '<' || c == '>').to_string());
+            blocks.push((flag, placeholder.unwrap_or_default(), t.to_string()));
+        } else if let Some(b) = blocks.last_mut() {
+            b.2 += " ";
+            b.2 += t;
+        }
+    }
+    blocks
+        .into_iter()
+        .filter(|(_, p, text)| {
+            let default_is_number = text
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+                .is_some_and(|d| d.parse::<f64>().is_ok());
+            !p.is_empty() && (default_is_number || numeric.contains(&p.as_str()))
+        })
+        .map(|(f, ..)| f)
+        .collect()
+}
+
+/// Values tried on numeric flags: zero, negative, fractional, non-finite, out of every integer
+/// type's range, not a number, empty; plus small random integers.
+pub const HOSTILE_NUMBERS: [&str; 12] = ["0", "-1", "2.5", "nan", "inf", "-inf", "1e400", "18446744073709551616", "-9223372036854775809", "abc", "", "0x10"];
+
+/// `n` seeded (flag, value) picks for the numeric flags `flags`: each flag gets
+/// [`HOSTILE_NUMBERS`] values and small integers (0..=16) in turn, in seeded order.
+pub fn flag_cases(flags: &[String], n: usize) -> Vec<(String, String)> {
+    let mut rng = runner(1).new_rng();
+    let mut out = Vec::new();
+    for i in 0..n {
+        if flags.is_empty() {
+            break;
+        }
+        let flag = flags[i % flags.len()].clone();
+        let value = if rng.next_u32() % 4 == 0 {
+            (rng.next_u32() % 17).to_string()
+        } else {
+            HOSTILE_NUMBERS[rng.next_u32() as usize % HOSTILE_NUMBERS.len()].to_string()
+        };
+        out.push((flag, value));
+    }
+    out
+}
+
+/// The placeholders of numeric options without a default in the binaries' `--help`.
+pub const NUMERIC_PLACEHOLDERS: [&str; 16] = [
+    "N", "IMAGE_SIZE", "CLASS_ID", "HEIGHT", "WIDTH", "NUM_IMAGES", "SHOTS", "STOP_AFTER", "LR_RATIO", "ALPHA", "CACHE_BYTES",
+    "MAX_SEQUENCE_LENGTH", "BATCH", "STEPS", "ITERS", "SEED",
+];
+
+/// What a spawned command left: exit code (`None`: killed by a signal), stdout, stderr, whether
+/// it was killed for running too long.
+pub type Spawned = (Option<i32>, String, String, bool);
+
+/// Random values for every numeric flag of every subcommand: for each `(subcommand, base
+/// arguments)` (a quick valid invocation), the numeric flags of `<bin> <subcommand> --help`
+/// ([`numeric_flags`]) get `per_base` seeded values ([`flag_cases`]), each replacing the flag's
+/// value in the base (or added). Every run must end by itself (no hang), with an exit code (no
+/// abort, no out-of-memory kill) and without a panic; a refusal must say something on stderr.
+/// `spawn(args)` runs the binary (two at a time). Returns the number of runs.
+pub fn fuzz_cli(bases: &[(&str, Vec<String>)], numeric: &[&str], per_base: usize, spawn: &(dyn Fn(&[String]) -> Spawned + Sync)) -> usize {
+    let mut cases: Vec<Vec<String>> = Vec::new();
+    for (sub, base) in bases {
+        let (_, help, _, _) = spawn(&[sub.to_string(), "--help".into()]);
+        let flags = numeric_flags(&help, numeric);
+        assert!(!flags.is_empty(), "`{sub} --help` lists no numeric flag:\n{help}");
+        for (flag, value) in flag_cases(&flags, per_base) {
+            let mut args = base.clone();
+            match args.iter().position(|a| *a == flag) {
+                Some(i) if i + 1 < args.len() => args[i + 1] = value,
+                _ => args.extend([flag, value]),
+            }
+            cases.push(args);
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(usize, Spawned)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(args) = cases.get(i) else { break };
+                        out.push((i, spawn(args)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    let mut report = String::new();
+    for (i, (code, _, stderr, timed_out)) in &results {
+        let mut p = Vec::new();
+        if *timed_out {
+            p.push("hung".to_string());
+        } else if code.is_none() {
+            p.push("killed by a signal (abort or out of memory?)".into());
+        }
+        if stderr.contains("panicked at") {
+            p.push("panicked".into());
+        }
+        if code.is_some_and(|c| c != 0) && stderr.trim().is_empty() {
+            p.push("failed without a message".into());
+        }
+        if !p.is_empty() {
+            report += &format!("\n[{}] {}\n  stderr: {}", p.join("; "), cases[*i].join(" "), stderr.trim());
+        }
+    }
+    assert!(report.is_empty(), "{} of {} flag values mishandled:{report}", report.matches("\n[").count(), cases.len());
+    println!("{} runs with random values of numeric flags: no panic, no hang", cases.len());
+    cases.len()
 }

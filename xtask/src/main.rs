@@ -171,7 +171,8 @@ fn main() -> Result<()> {
                 run(cargo("")
                     .args(["test", "-p", krate, "--test", "fuzz", "--", "--nocapture", "--test-threads", "2"])
                     .env("FUZZ_SEED", seed.to_string())
-                    .env("FUZZ_CASES", cases.to_string()))
+                    .env("FUZZ_CASES", cases.to_string())
+                    .env("FUZZ_CLI_CASES", (cases / 20).max(8).to_string()))
                 .with_context(|| format!("replay with: cargo xtask fuzz --cases {cases} --seed {seed}"))?;
             }
         }

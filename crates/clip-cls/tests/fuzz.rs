@@ -5,10 +5,13 @@
 //! field, or loads); seeded byte damage of `model.safetensors`, `config.json`,
 //! `adapter_model.safetensors`, `adapter_config.json`, `vocab.json`, `merges.txt`,
 //! `tokenizer.json` and a CoOp split file (error or success, never a panic, a hang or an
-//! allocation beyond the cap).
+//! allocation beyond the cap); seeded values of every numeric flag of `clip-cls embed`,
+//! `zero-shot`, `train`, `eval` and `spectra` (the binary, under the cap).
 mod common;
 #[path = "../../../tests/common/fuzz.rs"]
 mod fuzz;
+#[path = "../../../tests/common/hostile.rs"]
+mod hostile;
 
 use std::path::Path;
 
@@ -166,4 +169,37 @@ fn coop_split_entries_outside_the_dataset_are_refused() {
         let e = Dataset::open(&data).err().unwrap_or_else(|| panic!("{entry} accepted")).to_string();
         assert!(e.contains(&format!("`{entry}`")) && e.contains("split_zhou_Things.json"), "{e}");
     }
+}
+
+/// Runs `clip-cls` under the hostile tests' address-space cap and time limit; `{OUT}` in the
+/// arguments becomes a fresh path per run.
+fn spawn(out: &Path) -> impl Fn(&[String]) -> fuzz::Spawned + Sync + '_ {
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    move |args: &[String]| {
+        let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let args: Vec<String> = args.iter().map(|a| a.replace("{OUT}", &out.join(format!("run-{n}")).to_string_lossy())).collect();
+        let o = hostile::run(env!("CARGO_BIN_EXE_clip-cls"), &args, &[], true, hostile::TIME_LIMIT);
+        (o.code, o.stdout, o.stderr, o.timed_out)
+    }
+}
+
+#[test]
+fn random_values_of_every_numeric_flag_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let model = common::tiny_model_dir();
+    let m = model.path().to_string_lossy().into_owned();
+    let data = w.join("data");
+    common::colour_dataset(&data, 2, 1);
+    let d = data.to_string_lossy().into_owned();
+    let image = common::images()[0].to_string_lossy().into_owned();
+    let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
+    let bases = [
+        ("embed", strings(&["embed", "--model", &m, "--images", &image, "--texts", "a", "--output", "{OUT}.safetensors"])),
+        ("zero-shot", strings(&["zero-shot", "--model", &m, "--classes", "a,b", &image])),
+        ("train", strings(&["train", "--model", &m, "--dataset", &d, "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--out", "{OUT}"])),
+        ("eval", strings(&["eval", "--model", &m, "--dataset", &d, "--batch", "2"])),
+        ("spectra", strings(&["spectra", "--model", &m, "--output", "{OUT}.json"])),
+    ];
+    fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(8), &spawn(w));
 }

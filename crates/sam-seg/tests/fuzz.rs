@@ -2,10 +2,13 @@
 //! field of the tiny SAM's `config.json` and of a `preprocessor_config.json` edited to 0, −1, 1,
 //! huge, a float, a string, null and removed (the load refuses naming the field, or loads);
 //! seeded byte damage of `model.safetensors`, `config.json`, images, masks and `split.json`
-//! (error or success, never a panic, a hang or an allocation beyond the cap).
+//! (error or success, never a panic, a hang or an allocation beyond the cap); seeded values of
+//! every numeric flag of `sam-seg predict`, `train` and `eval` (the binary, under the cap).
 mod common;
 #[path = "../../../tests/common/fuzz.rs"]
 mod fuzz;
+#[path = "../../../tests/common/hostile.rs"]
+mod hostile;
 
 use std::path::Path;
 
@@ -98,4 +101,34 @@ fn regression_sam_vision_config_patch_size_0_and_window_size_negative() {
         assert!(e.contains(want) && e.contains(&format!("{field}.json")), "{e}");
         println!("{e}");
     }
+}
+
+/// Runs `sam-seg` under the hostile tests' address-space cap and time limit; `{OUT}` in the
+/// arguments becomes a fresh directory per run.
+fn spawn(out: &Path) -> impl Fn(&[String]) -> fuzz::Spawned + Sync + '_ {
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    move |args: &[String]| {
+        let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let args: Vec<String> = args.iter().map(|a| a.replace("{OUT}", &out.join(format!("run-{n}")).to_string_lossy())).collect();
+        let o = hostile::run(env!("CARGO_BIN_EXE_sam-seg"), &args, &[], true, hostile::TIME_LIMIT);
+        (o.code, o.stdout, o.stderr, o.timed_out)
+    }
+}
+
+#[test]
+fn random_values_of_every_numeric_flag_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let data = w.join("data");
+    common::squares(&data, 4);
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (tiny, shapes) = (s(&fixtures().join("sam-tiny")), s(&fixtures().join("sam-tiny-shapes")));
+    let image = s(&fixtures().join("clip-images/rgb_61x47.png"));
+    let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
+    let bases = [
+        ("predict", strings(&["predict", "--model", &tiny, "--image", &image, "--box", "5,6,40,30", "--output", "{OUT}.safetensors"])),
+        ("train", strings(&["train", "--model", &shapes, "--dataset", &s(&data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--image-size", "32", "--out", "{OUT}"])),
+        ("eval", strings(&["eval", "--model", &shapes, "--dataset", &s(&data), "--image-size", "32"])),
+    ];
+    fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(10), &spawn(w));
 }

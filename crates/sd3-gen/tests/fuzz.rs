@@ -3,9 +3,12 @@
 //! edited to 0, −1, 1, huge, a float, a string, null and removed (the load refuses naming the
 //! field, or loads); seeded byte damage of the weights, configs, the T5 shard index, the T5
 //! `tokenizer.json`, `metadata.jsonl` and `split.json` (error or success, never a panic, a hang
-//! or an allocation beyond the cap).
+//! or an allocation beyond the cap); seeded values of every numeric flag of `sd3-gen sample` and
+//! `train` (the binary, under the cap).
 #[path = "../../../tests/common/fuzz.rs"]
 mod fuzz;
+#[path = "../../../tests/common/hostile.rs"]
+mod hostile;
 
 use std::path::{Path, PathBuf};
 
@@ -145,4 +148,44 @@ fn metadata_entries_outside_the_dataset_are_refused() {
         let e = CaptionDataset::open(&data, 0, 0.0).err().unwrap_or_else(|| panic!("{entry} accepted")).to_string();
         assert!(e.contains(&format!("`{entry}`")) && e.contains("metadata.jsonl") && e.contains("line 2"), "{e}");
     }
+}
+
+/// Runs `sd3-gen` under the hostile tests' address-space cap and time limit; `{OUT}` in the
+/// arguments becomes a fresh path per run.
+fn spawn(out: &Path) -> impl Fn(&[String]) -> fuzz::Spawned + Sync + '_ {
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    move |args: &[String]| {
+        let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let args: Vec<String> = args.iter().map(|a| a.replace("{OUT}", &out.join(format!("run-{n}")).to_string_lossy())).collect();
+        let o = hostile::run(env!("CARGO_BIN_EXE_sd3-gen"), &args, &[], true, hostile::TIME_LIMIT);
+        (o.code, o.stdout, o.stderr, o.timed_out)
+    }
+}
+
+#[test]
+fn random_values_of_every_numeric_flag_never_panic() {
+    use serial_lora::io::{read_safetensors, write_safetensors};
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let m = tiny().to_string_lossy().into_owned();
+    // the pipeline inputs of the fixture as the CLI's embeddings and latents files (as hostile.rs)
+    let (r, _) = read_safetensors(&tiny().join("reference.safetensors")).unwrap();
+    let names = ["prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"];
+    let embeds_map: std::collections::BTreeMap<_, _> = names.iter().map(|k| (k.to_string(), r[&format!("pipe.{k}")].clone())).collect();
+    let embeds = w.join("embeds.safetensors");
+    write_safetensors(&embeds, &embeds_map, Default::default()).unwrap();
+    let latents = w.join("latents.safetensors");
+    write_safetensors(&latents, &std::collections::BTreeMap::from([("latents".to_string(), r["pipe.latents"].clone())]), Default::default()).unwrap();
+    let data = w.join("data");
+    captioned(&data);
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
+    let bases = [
+        ("sample", strings(&["sample", "--model", &m, "--prompt-embeds", &s(&embeds), "--latents", &s(&latents), "--steps", "1", "--height", "16", "--width", "12", "--output", "{OUT}.png"])),
+        ("train", strings(&[
+            "train", "--model", &m, "--dataset", &s(&data), "--method", "lora", "--rank", "2", "--iters", "1", "--resolution", "16",
+            "--max-sequence-length", "2", "--no-t5", "--test-fraction", "0", "--out", "{OUT}",
+        ])),
+    ];
+    fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(10), &spawn(w));
 }
