@@ -93,10 +93,13 @@ impl SamProcessor {
         p.image_std = raw.image_std.unwrap_or(p.image_std);
         p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
         if p.longest_edge == 0 || p.longest_edge > p.pad[0].min(p.pad[1]) || p.image_std.contains(&0.0) {
-            return Err(bad(format!("`size.longest_edge` = {} must be positive and fit `pad_size` {:?}; `image_std` non-zero", p.longest_edge, p.pad)));
+            return Err(bad(format!(
+                "`size.longest_edge` = {} must be positive and at most `pad_size.height`, `pad_size.width` = {:?}; `image_std` {:?} non-zero",
+                p.longest_edge, p.pad, p.image_std
+            )));
         }
         if p.pad != [cfg.image_size; 2] {
-            return Err(bad(format!("`pad_size` {:?} differs from the model's image_size {}", p.pad, cfg.image_size)));
+            return Err(bad(format!("`pad_size.height`, `pad_size.width` = {:?} differ from the model's vision_config.image_size {}", p.pad, cfg.image_size)));
         }
         Ok(p)
     }

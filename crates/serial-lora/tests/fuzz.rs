@@ -109,3 +109,26 @@ fn damaged_images_never_panic() {
         fuzz::fuzz_bytes(&images, f, tmp.path(), fuzz::cases(cases), &decode(f));
     }
 }
+
+/// The harness itself: a panicking loader fails the property (after shrinking), and the field
+/// check wants the field in backticks.
+#[test]
+#[should_panic(expected = "a damaged input broke the loader")]
+fn harness_reports_a_panicking_loader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let load = |d: &Path| {
+        let bytes = std::fs::read(d.join("clip-lora.toml")).unwrap();
+        assert!(bytes.len() > 1000, "a planted bug");
+    };
+    fuzz::fuzz_bytes(&root().join("configs/adapters"), "clip-lora.toml", tmp.path(), 4, &load);
+}
+
+#[test]
+fn harness_field_check() {
+    assert!(fuzz::names_field("`vision_config.window_size`: invalid value", "vision_config.window_size"));
+    assert!(fuzz::names_field("`vision_config`: missing field `window_size`", "vision_config.window_size"));
+    assert!(fuzz::names_field("`block_out_channels[1]` = 3 is not…", "block_out_channels[1]"));
+    assert!(!fuzz::names_field("invalid value: integer `-3`, expected usize at line 1 column 1176", "vision_config.window_size"));
+    assert!(!fuzz::names_field("window_size is bad", "vision_config.window_size"));
+    assert!(fuzz::guarded("planted", || panic!("boom")).unwrap_err().contains("boom"));
+}
