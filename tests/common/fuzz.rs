@@ -462,11 +462,13 @@ pub type Spawned = (Option<i32>, String, String, bool);
 /// `spawn(args)` runs the binary (two at a time). Returns the number of runs.
 pub fn fuzz_cli(bases: &[(&str, Vec<String>)], numeric: &[&str], per_base: usize, spawn: &(dyn Fn(&[String]) -> Spawned + Sync)) -> usize {
     let mut cases: Vec<Vec<String>> = Vec::new();
+    let mut picks: Vec<String> = Vec::new();
     for (sub, base) in bases {
         let (_, help, _, _) = spawn(&[sub.to_string(), "--help".into()]);
         let flags = numeric_flags(&help, numeric);
         assert!(!flags.is_empty(), "`{sub} --help` lists no numeric flag:\n{help}");
         for (flag, value) in flag_cases(&flags, per_base) {
+            picks.push(format!("{sub} {flag} {value:?}"));
             let mut args = base.clone();
             match args.iter().position(|a| *a == flag) {
                 Some(i) if i + 1 < args.len() => args[i + 1] = value,
@@ -494,6 +496,8 @@ pub fn fuzz_cli(bases: &[(&str, Vec<String>)], numeric: &[&str], per_base: usize
     });
     let mut report = String::new();
     for (i, (code, _, stderr, timed_out)) in &results {
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        println!("  {:<40} exit {code:?}  {}", picks[*i], last.chars().take(140).collect::<String>());
         let mut p = Vec::new();
         if *timed_out {
             p.push("hung".to_string());
