@@ -108,7 +108,7 @@ impl T5Config {
         let inner = heads.checked_mul(d_kv).ok_or_else(|| format!("`num_heads` · `d_kv` = {heads} · {d_kv} is too large"))?;
         let emb = parse::elements("the token embedding", &[("vocab_size", vocab), ("d_model", d)])?;
         parse::elements("the relative attention bias", &[("relative_attention_num_buckets", buckets), ("num_heads", heads)])?;
-        let attn = parse::elements("an attention projection", &[("d_model", d), ("num_heads · d_kv", inner)])?;
+        let attn = parse::elements("an attention projection", &[("d_model", d), ("d_kv · num_heads", inner)])?;
         let ff = parse::elements("a feed-forward layer", &[("d_model", d), ("d_ff", d_ff)])?;
         let per_layer = attn.saturating_mul(4).saturating_add(ff.saturating_mul(3));
         parse::total_elements(&[("vocab_size", emb), ("num_layers", per_layer.saturating_mul(layers as u64))])?;
