@@ -138,7 +138,7 @@ impl ClipVisionConfig {
         let layers = parse::in_range(&f("num_hidden_layers"), self.num_hidden_layers, 0, parse::MAX_LAYERS)?;
         parse::finite(&f("layer_norm_eps"), self.layer_norm_eps, 0.0, false)?;
         let positions = grid.checked_mul(grid).and_then(|n| n.checked_add(1)).ok_or_else(|| format!("`{}` / `{}` = {grid} patches per side is too many", f("image_size"), f("patch_size")))?;
-        let pos = parse::elements("the position embedding", &[(&format!("({} / patch_size)² + 1", f("image_size")), positions), (&f("hidden_size"), hidden)])?;
+        let pos = parse::elements("the position embedding", &[(&format!("{} / patch_size, squared, + 1", f("image_size")), positions), (&f("hidden_size"), hidden)])?;
         let conv = parse::elements("the patch embedding", &[(&f("num_channels"), channels), (&f("hidden_size"), hidden), (&f("patch_size"), patch), (&f("patch_size"), patch)])?;
         let attn = parse::elements("an attention projection", &[(&f("hidden_size"), hidden), (&f("hidden_size"), hidden)])?;
         let fc = parse::elements("an MLP layer", &[(&f("hidden_size"), hidden), (&f("intermediate_size"), mlp)])?;

@@ -6,7 +6,8 @@
 //! `adapter_model.safetensors`, `adapter_config.json`, `vocab.json`, `merges.txt`,
 //! `tokenizer.json` and a CoOp split file (error or success, never a panic, a hang or an
 //! allocation beyond the cap); seeded values of every numeric flag of `clip-cls train` and
-//! `eval` (the binary, under the cap; `embed`, `zero-shot` and `spectra` have none).
+//! `eval` (the binary, under the cap; `embed`, `zero-shot` and `spectra` have none); every file
+//! of a run directory damaged, then `train --resume`.
 mod common;
 #[path = "../../../tests/common/fuzz.rs"]
 mod fuzz;
@@ -200,4 +201,52 @@ fn random_values_of_every_numeric_flag_never_panic() {
         ("eval", strings(&["eval", "--model", &m, "--dataset", &d, "--batch", "2"])),
     ];
     fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(12), &spawn(w));
+}
+
+/// Every file of a run directory (`train_config.json`, the checkpoint's state, optimizer and
+/// adapter) damaged, then `clip-cls train --resume`: an error or a resumed run, never a panic,
+/// an abort or a hang (the binary, under the cap; each case resumes a fresh copy).
+#[test]
+fn damaged_run_directory_then_resume_never_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let model = common::tiny_model_dir();
+    let data = w.join("data");
+    common::colour_dataset(&data, 2, 0);
+    let run = w.join("run");
+    let args = |out: &Path, resume: bool| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train", "--model", &model.path().to_string_lossy(), "--dataset", &data.to_string_lossy(), "--method", "serial-lora-plus",
+            "--rank", "2", "--iters", "3", "--batch", "2", "--save-steps", "1", "--out", &out.to_string_lossy(),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(if resume { vec!["--resume".to_string()] } else { vec!["--stop-after".into(), "1".into()] });
+        a
+    };
+    let first = hostile::run(env!("CARGO_BIN_EXE_clip-cls"), &args(&run, false), &[], false, hostile::TIME_LIMIT);
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let mut files = Vec::new();
+    for sub in ["", "checkpoint"] {
+        for e in std::fs::read_dir(run.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                files.push(p.strip_prefix(&run).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.iter().any(|f| f.starts_with("checkpoint/")) && files.len() >= 4, "{files:?}");
+    let copies = std::sync::atomic::AtomicUsize::new(0);
+    let resume = |d: &Path| {
+        // resuming writes into the run: each case resumes its own copy
+        let copy = w.join(format!("resume-{}", copies.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+        fuzz::copy_dir(d, &copy);
+        let o = hostile::run(env!("CARGO_BIN_EXE_clip-cls"), &args(&copy, true), &[], true, hostile::TIME_LIMIT);
+        let _ = std::fs::remove_dir_all(&copy);
+        assert!(!o.timed_out && o.code.is_some() && !o.stderr.contains("panicked at"), "resume: {:?}\n{}", o.code, o.stderr);
+    };
+    for f in &files {
+        fuzz::fuzz_bytes(&run, f, &w.join("damaged"), fuzz::cli_cases(12) as u32, &resume);
+    }
 }

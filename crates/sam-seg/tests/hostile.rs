@@ -96,7 +96,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
             v["prompt_encoder_config"]["image_embedding_size"] = 65_536.into();
         })
     });
-    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "model.safetensors").and("pos_embed").memory_limited());
+    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "config.json").and("`vision_config.image_size").and("position embedding").memory_limited());
 
     // adapters
     let clip_adapter = fixtures().join("clip-tiny/peft_lora");

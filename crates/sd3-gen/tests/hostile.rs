@@ -67,7 +67,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     });
     cases.push(Case::new("transformer weights: header shape larger than data", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").memory_limited());
     let d = variant("transformer-config-huge", &|d| make::edit_json(&d.join("transformer/config.json"), |v| v["pos_embed_max_size"] = 300_000.into()));
-    cases.push(Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").and("pos_embed").memory_limited());
+    cases.push(Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "transformer/config.json").and("`pos_embed_max_size").memory_limited());
     let vw = model.join("vae/diffusion_pytorch_model.safetensors");
     let vst = Safetensors::read(&vw);
     let vkey = vst.find("decoder.conv_in.weight", 4);
