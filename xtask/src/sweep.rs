@@ -124,7 +124,7 @@ pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T
     let de = toml::Deserializer::parse(text)?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." { anyhow::anyhow!("{}", e.inner()) } else { anyhow::anyhow!("`{path}`: {}", e.inner()) }
+        if path == "." || path == "?" { anyhow::anyhow!("{}", e.inner()) } else { anyhow::anyhow!("`{path}`: {}", e.inner()) }
     })
 }
 

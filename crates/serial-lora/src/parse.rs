@@ -23,10 +23,10 @@ pub const MAX_MODEL_ELEMENTS: u64 = 1 << 34;
 pub const MAX_LAYERS: usize = 4096;
 
 /// Formats a `serde_path_to_error` error: `` `a.b[2].c`: <message> `` (the message alone when the
-/// error is at the root, e.g. malformed JSON).
+/// error is at the root or at no field: malformed JSON, where the path is `?`).
 fn with_path<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
     let path = e.path().to_string();
-    if path == "." { e.inner().to_string() } else { format!("`{path}`: {}", e.inner()) }
+    if path == "." || path == "?" { e.inner().to_string() } else { format!("`{path}`: {}", e.inner()) }
 }
 
 /// Parses JSON text into `T`; the error names the field path at fault.
@@ -149,6 +149,8 @@ mod tests {
         let e = json::<Outer>(r#"{"vision_config": {}}"#).unwrap_err();
         assert!(e.contains("vision_config") && e.contains("window_size"), "{e}");
         assert!(json::<Outer>(r#"{"vision_config": {"window_size": 3}} x"#).is_err());
+        let e = json::<Outer>(r#"{"vision_config": {"wind"#).unwrap_err();
+        assert!(e.starts_with("EOF while parsing"), "{e}");
     }
 
     #[test]
