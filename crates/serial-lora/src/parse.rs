@@ -25,7 +25,9 @@ pub const MAX_LAYERS: usize = 4096;
 /// Formats a `serde_path_to_error` error: `` `a.b[2].c`: <message> `` (the message alone when the
 /// error is at the root or at no field: malformed JSON, where the path is `?`).
 fn with_path<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
-    let path = e.path().to_string();
+    // a syntax error inside `a.b` ends in an unknown segment: `a.b.?`
+    let full = e.path().to_string();
+    let path = full.strip_suffix(".?").unwrap_or(&full);
     if path == "." || path == "?" { e.inner().to_string() } else { format!("`{path}`: {}", e.inner()) }
 }
 
@@ -150,7 +152,8 @@ mod tests {
         assert!(e.contains("vision_config") && e.contains("window_size"), "{e}");
         assert!(json::<Outer>(r#"{"vision_config": {"window_size": 3}} x"#).is_err());
         let e = json::<Outer>(r#"{"vision_config": {"wind"#).unwrap_err();
-        assert!(e.starts_with("EOF while parsing"), "{e}");
+        assert!(e.starts_with("`vision_config`: EOF while parsing"), "{e}");
+        assert!(json::<Outer>("{").unwrap_err().starts_with("EOF while parsing"));
     }
 
     #[test]
