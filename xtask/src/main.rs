@@ -51,6 +51,15 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Longer fuzzing than CI's: the in-process loader fuzz suites of every crate (`tests/fuzz.rs`,
+    /// harness `tests/common/fuzz.rs`) with `--cases` byte-mutation cases per file and the given
+    /// (or a clock-derived, printed) seed; a failure prints the shrunk input and the seed to replay.
+    Fuzz {
+        #[arg(long, default_value_t = 2000)]
+        cases: u32,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Time training and inference steps of a model on synthetic inputs (random weights of the
     /// real config), optionally next to PyTorch + PEFT (`--vs-pytorch`); see docs/perf.md.
     Perf(perf::PerfArgs),
@@ -161,6 +170,18 @@ fn main() -> Result<()> {
         Cmd::BenchAll(args) => bench_all(&args)?,
         Cmd::SmokeCheck => smoke_check()?,
         Cmd::Perf(args) => perf::perf(&args)?,
+        Cmd::Fuzz { cases, seed } => {
+            let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+            eprintln!("fuzzing with FUZZ_SEED={seed} FUZZ_CASES={cases}");
+            for krate in ["serial-lora", "clip-cls", "sam-seg", "sd3-gen"] {
+                run(cargo("")
+                    .args(["test", "-p", krate, "--test", "fuzz", "--", "--nocapture", "--test-threads", "2"])
+                    .env("FUZZ_SEED", seed.to_string())
+                    .env("FUZZ_CASES", cases.to_string())
+                    .env("FUZZ_CLI_CASES", (cases / 20).max(8).to_string()))
+                .with_context(|| format!("replay with: cargo xtask fuzz --cases {cases} --seed {seed}"))?;
+            }
+        }
         Cmd::Report { out } => {
             let out = absolute(&out)?;
             eprintln!("wrote {}", report::report(&root(), &out)?.display());

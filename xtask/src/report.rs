@@ -130,7 +130,7 @@ impl Paper {
     fn load(root: &Path) -> Result<Self> {
         let p = root.join("configs/paper-results.toml");
         let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        Ok(Self(toml::from_str(&text).with_context(|| format!("{}", p.display()))?))
+        Ok(Self(crate::sweep::parse_toml(&text).with_context(|| format!("{}", p.display()))?))
     }
 
     fn get(&self, table: &str, key: &str) -> Option<&toml::Value> {

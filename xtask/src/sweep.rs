@@ -119,12 +119,21 @@ impl Vars<'_> {
     }
 }
 
+/// Parses TOML into `T`; the error names the key path at fault (`grid.rank`).
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let de = toml::Deserializer::parse(text)?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." || path == "?" { anyhow::anyhow!("{}", e.inner()) } else { anyhow::anyhow!("`{path}`: {}", e.inner()) }
+    })
+}
+
 impl Preset {
     /// Reads `configs/<name>.toml` (or a path to a TOML file).
     pub fn load(root: &Path, name: &str) -> Result<(PathBuf, Preset)> {
         let path = if name.ends_with(".toml") { PathBuf::from(name) } else { root.join("configs").join(format!("{name}.toml")) };
         let text = std::fs::read_to_string(&path).with_context(|| format!("--preset {name}: reading {}", path.display()))?;
-        let preset: Preset = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let preset: Preset = parse_toml(&text).with_context(|| format!("{}", path.display()))?;
         Ok((path, preset))
     }
 

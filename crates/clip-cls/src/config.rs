@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serial_lora::layers::Activation;
+use serial_lora::parse;
 
 use crate::error::{ClipError, Result};
 
@@ -99,29 +100,73 @@ impl ClipVisionConfig {
     }
 }
 
+impl ClipTextConfig {
+    /// Checks every size before anything is computed from it (errors name the field, under
+    /// `prefix`, e.g. `text_config.`) and that no tensor exceeds [`parse::MAX_TENSOR_ELEMENTS`].
+    /// Returns the model's parameter count (without the projection).
+    pub fn validate(&self, prefix: &str) -> Result<u64, String> {
+        let f = |name: &str| format!("{prefix}{name}");
+        let hidden = parse::at_least(&f("hidden_size"), self.hidden_size, 1)?;
+        let heads = parse::at_least(&f("num_attention_heads"), self.num_attention_heads, 1)?;
+        parse::exact_div(&format!("`{}`", f("hidden_size")), hidden, &f("num_attention_heads"), heads)?;
+        let vocab = parse::at_least(&f("vocab_size"), self.vocab_size, 1)?;
+        let positions = parse::at_least(&f("max_position_embeddings"), self.max_position_embeddings, 1)?;
+        let mlp = parse::at_least(&f("intermediate_size"), self.intermediate_size, 1)?;
+        let layers = parse::in_range(&f("num_hidden_layers"), self.num_hidden_layers, 0, parse::MAX_LAYERS)?;
+        parse::finite(&f("layer_norm_eps"), self.layer_norm_eps, 0.0, false)?;
+        let tok = parse::elements("the token embedding", &[(&f("vocab_size"), vocab), (&f("hidden_size"), hidden)])?;
+        let pos = parse::elements("the position embedding", &[(&f("max_position_embeddings"), positions), (&f("hidden_size"), hidden)])?;
+        let attn = parse::elements("an attention projection", &[(&f("hidden_size"), hidden), (&f("hidden_size"), hidden)])?;
+        let fc = parse::elements("an MLP layer", &[(&f("hidden_size"), hidden), (&f("intermediate_size"), mlp)])?;
+        let per_layer = attn.saturating_mul(4).saturating_add(fc.saturating_mul(2));
+        parse::total_elements(&[(&f("vocab_size"), tok.saturating_add(pos)), (&f("num_hidden_layers"), per_layer.saturating_mul(layers as u64))])
+    }
+}
+
+impl ClipVisionConfig {
+    /// As [`ClipTextConfig::validate`], for the vision tower (`vision_config.`).
+    pub fn validate(&self, prefix: &str) -> Result<u64, String> {
+        let f = |name: &str| format!("{prefix}{name}");
+        let hidden = parse::at_least(&f("hidden_size"), self.hidden_size, 1)?;
+        let heads = parse::at_least(&f("num_attention_heads"), self.num_attention_heads, 1)?;
+        parse::exact_div(&format!("`{}`", f("hidden_size")), hidden, &f("num_attention_heads"), heads)?;
+        let patch = parse::at_least(&f("patch_size"), self.patch_size, 1)?;
+        parse::at_least(&f("image_size"), self.image_size, 1)?;
+        let grid = parse::exact_div(&format!("`{}`", f("image_size")), self.image_size, &f("patch_size"), patch)?;
+        let channels = parse::at_least(&f("num_channels"), self.num_channels, 1)?;
+        let mlp = parse::at_least(&f("intermediate_size"), self.intermediate_size, 1)?;
+        let layers = parse::in_range(&f("num_hidden_layers"), self.num_hidden_layers, 0, parse::MAX_LAYERS)?;
+        parse::finite(&f("layer_norm_eps"), self.layer_norm_eps, 0.0, false)?;
+        let positions = grid.checked_mul(grid).and_then(|n| n.checked_add(1)).ok_or_else(|| format!("`{}` / `{}` = {grid} patches per side is too many", f("image_size"), f("patch_size")))?;
+        let pos = parse::elements("the position embedding", &[(&format!("{} / patch_size, squared, + 1", f("image_size")), positions), (&f("hidden_size"), hidden)])?;
+        let conv = parse::elements("the patch embedding", &[(&f("num_channels"), channels), (&f("hidden_size"), hidden), (&f("patch_size"), patch), (&f("patch_size"), patch)])?;
+        let attn = parse::elements("an attention projection", &[(&f("hidden_size"), hidden), (&f("hidden_size"), hidden)])?;
+        let fc = parse::elements("an MLP layer", &[(&f("hidden_size"), hidden), (&f("intermediate_size"), mlp)])?;
+        let per_layer = attn.saturating_mul(4).saturating_add(fc.saturating_mul(2));
+        parse::total_elements(&[(&f("image_size"), pos.saturating_add(conv)), (&f("num_hidden_layers"), per_layer.saturating_mul(layers as u64))])
+    }
+}
+
 impl ClipConfig {
-    /// Reads a transformers `config.json` (unknown fields are ignored).
+    /// Reads a transformers `config.json` (unknown fields are ignored); errors name the file
+    /// and the field (`vision_config.patch_size`).
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ClipError::Io { path: path.into(), source: e })?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| ClipError::Config { path: path.into(), message: e.to_string() })?;
+        let cfg: Self = parse::json(&text).map_err(|message| ClipError::Config { path: path.into(), message })?;
         cfg.validate().map_err(|message| ClipError::Config { path: path.into(), message })?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        let (t, v) = (&self.text_config, &self.vision_config);
-        let checks = [
-            (t.hidden_size % t.num_attention_heads.max(1) == 0 && t.num_attention_heads > 0, "text_config.hidden_size must be a multiple of num_attention_heads"),
-            (v.hidden_size % v.num_attention_heads.max(1) == 0 && v.num_attention_heads > 0, "vision_config.hidden_size must be a multiple of num_attention_heads"),
-            (v.patch_size > 0 && v.image_size % v.patch_size.max(1) == 0, "vision_config.image_size must be a multiple of patch_size"),
-            (t.vocab_size > 0 && t.max_position_embeddings > 0, "text_config.vocab_size and max_position_embeddings must be > 0"),
-            (self.projection_dim > 0, "projection_dim must be > 0"),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, msg)) => Err(msg.to_string()),
-            None => Ok(()),
-        }
+    /// Checks every value before anything is computed from it; errors name the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let text = self.text_config.validate("text_config.")?;
+        let vision = self.vision_config.validate("vision_config.")?;
+        let proj = parse::at_least("projection_dim", self.projection_dim, 1)?;
+        parse::elements("the text projection", &[("text_config.hidden_size", self.text_config.hidden_size), ("projection_dim", proj)])?;
+        parse::elements("the visual projection", &[("vision_config.hidden_size", self.vision_config.hidden_size), ("projection_dim", proj)])?;
+        parse::finite("logit_scale_init_value", self.logit_scale_init_value, f64::MIN, false)?;
+        parse::total_elements(&[("text_config", text), ("vision_config", vision)])?;
+        Ok(())
     }
 
     fn openai(text_hidden: usize, text_heads: usize, vision: (usize, usize, usize, usize, usize), proj: usize) -> Self {

@@ -101,13 +101,13 @@ impl Dataset {
     fn from_coop(dir: &Path, split_file: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(split_file).map_err(io_err(split_file))?;
         let raw: BTreeMap<String, Vec<(String, usize, String)>> =
-            serde_json::from_str(&text).map_err(|e| bad(split_file, format!("not a CoOp split ({{split: [[path, label, classname], ...]}}): {e}")))?;
+            serial_lora::parse::json(&text).map_err(|e| bad(split_file, format!("not a CoOp split ({{split: [[path, label, classname], ...]}}): {e}")))?;
         let stem = split_file.file_stem().and_then(|s| s.to_str()).unwrap_or("").trim_start_matches("split_zhou_");
         let first = raw.values().flatten().next().ok_or_else(|| bad(split_file, "every split is empty"))?;
         // The image root: the dataset's CoOp subfolder, `images/`, or the folder itself.
         let known = COOP.iter().find(|(n, ..)| *n == stem).map(|(_, d, _)| *d);
         let candidates: Vec<PathBuf> = known.into_iter().chain(["images", ""]).map(|d| dir.join(d)).collect();
-        let image_root = candidates.iter().find(|r| r.join(&first.0).is_file()).ok_or_else(|| {
+        let image_root = candidates.iter().find(|r| serial_lora::parse::contained_path(r, &first.0).is_ok_and(|p| p.is_file())).ok_or_else(|| {
             bad(split_file, format!("image `{}` is not under any of {}", first.0, names(&candidates)))
         })?;
         let mut classnames: BTreeMap<usize, String> = BTreeMap::new();
@@ -121,7 +121,8 @@ impl Dataset {
                 {
                     return Err(bad(split_file, format!("label {label} is both `{prev}` and `{name}`")));
                 }
-                items.push(Item { path: image_root.join(rel), label });
+                let path = serial_lora::parse::contained_path(image_root, &rel).map_err(|e| bad(split_file, format!("split `{split}`: {e}")))?;
+                items.push(Item { path, label });
             }
             splits.insert(split, items);
         }

@@ -80,12 +80,15 @@ pub fn load_clip_text<B: Backend>(dir: &Path, device: &B::Device) -> Result<crat
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ClipError::Io { path: path.clone(), source: e })?;
     let bad = |m: String| ClipError::Config { path: path.clone(), message: m };
-    let cfg: crate::config::ClipTextConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let proj = raw.get("projection_dim").and_then(|v| v.as_u64()).ok_or_else(|| bad("no projection_dim".into()))? as usize;
-    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-        return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
+    let cfg: crate::config::ClipTextConfig = serial_lora::parse::json(&text).map_err(bad)?;
+    #[derive(serde::Deserialize)]
+    struct Projection {
+        projection_dim: usize,
     }
+    let proj = serial_lora::parse::json::<Projection>(&text).map_err(bad)?.projection_dim;
+    cfg.validate("").map_err(bad)?;
+    serial_lora::parse::at_least("projection_dim", proj, 1).map_err(bad)?;
+    serial_lora::parse::elements("the text projection", &[("hidden_size", cfg.hidden_size), ("projection_dim", proj)]).map_err(bad)?;
     let model = crate::model::ClipTextModelWithProjection::new(&cfg, proj, device);
     let (model, _) = load_safetensors(model, &dir.join("model.safetensors"), &KEY_TABLE, false)?;
     Ok(model)
@@ -98,12 +101,12 @@ fn shards(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         path: dir.join("model.safetensors"),
         source: std::io::Error::new(e.kind(), format!("no model.safetensors and no readable model.safetensors.index.json ({e})")),
     })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ClipError::Config { path: index.clone(), message: e.to_string() })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ClipError::Config {
-        path: index.clone(),
-        message: "no `weight_map` object".into(),
-    })?;
-    let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let bad = |message: String| ClipError::Config { path: index.clone(), message };
+    let v: Index = serial_lora::parse::json(&text).map_err(bad)?;
+    let files: BTreeSet<&str> = v.weight_map.values().map(String::as_str).collect();
+    files.into_iter().map(|f| serial_lora::parse::contained_path(dir, f).map_err(|m| bad(format!("`weight_map`: {m}")))).collect()
 }

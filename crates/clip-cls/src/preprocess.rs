@@ -61,40 +61,47 @@ impl ImageProcessor {
         }
         let bad = |m: String| ClipError::Config { path: path.clone(), message: m };
         let text = std::fs::read_to_string(&path).map_err(|e| ClipError::Io { path: path.clone(), source: e })?;
-        let raw: RawProcessor = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: RawProcessor = serial_lora::parse::json(&text).map_err(bad)?;
         if raw.resample.is_some_and(|r| r != 3) {
-            return Err(bad(format!("resample {:?} is not supported (only 3 = bicubic)", raw.resample)));
+            return Err(bad(format!("`resample` {:?} is not supported (only 3 = bicubic)", raw.resample)));
         }
         let mut p = Self::for_vision(cfg);
-        match raw.size {
-            Some(serde_json::Value::Number(n)) => p.shortest_edge = n.as_u64().unwrap_or(0) as usize,
-            Some(v) => match v.get("shortest_edge").and_then(|s| s.as_u64()) {
-                Some(s) => p.shortest_edge = s as usize,
-                None => return Err(bad(format!("size {v} has no shortest_edge"))),
+        // a positive integer, or an object with one under `key`
+        let size = |v: &serde_json::Value, field: &str| -> Result<usize> {
+            v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| bad(format!("`{field}` = {v} must be a positive integer")))
+        };
+        match &raw.size {
+            Some(n @ serde_json::Value::Number(_)) => p.shortest_edge = size(n, "size")?,
+            Some(v) => match v.get("shortest_edge") {
+                Some(s) => p.shortest_edge = size(s, "size.shortest_edge")?,
+                None => return Err(bad(format!("`size` {v} has no `shortest_edge`"))),
             },
             None => {}
         }
-        match raw.crop_size {
-            Some(serde_json::Value::Number(n)) => p.crop = [n.as_u64().unwrap_or(0) as usize; 2],
-            Some(v) => match (v.get("height").and_then(|s| s.as_u64()), v.get("width").and_then(|s| s.as_u64())) {
-                (Some(h), Some(w)) => p.crop = [h as usize, w as usize],
-                _ => return Err(bad(format!("crop_size {v} needs height and width"))),
+        match &raw.crop_size {
+            Some(n @ serde_json::Value::Number(_)) => p.crop = [size(n, "crop_size")?; 2],
+            Some(v) => match (v.get("height"), v.get("width")) {
+                (Some(h), Some(w)) => p.crop = [size(h, "crop_size.height")?, size(w, "crop_size.width")?],
+                _ => return Err(bad(format!("`crop_size` {v} needs `height` and `width`"))),
             },
             None => {}
         }
         p.image_mean = raw.image_mean.unwrap_or(p.image_mean);
         p.image_std = raw.image_std.unwrap_or(p.image_std);
         p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
-        if p.shortest_edge == 0 || p.crop.contains(&0) || p.image_std.contains(&0.0) {
-            return Err(bad("sizes and std must be non-zero".into()));
+        if p.image_std.contains(&0.0) {
+            return Err(bad(format!("`image_std` {:?} must be non-zero", p.image_std)));
         }
         // the position table fixes the input size: another crop would not fit the model
         if p.crop != [cfg.image_size; 2] {
-            return Err(bad(format!("crop_size {:?} differs from the model's vision_config.image_size {}", p.crop, cfg.image_size)));
+            return Err(bad(format!(
+                "`crop_size.height`, `crop_size.width` = {:?} differ from the model's vision_config.image_size {}",
+                p.crop, cfg.image_size
+            )));
         }
         // every image is resized to this before the crop: a huge value would allocate that much
         if p.shortest_edge > 8 * cfg.image_size {
-            return Err(bad(format!("size.shortest_edge {} is more than 8× the crop size {}", p.shortest_edge, cfg.image_size)));
+            return Err(bad(format!("`size.shortest_edge` = {} is more than 8× the crop size {}", p.shortest_edge, cfg.image_size)));
         }
         Ok(p)
     }

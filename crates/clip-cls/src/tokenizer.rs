@@ -134,7 +134,7 @@ impl ClipTokenizer {
     /// `vocab.json` (token → id) and `merges.txt` (`#version` header, one "a b" pair a line).
     pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(vocab_path).map_err(|e| io_err(vocab_path, e))?;
-        let map: HashMap<String, u32> = serde_json::from_str(&text).map_err(|e| bad(vocab_path, e.to_string()))?;
+        let map: HashMap<String, u32> = serial_lora::parse::json(&text).map_err(|e| bad(vocab_path, e))?;
         let merges_text = std::fs::read_to_string(merges_path).map_err(|e| io_err(merges_path, e))?;
         let merges = merges_text
             .lines()
@@ -151,7 +151,7 @@ impl ClipTokenizer {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
         let model = &v["model"];
         let map: HashMap<String, u32> =
-            serde_json::from_value(model["vocab"].clone()).map_err(|e| bad(path, format!("model.vocab: {e}")))?;
+            serial_lora::parse::json_value(model["vocab"].clone()).map_err(|e| bad(path, format!("model.vocab: {e}")))?;
         let merges = model["merges"]
             .as_array()
             .ok_or_else(|| bad(path, "model.merges is missing"))?

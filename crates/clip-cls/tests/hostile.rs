@@ -126,7 +126,10 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let d = variant(w, model, "config-zero-patch", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()));
     cases.push(Case::new("config.json: patch_size 0", &embed_model(&d), "config.json").and("patch_size"));
     let d = variant(w, model, "config-huge-image", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["image_size"] = 800_000.into()));
-    cases.push(Case::new("config.json: image_size 800000 (a 10^10-entry position table)", &embed_model(&d), "model.safetensors").and("position_embedding").memory_limited());
+    cases.push(Case::new("config.json: image_size 800000 (a 10^10-entry position table)", &embed_model(&d), "config.json").and("`vision_config.image_size").and("position embedding").memory_limited());
+    // regression found by the fuzz suite (issue 17): 2^40 layers were allocated
+    let d = variant(w, model, "regression-text-layers", |d| make::edit_json(&d.join("config.json"), |v| v["text_config"]["num_hidden_layers"] = (1u64 << 40).into()));
+    cases.push(Case::new("regression (issue 17): text_config.num_hidden_layers 2^40", &embed_model(&d), "config.json").and("`text_config.num_hidden_layers`").memory_limited());
     let d = variant(w, model, "preprocessor-crop", |d| {
         make::text(&d.join("preprocessor_config.json"), r#"{"crop_size": {"height": 48, "width": 48}, "size": {"shortest_edge": 48}}"#);
     });

@@ -121,7 +121,7 @@ impl SegDataset {
         let split_file = dir.join("split.json");
         let splits: BTreeMap<String, Vec<String>> = if split_file.is_file() {
             let text = std::fs::read_to_string(&split_file).map_err(|e| SamError::Io { path: split_file.clone(), source: e })?;
-            serde_json::from_str(&text).map_err(|e| bad(&split_file, format!("expected {{\"train\": [stems], \"test\": [stems]}}: {e}")))?
+            serial_lora::parse::json(&text).map_err(|e| bad(&split_file, format!("expected {{\"train\": [stems], \"test\": [stems]}}: {e}")))?
         } else {
             let mut stems: Vec<String> = images.keys().cloned().collect();
             stems.shuffle(&mut StdRng::seed_from_u64(seed));

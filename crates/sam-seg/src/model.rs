@@ -63,6 +63,8 @@ impl<B: Backend> SamModel<B> {
             return Err(SamError::Config { path: "--image-size".into(), message: format!("{size} is not a positive multiple of the patch size {}", v.patch_size) });
         }
         let g = size / v.patch_size;
+        serial_lora::parse::elements("the resized position embedding", &[("--image-size / patch_size", g), ("--image-size / patch_size", g), ("vision_config.hidden_size", v.hidden_size)])
+            .map_err(|message| SamError::Config { path: "--image-size".into(), message })?;
         if g == v.grid() {
             return Ok(self);
         }

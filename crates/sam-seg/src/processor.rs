@@ -32,12 +32,23 @@ pub struct SamProcessor {
 
 #[derive(Deserialize)]
 struct Raw {
-    size: Option<serde_json::Value>,
-    pad_size: Option<serde_json::Value>,
+    size: Option<RawSize>,
+    pad_size: Option<RawPad>,
     image_mean: Option<[f32; 3]>,
     image_std: Option<[f32; 3]>,
     rescale_factor: Option<f32>,
     resample: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawSize {
+    longest_edge: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RawPad {
+    height: Option<usize>,
+    width: Option<usize>,
 }
 
 /// An image ready for the model, with the sizes postprocessing needs.
@@ -71,21 +82,24 @@ impl SamProcessor {
         }
         let bad = |m: String| SamError::Config { path: path.clone(), message: m };
         let text = std::fs::read_to_string(&path).map_err(|e| SamError::Io { path: path.clone(), source: e })?;
-        let raw: Raw = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: Raw = serial_lora::parse::json(&text).map_err(bad)?;
         if raw.resample.is_some_and(|r| r != 2) {
-            return Err(bad(format!("resample {:?} is not supported (only 2 = bilinear)", raw.resample)));
+            return Err(bad(format!("`resample` {:?} is not supported (only 2 = bilinear)", raw.resample)));
         }
-        let get = |v: &Option<serde_json::Value>, k: &str| v.as_ref().and_then(|v| v.get(k)).and_then(|x| x.as_u64()).map(|x| x as usize);
-        p.longest_edge = get(&raw.size, "longest_edge").unwrap_or(p.longest_edge);
-        p.pad = [get(&raw.pad_size, "height").unwrap_or(p.pad[0]), get(&raw.pad_size, "width").unwrap_or(p.pad[1])];
+        p.longest_edge = raw.size.and_then(|s| s.longest_edge).unwrap_or(p.longest_edge);
+        let pad = raw.pad_size.unwrap_or(RawPad { height: None, width: None });
+        p.pad = [pad.height.unwrap_or(p.pad[0]), pad.width.unwrap_or(p.pad[1])];
         p.image_mean = raw.image_mean.unwrap_or(p.image_mean);
         p.image_std = raw.image_std.unwrap_or(p.image_std);
         p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
         if p.longest_edge == 0 || p.longest_edge > p.pad[0].min(p.pad[1]) || p.image_std.contains(&0.0) {
-            return Err(bad(format!("longest_edge {} must be positive and fit pad_size {:?}; std non-zero", p.longest_edge, p.pad)));
+            return Err(bad(format!(
+                "`size.longest_edge` = {} must be positive and at most `pad_size.height`, `pad_size.width` = {:?}; `image_std` {:?} non-zero",
+                p.longest_edge, p.pad, p.image_std
+            )));
         }
         if p.pad != [cfg.image_size; 2] {
-            return Err(bad(format!("pad_size {:?} differs from the model's image_size {}", p.pad, cfg.image_size)));
+            return Err(bad(format!("`pad_size.height`, `pad_size.width` = {:?} differ from the model's vision_config.image_size {}", p.pad, cfg.image_size)));
         }
         Ok(p)
     }

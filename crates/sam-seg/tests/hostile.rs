@@ -96,7 +96,18 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
             v["prompt_encoder_config"]["image_embedding_size"] = 65_536.into();
         })
     });
-    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "model.safetensors").and("pos_embed").memory_limited());
+    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "config.json").and("`vision_config.image_size").and("position embedding").memory_limited());
+    // regressions found by the fuzz suite (issue 17): a divide by zero formatting the error, an
+    // error without the field, an allocation of 2^40 blocks
+    for (name, section, field, value) in [
+        ("regression (issue 17): vision_config.patch_size 0", "vision_config", "patch_size", serde_json::json!(0)),
+        ("regression (issue 17): prompt_encoder_config.patch_size 0", "prompt_encoder_config", "patch_size", serde_json::json!(0)),
+        ("regression (issue 17): vision_config.window_size -3", "vision_config", "window_size", serde_json::json!(-3)),
+        ("regression (issue 17): mask_decoder_config.iou_head_depth 2^40", "mask_decoder_config", "iou_head_depth", serde_json::json!(1u64 << 40)),
+    ] {
+        let d = variant(&format!("regression-{section}-{field}"), &|d| make::edit_json(&d.join("config.json"), |v| v[section][field] = value.clone()));
+        cases.push(Case::new(name, &predict(s(&d), &image, &[]), "config.json").and(format!("`{section}.{field}`")).memory_limited());
+    }
 
     // adapters
     let clip_adapter = fixtures().join("clip-tiny/peft_lora");

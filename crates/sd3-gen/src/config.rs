@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serial_lora::parse;
 
 use crate::error::{Result, Sd3Error};
 
@@ -75,28 +76,57 @@ impl Sd3TransformerConfig {
         self.num_attention_heads * self.attention_head_dim
     }
 
-    /// Reads and checks a `config.json`.
+    /// Reads and checks a `config.json`; errors name the file and the field.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Sd3Error::Io { path: path.into(), source: e })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.into(), message: e.to_string() })?;
-        let bad = |m: String| Err(Sd3Error::Config { path: path.into(), message: m });
-        if cfg.dual_attention_layers.iter().any(|&i| i >= cfg.num_layers) {
-            return bad(format!("dual_attention_layers {:?} beyond {} layers", cfg.dual_attention_layers, cfg.num_layers));
+        let cfg: Self = parse::json(&text).map_err(|message| Sd3Error::Config { path: path.into(), message })?;
+        cfg.validate().map_err(|message| Sd3Error::Config { path: path.into(), message })?;
+        Ok(cfg)
+    }
+
+    /// Checks every value before anything is computed from it, and that no tensor of the model
+    /// exceeds [`parse::MAX_TENSOR_ELEMENTS`] (nor the model [`parse::MAX_MODEL_ELEMENTS`]);
+    /// errors name the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let layers = parse::in_range("num_layers", self.num_layers, 1, parse::MAX_LAYERS)?;
+        if let Some(i) = self.dual_attention_layers.iter().find(|&&i| i >= layers) {
+            return Err(format!("`dual_attention_layers` names block {i}, beyond the {layers} blocks (`num_layers`)"));
         }
-        if cfg.qk_norm.as_deref().is_some_and(|n| n != "rms_norm") {
-            return bad(format!("qk_norm {:?} is not supported (None or rms_norm)", cfg.qk_norm));
+        if self.qk_norm.as_deref().is_some_and(|n| n != "rms_norm") {
+            return Err(format!("`qk_norm` {:?} is not supported (None or rms_norm)", self.qk_norm));
         }
-        if cfg.caption_projection_dim != cfg.inner_dim() || cfg.patch_size == 0 || cfg.num_layers == 0 {
-            return bad(format!(
-                "caption_projection_dim {} must equal num_attention_heads·attention_head_dim ({}·{} = {}); patch_size {} and num_layers {} must be positive",
-                cfg.caption_projection_dim,
-                cfg.num_attention_heads,
-                cfg.attention_head_dim,
-                cfg.inner_dim(),
-                cfg.patch_size,
-                cfg.num_layers
+        let heads = parse::at_least("num_attention_heads", self.num_attention_heads, 1)?;
+        let head_dim = parse::at_least("attention_head_dim", self.attention_head_dim, 1)?;
+        let d = heads.checked_mul(head_dim).filter(|&d| d as u64 <= parse::MAX_TENSOR_ELEMENTS).ok_or_else(|| {
+            format!("`num_attention_heads` · `attention_head_dim` = {heads} · {head_dim} is too large")
+        })?;
+        if self.caption_projection_dim != d {
+            return Err(format!(
+                "`caption_projection_dim` = {} must equal `num_attention_heads` · `attention_head_dim` = {heads} · {head_dim} = {d}",
+                self.caption_projection_dim
             ));
         }
-        Ok(cfg)
+        let patch = parse::at_least("patch_size", self.patch_size, 1)?;
+        let cin = parse::at_least("in_channels", self.in_channels, 1)?;
+        let cout = parse::at_least("out_channels", self.out_channels, 1)?;
+        let joint = parse::at_least("joint_attention_dim", self.joint_attention_dim, 1)?;
+        let pooled = parse::at_least("pooled_projection_dim", self.pooled_projection_dim, 1)?;
+        let m = parse::at_least("pos_embed_max_size", self.pos_embed_max_size, 1)?;
+        parse::at_least("sample_size", self.sample_size, 1)?;
+        let mm = m.checked_mul(m).ok_or_else(|| format!("`pos_embed_max_size` = {m} is too large"))?;
+        let pos = parse::elements("the position table", &[("pos_embed_max_size²", mm), ("num_attention_heads · attention_head_dim", d)])?;
+        let conv = parse::elements("the patch embedding", &[("in_channels", cin), ("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch)])?;
+        let out = parse::elements("the output projection", &[("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch), ("out_channels", cout)])?;
+        let ctx = parse::elements("the context embedder", &[("joint_attention_dim", joint), ("caption_projection_dim", d)])?;
+        let text = parse::elements("the pooled-text embedder", &[("pooled_projection_dim", pooled), ("num_attention_heads · attention_head_dim", d)])?;
+        // the widest tensor of a block: the dual-attention AdaNorm, [d, 9·d]
+        let ada = parse::elements("an AdaNorm projection", &[("num_attention_heads · attention_head_dim", d), ("9 · num_attention_heads · attention_head_dim", d.saturating_mul(9))])?;
+        // per block: AdaNorms (≤ 15·d²), two attentions (8·d²), a dual one (4·d²), two MLPs (16·d²)
+        let per_block = (ada / 9).saturating_mul(43);
+        parse::total_elements(&[
+            ("the embeddings", pos.saturating_add(conv).saturating_add(out).saturating_add(ctx).saturating_add(text)),
+            ("num_layers", per_block.saturating_mul(layers as u64)),
+        ])?;
+        Ok(())
     }
 }

@@ -65,10 +65,10 @@ fn read_metadata(dir: &Path, file: &Path) -> Result<Vec<(String, CaptionedImage)
         if line.trim().is_empty() {
             continue;
         }
-        let m: MetadataLine = serde_json::from_str(line).map_err(|e| {
+        let m: MetadataLine = serial_lora::parse::json(line).map_err(|e| {
             bad(file, format!("line {}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}: {e}", i + 1))
         })?;
-        let image = dir.join(&m.file_name);
+        let image = serial_lora::parse::contained_path(dir, &m.file_name).map_err(|e| bad(file, format!("line {}: file_name {e}", i + 1)))?;
         if !image.is_file() {
             return Err(bad(file, format!("line {}: image `{}` not found ({})", i + 1, m.file_name, image.display())));
         }
@@ -121,7 +121,7 @@ impl CaptionDataset {
         let split_file = dir.join(SPLIT_FILE);
         let (train, test) = if split_file.is_file() {
             let text = std::fs::read_to_string(&split_file).map_err(|e| Sd3Error::Io { path: split_file.clone(), source: e })?;
-            let splits: BTreeMap<String, Vec<String>> = serde_json::from_str(&text)
+            let splits: BTreeMap<String, Vec<String>> = serial_lora::parse::json(&text)
                 .map_err(|e| bad(&split_file, format!("expected {{\"train\": [names], \"test\": [names]}}: {e}")))?;
             let lookup = |name: &str| -> Result<CaptionedImage> {
                 let stem_of = |n: &str| Path::new(n).file_stem().and_then(|s| s.to_str()).map(str::to_string);

@@ -12,6 +12,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serial_lora::layers::Activation;
+use serial_lora::parse;
 use serial_lora::weights::{KeyTable, load_safetensors_dir};
 use serial_lora::{Attention, AttentionConfig, LoraLinear, sdpa};
 
@@ -77,21 +78,41 @@ impl T5Config {
         Ok((gated, act))
     }
 
-    /// Reads and checks a `config.json`.
+    /// Reads and checks a `config.json`; errors name the file and the field.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Sd3Error::Io { path: path.into(), source: e })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.into(), message: e.to_string() })?;
-        let bad = |m: String| Err(Sd3Error::Config { path: path.into(), message: m });
-        if let Err(m) = cfg.feed_forward() {
-            return bad(m);
-        }
-        let sizes = [cfg.vocab_size, cfg.d_model, cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_heads];
-        if sizes.contains(&0) || cfg.relative_attention_num_buckets < 4 || cfg.relative_attention_max_distance < cfg.relative_attention_num_buckets / 4 {
-            return bad(format!(
-                "sizes must be positive, relative_attention_num_buckets ≥ 4 and max_distance ≥ num_buckets / 4 (got {cfg:?})"
+        let cfg: Self = parse::json(&text).map_err(|message| Sd3Error::Config { path: path.into(), message })?;
+        cfg.validate().map_err(|message| Sd3Error::Config { path: path.into(), message })?;
+        Ok(cfg)
+    }
+
+    /// Checks every value before anything is computed from it, and that no tensor exceeds
+    /// [`parse::MAX_TENSOR_ELEMENTS`]; errors name the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.feed_forward().map_err(|m| format!("`feed_forward_proj`: {m}"))?;
+        let vocab = parse::at_least("vocab_size", self.vocab_size, 1)?;
+        let d = parse::at_least("d_model", self.d_model, 1)?;
+        let d_kv = parse::at_least("d_kv", self.d_kv, 1)?;
+        let d_ff = parse::at_least("d_ff", self.d_ff, 1)?;
+        let layers = parse::in_range("num_layers", self.num_layers, 1, parse::MAX_LAYERS)?;
+        let heads = parse::at_least("num_heads", self.num_heads, 1)?;
+        let buckets = parse::in_range("relative_attention_num_buckets", self.relative_attention_num_buckets, 4, parse::MAX_TENSOR_ELEMENTS as usize)?;
+        if self.relative_attention_max_distance < buckets / 4 {
+            return Err(format!(
+                "`relative_attention_max_distance` = {} must be at least `relative_attention_num_buckets` / 4 = {}",
+                self.relative_attention_max_distance,
+                buckets / 4
             ));
         }
-        Ok(cfg)
+        parse::finite("layer_norm_epsilon", self.layer_norm_epsilon, 0.0, false)?;
+        let inner = heads.checked_mul(d_kv).ok_or_else(|| format!("`num_heads` · `d_kv` = {heads} · {d_kv} is too large"))?;
+        let emb = parse::elements("the token embedding", &[("vocab_size", vocab), ("d_model", d)])?;
+        parse::elements("the relative attention bias", &[("relative_attention_num_buckets", buckets), ("num_heads", heads)])?;
+        let attn = parse::elements("an attention projection", &[("d_model", d), ("d_kv · num_heads", inner)])?;
+        let ff = parse::elements("a feed-forward layer", &[("d_model", d), ("d_ff", d_ff)])?;
+        let per_layer = attn.saturating_mul(4).saturating_add(ff.saturating_mul(3));
+        parse::total_elements(&[("vocab_size", emb), ("num_layers", per_layer.saturating_mul(layers as u64))])?;
+        Ok(())
     }
 }
 
@@ -301,8 +322,12 @@ fn checkpoint_keys(dir: &Path) -> Result<Vec<String>> {
     }
     let index = dir.join("model.safetensors.index.json");
     let Ok(text) = std::fs::read_to_string(&index) else { return Ok(Vec::new()) };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: index.clone(), message: e.to_string() })?;
-    Ok(v["weight_map"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default())
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let v: Index = parse::json(&text).map_err(|message| Sd3Error::Config { path: index.clone(), message })?;
+    Ok(v.weight_map.into_keys().collect())
 }
 
 /// Loads a `T5EncoderModel` directory (`config.json` + `model.safetensors` or the sharded

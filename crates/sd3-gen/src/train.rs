@@ -221,20 +221,39 @@ pub fn logit_normal_index(n: f32, num_train_timesteps: usize) -> usize {
     ((u * num_train_timesteps as f32) as usize).min(num_train_timesteps - 1)
 }
 
+/// The fields of diffusers' `scheduler_config.json` that SD3's flow-matching schedule uses.
+#[derive(serde::Deserialize)]
+struct SchedulerFile {
+    #[serde(default)]
+    use_dynamic_shifting: Option<bool>,
+    #[serde(default = "default_train_timesteps")]
+    num_train_timesteps: usize,
+    #[serde(default = "default_shift")]
+    shift: f64,
+}
+fn default_train_timesteps() -> usize {
+    1000
+}
+fn default_shift() -> f64 {
+    1.0
+}
+
 /// `shift` and `num_train_timesteps` of `dir/scheduler/scheduler_config.json` (SD3's 3.0 and
-/// 1000 when the file is absent).
+/// 1000 when the file is absent); errors name the file and the field.
 pub fn scheduler_config(dir: &Path) -> Result<(f64, usize)> {
     let path = dir.join("scheduler/scheduler_config.json");
     if !path.is_file() {
         return Ok((3.0, 1000));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Sd3Error::Io { path: path.clone(), source: e })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.clone(), message: e.to_string() })?;
-    if v.get("use_dynamic_shifting").and_then(|x| x.as_bool()) == Some(true) {
-        return Err(Sd3Error::Config { path, message: "use_dynamic_shifting is not supported".into() });
+    let bad = |message: String| Sd3Error::Config { path: path.clone(), message };
+    let f: SchedulerFile = serial_lora::parse::json(&text).map_err(bad)?;
+    if f.use_dynamic_shifting == Some(true) {
+        return Err(bad("`use_dynamic_shifting` is not supported".into()));
     }
-    let n = v.get("num_train_timesteps").and_then(|x| x.as_u64()).unwrap_or(1000) as usize;
-    Ok((v.get("shift").and_then(|x| x.as_f64()).unwrap_or(1.0), n.max(1)))
+    let n = serial_lora::parse::in_range("num_train_timesteps", f.num_train_timesteps, 1, 1 << 24).map_err(bad)?;
+    let shift = serial_lora::parse::finite("shift", f.shift, 0.0, true).map_err(bad)?;
+    Ok((shift, n))
 }
 
 /// `latent_dist.sample()` with the draw `eps`, scaled: `(mean + exp(½·logvar)·eps − shift) · scale`.

@@ -272,6 +272,45 @@ impl<B: Backend> Vae<B> {
     }
 }
 
+impl VaeConfig {
+    /// Checks every value before anything is computed from it (the group norms need channels
+    /// divisible by `norm_num_groups`), and that no tensor exceeds
+    /// [`serial_lora::parse::MAX_TENSOR_ELEMENTS`]; errors name the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        use serial_lora::parse;
+        if self.use_quant_conv || self.use_post_quant_conv {
+            return Err(format!(
+                "SD3's VAE has no quant convs (`use_quant_conv` = {}, `use_post_quant_conv` = {})",
+                self.use_quant_conv, self.use_post_quant_conv
+            ));
+        }
+        parse::in_range("block_out_channels (length)", self.block_out_channels.len(), 1, 64)?;
+        parse::in_range("layers_per_block", self.layers_per_block, 1, parse::MAX_LAYERS)?;
+        let groups = parse::at_least("norm_num_groups", self.norm_num_groups, 1)?;
+        let cin = parse::at_least("in_channels", self.in_channels, 1)?;
+        let cout = parse::at_least("out_channels", self.out_channels, 1)?;
+        let latent = parse::at_least("latent_channels", self.latent_channels, 1)?;
+        parse::finite("scaling_factor", self.scaling_factor, f64::MIN, false)?;
+        if let Some(shift) = self.shift_factor {
+            parse::finite("shift_factor", shift, f64::MIN, false)?;
+        }
+        let mut parts = Vec::new();
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            let field = format!("block_out_channels[{i}]");
+            parse::at_least(&field, c, 1)?;
+            parse::exact_div(&format!("`{field}`"), c, "norm_num_groups", groups)?;
+            parts.push(parse::elements("a 3×3 convolution", &[(&field, c), (&field, c), ("3 · 3", 9)])?.saturating_mul(2 * self.layers_per_block as u64 + 3));
+        }
+        let (first, last) = (self.block_out_channels[0], self.block_out_channels[self.block_out_channels.len() - 1]);
+        parts.push(parse::elements("the input convolution", &[("in_channels", cin), ("block_out_channels[0]", first), ("3 · 3", 9)])?);
+        parts.push(parse::elements("the output convolution", &[("out_channels", cout), ("block_out_channels[0]", first), ("3 · 3", 9)])?);
+        parts.push(parse::elements("the latent convolution", &[("latent_channels · 2", latent.saturating_mul(2)), ("block_out_channels[-1]", last), ("3 · 3", 9)])?);
+        let named: Vec<(&str, u64)> = parts.iter().map(|&n| ("block_out_channels", n)).collect();
+        parse::total_elements(&named)?;
+        Ok(())
+    }
+}
+
 /// diffusers `AutoencoderKL` keys → Burn paths.
 pub const VAE_KEY_TABLE: KeyTable = KeyTable {
     rules: &[&[
@@ -287,14 +326,8 @@ pub fn load_vae<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Vae<B>, V
     let sub = dir.join("vae");
     let path = sub.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Sd3Error::Io { path: path.clone(), source: e })?;
-    let cfg: VaeConfig = serde_json::from_str(&text).map_err(|e| Sd3Error::Config { path: path.clone(), message: e.to_string() })?;
-    if cfg.use_quant_conv || cfg.use_post_quant_conv || cfg.block_out_channels.is_empty() || cfg.layers_per_block == 0 {
-        let message = format!(
-            "SD3's VAE has no quant convs and at least one block and one layer per block (use_quant_conv {}, use_post_quant_conv {}, block_out_channels {:?}, layers_per_block {})",
-            cfg.use_quant_conv, cfg.use_post_quant_conv, cfg.block_out_channels, cfg.layers_per_block
-        );
-        return Err(Sd3Error::Config { path, message });
-    }
+    let cfg: VaeConfig = serial_lora::parse::json(&text).map_err(|message| Sd3Error::Config { path: path.clone(), message })?;
+    cfg.validate().map_err(|message| Sd3Error::Config { path: path.clone(), message })?;
     let (vae, _) = load_safetensors(Vae::new(&cfg, device), &sub.join("diffusion_pytorch_model.safetensors"), &VAE_KEY_TABLE, false)?;
     Ok((vae, cfg))
 }

@@ -67,7 +67,22 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     });
     cases.push(Case::new("transformer weights: header shape larger than data", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").memory_limited());
     let d = variant("transformer-config-huge", &|d| make::edit_json(&d.join("transformer/config.json"), |v| v["pos_embed_max_size"] = 300_000.into()));
-    cases.push(Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").and("pos_embed").memory_limited());
+    cases.push(Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "transformer/config.json").and("`pos_embed_max_size").memory_limited());
+    // regressions found by the fuzz suite (issue 17): Burn's GroupNorm asserting channels
+    // divisible by the groups (or dividing by 0 groups), overflowing products, 2^40 blocks
+    let huge = serde_json::json!(1u64 << 40);
+    for (name, file, field, value, culprit) in [
+        ("regression (issue 17): vae block_out_channels[0] 1", "vae/config.json", "block_out_channels", serde_json::json!([1, 32]), "`block_out_channels[0]`"),
+        ("regression (issue 17): vae norm_num_groups 0", "vae/config.json", "norm_num_groups", serde_json::json!(0), "`norm_num_groups`"),
+        ("regression (issue 17): transformer num_attention_heads 2^40", "transformer/config.json", "num_attention_heads", huge.clone(), "`num_attention_heads`"),
+        ("regression (issue 17): transformer patch_size 2^40", "transformer/config.json", "patch_size", huge.clone(), "`patch_size`"),
+        ("regression (issue 17): transformer num_layers 2^40", "transformer/config.json", "num_layers", huge.clone(), "`num_layers`"),
+    ] {
+        let d = variant(&format!("regression-{}", name.rsplit(": ").next().unwrap_or(name).replace([' ', '[', ']', '^'], "-")), &|d| {
+            make::edit_json(&d.join(file), |v| v[field] = value.clone())
+        });
+        cases.push(Case::new(name, &sample(s(&d), &embeds, &[]), file).and(culprit).memory_limited());
+    }
     let vw = model.join("vae/diffusion_pytorch_model.safetensors");
     let vst = Safetensors::read(&vw);
     let vkey = vst.find("decoder.conv_in.weight", 4);

@@ -74,6 +74,11 @@ pub struct AdapterConfig {
     pub lr_ratio: Option<f64>,
 }
 
+/// The largest rank an adapter config may ask for (far above every model width this workspace
+/// loads); the adapter of a given model is also refused when its parameters would exceed
+/// [`crate::parse::MAX_TENSOR_ELEMENTS`] (see [`crate::AdaptedModel::with_adapters`]).
+pub const MAX_RANK: usize = 1 << 16;
+
 fn default_alpha() -> f64 {
     1.0
 }
@@ -167,6 +172,9 @@ impl AdapterConfig {
         if self.rank == 0 {
             return Err(Error::config("rank", self.rank, "must be at least 1"));
         }
+        if self.rank > MAX_RANK {
+            return Err(Error::config("rank", self.rank, format!("must be at most {MAX_RANK}")));
+        }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(Error::config("alpha", self.alpha, "must be a finite number > 0"));
         }
@@ -210,11 +218,9 @@ impl AdapterConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Self = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })?
+            crate::parse::json(&text).map_err(|message| Error::Parse { path: path.into(), format: "JSON", message })?
         } else {
-            toml::from_str(&text)
-                .map_err(|e| Error::Parse { path: path.into(), format: "TOML", message: e.to_string() })?
+            crate::parse::toml(&text).map_err(|message| Error::Parse { path: path.into(), format: "TOML", message })?
         };
         cfg.validate().map_err(|e| Error::Parse { path: path.into(), format: "adapter config", message: e.to_string() })?;
         Ok(cfg)

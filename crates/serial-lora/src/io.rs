@@ -322,7 +322,7 @@ pub fn save_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
 pub fn read_adapter_config(dir: &Path) -> Result<PeftConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Parse { path, format: "JSON", message: e.to_string() })
+    crate::parse::json(&text).map_err(|message| Error::Parse { path, format: "JSON", message })
 }
 
 /// The LoRA config of a diffusers `pytorch_lora_weights.safetensors`: from its
@@ -428,7 +428,11 @@ pub fn load_adapter_with_prefix<B: Backend, M: AdaptedModel<B>>(
         .with_dropout(peft.lora_dropout)
         .with_rslora(peft.use_rslora)
         .with_init(if peft.init_lora_weights == serde_json::json!("gaussian") { Init::Gaussian } else { Init::KaimingUniform });
-    cfg.validate().map_err(|e| Error::Parse { path: cfg_path.clone(), format: "adapter config", message: e.to_string() })?;
+    cfg.validate().map_err(|e| Error::Parse {
+        path: cfg_path.clone(),
+        format: "adapter config",
+        message: format!("{e} (from `r` = {}, `lora_alpha` = {}, `lora_dropout` = {})", peft.r, peft.lora_alpha, peft.lora_dropout),
+    })?;
     let (mut file, meta) = read_safetensors(&weights_path)?;
     if let Some(saved) = meta.get(META_CONFIG).and_then(|s| serde_json::from_str::<AdapterConfig>(s).ok()) {
         cfg.lr_ratio = saved.lr_ratio;

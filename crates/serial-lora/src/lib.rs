@@ -31,6 +31,7 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod parse;
 pub mod perf;
 pub mod run;
 pub mod serial;

@@ -56,6 +56,17 @@ pub trait AdaptedModel<B: Backend>: Module<B> + Sized {
     fn with_adapters(self, cfg: &AdapterConfig, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         cfg.check_blocks(self.attention_sites().len())?;
+        // refuse before allocating: A [r, d] and B [d, r] for each of up to 4 projections of
+        // every targeted block (widths are the blocks' input width)
+        let mut total = 0u64;
+        for (i, site) in self.attention_sites().iter().enumerate().filter(|(i, _)| cfg.targets_block(*i)) {
+            let pair = crate::parse::elements(&format!("an adapter pair of block {i}"), &[("rank", cfg.rank), ("model width", site.attention.d_model()), ("A and B", 2)])
+                .map_err(|m| Error::config("rank", cfg.rank, m))?;
+            total = total.saturating_add(pair.saturating_mul(4));
+        }
+        if total > crate::parse::MAX_TENSOR_ELEMENTS {
+            return Err(Error::config("rank", cfg.rank, format!("the adapters would have about {total} parameters, more than the limit of {}", crate::parse::MAX_TENSOR_ELEMENTS)));
+        }
         self.no_grad().try_map_attention(&mut |i, a| if cfg.targets_block(i) { a.with_adapter(cfg, device) } else { Ok(a) })
     }
 

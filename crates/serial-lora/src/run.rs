@@ -279,7 +279,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })
+    crate::parse::json(&text).map_err(|message| Error::Parse { path: path.into(), format: "JSON", message })
 }
 
 /// The ids of the trainable parameters, in module order (the key of the optimizer state).

@@ -232,6 +232,12 @@ pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTenso
     Ok(Some(crate::io::HostTensor { shape, data }))
 }
 
+/// `<stem>.safetensors.index.json`: tensor name → shard file (relative to the directory).
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: std::collections::BTreeMap<String, String>,
+}
+
 /// Loads a checkpoint in HF layout from `dir`: `<stem>.safetensors`, or else the shards named by
 /// `<stem>.safetensors.index.json` (its `weight_map`), each per `table`. A parameter is missing
 /// only if no shard provides it; that, an unreadable index and every per-file check of
@@ -247,15 +253,15 @@ pub fn load_safetensors_dir<B: Backend, M: Module<B>>(mut module: M, dir: &Path,
         Error::io(&single, std::io::Error::new(e.kind(), message))
     })?;
     let bad = |message: String| Error::Parse { path: index.clone(), format: "safetensors index", message };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let files: std::collections::BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    let index_file: ShardIndex = crate::parse::json(&text).map_err(bad)?;
+    let files: std::collections::BTreeSet<&str> = index_file.weight_map.values().map(String::as_str).collect();
     if files.is_empty() {
         return Err(bad("`weight_map` names no file".into()));
     }
     let mut missing: Option<std::collections::BTreeSet<String>> = None;
     for file in files {
-        let (m, report) = load_safetensors(module, &dir.join(file), table, true)?;
+        let shard = crate::parse::contained_path(dir, file).map_err(|m| bad(format!("`weight_map`: {m}")))?;
+        let (m, report) = load_safetensors(module, &shard, table, true)?;
         module = m;
         let now = report.missing.into_iter().collect();
         missing = Some(match missing {

@@ -267,15 +267,7 @@ mod eval;
 mod fid;
 
 fn scheduler_shift(dir: &Path) -> Result<f64> {
-    let path = dir.join("scheduler/scheduler_config.json");
-    if !path.is_file() {
-        return Ok(3.0);
-    }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| path.display().to_string())?;
-    if v.get("use_dynamic_shifting").and_then(|x| x.as_bool()) == Some(true) {
-        bail!("{}: use_dynamic_shifting is not supported", path.display());
-    }
-    Ok(v.get("shift").and_then(|x| x.as_f64()).unwrap_or(1.0))
+    Ok(sd3_gen::train::scheduler_config(dir)?.0)
 }
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
