@@ -1,8 +1,9 @@
-//! The Flex kernels with their own backward. The fused attention of `sdpa`
-//! against Burn's decomposed `attention_fallback` (matmul + softmax + matmul, differentiated op
-//! by op): outputs and the gradients of q, k, v and of an additive bias, for self- and
+//! The Flex kernels with their own backward (`serial_lora::flex`). The fused attention of `sdpa`
+//! and `sdpa_rel_pos` against Burn's decomposed `attention_fallback` (matmul + softmax + matmul,
+//! differentiated op by op): outputs and the gradients of q, k, v and of the bias, for self- and
 //! cross-attention, boolean masks (one fully masked row), strided head views, several query
-//! blocks, inference and autodiff. Every random tensor is seeded.
+//! blocks, SAM's decomposed relative-position bias, inference and autodiff. The activations
+//! against their f64 formulas. Every random tensor is seeded.
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::module::attention_fallback;

@@ -15,8 +15,8 @@
 //! `[b, h, l, d]`) are read in place, and `O`, `dQ`, `dK`, `dV` are written `[b, l, h, d]` and
 //! returned as `[b, h, l, d]` views, so the head merge that follows is a free reshape. The
 //! exponentials are a vectorised polynomial (Cephes `expf`, ≤ 2 ulp) instead of libm's scalar
-//! `expf`. Parity with the decomposed path and with PyTorch's `scaled_dot_product_attention`:
-//! `tests/invariants.rs` and the models' parity suites, tolerances unchanged.
+//! `expf`. Parity with the decomposed path: `tests/flex_kernels.rs`; with transformers /
+//! diffusers attention: the models' parity suites, tolerances unchanged.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
