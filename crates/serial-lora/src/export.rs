@@ -298,21 +298,6 @@ struct SourceTensor {
     len: usize,
 }
 
-fn read_header(path: &Path) -> Result<(serde_json::Value, u64)> {
-    let bad = |message: String| Error::Safetensors { path: path.into(), message };
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100_000_000 {
-        return Err(bad(format!("not a valid safetensors file: header of {n} bytes")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let header = serde_json::from_slice(&header).map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
-    Ok((header, n))
-}
-
 /// The weight files of `dir`: `<stem>.safetensors`, or the shards of its index.
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     let single = dir.join(format!("{stem}.safetensors"));
@@ -341,7 +326,7 @@ fn list_tensors(files: &[PathBuf], spec: &WeightsSpec) -> Result<Vec<SourceTenso
     let mut out: BTreeMap<String, SourceTensor> = BTreeMap::new();
     for file in files {
         let bad = |message: String| Error::Safetensors { path: file.clone(), message };
-        let (header, n) = read_header(file)?;
+        let (_, header, n) = crate::weights::read_header(file)?;
         let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
         for (key, info) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
             let nums = |v: Option<&serde_json::Value>| -> Option<Vec<usize>> {

@@ -176,7 +176,7 @@ fn report_list(title: &str, items: &[String]) -> String {
 }
 
 /// The JSON header of a safetensors file, the open file and the header length.
-fn read_header(path: &Path) -> Result<(std::fs::File, serde_json::Value, u64)> {
+pub(crate) fn read_header(path: &Path) -> Result<(std::fs::File, serde_json::Value, u64)> {
     use std::io::Read;
     let bad = |message: String| Error::Safetensors { path: path.into(), message };
     if !path.is_file() {
