@@ -387,9 +387,6 @@ pub fn evaluate<B: Backend>(
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    if batch == 0 {
-        return Err(serial_lora::Error::config("batch", 0, "must be at least 1").into());
-    }
     let items = dataset.few_shot(split, None, 0)?;
     evaluate_items(model, tokenizer, processor, &dataset.classnames, &items, split, template, batch, skip_bad, device, on_batch)
 }
