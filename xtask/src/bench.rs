@@ -75,6 +75,8 @@ fn wait_measured(mut child: std::process::Child) -> Result<Finished> {
 /// Where the task binaries are and how they are called.
 pub struct Runner {
     pub bin_dir: PathBuf,
+    /// Whether the binaries link LibTorch (`tch-*` devices): they run with its library path.
+    pub libtorch: bool,
     pub device: String,
 }
 
@@ -95,7 +97,12 @@ fn last_json(path: &Path) -> Result<Value> {
 
 impl Runner {
     fn bin(&self, name: &str) -> Command {
-        Command::new(self.bin_dir.join(name))
+        let mut cmd = Command::new(self.bin_dir.join(name));
+        if self.libtorch {
+            // found when the binaries were built, so it cannot fail here
+            let _ = crate::with_libtorch(&mut cmd);
+        }
+        cmd
     }
 
     /// The train (or, for `proxy`, the whole) command of `run` writing into `adapter`.

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod gpu;
 mod perf;
 mod plot;
 mod report;
@@ -25,7 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build and run every test (default `flex` backend), type-check the `cuda` backend, run
-    /// the example; also type-checks `tch` when SERIAL_LORA_CHECK_TCH=1 (needs LibTorch 2.9.0).
+    /// the example, run the parity suites on `tch-cpu` (LibTorch of torch 2.9.0: the fixtures'
+    /// `.venv`, else a venv made in `$CARGO_TARGET_DIR-venv`), and the smoke check.
     Ci,
     /// Regenerate the reference fixtures under tests/fixtures/ with the Python reference
     /// packages (creates .venv from tools/fixtures/requirements.txt if missing).
@@ -63,6 +65,13 @@ enum Cmd {
     /// Time training and inference steps of a model on synthetic inputs (random weights of the
     /// real config), optionally next to PyTorch + PEFT (`--vs-pytorch`); see docs/perf.md.
     Perf(perf::PerfArgs),
+    /// The CUDA check for a GPU machine: `--prepare` builds the CUDA parity suites and the
+    /// clip-b16 perf program into `gpu-check/` (on any machine); without it, runs them there
+    /// (no cargo needed: `gpu-check/xtask gpu-check`) and writes `gpu-check/report.json`.
+    GpuCheck {
+        #[arg(long)]
+        prepare: bool,
+    },
 }
 
 #[derive(Args)]
@@ -121,6 +130,58 @@ fn cargo(target_suffix: &str) -> Command {
     c
 }
 
+/// The target-dir suffix and cargo feature of the backend behind `--device`.
+pub(crate) fn backend_of(device: &str) -> Result<(&'static str, Option<&'static str>)> {
+    Ok(match device.split(':').next().unwrap_or("") {
+        "cpu" => ("", None),
+        "cuda" => ("cuda", Some("cuda")),
+        "tch-cpu" | "tch-cuda" => ("tch", Some("tch")),
+        d => bail!("--device {device}: unknown device `{d}` (cpu, cuda[:N], tch-cpu, tch-cuda[:N])"),
+    })
+}
+
+/// The Python whose PyTorch the `tch` builds link (burn-tch 0.21 expects torch 2.9.0, the
+/// version of `tools/fixtures/requirements.txt`): the fixtures' `.venv` when it exists, else a
+/// venv with that torch alone in `$CARGO_TARGET_DIR-venv` (outside the clone, so CI reuses it).
+fn torch_python() -> Result<PathBuf> {
+    let fixtures = root().join(".venv/bin/python");
+    if fixtures.exists() {
+        return Ok(fixtures);
+    }
+    let venv = target_dir("venv");
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        let reqs = std::fs::read_to_string(root().join("tools/fixtures/requirements.txt"))?;
+        let torch = reqs.lines().map(str::trim).find(|l| l.starts_with("torch==")).context("no torch== pin in tools/fixtures/requirements.txt")?;
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(&py).args(["-m", "pip", "install", "--quiet", torch]))?;
+    }
+    Ok(py)
+}
+
+/// `cmd` set up to build against (`LIBTORCH_USE_PYTORCH`, `python3` on `PATH`) and run with
+/// (`LD_LIBRARY_PATH`) the LibTorch of [`torch_python`] (found once per process).
+pub(crate) fn with_libtorch(cmd: &mut Command) -> Result<&mut Command> {
+    static ENV: std::sync::OnceLock<Result<Vec<(&'static str, std::ffi::OsString)>, String>> = std::sync::OnceLock::new();
+    let env = ENV.get_or_init(|| libtorch_env().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(cmd.envs(env.iter().map(|(k, v)| (k, v))))
+}
+
+fn libtorch_env() -> Result<Vec<(&'static str, std::ffi::OsString)>> {
+    let py = torch_python()?;
+    let out = Command::new(&py).args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"]).output()?;
+    if !out.status.success() {
+        bail!("{} cannot import torch: {}", py.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let lib = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let prepend = |first: &Path, var: &str| {
+        let old = std::env::var_os(var).map(|o| std::env::split_paths(&o).collect::<Vec<_>>()).unwrap_or_default();
+        std::env::join_paths(std::iter::once(first.to_path_buf()).chain(old))
+    };
+    let bin = py.parent().context("python has a parent dir")?;
+    Ok(vec![("LIBTORCH_USE_PYTORCH", "1".into()), ("PATH", prepend(bin, "PATH")?), ("LD_LIBRARY_PATH", prepend(&lib, "LD_LIBRARY_PATH")?)])
+}
+
 fn venv_python() -> Result<PathBuf> {
     let venv = root().join(".venv");
     let py = venv.join("bin/python");
@@ -140,9 +201,13 @@ fn main() -> Result<()> {
             run(cargo("").args(["build", "--workspace", "--examples"]))?;
             run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
             run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
-            if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
-                run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
-            }
+            // the parity suites again on LibTorch (CPU), same tolerances: masked (CLIP's causal
+            // text mask), biased (SAM's relative positions) and joint (SD3) attention
+            let mut tch = cargo("tch");
+            tch.args(["test", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen"]);
+            tch.args(["--features", "serial-lora/tch,clip-cls/tch,sam-seg/tch,sd3-gen/tch"]);
+            tch.args(["--test", "peft_parity", "--test", "parity", "--test", "t5"]);
+            run(with_libtorch(&mut tch)?)?;
             smoke_check()?;
         }
         Cmd::Fixtures => {
@@ -170,6 +235,7 @@ fn main() -> Result<()> {
         Cmd::BenchAll(args) => bench_all(&args)?,
         Cmd::SmokeCheck => smoke_check()?,
         Cmd::Perf(args) => perf::perf(&args)?,
+        Cmd::GpuCheck { prepare } => if prepare { gpu::prepare()? } else { gpu::run()? },
         Cmd::Fuzz { cases, seed } => {
             let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
             eprintln!("fuzzing with FUZZ_SEED={seed} FUZZ_CASES={cases}");
@@ -322,12 +388,7 @@ fn bench_all(a: &BenchArgs) -> Result<()> {
 
     // the task binaries, with the device's backend (its own target dir) and profile
     let device: String = a.device.clone();
-    let (suffix, features) = match device.split(':').next().unwrap_or("") {
-        "cpu" => ("", None),
-        "cuda" => ("cuda", Some("cuda")),
-        "tch-cpu" | "tch-cuda" => ("tch", Some("tch")),
-        d => bail!("--device {device}: unknown device `{d}` (cpu, cuda[:N], tch-cpu, tch-cuda[:N])"),
-    };
+    let (suffix, features) = backend_of(&device)?;
     let mut build = cargo(suffix);
     // the workspace's feature set, as `cargo test --workspace` builds it, so nothing is rebuilt
     build.args(["build", "--workspace", "--bins", "--examples"]);
@@ -337,13 +398,16 @@ fn bench_all(a: &BenchArgs) -> Result<()> {
     if a.release {
         build.arg("--release");
     }
+    if suffix == "tch" {
+        with_libtorch(&mut build)?;
+    }
     run(&mut build)?;
     let bin_dir = target_dir(suffix).join(if a.release { "release" } else { "debug" });
     if preset.generate_smoke_data {
         smoke::generate(&root, &out, &bin_dir.join("examples/fid_test_weights"))?;
     }
 
-    let runner = bench::Runner { bin_dir, device };
+    let runner = bench::Runner { bin_dir, libtorch: suffix == "tch", device };
     let start = Instant::now();
     let (mut executed, mut failed) = (0usize, Vec::new());
     let mut spent = 0.0;

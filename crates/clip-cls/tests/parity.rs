@@ -3,17 +3,18 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use clip_cls::load_clip;
 use serial_lora::io::{HostTensor, read_safetensors};
 
-type B = Flex;
+/// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
+/// `serial_lora::testing`).
+type B = serial_lora::testing::Backend;
 
 /// Errors relative to the largest reference value (`max|a−b| / max|b|`). f32 through two
 /// pre-LN blocks per tower with weights of std 0.2; PyTorch sums in another order: ~1e-7 per
 /// op. 1e-5 (≈80 ulp) still fails for any wrong formula (O(1e-2) or more).
-const TOL: f32 = 1e-5;
+const TOL: f32 = serial_lora::testing::tolerance(1e-5);
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip-tiny")

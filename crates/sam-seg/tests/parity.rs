@@ -6,17 +6,18 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use sam_seg::{Prompts, SamModel, load_sam};
 use serial_lora::{AdaptedModel, AdapterConfig, Method};
 
-type B = Flex;
+/// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
+/// `serial_lora::testing`).
+type B = serial_lora::testing::Backend;
 
 /// Errors relative to the largest reference value (`max|a−b| / max|b|`). f32 through four
 /// pre-LN blocks, the neck and a two-way transformer with weights of std 0.2; PyTorch sums in
 /// another order: ~1e-7 per op. 1e-5 still fails for any wrong formula (O(1e-2) or more).
-const TOL: f32 = 1e-5;
+const TOL: f32 = serial_lora::testing::tolerance(1e-5);
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sam-tiny")

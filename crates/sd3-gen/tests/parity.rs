@@ -4,17 +4,18 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use sd3_gen::load_transformer;
 use sd3_gen::scheduler::flow_match_schedule;
 use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
 
-type B = Flex;
+/// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
+/// `serial_lora::testing`).
+type B = serial_lora::testing::Backend;
 
 /// Errors relative to the largest reference value. f32 through two joint blocks with weights of
 /// std 0.2: ~1e-7 per op; 1e-5 still fails for any wrong formula.
-const TOL: f32 = 1e-5;
+const TOL: f32 = serial_lora::testing::tolerance(1e-5);
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd3-tiny")

@@ -6,17 +6,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use sd3_gen::t5::{T5Config, load_t5, relative_position_bucket};
 use sd3_gen::t5_tokenizer::T5Tokenizer;
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 
-type B = Flex;
+/// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
+/// `serial_lora::testing`).
+type B = serial_lora::testing::Backend;
 
 /// Errors relative to the largest reference value. f32 through two T5 blocks (weights of std
 /// 0.3, no score scaling) and the CLIP towers: ~1e-7 per op; 1e-5 still fails for any wrong formula.
-const TOL: f32 = 1e-5;
+const TOL: f32 = serial_lora::testing::tolerance(1e-5);
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd3-tiny")

@@ -15,6 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{AdapterConfig, Method, Projection};
 use crate::error::{Error, Result};
+use crate::layers::on_rows;
 use crate::lora::{FusedQkv, LoraLinear, check_finite, replace_frozen};
 use crate::serial::SerialLora;
 
@@ -123,6 +124,13 @@ pub fn sdpa<B: Backend>(
     if let Some(kind) = flex_kind::<B>(&q) {
         return flex_sdpa(kind, q, k, v, bias.map(crate::flex::attention::Bias::Full));
     }
+    #[cfg(feature = "tch")]
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    #[cfg(feature = "tch")]
+    let (q, k, v, bias) = match crate::libtorch::sdpa(q, k, v, bias, scale) {
+        Ok(o) => return o,
+        Err(inputs) => inputs,
+    };
     attention(q, k, v, None, bias, AttentionModuleOptions::default())
 }
 
@@ -182,6 +190,30 @@ fn flex_sdpa<B: Backend>(
         Kind::Inner => cast(fa::inference(cast(q), cast(k), cast(v), bias.map(|b| b.map(cast)), scale)),
         Kind::Autodiff => cast(fa::autodiff(cast(q), cast(k), cast(v), bias.map(|b| b.map(cast)), scale)),
     })
+}
+
+/// Whether `x` is an autodiff tensor that no gradient flows to (nothing trainable upstream);
+/// `false` where unknown (backends without a kernel module here).
+fn is_untracked<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    #[cfg(feature = "flex")]
+    if crate::flex::is_untracked(x) {
+        return true;
+    }
+    #[cfg(feature = "tch")]
+    if crate::libtorch::is_untracked(x) {
+        return true;
+    }
+    let _ = x;
+    false
+}
+
+/// q, k, v from a fused `[..., 3·d]` projection.
+fn chunk3<B: Backend>(t: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    let mut parts = t.chunk(3, 2).into_iter();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(q), Some(k), Some(v)) => (q, k, v),
+        _ => unreachable!("chunk(3) of a 3·d wide tensor yields three parts"),
+    }
 }
 
 /// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` (free when the
@@ -259,19 +291,48 @@ impl<B: Backend> Attention<B> {
 
     /// Projects a self-attention input `[batch, tokens, d_model]` to q, k, v `[batch, tokens, inner]`.
     pub fn qkv(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        if let Some(serial) = self.serial.as_ref().filter(|s| self.serial_factored(s, &x)) {
+            return self.qkv_serial_factored(serial, x);
+        }
         let x = match &self.serial {
             Some(s) => s.forward(x),
             None => x,
         };
         match &self.qkv {
             QkvProjection::Separate(s) => (s.q.forward(x.clone()), s.k.forward(x.clone()), s.v.forward(x)),
-            QkvProjection::Fused(f) => {
-                let mut parts = f.forward(x).chunk(3, 2).into_iter();
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(q), Some(k), Some(v)) => (q, k, v),
-                    _ => unreachable!("chunk(3) of a 3·d wide tensor yields three parts"),
-                }
-            }
+            QkvProjection::Fused(f) => chunk3(f.forward(x)),
+        }
+    }
+
+    /// Whether [`Attention::qkv`] computes Serial LoRA factored: when nothing upstream of `x`
+    /// is trainable (the first adapted block), no gradient is wanted for `x` itself, and the
+    /// usual order `h' = x + s·(dropout(x)·A)·B`, `q = h'·W_q + b_q` would still spend the
+    /// backward's largest products on `dh' = dq·W_qᵀ + dk·W_kᵀ + dv·W_vᵀ` (three `[n, d]·[d, d]`
+    /// products) only to reach A and B. Known on `Autodiff<Flex>` and `Autodiff<LibTorch>`
+    /// (their tensors say whether they are tracked); worth it for at least `4·r` rows.
+    fn serial_factored(&self, s: &SerialLora<B>, x: &Tensor<B, 3>) -> bool {
+        let [b, n, _] = x.dims();
+        let plain_qkv = match &self.qkv {
+            QkvProjection::Separate(p) => [&p.q, &p.k, &p.v].iter().all(|l| l.lora.is_none()),
+            QkvProjection::Fused(f) => f.pairs().iter().all(Option::is_none),
+        };
+        !s.pair.merged && plain_qkv && b * n >= 4 * s.pair.rank() && is_untracked(x)
+    }
+
+    /// Serial LoRA as `x·W + b + (s·dropout(x)·A)·(B·W)` per projection: the same values as
+    /// `(x + s·(dropout(x)·A)·B)·W + b` up to summation order (one dropout mask, drawn as the
+    /// usual order draws it), with a backward of rank-r products only (see
+    /// [`Attention::serial_factored`]).
+    fn qkv_serial_factored(&self, s: &SerialLora<B>, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let pair = &s.pair;
+        let xa = on_rows(x.clone(), |x| pair.dropout.forward(x).matmul(pair.lora_a.val()).mul_scalar(pair.scale));
+        let project = |l: &Linear<B>, x: Tensor<B, 3>| {
+            let bw = pair.lora_b.val().matmul(l.weight.val());
+            l.forward(x) + on_rows(xa.clone(), |xa| xa.matmul(bw))
+        };
+        match &self.qkv {
+            QkvProjection::Separate(p) => (project(&p.q.base, x.clone()), project(&p.k.base, x.clone()), project(&p.v.base, x)),
+            QkvProjection::Fused(f) => chunk3(project(&f.base, x)),
         }
     }
 

@@ -23,6 +23,10 @@ pub mod error;
 pub mod export;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "tch")]
+mod libtorch;
+#[cfg(any(feature = "flex", feature = "tch"))]
+mod prim;
 pub mod hub;
 pub mod imaging;
 pub mod io;
@@ -35,6 +39,9 @@ pub mod parse;
 pub mod perf;
 pub mod run;
 pub mod serial;
+#[doc(hidden)]
+#[cfg(any(feature = "flex", feature = "tch", feature = "cuda"))]
+pub mod testing;
 pub mod weights;
 
 pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};

@@ -6,10 +6,11 @@
 pub(crate) mod activation;
 pub(crate) mod attention;
 
+pub(crate) use crate::prim::{cast, prim, tensor};
+
 use burn::backend::Autodiff;
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 
 /// `AutodiffTensor<Flex>` (not nameable by path in 0.21: its module is private).
 pub(crate) type AdTensor = <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
@@ -34,19 +35,10 @@ pub(crate) fn kind<B: 'static>() -> Option<Kind> {
     }
 }
 
-/// A value of one type as another that [`kind`] proved identical.
-pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
-    *(Box::new(t) as Box<dyn std::any::Any>).downcast::<U>().expect("backend type checked by TypeId")
-}
-
-/// The primitive of a float tensor.
-pub(crate) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    t.into_primitive().tensor()
-}
-
-/// A float tensor from its primitive.
-pub(crate) fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
+/// Whether `x` is a tensor of `Autodiff<Flex>` that no gradient flows to (nothing trainable
+/// upstream of it); `false` when unknown (other backends).
+pub(crate) fn is_untracked<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    matches!(kind::<B>(), Some(Kind::Autodiff)) && cast::<_, AdTensor>(prim(x.clone())).node.requirement.is_none()
 }
 
 /// Raw output pointer shared by the tasks of one op; each task writes disjoint elements.

@@ -3,15 +3,17 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::module::{ModuleMapper, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use serial_lora::io::{HostTensor, read_safetensors};
 use serial_lora::{AttentionConfig, AttentionStack, LoraLinear, QkvProjection};
 
-pub type B = Autodiff<Flex>;
-pub type I = Flex;
+/// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
+/// `serial_lora::testing`).
+pub type I = serial_lora::testing::Backend;
+pub type B = Autodiff<I>;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/serial-lora")
