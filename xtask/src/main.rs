@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod deps;
 mod perf;
 mod plot;
 mod report;
@@ -24,9 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build and run every test (default `flex` backend), type-check the `cuda` backend, run
-    /// the example; also type-checks `tch` when SERIAL_LORA_CHECK_TCH=1 (needs LibTorch 2.9.0).
+    /// Check the dependency graph (`deps`), build and run every test (default `flex` backend),
+    /// type-check the `cuda` backend, run the example; also type-checks `tch` when
+    /// SERIAL_LORA_CHECK_TCH=1 (needs LibTorch 2.9.0).
     Ci,
+    /// Check the dependency graph: the core library (`serial-lora`) depends only on its
+    /// allow-list, the runtime on the core, the task crates on both, xtask on none of them.
+    Deps,
     /// Regenerate the reference fixtures under tests/fixtures/ with the Python reference
     /// packages (creates .venv from tools/fixtures/requirements.txt if missing).
     Fixtures,
@@ -115,7 +120,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo(target_suffix: &str) -> Command {
+pub(crate) fn cargo(target_suffix: &str) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.env("CARGO_TARGET_DIR", target_dir(target_suffix));
     c
@@ -135,11 +140,12 @@ fn main() -> Result<()> {
     let t = Instant::now();
     match Cli::parse().command {
         Cmd::Ci => {
+            deps::check()?;
             run(cargo("").args(["test", "--workspace"]))?;
             // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
             run(cargo("").args(["build", "--workspace", "--examples"]))?;
             run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
-            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
+            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "lora-runtime", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
             if std::env::var("SERIAL_LORA_CHECK_TCH").is_ok_and(|v| v == "1") {
                 run(cargo("tch").args(["check", "-p", "serial-lora", "--features", "tch", "--examples"]).env("LIBTORCH_USE_PYTORCH", "1"))?;
             }
@@ -169,11 +175,12 @@ fn main() -> Result<()> {
         }
         Cmd::BenchAll(args) => bench_all(&args)?,
         Cmd::SmokeCheck => smoke_check()?,
+        Cmd::Deps => deps::check()?,
         Cmd::Perf(args) => perf::perf(&args)?,
         Cmd::Fuzz { cases, seed } => {
             let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
             eprintln!("fuzzing with FUZZ_SEED={seed} FUZZ_CASES={cases}");
-            for krate in ["serial-lora", "clip-cls", "sam-seg", "sd3-gen"] {
+            for krate in ["serial-lora", "lora-runtime", "clip-cls", "sam-seg", "sd3-gen"] {
                 run(cargo("")
                     .args(["test", "-p", krate, "--test", "fuzz", "--", "--nocapture", "--test-threads", "2"])
                     .env("FUZZ_SEED", seed.to_string())

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
+use lora_runtime::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
 use serial_lora::io;
 
 use crate::error::Result;

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use rand::{Rng, RngExt};
 use serde::Deserialize;
 
-pub use serial_lora::imaging::{Filter, RgbImage, center_crop, crop, hflip, load_rgb, resize};
+pub use lora_runtime::imaging::{Filter, RgbImage, center_crop, crop, hflip, load_rgb, resize};
 
 use crate::config::ClipVisionConfig;
 use crate::error::{ClipError, Result};

@@ -30,7 +30,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::run::{check_finite, cosine_lr, stream_seed};
+use lora_runtime::run::{check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 pub use backbone::{

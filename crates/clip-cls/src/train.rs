@@ -26,10 +26,10 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use serial_lora::imaging::decode_all;
+use lora_runtime::imaging::decode_all;
 use serial_lora::io;
-pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{EvalKeeper, RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
+pub use lora_runtime::run::{Progress, RunOptions, StepLog};
+use lora_runtime::run::{EvalKeeper, RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdapterConfig, ParamCountExt, Projection};
 
 use crate::data::{Dataset, Item, permutation};

@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
+use lora_runtime::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
 use serial_lora::io;
-use serial_lora::weights::tensor_names;
+use lora_runtime::weights::tensor_names;
 
 use crate::error::Result;
 use crate::load::{ORIGINAL_TO_HF, load_sam};

@@ -19,9 +19,9 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use serial_lora::imaging::load_rgb;
+use lora_runtime::imaging::load_rgb;
 use serial_lora::io;
-use serial_lora::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
+use lora_runtime::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
 use serial_lora::{AdapterConfig, ParamCountExt};
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -129,7 +129,7 @@ struct Example {
 }
 
 /// Loads an image and its mask, checking sizes and that the mask has an object.
-pub fn load_pair(p: &Pair, class_id: Option<u8>) -> Result<(serial_lora::imaging::RgbImage, Mask)> {
+pub fn load_pair(p: &Pair, class_id: Option<u8>) -> Result<(lora_runtime::imaging::RgbImage, Mask)> {
     let img = load_rgb(&p.image)?;
     let mask = load_mask(&p.mask, class_id)?;
     if (mask.width, mask.height) != (img.width, img.height) {

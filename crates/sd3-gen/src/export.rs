@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{DIFFUSERS_MAX_SHARD, ExportOptions, ExportSummary, WeightedAdapter, WeightsSpec, export_model, is_weights_file, merge_weighted};
+use lora_runtime::export::{DIFFUSERS_MAX_SHARD, ExportOptions, ExportSummary, WeightedAdapter, WeightsSpec, export_model, is_weights_file, merge_weighted};
 use serial_lora::io;
 
 use crate::error::Result;

@@ -36,11 +36,11 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serial_lora::config::Init;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::imaging::save_png;
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
 use serial_lora::params::param_infos;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, stream_seed};
+use lora_runtime::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, stream_seed};
 use serial_lora::{AdapterConfig, Method, ParamCountExt};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
@@ -520,7 +520,7 @@ pub struct Metrics {
 
 /// Trains per `cfg`; writes the run directory `out` (`train_config.json`, `cache/`,
 /// `checkpoint/`, `samples/`, `metrics.json` and at the end the adapter, see
-/// [`save_trained_adapter`]). A non-finite loss or gradient stops with `serial_lora::Error::NonFinite` before
+/// [`save_trained_adapter`]). A non-finite loss or gradient stops with `lora_runtime::Error::NonFinite` before
 /// the step is applied; the checkpoint on disk stays the last good one.
 pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptions, device: &AB::Device, on_step: &mut dyn FnMut(&Progress)) -> Result<Metrics> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;

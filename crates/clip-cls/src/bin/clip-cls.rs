@@ -14,13 +14,14 @@ use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::train::{TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
 use indicatif::ProgressBar;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::dist::{Launch, Peer, launch};
-use serial_lora::run::{ProgressReporter, RunArgs};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
 use clip_cls::export::export_clip;
-use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
-use serial_lora::{DeviceSpec, io};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::DeviceSpec;
+use serial_lora::io;
 
 #[derive(Parser)]
 #[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
@@ -326,7 +327,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device_arg, peer) = match &cli.command {
         Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } | Cmd::Export { model, .. } => {
@@ -339,5 +340,5 @@ fn main() -> Result<()> {
         },
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command, &peer))
+    lora_runtime::dispatch!(device, run(&cli.command, &peer))
 }

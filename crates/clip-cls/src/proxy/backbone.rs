@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 use serial_lora::layers::Activation;
 use serial_lora::optim::adamw_pytorch_defaults;
-use serial_lora::run::{check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdaptedModel, Attention, AttentionSite, ProjNames};
+use lora_runtime::run::{check_finite, cosine_lr, stream_seed};
+use serial_lora::{AdaptedModel, Attention, AttentionSite};
 
 use super::PRETRAIN_CLASSES;
 use super::data::{Digits, SIDE, SPLIT_SEED, split};
@@ -75,7 +75,7 @@ impl<B: Backend> AdaptedModel<B> for ProxyModel<B> {
         layers
             .map(|(i, l)| AttentionSite {
                 path: format!("vision_model.encoder.layers.{i}.self_attn"),
-                names: ProjNames::CLIP,
+                names: crate::model::CLIP_PROJ_NAMES,
                 attention: &l.self_attn,
             })
             .collect()
@@ -246,7 +246,7 @@ pub fn save_pretrained<B: Backend>(model: &ProxyModel<B>, recipe: &PretrainRecip
 /// built from `recipe` and have been pretrained with `recipe`.
 pub fn load_pretrained<B: Backend>(path: &Path, recipe: &PretrainRecipe, device: &B::Device) -> Result<ProxyModel<B>> {
     let (tensors, meta) = read_safetensors(path)?;
-    let mismatch = |report: String| ClipError::from(serial_lora::Error::WeightsMismatch { path: path.into(), report });
+    let mismatch = |report: String| ClipError::from(lora_runtime::Error::WeightsMismatch { path: path.into(), report });
     let saved: Option<PretrainRecipe> = meta.get(META_RECIPE).and_then(|s| serde_json::from_str(s).ok());
     match saved {
         None => return Err(mismatch(format!("  no `{META_RECIPE}` metadata: not a backbone written by `clip-cls proxy`\n"))),
