@@ -4,7 +4,8 @@
 //! on top of the `serial-lora` library: model resolution through the HF hub ([`hub`]),
 //! checked weight loading by key table ([`weights`]), Pillow-exact image decoding ([`imaging`]),
 //! run-time backend selection ([`DeviceSpec`], [`dispatch!`]), training runs (run directories,
-//! checkpoints, schedules, seeded streams: [`run`]), data-parallel training ([`dist`]), merged
+//! checkpoints, schedules, seeded streams: [`run`]), the one training driver of every task
+//! ([`train`]: [`train::TrainTask`], [`train::train_loop`]), data-parallel training ([`dist`]), merged
 //! transformers / diffusers exports ([`export`]), step timing ([`perf`]) and the allocator
 //! settings of the programs ([`alloc`]).
 //!
@@ -19,6 +20,7 @@ pub mod hub;
 pub mod imaging;
 pub mod perf;
 pub mod run;
+pub mod train;
 pub mod weights;
 
 pub use device::DeviceSpec;
