@@ -31,7 +31,7 @@ use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use lora_runtime::dist::Peer;
 use lora_runtime::run::{cosine_lr, stream_seed};
-use lora_runtime::train::{Micro, StepPlan, TrainTask, optimizer_step, streams};
+use lora_runtime::train::{CommonTrainArgs, Micro, StepPlan, TrainTask, optimizer_step, streams};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 pub use backbone::{
@@ -149,21 +149,32 @@ impl ProxyConfig {
         if self.shots == 0 {
             return bad("shots", "0".into(), "must be at least 1");
         }
-        if self.iters == 0 {
-            return bad("iters", "0".into(), "must be at least 1");
-        }
+        self.common().validate()?;
         if self.pretrain_epochs == 0 {
             return bad("pretrain-epochs", "0".into(), "must be at least 1");
         }
-        for (key, v) in [("lr", self.lr), ("pretrain-lr", self.pretrain_lr)] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(key, v.to_string(), "must be a finite number > 0");
-            }
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight-decay", self.weight_decay.to_string(), "must be a finite number ≥ 0");
+        if !(self.pretrain_lr.is_finite() && self.pretrain_lr > 0.0) {
+            return bad("pretrain-lr", self.pretrain_lr.to_string(), "must be a finite number > 0");
         }
         self.adapter_config().map(|_| ())
+    }
+
+    /// The settings every training shares (checked by [`CommonTrainArgs::validate`]); the batch is
+    /// every shot.
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: None,
+            iters: Some(self.iters),
+            batch: self.shots,
+            seed: self.seed,
+            save_steps: None,
+        }
     }
 }
 

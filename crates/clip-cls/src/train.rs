@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use lora_runtime::imaging::decode_all;
 pub use lora_runtime::run::{Progress, RunOptions, StepLog};
 use lora_runtime::run::{EvalKeeper, RunDir, RunSummary, cosine_lr, stream_seed};
-use lora_runtime::train::{LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use serial_lora::{AdapterConfig, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -152,30 +152,37 @@ impl TrainConfig {
         Ok(a)
     }
 
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
+        }
+    }
+
     fn check(&self) -> Result<()> {
+        self.common().validate()?;
         let bad = |key: &'static str, value: String, why: &str| -> Result<()> {
             Err(serial_lora::Error::config(key, value, why).into())
         };
-        if self.batch == 0 {
-            return bad("batch", "0".into(), "must be at least 1");
-        }
         if self.shots == Some(0) {
             return bad("shots", "0".into(), "must be at least 1 (omit it to use the whole split)");
         }
-        if self.epochs == Some(0) || self.iters == Some(0) {
-            return bad("epochs/iters", "0".into(), "must be at least 1");
-        }
-        let lr_ok = self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min);
-        if !lr_ok {
+        if !(0.0..=self.lr).contains(&self.eta_min) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
-        }
-        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
-            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if let Some(t) = self.template.as_ref().filter(|t| !t.contains("{}")) {
             return bad("template", t.clone(), "has no {} for the class name");
         }
-        AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?;
         Ok(())
     }
 

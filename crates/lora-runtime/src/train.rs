@@ -148,6 +148,55 @@ pub trait TrainTask<AB: AutodiffBackend> {
     }
 }
 
+/// The settings every `train` command shares, checked in one place ([`CommonTrainArgs::validate`]).
+/// Each task's `TrainConfig` keeps its own flags, defaults and `train_config.json` keys (they
+/// differ per task — CLIP's `--alpha 1`, SAM's and SD3's `--alpha` = rank, SD3's `lora_dropout` —
+/// and are part of the command line and file contract) and lends them here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommonTrainArgs<'a> {
+    /// `lora | serial-lora | lora-plus | serial-lora-plus`.
+    pub method: &'a str,
+    pub rank: usize,
+    pub dropout: f64,
+    /// Peak learning rate (A matrices).
+    pub lr: f64,
+    /// LoRA+ ratio lr_B / lr_A.
+    pub lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    pub epochs: Option<usize>,
+    pub iters: Option<usize>,
+    /// Examples per device and micro-batch.
+    pub batch: usize,
+    pub seed: u64,
+    pub save_steps: Option<usize>,
+}
+
+impl CommonTrainArgs<'_> {
+    /// Refuses a setting out of range, naming the flag: `batch`, `epochs` / `iters` ≥ 1; `lr` and
+    /// `lr-ratio` finite and > 0; `weight-decay` finite and ≥ 0; a known method.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |key: &'static str, value: String, why: &str| Err(crate::Error::config(key, value, why));
+        if self.batch == 0 {
+            return bad("batch", "0".into(), "must be at least 1");
+        }
+        if self.epochs == Some(0) || self.iters == Some(0) {
+            return bad("epochs/iters", "0".into(), "must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "must be a finite number > 0");
+        }
+        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
+            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight-decay", self.weight_decay.to_string(), "must be a finite number ≥ 0");
+        }
+        AdapterConfig::from_method_name(self.method, self.rank, self.lr_ratio)?;
+        Ok(())
+    }
+}
+
 /// Trainable parameters with their rank (accumulation and clipping walk them).
 type Ids = Vec<(ParamId, usize)>;
 

@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use lora_runtime::imaging::load_rgb;
 use lora_runtime::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, cosine_lr, stream_seed};
-use lora_runtime::train::{LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use serial_lora::AdapterConfig;
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -105,16 +105,28 @@ impl TrainConfig {
         Ok(a)
     }
 
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
+        }
+    }
+
     fn check(&self) -> Result<AdapterConfig> {
+        self.common().validate()?;
         let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
-        if self.batch == 0 || self.epochs == Some(0) || self.iters == Some(0) {
-            return bad("batch/epochs/iters", "0".into(), "must be at least 1");
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min)) {
+        if !(0.0..=self.lr).contains(&self.eta_min) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
-        }
-        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
-            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if !(0.0..1.0).contains(&self.box_jitter) || !(0.0..1.0).contains(&self.test_fraction) {
             return bad("box-jitter/test-fraction", format!("{}/{}", self.box_jitter, self.test_fraction), "must be in [0, 1)");

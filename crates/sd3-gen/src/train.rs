@@ -40,7 +40,7 @@ use lora_runtime::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
 use lora_runtime::run::{Progress, RunDir, RunOptions, RunSummary, stream_seed};
 pub use lora_runtime::train::clip_grad_norm;
-use lora_runtime::train::{LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use serial_lora::{AdapterConfig, Method};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
@@ -155,20 +155,34 @@ impl TrainConfig {
         Ok(a)
     }
 
-    fn check(&self) -> Result<AdapterConfig> {
-        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
-        if self.batch == 0 || self.grad_accum == 0 || self.epochs == Some(0) || self.iters == Some(0) || self.resolution == 0 {
-            return bad("batch/grad-accum/epochs/iters/resolution", "0".into(), "must be at least 1");
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.lora_dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("lr", self.lr.to_string(), "must be positive");
+    }
+
+    fn check(&self) -> Result<AdapterConfig> {
+        self.common().validate()?;
+        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
+        if self.grad_accum == 0 || self.resolution == 0 {
+            return bad("grad-accum/resolution", "0".into(), "must be at least 1");
         }
         if !["constant", "constant_with_warmup", "cosine"].contains(&self.lr_scheduler.as_str()) {
             return bad("lr-scheduler", self.lr_scheduler.clone(), "expected constant, constant_with_warmup or cosine");
         }
-        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        if !non_negative(self.max_grad_norm) || !non_negative(self.weight_decay) {
-            return bad("max-grad-norm/weight-decay", format!("{}/{}", self.max_grad_norm, self.weight_decay), "must be ≥ 0");
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad("max-grad-norm", self.max_grad_norm.to_string(), "must be ≥ 0");
         }
         if self.validation_steps == Some(0) || self.validation_inference_steps == 0 {
             return bad("validation-steps/validation-inference-steps", "0".into(), "must be at least 1");
