@@ -43,6 +43,9 @@ pub enum Error {
     /// The requested device is unknown or its backend is not compiled in.
     #[error("device `{device}`: {message}")]
     Device { device: String, message: String },
+    /// An output file's directory does not exist (refused before any work).
+    #[error("{flag} {}: directory {} does not exist", path.display(), dir.display())]
+    OutputDir { flag: &'static str, path: PathBuf, dir: PathBuf },
     /// A collective operation of data-parallel training failed.
     #[error("data-parallel peer {rank}: {message}")]
     Collective { rank: usize, message: String },

@@ -12,6 +12,7 @@
 //! Dependency graph: `serial-lora` (the adapter library, lean) ← `lora-runtime` ← each task
 //! crate.
 pub mod alloc;
+pub mod cli;
 pub mod device;
 pub mod dist;
 pub mod error;

@@ -185,10 +185,7 @@ fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {
 
 /// Refuses an output file whose directory does not exist, before any work.
 fn check_output_dir(output: &std::path::Path) -> Result<()> {
-    match output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) if !dir.is_dir() => bail!("--output {}: directory {} does not exist", output.display(), dir.display()),
-        _ => Ok(()),
-    }
+    Ok(lora_runtime::cli::check_output_parent("--output", output)?)
 }
 
 fn ids<B: Backend>(tok: &ClipTokenizer, texts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {

@@ -221,10 +221,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     }
     // fail before any work on an output that cannot be written
     for (flag, out) in [("--output", Some(output)), ("--mask-png", mask_png.as_ref())] {
-        if let Some(dir) = out.and_then(|o| o.parent()).filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
-            bail!("{flag} {}: directory {} does not exist", out.map(|o| o.display().to_string()).unwrap_or_default(), dir.display());
+        if let Some(out) = out {
+            lora_runtime::cli::check_output_parent(flag, out)?;
         }
     }
     let img = load_rgb(image)?;

@@ -303,11 +303,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     if prompt_embeds.is_none() && prompt.is_empty() {
         bail!("give --prompt TEXT or --prompt-embeds FILE");
     }
-    for out in [Some(output), output_latents.as_ref()].into_iter().flatten() {
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
-            bail!("{}: directory {} does not exist", out.display(), dir.display());
+    for (flag, out) in [("--output", Some(output)), ("--output-latents", output_latents.as_ref())] {
+        if let Some(out) = out {
+            lora_runtime::cli::check_output_parent(flag, out)?;
         }
     }
     let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
