@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod deps;
 mod gpu;
 mod perf;
 mod plot;
@@ -25,10 +26,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build and run every test (default `flex` backend), type-check the `cuda` backend, run
-    /// the example, run the parity suites on `tch-cpu` (LibTorch of torch 2.9.0: the fixtures'
-    /// `.venv`, else a venv made in `$CARGO_TARGET_DIR-venv`), and the smoke check.
+    /// Check the dependency graph (`deps`), build and run every test (default `flex` backend),
+    /// type-check the `cuda` backend, run the example, run the parity suites on `tch-cpu`
+    /// (LibTorch of torch 2.9.0: the fixtures' `.venv`, else a venv made in
+    /// `$CARGO_TARGET_DIR-venv`), and the smoke check.
     Ci,
+    /// Check the dependency graph: the core library (`serial-lora`) depends only on its
+    /// allow-list, the runtime on the core, the task crates on both, xtask on none of them.
+    Deps,
     /// Regenerate the reference fixtures under tests/fixtures/ with the Python reference
     /// packages (creates .venv from tools/fixtures/requirements.txt if missing).
     Fixtures,
@@ -124,7 +129,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo(target_suffix: &str) -> Command {
+pub(crate) fn cargo(target_suffix: &str) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.env("CARGO_TARGET_DIR", target_dir(target_suffix));
     c
@@ -196,11 +201,12 @@ fn main() -> Result<()> {
     let t = Instant::now();
     match Cli::parse().command {
         Cmd::Ci => {
+            deps::check()?;
             run(cargo("").args(["test", "--workspace"]))?;
             // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
             run(cargo("").args(["build", "--workspace", "--examples"]))?;
             run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
-            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
+            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "lora-runtime", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
             // the parity suites again on LibTorch (CPU), same tolerances: masked (CLIP's causal
             // text mask), biased (SAM's relative positions) and joint (SD3) attention
             let mut tch = cargo("tch");
@@ -234,12 +240,13 @@ fn main() -> Result<()> {
         }
         Cmd::BenchAll(args) => bench_all(&args)?,
         Cmd::SmokeCheck => smoke_check()?,
+        Cmd::Deps => deps::check()?,
         Cmd::Perf(args) => perf::perf(&args)?,
         Cmd::GpuCheck { prepare } => if prepare { gpu::prepare()? } else { gpu::run()? },
         Cmd::Fuzz { cases, seed } => {
             let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
             eprintln!("fuzzing with FUZZ_SEED={seed} FUZZ_CASES={cases}");
-            for krate in ["serial-lora", "clip-cls", "sam-seg", "sd3-gen"] {
+            for krate in ["serial-lora", "lora-runtime", "clip-cls", "sam-seg", "sd3-gen"] {
                 run(cargo("")
                     .args(["test", "-p", krate, "--test", "fuzz", "--", "--nocapture", "--test-threads", "2"])
                     .env("FUZZ_SEED", seed.to_string())

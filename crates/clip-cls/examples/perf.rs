@@ -27,8 +27,9 @@ use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::perf::{Case, StepTimes, infer_model, json_line};
-use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::DeviceSpec;
+use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -171,8 +172,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let args = Args::parse();
     let device: DeviceSpec = args.device.parse()?;
-    serial_lora::dispatch!(device, run(&args))
+    lora_runtime::dispatch!(device, run(&args))
 }

@@ -11,6 +11,8 @@ pub enum ClipError {
     Dataset { path: PathBuf, message: String },
     #[error(transparent)]
     Adapter(#[from] serial_lora::Error),
+    #[error(transparent)]
+    Runtime(#[from] lora_runtime::Error),
 }
 
 pub type Result<T, E = ClipError> = std::result::Result<T, E>;

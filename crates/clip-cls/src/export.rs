@@ -1,10 +1,10 @@
 //! `clip-cls export`: a merged CLIP in transformers' layout (`CLIPModel.from_pretrained` loads
 //! it): `config.json`, tokenizer and preprocessor files copied, `model.safetensors` rewritten
-//! with every adapter folded in (see [`serial_lora::export`]).
+//! with every adapter folded in (see [`lora_runtime::export`]).
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
+use lora_runtime::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
 use serial_lora::io;
 
 use crate::error::Result;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::prelude::*;
-use serial_lora::weights::{KeyTable, load_safetensors, read_tensor};
+use lora_runtime::weights::{KeyTable, load_safetensors, read_tensor};
 
 use crate::config::ClipConfig;
 use crate::error::{ClipError, Result};
@@ -53,18 +53,18 @@ pub fn load_clip<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ClipMode
     }
     if let Some(missing) = missing.filter(|m| !m.is_empty()) {
         let list: Vec<_> = missing.into_iter().collect();
-        return Err(serial_lora::Error::WeightsMismatch {
+        return Err(lora_runtime::Error::WeightsMismatch {
             path: dir.into(),
             report: format!("  missing in every shard ({}):\n    {}\n", list.len(), list.join("\n    ")),
         }
         .into());
     }
-    let logit_scale = logit_scale.ok_or_else(|| serial_lora::Error::WeightsMismatch {
+    let logit_scale = logit_scale.ok_or_else(|| lora_runtime::Error::WeightsMismatch {
         path: files[0].clone(),
         report: "  missing (parameters of the model the file does not provide) (1):\n    logit_scale\n".into(),
     })?;
     if logit_scale.data.len() != 1 {
-        return Err(serial_lora::Error::WeightsMismatch {
+        return Err(lora_runtime::Error::WeightsMismatch {
             path: files[0].clone(),
             report: format!("  wrong shape: logit_scale {:?}, expected a scalar\n", logit_scale.shape),
         }

@@ -100,6 +100,10 @@ pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     x / norm
 }
 
+/// transformers CLIP's projection names: `q_proj`, `k_proj`, `v_proj`, `out_proj` (the adapter
+/// file keys of every CLIP attention block).
+pub const CLIP_PROJ_NAMES: ProjNames = ProjNames { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj", serial: "serial_" };
+
 /// Adaptable blocks: the vision tower's layers (indices `0..V`), then the text tower's
 /// (`V..V+T`), each named by its HF module path.
 impl<B: Backend> AdaptedModel<B> for ClipModel<B> {
@@ -107,7 +111,7 @@ impl<B: Backend> AdaptedModel<B> for ClipModel<B> {
         fn tower<'a, B: Backend>(name: &str, enc: &'a crate::encoder::Encoder<B>) -> Vec<AttentionSite<'a, B>> {
             let site = |(i, l): (usize, &'a EncoderLayer<B>)| AttentionSite {
                 path: format!("{name}.encoder.layers.{i}.self_attn"),
-                names: ProjNames::CLIP,
+                names: CLIP_PROJ_NAMES,
                 attention: &l.self_attn,
             };
             enc.layers.iter().enumerate().map(site).collect()

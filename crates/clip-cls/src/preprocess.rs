@@ -3,14 +3,14 @@
 //! crop, rescale by 1/255, normalize with the processor's mean and std.
 //!
 //! Upstream: transformers `models/clip/image_processing_pil_clip.py` (v5.24); the pixels come
-//! from [`serial_lora::imaging`] (Pillow-exact decoding and resampling).
+//! from [`lora_runtime::imaging`] (Pillow-exact decoding and resampling).
 use std::path::Path;
 
 use burn::prelude::*;
 use rand::{Rng, RngExt};
 use serde::Deserialize;
 
-pub use serial_lora::imaging::{Filter, RgbImage, center_crop, crop, hflip, load_rgb, resize};
+pub use lora_runtime::imaging::{Filter, RgbImage, center_crop, crop, hflip, load_rgb, resize};
 
 use crate::config::ClipVisionConfig;
 use crate::error::{ClipError, Result};

@@ -24,13 +24,14 @@ use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
 use burn::nn::LinearConfig;
-use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::run::{check_finite, cosine_lr, stream_seed};
+use lora_runtime::dist::Peer;
+use lora_runtime::run::{cosine_lr, stream_seed};
+use lora_runtime::train::{CommonTrainArgs, Micro, StepPlan, TrainTask, optimizer_step, streams};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 pub use backbone::{
@@ -148,21 +149,32 @@ impl ProxyConfig {
         if self.shots == 0 {
             return bad("shots", "0".into(), "must be at least 1");
         }
-        if self.iters == 0 {
-            return bad("iters", "0".into(), "must be at least 1");
-        }
+        self.common().validate()?;
         if self.pretrain_epochs == 0 {
             return bad("pretrain-epochs", "0".into(), "must be at least 1");
         }
-        for (key, v) in [("lr", self.lr), ("pretrain-lr", self.pretrain_lr)] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(key, v.to_string(), "must be a finite number > 0");
-            }
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight-decay", self.weight_decay.to_string(), "must be a finite number ≥ 0");
+        if !(self.pretrain_lr.is_finite() && self.pretrain_lr > 0.0) {
+            return bad("pretrain-lr", self.pretrain_lr.to_string(), "must be a finite number > 0");
         }
         self.adapter_config().map(|_| ())
+    }
+
+    /// The settings every training shares (checked by [`CommonTrainArgs::validate`]); the batch is
+    /// every shot.
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: None,
+            iters: Some(self.iters),
+            batch: self.shots,
+            seed: self.seed,
+            save_steps: None,
+        }
     }
 }
 
@@ -194,7 +206,7 @@ pub fn adapt<AB: AutodiffBackend>(
 ) -> Result<Adapted<AB>> {
     cfg.check()?;
     let adapter = cfg.adapter_config()?;
-    AB::seed(device, stream_seed(cfg.seed, 5, 0));
+    AB::seed(device, stream_seed(cfg.seed, streams::PROXY_INIT, 0));
     let hidden = pretrained.head.weight.val().dims()[0];
     let mut model = pretrained.with_adapters(&adapter, device)?;
     model.head = LinearConfig::new(hidden, TRANSFER_CLASSES.len()).init(device);
@@ -206,18 +218,19 @@ pub fn adapt<AB: AutodiffBackend>(
         &adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32),
         adapter.lr_ratio.unwrap_or(1.0),
     );
-    let x = digits.pixels::<AB>(shots, device);
-    let y = digits.targets::<AB>(shots, TRANSFER_CLASSES.start, device);
+    // full batch, in order: one micro-batch of every shot per step
+    let plan = StepPlan { examples: shots.len(), batch: shots.len(), grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: false, seed_dropout: true, peer: Peer::single() };
+    let mut task = FullBatch {
+        x: digits.pixels::<AB>(shots, device),
+        y: digits.targets::<AB>(shots, TRANSFER_CLASSES.start, device),
+        lr: cfg.lr,
+    };
     let mut loss_log = Vec::with_capacity(cfg.iters);
     let start = std::time::Instant::now();
     for step in 0..cfg.iters {
-        AB::seed(device, stream_seed(cfg.seed, 3, step as u64)); // adapter dropout
-        let loss = cross_entropy(model.forward(x.clone()), y.clone());
-        let loss_value = loss.clone().into_scalar().elem::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        check_finite(step, loss_value, &model, &grads)?;
-        model = optim.step(cosine_lr(cfg.lr, cfg.lr * 0.01, step, cfg.iters), model, grads);
-        loss_log.push(loss_value);
+        let (m, log) = optimizer_step(&mut task, model, &mut optim, &plan, step, cfg.iters, device)?;
+        model = m;
+        loss_log.push(log.loss);
     }
     Ok(Adapted {
         model,
@@ -229,6 +242,27 @@ pub fn adapt<AB: AutodiffBackend>(
         train_images: shots.len(),
         train_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The adaptation as a [`TrainTask`]: cross-entropy of the model on all the shots.
+struct FullBatch<AB: AutodiffBackend> {
+    x: Tensor<AB, 4>,
+    y: Tensor<AB, 1, Int>,
+    /// Peak learning rate (cosine to 1 % of it).
+    lr: f64,
+}
+
+impl<AB: AutodiffBackend> TrainTask<AB> for FullBatch<AB> {
+    type Model = ProxyModel<AB>;
+    type Error = ClipError;
+
+    fn loss(&mut self, model: &ProxyModel<AB>, _micro: &Micro, _device: &AB::Device) -> Result<(Tensor<AB, 1>, f64)> {
+        Ok((cross_entropy(model.forward(self.x.clone()), self.y.clone()), 0.0))
+    }
+
+    fn lr(&self, step: usize, total: usize) -> f64 {
+        cosine_lr(self.lr, self.lr * 0.01, step, total)
+    }
 }
 
 /// `metrics.json` of a proxy run.

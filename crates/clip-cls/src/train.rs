@@ -13,24 +13,26 @@
 //! adapter, the AdamW moments and the step; a resumed run therefore reaches the same adapter as
 //! an uninterrupted one.
 //!
-//! Data parallel ([`serial_lora::dist`]): `--batch` is per device; the peers share out each
+//! The step loop is the runtime's ([`lora_runtime::train::train_loop`]); this file holds what is
+//! CLIP's: data, loss, accuracy.
+//!
+//! Data parallel ([`lora_runtime::dist`]): `--batch` is per device; the peers share out each
 //! global batch and sum their weighted gradients, which is the single-device step on the whole
 //! batch (up to float rounding, and adapter dropout masks, which differ per peer).
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use serial_lora::imaging::decode_all;
-use serial_lora::io;
-pub use serial_lora::run::{Progress, RunOptions, StepLog};
-use serial_lora::run::{EvalKeeper, RunDir, RunSummary, StepTracker, check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdapterConfig, ParamCountExt, Projection};
+use lora_runtime::imaging::decode_all;
+pub use lora_runtime::run::{Progress, RunOptions, StepLog};
+use lora_runtime::run::{EvalKeeper, RunDir, RunSummary, cosine_lr, stream_seed};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use serial_lora::{AdapterConfig, Projection};
 
 use crate::data::{Dataset, Item, permutation};
 use crate::error::{ClipError, Result};
@@ -150,30 +152,37 @@ impl TrainConfig {
         Ok(a)
     }
 
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
+        }
+    }
+
     fn check(&self) -> Result<()> {
+        self.common().validate()?;
         let bad = |key: &'static str, value: String, why: &str| -> Result<()> {
             Err(serial_lora::Error::config(key, value, why).into())
         };
-        if self.batch == 0 {
-            return bad("batch", "0".into(), "must be at least 1");
-        }
         if self.shots == Some(0) {
             return bad("shots", "0".into(), "must be at least 1 (omit it to use the whole split)");
         }
-        if self.epochs == Some(0) || self.iters == Some(0) {
-            return bad("epochs/iters", "0".into(), "must be at least 1");
-        }
-        let lr_ok = self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min);
-        if !lr_ok {
+        if !(0.0..=self.lr).contains(&self.eta_min) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
-        }
-        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
-            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if let Some(t) = self.template.as_ref().filter(|t| !t.contains("{}")) {
             return bad("template", t.clone(), "has no {} for the class name");
         }
-        AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?;
         Ok(())
     }
 
@@ -245,7 +254,6 @@ pub fn train<AB: AutodiffBackend>(
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<Metrics> {
     cfg.check()?;
-    let peer = &opts.peer;
     let (run, resumed) = RunDir::open::<AB::InnerBackend, _>(out, cfg, opts, device)?;
 
     let dataset = Dataset::open(&cfg.dataset)?;
@@ -271,93 +279,109 @@ pub fn train<AB: AutodiffBackend>(
     let tokenizer = ClipTokenizer::from_dir(model_dir)?;
     let processor = ImageProcessor::from_dir(model_dir, &clip_cfg.vision_config)?;
     let adapter_cfg = cfg.adapter_config(&clip_cfg)?;
-    let (mut model, mut optim, mut state) = run.start(resumed, model, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
-    let resumed_from_step = (state.step > 0).then_some(state.step);
-    let counts = model.param_counts();
-
-    let n = images.len();
-    let global_batch = cfg.batch * peer.world;
-    let steps_per_epoch = n.div_ceil(global_batch);
-    let total = cfg.total_steps(steps_per_epoch);
-    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.checkpoint_every(steps_per_epoch));
     let template = cfg.template.clone().unwrap_or_else(|| dataset.default_template().to_string());
     let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &template, device);
-    let text_adapted = cfg.encoder != Towers::Vision;
-    let fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(ids.clone())).detach());
-    let mut keeper = EvalKeeper::new(&run, cfg.eval_steps, "accuracy");
     let val_items = if cfg.eval_steps.is_some() { validation_items(&dataset, cfg.seed)? } else { Vec::new() };
+    let plan = StepPlan { examples: images.len(), batch: cfg.batch, grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: true, seed_dropout: true, peer: opts.peer.clone() };
+    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 50, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let mut task = ClipTask {
+        cfg,
+        images: &images,
+        processor: &processor,
+        tokenizer: &tokenizer,
+        classnames: &dataset.classnames,
+        template: &template,
+        ids,
+        fixed_text: None,
+        keeper: EvalKeeper::new(&run, cfg.eval_steps, "accuracy"),
+        val_items,
+        adapter: &adapter_cfg,
+    };
+    let trained = train_loop(&mut task, model, &loop_cfg, &run, resumed, opts, device, on_step)?;
 
-    for step in state.step..tracker.stop {
-        let epoch = step / steps_per_epoch;
-        let order = permutation(n, stream_seed(cfg.seed, 1, epoch as u64));
-        let b = step % steps_per_epoch;
-        let batch = &order[b * global_batch..((b + 1) * global_batch).min(n)];
-        let (offset, mine) = peer.shard(batch);
-        let augment_seed = stream_seed(cfg.seed, 2, step as u64);
-        let mut pixels = Vec::with_capacity(mine.len());
-        for (j, &i) in mine.iter().enumerate() {
-            let mut rng = StdRng::seed_from_u64(stream_seed(augment_seed, 0, (offset + j) as u64));
-            pixels.push(match &images[i].0 {
-                Some(img) => processor.augment(img, &mut rng),
-                None => processor.augment(&load_rgb(&images[i].1.path)?, &mut rng),
-            });
-        }
-        // [this peer's share of the batch's mean loss, correct predictions]
-        let mut stats = [0.0; 2];
-        let mut grads = GradientsParams::new();
-        if !mine.is_empty() {
-            let labels: Vec<i64> = mine.iter().map(|&i| images[i].1.label as i64).collect();
-            let x = processor.stack::<AB>(pixels, device);
-            let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [mine.len()]), device);
-
-            AB::seed(device, peer.seed(stream_seed(cfg.seed, 3, step as u64))); // adapter dropout
-            let image = l2_normalize(model.get_image_features(x));
-            let text = match &fixed_text {
-                Some(t) => t.clone(),
-                None => l2_normalize(model.get_text_features(ids.clone())),
-            };
-            let logits = image.matmul(text.transpose()).mul_scalar(cfg.logit_scale);
-            let correct = logits.clone().argmax(1).squeeze_dim::<1>(1).equal(y.clone()).int().sum().into_scalar().elem::<i64>();
-            let loss = log_softmax(logits, 1).gather(1, y.unsqueeze_dim(1)).mean().neg().mul_scalar(peer.weight(mine.len(), batch.len()));
-            stats = [f64::from(loss.clone().into_scalar().elem::<f32>()), correct as f64];
-            grads = GradientsParams::from_grads(loss.backward(), &model);
-        }
-        let grads = peer.all_reduce(&model, grads, &mut stats, device)?;
-        let (loss_value, correct) = (stats[0] as f32, stats[1]);
-        let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
-        check_finite(step, loss_value, &model, &grads)?;
-        model = optim.step(lr, model, grads);
-
-        let log = StepLog { loss: loss_value, lr, score: correct, images: batch.len() };
-        if tracker.record(&mut state, log, epoch, on_step) {
-            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
-        }
-        if keeper.due(state.step, total) {
-            let valid = model.valid();
-            let r = evaluate_items(&valid, &tokenizer, &processor, &dataset.classnames, &val_items, "val", &template, cfg.batch, cfg.skip_bad_images, device, &mut |_, _| {})?;
-            keeper.record(state.step, r.top1, r.images, &model, &adapter_cfg, &cfg.model)?;
-        }
-    }
-
-    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    if summary.completed && peer.is_writer() {
-        io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
-    }
-    let (final_loss, train_accuracy) = state.recent(steps_per_epoch);
+    let (final_loss, train_accuracy) = trained.state.recent(trained.steps_per_epoch);
     let metrics = Metrics {
         method: cfg.method.clone(),
         template,
         num_classes: dataset.classnames.len(),
-        train_images: n,
+        train_images: images.len(),
         skipped_images: skipped,
-        trainable_params: counts.trainable,
-        total_params: counts.total,
-        run: summary,
+        trainable_params: trained.counts.trainable,
+        total_params: trained.counts.total,
+        run: trained.summary,
         final_loss,
         train_accuracy,
     };
     run.write_metrics(&metrics)?;
     Ok(metrics)
+}
+
+/// CLIP few-shot classification as a [`TrainTask`]: augmented images against the class prompts,
+/// cross-entropy on `logit_scale · cos`; top-1 accuracy on the validation items every
+/// `--eval-steps`.
+struct ClipTask<'a, AB: AutodiffBackend> {
+    cfg: &'a TrainConfig,
+    images: &'a [(Option<RgbImage>, Item)],
+    processor: &'a ImageProcessor,
+    tokenizer: &'a ClipTokenizer,
+    classnames: &'a [String],
+    template: &'a str,
+    /// Class prompt token ids `[classes, 77]`.
+    ids: Tensor<AB, 2, Int>,
+    /// The class text features when the text tower has no adapters (computed once).
+    fixed_text: Option<Tensor<AB, 2>>,
+    keeper: EvalKeeper,
+    val_items: Vec<Item>,
+    adapter: &'a AdapterConfig,
+}
+
+impl<AB: AutodiffBackend> TrainTask<AB> for ClipTask<'_, AB> {
+    type Model = ClipModel<AB>;
+    type Error = ClipError;
+
+    fn on_start(&mut self, model: &ClipModel<AB>, _device: &AB::Device) -> Result<()> {
+        let text_adapted = self.cfg.encoder != Towers::Vision;
+        self.fixed_text = (!text_adapted).then(|| l2_normalize(model.get_text_features(self.ids.clone())).detach());
+        Ok(())
+    }
+
+    fn loss(&mut self, model: &ClipModel<AB>, micro: &Micro, device: &AB::Device) -> Result<(Tensor<AB, 1>, f64)> {
+        let mut pixels = Vec::with_capacity(micro.examples.len());
+        for (j, &i) in micro.examples.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(micro.example_rng_seed(j));
+            pixels.push(match &self.images[i].0 {
+                Some(img) => self.processor.augment(img, &mut rng),
+                None => self.processor.augment(&load_rgb(&self.images[i].1.path)?, &mut rng),
+            });
+        }
+        let labels: Vec<i64> = micro.examples.iter().map(|&i| self.images[i].1.label as i64).collect();
+        let x = self.processor.stack::<AB>(pixels, device);
+        let y = Tensor::<AB, 1, Int>::from_data(TensorData::new(labels, [micro.examples.len()]), device);
+        let image = l2_normalize(model.get_image_features(x));
+        let text = match &self.fixed_text {
+            Some(t) => t.clone(),
+            None => l2_normalize(model.get_text_features(self.ids.clone())),
+        };
+        let logits = image.matmul(text.transpose()).mul_scalar(self.cfg.logit_scale);
+        let correct = logits.clone().argmax(1).squeeze_dim::<1>(1).equal(y.clone()).int().sum().into_scalar().elem::<i64>();
+        let loss = log_softmax(logits, 1).gather(1, y.unsqueeze_dim(1)).mean().neg();
+        Ok((loss, correct as f64))
+    }
+
+    fn lr(&self, step: usize, total: usize) -> f64 {
+        cosine_lr(self.cfg.lr, self.cfg.eta_min, step, total)
+    }
+
+    fn after_step(&mut self, model: &ClipModel<AB>, steps_done: usize, total: usize) -> Result<()> {
+        if self.keeper.due(steps_done, total) {
+            let valid = model.valid();
+            let device = self.ids.device();
+            let (cfg, v) = (self.cfg, &self.val_items);
+            let r = evaluate_items(&valid, self.tokenizer, self.processor, self.classnames, v, "val", self.template, cfg.batch, cfg.skip_bad_images, &device, &mut |_, _| {})?;
+            self.keeper.record(steps_done, r.top1, r.images, model, self.adapter, &cfg.model)?;
+        }
+        Ok(())
+    }
 }
 
 /// Top-1 accuracy of a split.
@@ -398,7 +422,7 @@ pub fn validation_items(dataset: &Dataset, seed: u64) -> Result<Vec<Item>> {
         return dataset.few_shot("val", None, 0);
     }
     let train = dataset.few_shot("train", None, 0)?;
-    let order = permutation(train.len(), stream_seed(seed, 4, 0));
+    let order = permutation(train.len(), stream_seed(seed, streams::HELD_OUT, 0));
     let n = train.len().div_ceil(10).max(1).min(train.len());
     Ok(order[..n].iter().map(|&i| train[i].clone()).collect())
 }

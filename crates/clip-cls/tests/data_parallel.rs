@@ -1,4 +1,4 @@
-//! Data-parallel training (`serial_lora::dist`) through `clip-cls train`, over loopback: two
+//! Data-parallel training (`lora_runtime::dist`) through `clip-cls train`, over loopback: two
 //! peers with `--batch b` reach the adapter of one peer with `--batch 2b`; a data-parallel run
 //! resumes; a checkpoint resumes only on as many peers as wrote it.
 mod common;

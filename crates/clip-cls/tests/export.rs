@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::{clip, fixtures, images, s, tiny_model_dir};
-use serial_lora::export::{CheckpointTensor, ExportOptions, max_rel_diff, read_checkpoint, weighted_adapters};
+use lora_runtime::export::{CheckpointTensor, ExportOptions, max_rel_diff, read_checkpoint, weighted_adapters};
 use serial_lora::io::read_safetensors;
 
 /// Merged in f64 and rounded once to f32 here; PEFT merges in f32 (one rounding of B·A and one of
@@ -173,7 +173,7 @@ fn two_lora_adapters_give_peft_cat_embeddings() {
     let dev = Default::default();
     let (model, _) = clip_cls::load_clip::<Flex>(&fixtures().join("clip-tiny"), &dev).unwrap();
     let adapters = weighted_adapters(&[fixtures().join("clip-tiny/peft_lora"), export_dir().join("clip_lora_b")], &[0.7, 0.5]).unwrap();
-    let model = serial_lora::export::merge_weighted(model, &adapters, &mut |m, a| serial_lora::io::load_adapter(m, a, &dev).map(|(m, _)| m)).unwrap();
+    let model = lora_runtime::export::merge_weighted(model, &adapters, &mut |m, a| serial_lora::io::load_adapter(m, a, &dev).map(|(m, _)| m)).unwrap();
     let inputs = read_checkpoint(&fixtures().join("clip-tiny"), "reference").unwrap();
     let (cat, _) = read_safetensors(&export_dir().join("clip_cat.safetensors")).unwrap();
     let (_, shape, px) = &inputs["pixel_values"];

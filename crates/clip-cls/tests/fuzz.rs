@@ -146,7 +146,7 @@ fn damaged_coop_split_never_panics() {
         if let Ok(ds) = Dataset::open(d) {
             let _ = ds.few_shot("train", Some(1), 0);
             for item in ds.split("test").unwrap_or_default() {
-                let _ = serial_lora::imaging::load_rgb(&item.path);
+                let _ = lora_runtime::imaging::load_rgb(&item.path);
             }
         }
     };

@@ -1,5 +1,8 @@
 //! Parity with transformers `CLIPModel` on a tiny random-weight checkpoint
 //! (`tools/fixtures/clip_tiny.py`, transformers 5.24.0, torch 2.9.0), layer by layer.
+#[path = "../../../tests/common/parity.rs"]
+mod parity;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -46,6 +49,7 @@ fn reference() -> Ref {
 }
 
 fn check<const D: usize>(r: &Ref, key: &str, got: Tensor<B, D>) -> f32 {
+    parity::compared(key);
     let want: Tensor<B, D> = r.floats[key].to_tensor(&Default::default());
     assert_eq!(got.dims(), want.dims(), "{key}: shape");
     let scale = want.clone().abs().max().into_scalar();
@@ -79,6 +83,7 @@ fn clip_matches_transformers_layer_by_layer() {
     check(&r, "text.pooler_output", text.pooler_output);
     check(&r, "text_embeds", text_embeds.clone());
     check(&r, "logits_per_image", model.logits_per_image(image_embeds, text_embeds));
+    parity::assert_all_compared(r.floats.keys(), &[""], &["pixel_values"]);
 }
 
 #[test]

@@ -14,7 +14,7 @@
 //! tokens and 16× the global-attention cost, too long for a 2-core CPU; the position tables are
 //! resized as `sam-seg train --image-size` does.
 //!
-//! Prints one JSON line (`serial_lora::perf::json_line`).
+//! Prints one JSON line (`lora_runtime::perf::json_line`).
 //!
 //! cargo run --release -p sam-seg --example sam-perf -- --method serial-lora --mode train --steps 3
 use std::time::Instant;
@@ -28,8 +28,9 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use sam_seg::{Prompts, SamConfig, SamModel};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::perf::{Case, StepTimes, infer_model, json_line};
-use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::DeviceSpec;
+use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -175,8 +176,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let args = Args::parse();
     let device: DeviceSpec = args.device.parse()?;
-    serial_lora::dispatch!(device, run(&args))
+    lora_runtime::dispatch!(device, run(&args))
 }

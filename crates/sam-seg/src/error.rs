@@ -13,6 +13,8 @@ pub enum SamError {
     Prompt(String),
     #[error(transparent)]
     Adapter(#[from] serial_lora::Error),
+    #[error(transparent)]
+    Runtime(#[from] lora_runtime::Error),
 }
 
 pub type Result<T, E = SamError> = std::result::Result<T, E>;

@@ -2,13 +2,13 @@
 //! also from a segment-anything checkpoint (keys renamed as transformers' `convert_sam_to_hf.py`
 //! does, the pixel normalization buffers left out): `config.json` and the processor config
 //! copied, `model.safetensors` rewritten with every adapter folded in (see
-//! [`serial_lora::export`]).
+//! [`lora_runtime::export`]).
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
+use lora_runtime::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
 use serial_lora::io;
-use serial_lora::weights::tensor_names;
+use lora_runtime::weights::tensor_names;
 
 use crate::error::Result;
 use crate::load::{ORIGINAL_TO_HF, load_sam};

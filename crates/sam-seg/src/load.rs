@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::weights::{KeyTable, load_safetensors, tensor_names};
+use lora_runtime::weights::{KeyTable, load_safetensors, tensor_names};
 
 use crate::config::SamConfig;
 use crate::error::Result;

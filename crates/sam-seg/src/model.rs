@@ -143,13 +143,17 @@ impl<B: Backend> SamModel<B> {
     }
 }
 
+/// transformers `SamVisionAttention`'s projection names: fused `qkv`, output `proj` (the adapter
+/// file keys of the image encoder's attention blocks).
+pub const SAM_VISION_PROJ_NAMES: ProjNames = ProjNames { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj", serial: "serial_" };
+
 /// Adaptable blocks: the image encoder's layers, `vision_encoder.layers.{i}.attn` (fused `qkv`,
 /// output `proj`). The prompt encoder and mask decoder stay frozen.
 impl<B: Backend> AdaptedModel<B> for SamModel<B> {
     fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
         let layers = self.vision_encoder.layers.iter().enumerate();
         layers
-            .map(|(i, l)| AttentionSite { path: format!("vision_encoder.layers.{i}.attn"), names: ProjNames::SAM_VISION, attention: &l.attn })
+            .map(|(i, l)| AttentionSite { path: format!("vision_encoder.layers.{i}.attn"), names: SAM_VISION_PROJ_NAMES, attention: &l.attn })
             .collect()
     }
 

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serde::Deserialize;
-use serial_lora::imaging::{Filter, RgbImage, resize};
+use lora_runtime::imaging::{Filter, RgbImage, resize};
 
 use crate::config::SamVisionConfig;
 use crate::error::{Result, SamError};

@@ -9,20 +9,22 @@
 //! mask path); AdamW (PyTorch defaults) with a cosine schedule. Evaluation: the mask upsampled to
 //! the original size, thresholded at 0, Dice against the ground truth; the paper reports the
 //! Dice loss = 1 − mean Dice.
+//!
+//! The step loop is the runtime's ([`lora_runtime::train::train_loop`]); this file holds what is
+//! SAM's: data, loss, Dice.
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use serial_lora::imaging::load_rgb;
-use serial_lora::io;
-use serial_lora::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdapterConfig, ParamCountExt};
+use lora_runtime::imaging::load_rgb;
+use lora_runtime::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, cosine_lr, stream_seed};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use serial_lora::AdapterConfig;
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
 use crate::error::{Result, SamError};
@@ -103,16 +105,28 @@ impl TrainConfig {
         Ok(a)
     }
 
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
+        }
+    }
+
     fn check(&self) -> Result<AdapterConfig> {
+        self.common().validate()?;
         let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
-        if self.batch == 0 || self.epochs == Some(0) || self.iters == Some(0) {
-            return bad("batch/epochs/iters", "0".into(), "must be at least 1");
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.eta_min)) {
+        if !(0.0..=self.lr).contains(&self.eta_min) {
             return bad("lr/eta-min", format!("{}/{}", self.lr, self.eta_min), "need 0 ≤ eta-min ≤ lr, lr > 0");
-        }
-        if !(self.lr_ratio.is_finite() && self.lr_ratio > 0.0) {
-            return bad("lr-ratio", self.lr_ratio.to_string(), "must be a finite number > 0");
         }
         if !(0.0..1.0).contains(&self.box_jitter) || !(0.0..1.0).contains(&self.test_fraction) {
             return bad("box-jitter/test-fraction", format!("{}/{}", self.box_jitter, self.test_fraction), "must be in [0, 1)");
@@ -129,7 +143,7 @@ struct Example {
 }
 
 /// Loads an image and its mask, checking sizes and that the mask has an object.
-pub fn load_pair(p: &Pair, class_id: Option<u8>) -> Result<(serial_lora::imaging::RgbImage, Mask)> {
+pub fn load_pair(p: &Pair, class_id: Option<u8>) -> Result<(lora_runtime::imaging::RgbImage, Mask)> {
     let img = load_rgb(&p.image)?;
     let mask = load_mask(&p.mask, class_id)?;
     if (mask.width, mask.height) != (img.width, img.height) {
@@ -200,11 +214,9 @@ pub fn train<AB: AutodiffBackend>(
     let adapter_cfg = cfg.check()?;
     let dataset = SegDataset::open(&cfg.dataset, cfg.seed, cfg.test_fraction)?;
     let pairs = dataset.split("train", cfg.fraction, cfg.seed)?;
-    let peer = &opts.peer;
     let (run, resumed) = RunDir::open::<AB::InnerBackend, _>(out, cfg, opts, device)?;
 
     let (model, sam_cfg, proc): (SamModel<AB>, SamConfig, SamProcessor) = load_sam_sized(model_dir, device, cfg.image_size)?;
-    let low = 4 * sam_cfg.vision_config.grid();
     // Check every pair once: readable, same size, an object to box.
     let mut usable = Vec::with_capacity(pairs.len());
     let mut skipped = Vec::new();
@@ -219,88 +231,91 @@ pub fn train<AB: AutodiffBackend>(
         return Err(SamError::Dataset { path: cfg.dataset.clone(), message: "no training mask has an object".into() });
     }
 
-    let (mut model, mut optim, mut state) = run.start(resumed, model, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
-    let resumed_from_step = (state.step > 0).then_some(state.step);
-    let counts = model.param_counts();
-
-    let n = usable.len();
-    let global_batch = cfg.batch * peer.world;
-    let steps_per_epoch = n.div_ceil(global_batch);
-    let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(5) * steps_per_epoch);
-    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
-    let [ph, pw] = proc.pad;
-    let mut keeper = EvalKeeper::new(&run, cfg.eval_steps, "dice");
     let val_pairs = if cfg.eval_steps.is_some() { validation_pairs(&dataset, cfg.seed)? } else { Vec::new() };
-    for step in state.step..tracker.stop {
-        let epoch = step / steps_per_epoch;
-        let mut order: Vec<usize> = (0..n).collect();
-        rand::seq::SliceRandom::shuffle(&mut order[..], &mut StdRng::seed_from_u64(stream_seed(cfg.seed, 1, epoch as u64)));
-        let b = step % steps_per_epoch;
-        let batch = &order[b * global_batch..((b + 1) * global_batch).min(n)];
-        let (offset, mine) = peer.shard(batch);
-        let jitter_seed = stream_seed(cfg.seed, 2, step as u64);
-        let mut examples = Vec::with_capacity(mine.len());
-        for (j, &i) in mine.iter().enumerate() {
-            let mut rng = StdRng::seed_from_u64(stream_seed(jitter_seed, 0, (offset + j) as u64));
-            let (img, mask) = load_pair(&usable[i], cfg.class_id)?;
-            let bbox = mask.bbox().ok_or_else(|| SamError::Dataset { path: usable[i].mask.clone(), message: "mask became empty".into() })?;
-            let jittered = jitter_box(bbox, cfg.box_jitter, (img.width, img.height), &mut rng);
-            let px = proc.process(&img);
-            examples.push(Example { boxed: proc.scale_box(px.original_size, jittered), pixels: px.pixel_values, target: low_res_target(&mask, low) });
-        }
-        // [this peer's share of the batch's mean loss, Σ Dice]
-        let mut stats = [0.0; 2];
-        let mut grads = GradientsParams::new();
-        let nb = examples.len();
-        if nb > 0 {
-            let pixels = Tensor::<AB, 4>::from_data(TensorData::new(examples.iter().flat_map(|e| e.pixels.clone()).collect::<Vec<_>>(), [nb, 3, ph, pw]), device);
-            let boxes = Tensor::<AB, 3>::from_data(TensorData::new(examples.iter().flat_map(|e| e.boxed).collect::<Vec<_>>(), [nb, 1, 4]), device);
-            let y = Tensor::<AB, 2>::from_data(TensorData::new(examples.iter().flat_map(|e| e.target.clone()).collect::<Vec<_>>(), [nb, low * low]), device);
+    let plan = StepPlan { examples: usable.len(), batch: cfg.batch, grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: true, seed_dropout: true, peer: opts.peer.clone() };
+    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 5, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let mut task = SamTask {
+        cfg,
+        usable: &usable,
+        proc: &proc,
+        low: 4 * sam_cfg.vision_config.grid(),
+        keeper: EvalKeeper::new(&run, cfg.eval_steps, "dice"),
+        val_pairs,
+        adapter: &adapter_cfg,
+        device: device.clone(),
+    };
+    let trained = train_loop(&mut task, model, &loop_cfg, &run, resumed, opts, device, on_step)?;
 
-            AB::seed(device, peer.seed(stream_seed(cfg.seed, 3, step as u64))); // adapter dropout
-            let prompts = Prompts { points: None, boxes: Some(boxes), masks: None };
-            let out = model.forward(model.get_image_embeddings(pixels), &prompts, false)?;
-            let logits = out.pred_masks.reshape([nb, low * low]);
-            // BCE with logits: −[y·logσ(x) + (1−y)·logσ(−x)]
-            let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
-            let loss = (bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean()).mul_scalar(peer.weight(nb, batch.len()));
-            let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
-            stats = [f64::from(loss.clone().into_scalar().elem::<f32>()), dice];
-            grads = GradientsParams::from_grads(loss.backward(), &model);
-        }
-        let grads = peer.all_reduce(&model, grads, &mut stats, device)?;
-        let loss_value = stats[0] as f32;
-        let lr = cosine_lr(cfg.lr, cfg.eta_min, step, total);
-        check_finite(step, loss_value, &model, &grads)?;
-        model = optim.step(lr, model, grads);
-
-        let log = StepLog { loss: loss_value, lr, images: batch.len(), score: stats[1] };
-        if tracker.record(&mut state, log, epoch, on_step) {
-            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
-        }
-        if keeper.due(state.step, total) {
-            let r = evaluate_pairs(&model.valid(), &proc, &val_pairs, "val", cfg.class_id, device, &mut |_, _| {})?;
-            keeper.record(state.step, r.dice, r.images, &model, &adapter_cfg, &cfg.model)?;
-        }
-    }
-
-    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    if summary.completed && peer.is_writer() {
-        io::save_adapter(&model, &adapter_cfg, out, Some(&cfg.model))?;
-    }
-    let (final_loss, train_dice) = state.recent(steps_per_epoch);
+    let (final_loss, train_dice) = trained.state.recent(trained.steps_per_epoch);
     let metrics = Metrics {
         method: cfg.method.clone(),
-        train_images: n,
+        train_images: usable.len(),
         skipped_empty_masks: skipped,
-        trainable_params: counts.trainable,
-        total_params: counts.total,
-        run: summary,
+        trainable_params: trained.counts.trainable,
+        total_params: trained.counts.total,
+        run: trained.summary,
         final_loss,
         train_dice,
     };
     run.write_metrics(&metrics)?;
     Ok(metrics)
+}
+
+/// Box-prompted SAM fine-tuning as a [`TrainTask`]: jittered ground-truth boxes, BCE + soft Dice
+/// on the low-resolution logits; mean Dice on the validation pairs every `--eval-steps`.
+struct SamTask<'a, AB: AutodiffBackend> {
+    cfg: &'a TrainConfig,
+    usable: &'a [Pair],
+    proc: &'a SamProcessor,
+    /// Side of the decoder's low-resolution masks.
+    low: usize,
+    keeper: EvalKeeper,
+    val_pairs: Vec<Pair>,
+    adapter: &'a AdapterConfig,
+    device: AB::Device,
+}
+
+impl<AB: AutodiffBackend> TrainTask<AB> for SamTask<'_, AB> {
+    type Model = SamModel<AB>;
+    type Error = SamError;
+
+    fn loss(&mut self, model: &SamModel<AB>, micro: &Micro, device: &AB::Device) -> Result<(Tensor<AB, 1>, f64)> {
+        let (cfg, proc, low) = (self.cfg, self.proc, self.low);
+        let mut examples = Vec::with_capacity(micro.examples.len());
+        for (j, &i) in micro.examples.iter().enumerate() {
+            let mut rng = StdRng::seed_from_u64(micro.example_rng_seed(j));
+            let (img, mask) = load_pair(&self.usable[i], cfg.class_id)?;
+            let bbox = mask.bbox().ok_or_else(|| SamError::Dataset { path: self.usable[i].mask.clone(), message: "mask became empty".into() })?;
+            let jittered = jitter_box(bbox, cfg.box_jitter, (img.width, img.height), &mut rng);
+            let px = proc.process(&img);
+            examples.push(Example { boxed: proc.scale_box(px.original_size, jittered), pixels: px.pixel_values, target: low_res_target(&mask, low) });
+        }
+        let nb = examples.len();
+        let [ph, pw] = proc.pad;
+        let pixels = Tensor::<AB, 4>::from_data(TensorData::new(examples.iter().flat_map(|e| e.pixels.clone()).collect::<Vec<_>>(), [nb, 3, ph, pw]), device);
+        let boxes = Tensor::<AB, 3>::from_data(TensorData::new(examples.iter().flat_map(|e| e.boxed).collect::<Vec<_>>(), [nb, 1, 4]), device);
+        let y = Tensor::<AB, 2>::from_data(TensorData::new(examples.iter().flat_map(|e| e.target.clone()).collect::<Vec<_>>(), [nb, low * low]), device);
+        let prompts = Prompts { points: None, boxes: Some(boxes), masks: None };
+        let out = model.forward(model.get_image_embeddings(pixels), &prompts, false)?;
+        let logits = out.pred_masks.reshape([nb, low * low]);
+        // BCE with logits: −[y·logσ(x) + (1−y)·logσ(−x)]
+        let bce = (y.clone() * log_sigmoid(logits.clone()) + y.clone().neg().add_scalar(1.0) * log_sigmoid(logits.clone().neg())).mean().neg();
+        let loss = bce + dice_loss(sigmoid(logits.clone()), y.clone()).mean();
+        let dice: f64 = hard_dice(logits.detach().greater_elem(0.0).float(), y).iter().sum();
+        Ok((loss, dice))
+    }
+
+    fn lr(&self, step: usize, total: usize) -> f64 {
+        cosine_lr(self.cfg.lr, self.cfg.eta_min, step, total)
+    }
+
+    fn after_step(&mut self, model: &SamModel<AB>, steps_done: usize, total: usize) -> Result<()> {
+        if self.keeper.due(steps_done, total) {
+            let r = evaluate_pairs(&model.valid(), self.proc, &self.val_pairs, "val", self.cfg.class_id, &self.device, &mut |_, _| {})?;
+            self.keeper.record(steps_done, r.dice, r.images, model, self.adapter, &self.cfg.model)?;
+        }
+        Ok(())
+    }
 }
 
 /// Dice on a split.
@@ -338,7 +353,7 @@ pub fn validation_pairs(dataset: &SegDataset, seed: u64) -> Result<Vec<Pair>> {
         return dataset.split("val", 1.0, 0);
     }
     let mut train = dataset.split("train", 1.0, 0)?;
-    rand::seq::SliceRandom::shuffle(&mut train[..], &mut StdRng::seed_from_u64(stream_seed(seed, 4, 0)));
+    rand::seq::SliceRandom::shuffle(&mut train[..], &mut StdRng::seed_from_u64(stream_seed(seed, streams::HELD_OUT, 0)));
     train.truncate(train.len().div_ceil(10).max(1));
     Ok(train)
 }

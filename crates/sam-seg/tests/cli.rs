@@ -7,7 +7,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use sam_seg::processor::SamProcessor;
 use sam_seg::{Prompts, load_sam};
-use serial_lora::imaging::load_rgb;
+use lora_runtime::imaging::load_rgb;
 use serial_lora::io::read_safetensors;
 
 type B = Flex;

@@ -1,4 +1,4 @@
-//! Data-parallel training (`serial_lora::dist`) through `sam-seg train`, over loopback: two
+//! Data-parallel training (`lora_runtime::dist`) through `sam-seg train`, over loopback: two
 //! peers with `--batch b` reach the adapter of one peer with `--batch 2b`.
 mod common;
 #[path = "../../../tests/common/data_parallel.rs"]

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::fixtures;
-use serial_lora::export::{CheckpointTensor, max_rel_diff, read_checkpoint};
+use lora_runtime::export::{CheckpointTensor, max_rel_diff, read_checkpoint};
 use serial_lora::io::read_safetensors;
 
 /// Merged in f64 and rounded once to f32; PEFT merges in f32: a few ulps, relative to the

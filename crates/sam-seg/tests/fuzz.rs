@@ -76,7 +76,7 @@ fn damaged_dataset_files_never_panic() {
         for split in ["train", "test"] {
             for pair in ds.split(split, 1.0, 0).unwrap_or_default() {
                 let _ = load_mask(&pair.mask, None);
-                let _ = serial_lora::imaging::load_rgb(&pair.image);
+                let _ = lora_runtime::imaging::load_rgb(&pair.image);
             }
         }
         true

@@ -3,6 +3,9 @@
 //! position embedding, every encoder layer (windowed with padding, and global), neck, image-wide
 //! positional encoding, prompt embeddings (box, points with padding and not-a-point labels,
 //! points + box, mask), mask logits and IoU scores.
+#[path = "../../../tests/common/parity.rs"]
+mod parity;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -50,6 +53,7 @@ fn labels(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Tensor<B, 
 }
 
 fn check<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str, got: Tensor<B, D>) -> f32 {
+    parity::compared(key);
     let want: Tensor<B, D> = tensor(r, key);
     assert_eq!(got.dims(), want.dims(), "{key}: shape");
     let scale = want.clone().abs().max().into_scalar();
@@ -92,6 +96,8 @@ fn sam_matches_transformers_stage_by_stage() {
         check(&r, &format!("{case}.iou_scores"), o.iou_scores);
     }
     check(&r, "mask.dense", model.prompt_encoder.mask_embed.forward(tensor(&r, "mask.input_masks")));
+    let inputs = ["pixel_values", "mask.input_masks"].into_iter().chain(r.keys().map(String::as_str).filter(|k| k.contains(".input_")));
+    parity::assert_all_compared(r.keys(), &["vision.", "image_", "box.", "points.", "points_box.", "mask."], &inputs.collect::<Vec<_>>());
 }
 
 #[test]
@@ -103,6 +109,7 @@ fn a_smaller_image_size_resizes_the_position_tables_as_torch() {
     check(&r, "resize32.pos_embed", model.vision_encoder.pos_embed.as_ref().unwrap().val());
     check(&r, "resize32.rel_pos_h.1", model.vision_encoder.layers[1].rel_pos.as_ref().unwrap().rel_pos_h.val());
     assert_eq!(model.vision_encoder.layers[0].rel_pos.as_ref().unwrap().rel_pos_h.dims(), [5, 16], "windowed layers keep theirs");
+    parity::assert_all_compared(r.keys(), &["resize32."], &[]);
     assert_eq!((cfg.vision_config.image_size, model.prompt_encoder.image_embedding_size), (32, 4));
     let p = prompts(&r, "box").boxes.map(|b| b.div_scalar(2.0));
     let out = model.forward(model.get_image_embeddings(Tensor::zeros([1, 3, 32, 32], &dev)), &Prompts { boxes: p, ..Default::default() }, true).unwrap();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::backend::Flex;
 use burn::prelude::*;
 use sam_seg::processor::SamProcessor;
-use serial_lora::imaging::load_rgb;
+use lora_runtime::imaging::load_rgb;
 
 type B = Flex;
 

@@ -9,7 +9,7 @@ use sam_seg::data::SegDataset;
 use sam_seg::load_sam;
 use sam_seg::processor::SamProcessor;
 use sam_seg::train::{TrainConfig, evaluate, train};
-use serial_lora::run::RunOptions;
+use lora_runtime::run::RunOptions;
 use serial_lora::{AdaptedModel, io};
 
 type AB = Autodiff<Flex>;

@@ -14,7 +14,7 @@
 //! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture).
 //! - `--method base --mode infer`: the frozen base slice, the reference for `infer-merged`.
 //!
-//! Prints one JSON line (`serial_lora::perf::json_line`).
+//! Prints one JSON line (`lora_runtime::perf::json_line`).
 //!
 //! cargo run --release -p sd3-gen --example sd3-perf -- --method serial-lora --mode train --steps 3
 use std::time::Instant;
@@ -31,8 +31,9 @@ use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::params::param_infos;
-use serial_lora::perf::{Case, StepTimes, infer_model, json_line};
-use serial_lora::{AdaptedModel, AdapterConfig, DeviceSpec, ParamCountExt};
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::DeviceSpec;
+use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -193,8 +194,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let args = Args::parse();
     let device: DeviceSpec = args.device.parse()?;
-    serial_lora::dispatch!(device, run(&args))
+    lora_runtime::dispatch!(device, run(&args))
 }

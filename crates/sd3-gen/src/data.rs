@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use serial_lora::imaging::{self, RgbImage};
+use lora_runtime::imaging::{self, RgbImage};
 
 use crate::error::{Result, Sd3Error};
 

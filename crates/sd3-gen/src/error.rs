@@ -14,6 +14,8 @@ pub enum Sd3Error {
     Input(String),
     #[error(transparent)]
     Adapter(#[from] serial_lora::Error),
+    #[error(transparent)]
+    Runtime(#[from] lora_runtime::Error),
 }
 
 pub type Result<T, E = Sd3Error> = std::result::Result<T, E>;

@@ -1,11 +1,11 @@
 //! Several adapters on the MMDiT at inference, and `sd3-gen export`: a full diffusers pipeline
 //! directory (`StableDiffusion3Pipeline.from_pretrained` loads it) with `transformer/` rewritten
 //! with every adapter folded in (sharded with an index above diffusers' 10 GB) and every other
-//! component copied (see [`serial_lora::export`]).
+//! component copied (see [`lora_runtime::export`]).
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::export::{DIFFUSERS_MAX_SHARD, ExportOptions, ExportSummary, WeightedAdapter, WeightsSpec, export_model, is_weights_file, merge_weighted};
+use lora_runtime::export::{DIFFUSERS_MAX_SHARD, ExportOptions, ExportSummary, WeightedAdapter, WeightsSpec, export_model, is_weights_file, merge_weighted};
 use serial_lora::io;
 
 use crate::error::Result;

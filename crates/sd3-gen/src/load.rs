@@ -3,15 +3,15 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::hub::Needed;
-use serial_lora::weights::{KeyTable, load_safetensors_dir};
+use lora_runtime::hub::Needed;
+use lora_runtime::weights::{KeyTable, load_safetensors_dir};
 
 use crate::config::Sd3TransformerConfig;
 use crate::error::Result;
 use crate::mmdit::Sd3Transformer;
 
 /// The files of a diffusers SD3 directory a command needs, for
-/// [`serial_lora::hub::resolve_model_dir`] (alternatives per entry): the transformer and the VAE,
+/// [`lora_runtime::hub::resolve_model_dir`] (alternatives per entry): the transformer and the VAE,
 /// with `text` the CLIP-L/G encoders and tokenizers, with `t5` also `text_encoder_3` (single or
 /// sharded) and `tokenizer_3`.
 pub fn pipeline_files(text: bool, t5: bool) -> Vec<Needed<'static>> {

@@ -375,6 +375,14 @@ impl<B: Backend> Sd3Transformer<B> {
     }
 }
 
+/// diffusers `Attention`'s projection names (image stream): `to_q`, `to_k`, `to_v`, `to_out.0`.
+pub const DIFFUSERS_PROJ_NAMES: ProjNames = ProjNames { q: "to_q", k: "to_k", v: "to_v", qkv: "to_qkv", o: "to_out.0", serial: "serial_" };
+/// diffusers `Attention`, context stream of SD3's joint attention: `add_q_proj`, `add_k_proj`,
+/// `add_v_proj`, `to_add_out`; its Serial LoRA pair is `add_serial_lora_{A,B}` (next to the image
+/// stream's `serial_lora_{A,B}` of the same module, so the two never collide).
+pub const DIFFUSERS_CONTEXT_PROJ_NAMES: ProjNames =
+    ProjNames { q: "add_q_proj", k: "add_k_proj", v: "add_v_proj", qkv: "add_qkv_proj", o: "to_add_out", serial: "add_serial_" };
+
 /// Adaptable blocks: the image stream of each joint attention, `transformer_blocks.{i}.attn`
 /// (diffusers names `to_q`, `to_k`, `to_v`, `to_out.0`), then — with
 /// [`Sd3Transformer::with_context_stream`] — the context streams (`add_q_proj`, `add_k_proj`,
@@ -383,10 +391,10 @@ impl<B: Backend> AdaptedModel<B> for Sd3Transformer<B> {
     fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
         let path = |i: usize| format!("transformer_blocks.{i}.attn");
         let blocks = self.transformer_blocks.iter().enumerate();
-        let image = blocks.clone().map(|(i, b)| AttentionSite { path: path(i), names: ProjNames::DIFFUSERS, attention: &b.attn.image });
+        let image = blocks.clone().map(|(i, b)| AttentionSite { path: path(i), names: DIFFUSERS_PROJ_NAMES, attention: &b.attn.image });
         let context = blocks
             .filter(|_| self.adapt_context)
-            .map(|(i, b)| AttentionSite { path: path(i), names: ProjNames::DIFFUSERS_CONTEXT, attention: &b.attn.context });
+            .map(|(i, b)| AttentionSite { path: path(i), names: DIFFUSERS_CONTEXT_PROJ_NAMES, attention: &b.attn.context });
         image.chain(context).collect()
     }
 
@@ -419,7 +427,7 @@ pub fn adapter_has_context_keys(dir: &std::path::Path) -> Result<bool> {
         .map(|f| dir.join(f))
         .find(|f| f.is_file())
         .ok_or_else(|| Sd3Error::Input(format!("{}: no {} or {}", dir.display(), serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE)))?;
-    let names = serial_lora::weights::tensor_names(&file)?;
+    let names = lora_runtime::weights::tensor_names(&file)?;
     let context = [".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.", ".add_serial_lora_"];
     Ok(names.iter().any(|n| context.iter().any(|c| n.contains(c))))
 }

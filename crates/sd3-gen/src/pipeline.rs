@@ -91,7 +91,7 @@ pub fn denoise<B: Backend>(
 /// The pipeline's image output of final latents `[b, c, h, w]`: `vae.decode(z / scaling +
 /// shift)`, then `(x / 2 + 0.5).clamp(0, 1)` and 8-bit rounding (diffusers' `VaeImageProcessor`
 /// `postprocess(output_type="pil")`: `(x * 255).round()`).
-pub fn decode_to_rgb<B: Backend>(vae: &crate::vae::Vae<B>, cfg: &crate::vae::VaeConfig, latents: Tensor<B, 4>) -> Vec<serial_lora::imaging::RgbImage> {
+pub fn decode_to_rgb<B: Backend>(vae: &crate::vae::Vae<B>, cfg: &crate::vae::VaeConfig, latents: Tensor<B, 4>) -> Vec<lora_runtime::imaging::RgbImage> {
     let scaled = latents.div_scalar(cfg.scaling_factor).add_scalar(cfg.shift_factor.unwrap_or(0.0));
     let (image, _) = vae.decode(scaled);
     let image = image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
@@ -100,7 +100,7 @@ pub fn decode_to_rgb<B: Backend>(vae: &crate::vae::Vae<B>, cfg: &crate::vae::Vae
     (0..n)
         .map(|i| {
             let data = (0..h * w).flat_map(|p| (0..3).map(move |c| (c, p))).map(|(c, p)| (px[(i * 3 + c) * h * w + p] * 255.0).round() as u8).collect();
-            serial_lora::imaging::RgbImage { width: w, height: h, data }
+            lora_runtime::imaging::RgbImage { width: w, height: h, data }
         })
         .collect()
 }

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serial_lora::layers::Activation;
 use serial_lora::parse;
-use serial_lora::weights::{KeyTable, load_safetensors_dir};
+use lora_runtime::weights::{KeyTable, load_safetensors_dir};
 use serial_lora::{Attention, AttentionConfig, LoraLinear, sdpa};
 
 use crate::error::{Result, Sd3Error};
@@ -318,7 +318,7 @@ pub const KEY_TABLE_EMBED_TOKENS: KeyTable =
 fn checkpoint_keys(dir: &Path) -> Result<Vec<String>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
-        return Ok(serial_lora::weights::tensor_names(&single)?);
+        return Ok(lora_runtime::weights::tensor_names(&single)?);
     }
     let index = dir.join("model.safetensors.index.json");
     let Ok(text) = std::fs::read_to_string(&index) else { return Ok(Vec::new()) };

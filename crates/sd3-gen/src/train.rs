@@ -23,25 +23,25 @@
 //!   context stream by default — the paper's counts are for the image stream).
 //!
 //! Random draws of step `t` come from seeded streams of `(seed, t)`, so `--resume` continues
-//! bit-identically on CPU.
+//! bit-identically on CPU. The step loop (accumulation, clipping, checkpoints) is the runtime's
+//! ([`lora_runtime::train::train_loop`]); this file holds what is SD3's: data, loss, samples.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, ParamId};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serial_lora::config::Init;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::imaging::save_png;
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
-use serial_lora::params::param_infos;
-use serial_lora::run::{Progress, RunDir, RunOptions, RunSummary, StepLog, StepTracker, check_finite, stream_seed};
-use serial_lora::{AdapterConfig, Method, ParamCountExt};
+use lora_runtime::run::{Progress, RunDir, RunOptions, RunSummary, stream_seed};
+pub use lora_runtime::train::clip_grad_norm;
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use serial_lora::{AdapterConfig, Method};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
 use crate::error::{Result, Sd3Error};
@@ -52,12 +52,6 @@ use crate::text::{T5TextEncoder, TextEncoders};
 use crate::vae::{Vae, VaeConfig, load_vae};
 use crate::{Sd3TransformerConfig, load_transformer};
 
-/// Random streams of a run (see [`stream_seed`]).
-const STREAM_SHUFFLE: u64 = 1;
-const STREAM_NOISE: u64 = 2;
-const STREAM_DROPOUT: u64 = 3;
-const STREAM_FLIP: u64 = 4;
-const STREAM_VALIDATION: u64 = 5;
 /// Images encoded per VAE / text-encoder call while the caches are built.
 const CACHE_CHUNK: usize = 8;
 
@@ -161,20 +155,34 @@ impl TrainConfig {
         Ok(a)
     }
 
-    fn check(&self) -> Result<AdapterConfig> {
-        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
-        if self.batch == 0 || self.grad_accum == 0 || self.epochs == Some(0) || self.iters == Some(0) || self.resolution == 0 {
-            return bad("batch/grad-accum/epochs/iters/resolution", "0".into(), "must be at least 1");
+    /// The settings every task shares (checked by [`CommonTrainArgs::validate`]).
+    pub fn common(&self) -> CommonTrainArgs<'_> {
+        CommonTrainArgs {
+            method: &self.method,
+            rank: self.rank,
+            dropout: self.lora_dropout,
+            lr: self.lr,
+            lr_ratio: self.lr_ratio,
+            weight_decay: self.weight_decay,
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            seed: self.seed,
+            save_steps: self.save_steps,
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("lr", self.lr.to_string(), "must be positive");
+    }
+
+    fn check(&self) -> Result<AdapterConfig> {
+        self.common().validate()?;
+        let bad = |k: &'static str, v: String, why: &str| Err(serial_lora::Error::config(k, v, why).into());
+        if self.grad_accum == 0 || self.resolution == 0 {
+            return bad("grad-accum/resolution", "0".into(), "must be at least 1");
         }
         if !["constant", "constant_with_warmup", "cosine"].contains(&self.lr_scheduler.as_str()) {
             return bad("lr-scheduler", self.lr_scheduler.clone(), "expected constant, constant_with_warmup or cosine");
         }
-        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        if !non_negative(self.max_grad_norm) || !non_negative(self.weight_decay) {
-            return bad("max-grad-norm/weight-decay", format!("{}/{}", self.max_grad_norm, self.weight_decay), "must be ≥ 0");
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad("max-grad-norm", self.max_grad_norm.to_string(), "must be ≥ 0");
         }
         if self.validation_steps == Some(0) || self.validation_inference_steps == 0 {
             return bad("validation-steps/validation-inference-steps", "0".into(), "must be at least 1");
@@ -381,7 +389,7 @@ fn build_caches<B: Backend>(
         let mut px = Vec::with_capacity(chunk.len() * 3 * r * r);
         let mut flips = Vec::with_capacity(chunk.len());
         for &i in chunk {
-            let flip = cfg.random_flip && StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_FLIP, i as u64)).random::<f64>() < 0.5;
+            let flip = cfg.random_flip && StdRng::seed_from_u64(stream_seed(cfg.seed, streams::FLIP, i as u64)).random::<f64>() < 0.5;
             px.extend(pixel_values(&examples[i], r, flip)?);
             flips.push(flip);
         }
@@ -413,48 +421,6 @@ fn build_caches<B: Backend>(
     let (pe, pp) = encode(&cfg.validation_prompt)?;
     let (ne, np) = encode(&vec![String::new(); cfg.validation_prompt.len()])?;
     Ok(Some(PromptEmbeds { prompt_embeds: pe, pooled_prompt_embeds: pp, negative: Some((ne, np)) }))
-}
-
-/// Sums the gradients of `add` into `acc` (the trainable parameters `ids`, 1-D or 2-D).
-fn accumulate<B: AutodiffBackend>(acc: &mut GradientsParams, mut add: GradientsParams, ids: &[(ParamId, usize)]) {
-    for &(id, ndim) in ids {
-        match ndim {
-            1 => merge::<B, 1>(acc, &mut add, id),
-            _ => merge::<B, 2>(acc, &mut add, id),
-        }
-    }
-}
-
-fn merge<B: AutodiffBackend, const D: usize>(acc: &mut GradientsParams, add: &mut GradientsParams, id: ParamId) {
-    if let Some(g) = add.remove::<B::InnerBackend, D>(id) {
-        let sum = match acc.remove::<B::InnerBackend, D>(id) {
-            Some(a) => a + g,
-            None => g,
-        };
-        acc.register::<B::InnerBackend, D>(id, sum);
-    }
-}
-
-/// `torch.nn.utils.clip_grad_norm_(params, max_norm)` over the parameters `ids` (id, rank 1 or
-/// 2): scales every gradient by `min(1, max_norm / (‖g‖₂ + 1e-6))`, `‖g‖₂` the norm of all of
-/// them together; returns that norm (before clipping).
-pub fn clip_grad_norm<B: AutodiffBackend>(grads: &mut GradientsParams, ids: &[(ParamId, usize)], max_norm: f64) -> f32 {
-    fn sq<B: AutodiffBackend, const D: usize>(g: &GradientsParams, id: ParamId) -> f32 {
-        g.get::<B::InnerBackend, D>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar().elem::<f32>())
-    }
-    fn scale<B: AutodiffBackend, const D: usize>(g: &mut GradientsParams, id: ParamId, c: f32) {
-        if let Some(t) = g.remove::<B::InnerBackend, D>(id) {
-            g.register::<B::InnerBackend, D>(id, t.mul_scalar(c));
-        }
-    }
-    let total = ids.iter().map(|&(id, d)| if d == 1 { sq::<B, 1>(grads, id) } else { sq::<B, 2>(grads, id) }).sum::<f32>().sqrt();
-    let coef = (max_norm as f32 / (total + 1e-6)).min(1.0);
-    if max_norm > 0.0 && coef < 1.0 {
-        for &(id, d) in ids {
-            if d == 1 { scale::<B, 1>(grads, id, coef) } else { scale::<B, 2>(grads, id, coef) }
-        }
-    }
-    total
 }
 
 /// Latents `[b, c, h, w]` → PNG files `paths` (VAE decode, `(x/2 + ½)` clamped, rounded to 8 bits).
@@ -520,7 +486,7 @@ pub struct Metrics {
 
 /// Trains per `cfg`; writes the run directory `out` (`train_config.json`, `cache/`,
 /// `checkpoint/`, `samples/`, `metrics.json` and at the end the adapter, see
-/// [`save_trained_adapter`]). A non-finite loss or gradient stops with `serial_lora::Error::NonFinite` before
+/// [`save_trained_adapter`]). A non-finite loss or gradient stops with `lora_runtime::Error::NonFinite` before
 /// the step is applied; the checkpoint on disk stays the last good one.
 pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptions, device: &AB::Device, on_step: &mut dyn FnMut(&Progress)) -> Result<Metrics> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
@@ -546,127 +512,146 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
     let validation = built.map(|cond| {
         let (b, lh) = (cfg.validation_prompt.len(), cfg.resolution / factor);
         let shape = [b, mmdit_cfg.in_channels, lh, lh];
-        let n = normals(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_VALIDATION, 0)), shape.iter().product());
+        let n = normals(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, streams::VALIDATION_NOISE, 0)), shape.iter().product());
         Validation { cond, noise: Tensor::<B<AB>, 4>::from_data(TensorData::new(n, shape), device) }
     });
     let vae = if validation.is_some() { Some(vae) } else { None };
     let (shift, n_train_t) = scheduler_config(&dir)?;
     let (sched_t, sched_s) = training_schedule(shift, n_train_t);
 
-    let (mut model, mut optim, mut state) = run.start(resumed, mmdit, &adapter_cfg, cfg.weight_decay, cfg.seed, device)?;
-    let resumed_from_step = (state.step > 0).then_some(state.step);
-    let counts = model.param_counts();
-    let key = cache_key(cfg);
-    let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
-
     let n = examples.len();
-    let global_batch = cfg.batch * peer.world;
-    let micro_per_epoch = n.div_ceil(global_batch);
-    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
-    let total = cfg.iters.unwrap_or(cfg.epochs.unwrap_or(10) * steps_per_epoch);
-    let mut tracker = StepTracker::new(total, opts.stop_after, cfg.save_steps.unwrap_or(steps_per_epoch));
-    let samples_dir = out.join("samples");
-    let mut samples = Vec::new();
-    let sample = |model: &Sd3Transformer<AB>, step: usize, samples: &mut Vec<PathBuf>| -> Result<()> {
-        let (Some(v), Some(vae)) = (&validation, &vae) else { return Ok(()) };
-        let o = SampleOptions { steps: cfg.validation_inference_steps, guidance: cfg.validation_guidance_scale, shift };
-        let latents = denoise(&model.valid(), v.noise.clone(), &v.cond, &o, &mut |_, _| {})?;
-        std::fs::create_dir_all(&samples_dir).map_err(|e| Sd3Error::Io { path: samples_dir.clone(), source: e })?;
-        let paths: Vec<PathBuf> = (0..cfg.validation_prompt.len()).map(|i| samples_dir.join(format!("step-{step:06}-{i}.png"))).collect();
-        write_pngs(vae, &vae_cfg, latents, &paths)?;
-        samples.extend(paths);
-        Ok(())
+    let plan = StepPlan {
+        examples: n,
+        batch: cfg.batch,
+        grad_accum: cfg.grad_accum,
+        max_grad_norm: cfg.max_grad_norm,
+        seed: cfg.seed,
+        shuffle: true,
+        seed_dropout: true,
+        peer: opts.peer.clone(),
     };
-
-    for step in state.step..tracker.stop {
-        let epoch = step / steps_per_epoch;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(stream_seed(cfg.seed, STREAM_SHUFFLE, epoch as u64)));
-        let first = (step % steps_per_epoch) * cfg.grad_accum;
-        let micro = first..(first + cfg.grad_accum).min(micro_per_epoch);
-        let (mut grads, mut loss_sum, mut mse_sum, mut images) = (GradientsParams::new(), 0f32, 0f64, 0usize);
-        for m in micro.clone() {
-            let batch = &order[m * global_batch..((m + 1) * global_batch).min(n)];
-            let (offset, mine) = peer.shard(batch);
-            let nb = mine.len();
-            images += batch.len();
-            if nb == 0 {
-                continue;
-            }
-            let cached = mine.iter().map(|&i| read_cached(&cache_file(out, i), &examples[i], &key)).collect::<Result<Vec<_>>>()?;
-            let stack = |f: &dyn Fn(&Cached) -> &HostTensor| {
-                let s = &f(&cached[0]).shape;
-                let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
-                (data, s.clone())
-            };
-            let (mean, ls) = stack(&|c| &c.mean);
-            let (logvar, _) = stack(&|c| &c.logvar);
-            let (pe, ps) = stack(&|c| &c.prompt_embeds);
-            let (pp, pps) = stack(&|c| &c.pooled);
-            let lshape = [nb, ls[0], ls[1], ls[2]];
-            let numel: usize = lshape.iter().product();
-            // per sample of the global batch: the latent draw, the noise and the timestep
-            let micro_seed = stream_seed(cfg.seed, STREAM_NOISE, (step * cfg.grad_accum + (m - first)) as u64);
-            let (mut eps, mut noise, mut u) = (Vec::with_capacity(numel), Vec::with_capacity(numel), Vec::with_capacity(nb));
-            for j in 0..nb {
-                let mut rng = StdRng::seed_from_u64(stream_seed(micro_seed, 0, (offset + j) as u64));
-                eps.extend(normals(&mut rng, numel / nb));
-                noise.extend(normals(&mut rng, numel / nb));
-                u.extend(normals(&mut rng, 1));
-            }
-            let t4 = |v: Vec<f32>| Tensor::<AB, 4>::from_data(TensorData::new(v, lshape), device);
-            let x0 = scaled_latents(t4(mean), t4(logvar), t4(eps), &vae_cfg);
-            let idx: Vec<usize> = u.iter().map(|&x| logit_normal_index(x, n_train_t)).collect();
-            let (ts, ss): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| (sched_t[i], sched_s[i])).unzip();
-            let embeds = Tensor::<AB, 3>::from_data(TensorData::new(pe, [nb, ps[0], ps[1]]), device);
-            let pooled = Tensor::<AB, 2>::from_data(TensorData::new(pp, [nb, pps[0]]), device);
-            AB::seed(device, peer.seed(stream_seed(cfg.seed, STREAM_DROPOUT, (step * cfg.grad_accum + (m - first)) as u64)));
-            let (loss, per_sample) = flow_matching_loss(&model, x0, t4(noise), &ss, &ts, embeds, pooled)?;
-            let loss = loss.mul_scalar(peer.weight(nb, batch.len()));
-            let value = loss.clone().into_scalar().elem::<f32>();
-            let g = GradientsParams::from_grads(loss.div_scalar(cfg.grad_accum as f32).backward(), &model);
-            accumulate::<AB>(&mut grads, g, &ids);
-            loss_sum += value;
-            mse_sum += per_sample.into_data().iter::<f32>().map(f64::from).sum::<f64>();
-        }
-        let mut stats = [f64::from(loss_sum), mse_sum];
-        let mut grads = peer.all_reduce(&model, grads, &mut stats, device)?;
-        let loss = stats[0] as f32 / micro.len() as f32;
-        mse_sum = stats[1];
-        check_finite(step, loss, &model, &grads)?;
-        if cfg.max_grad_norm > 0.0 {
-            clip_grad_norm::<AB>(&mut grads, &ids, cfg.max_grad_norm);
-        }
-        let lr = cfg.lr_at(step, total);
-        model = optim.step(lr, model, grads);
-        let log = StepLog { loss, lr, images, score: mse_sum };
-        let due = tracker.record(&mut state, log, epoch, on_step);
-        if due {
-            run.save_checkpoint(&model, &adapter_cfg, &optim, &state, &cfg.model)?;
-        }
-        if cfg.validation_steps.is_some_and(|v| state.step.is_multiple_of(v)) && state.step != total {
-            sample(&model, state.step, &mut samples)?;
-        }
-    }
-
-    let summary = tracker.summary(&state, steps_per_epoch, resumed_from_step, AB::name(device));
-    let adapter = if summary.completed && peer.is_writer() {
-        sample(&model, state.step, &mut samples)?;
-        Some(save_trained_adapter(&model.valid(), &adapter_cfg, out, &cfg.model)?)
-    } else {
-        None
+    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 10, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let mut task = Sd3Task {
+        cfg,
+        out,
+        examples: &examples,
+        key: cache_key(cfg),
+        vae_cfg: &vae_cfg,
+        schedule: (sched_t, sched_s),
+        n_train_t,
+        shift,
+        validation,
+        vae,
+        samples: Vec::new(),
+        adapter: None,
     };
-    let (final_loss, _) = state.recent(steps_per_epoch);
+    let trained = train_loop(&mut task, mmdit, &loop_cfg, &run, resumed, opts, device, on_step)?;
+
+    let (final_loss, _) = trained.state.recent(trained.steps_per_epoch);
     let metrics = Metrics {
         method: cfg.method.clone(),
         train_images: n,
-        trainable_params: counts.trainable,
-        total_params: counts.total,
-        run: summary,
+        trainable_params: trained.counts.trainable,
+        total_params: trained.counts.total,
+        run: trained.summary,
         final_loss,
-        adapter,
-        samples,
+        adapter: task.adapter,
+        samples: task.samples,
     };
     run.write_metrics(&metrics)?;
     Ok(metrics)
 }
+
+/// SD3 flow matching as a [`TrainTask`]: cached latent distributions and prompt embeddings, a
+/// latent sample, noise and a logit-normal timestep per example, the preconditioned MSE; the
+/// validation prompts sampled every `--validation-steps` and at the end.
+struct Sd3Task<'a, AB: AutodiffBackend> {
+    cfg: &'a TrainConfig,
+    /// The run directory (its `cache/`, `samples/`).
+    out: &'a Path,
+    examples: &'a [CaptionedImage],
+    /// The cache key of this run's settings.
+    key: String,
+    vae_cfg: &'a VaeConfig,
+    /// The scheduler's training timesteps and sigmas.
+    schedule: (Vec<f32>, Vec<f32>),
+    n_train_t: usize,
+    shift: f64,
+    validation: Option<Validation<AB::InnerBackend>>,
+    vae: Option<Vae<AB::InnerBackend>>,
+    /// Sample images written so far.
+    samples: Vec<PathBuf>,
+    /// The adapter file written at the end.
+    adapter: Option<PathBuf>,
+}
+
+impl<AB: AutodiffBackend> Sd3Task<'_, AB> {
+    /// Samples the validation prompts with `model` into `RUN_DIR/samples/step-<step>-<i>.png`.
+    fn sample(&mut self, model: &Sd3Transformer<AB>, step: usize) -> Result<()> {
+        let (Some(v), Some(vae)) = (&self.validation, &self.vae) else { return Ok(()) };
+        let cfg = self.cfg;
+        let o = SampleOptions { steps: cfg.validation_inference_steps, guidance: cfg.validation_guidance_scale, shift: self.shift };
+        let latents = denoise(&model.valid(), v.noise.clone(), &v.cond, &o, &mut |_, _| {})?;
+        let samples_dir = self.out.join("samples");
+        std::fs::create_dir_all(&samples_dir).map_err(|e| Sd3Error::Io { path: samples_dir.clone(), source: e })?;
+        let paths: Vec<PathBuf> = (0..cfg.validation_prompt.len()).map(|i| samples_dir.join(format!("step-{step:06}-{i}.png"))).collect();
+        write_pngs(vae, self.vae_cfg, latents, &paths)?;
+        self.samples.extend(paths);
+        Ok(())
+    }
+}
+
+impl<AB: AutodiffBackend> TrainTask<AB> for Sd3Task<'_, AB> {
+    type Model = Sd3Transformer<AB>;
+    type Error = Sd3Error;
+
+    fn loss(&mut self, model: &Sd3Transformer<AB>, micro: &Micro, device: &AB::Device) -> Result<(Tensor<AB, 1>, f64)> {
+        let nb = micro.examples.len();
+        let cached = micro.examples.iter().map(|&i| read_cached(&cache_file(self.out, i), &self.examples[i], &self.key)).collect::<Result<Vec<_>>>()?;
+        let stack = |f: &dyn Fn(&Cached) -> &HostTensor| {
+            let s = &f(&cached[0]).shape;
+            let data: Vec<f32> = cached.iter().flat_map(|c| f(c).data.iter().copied()).collect();
+            (data, s.clone())
+        };
+        let (mean, ls) = stack(&|c| &c.mean);
+        let (logvar, _) = stack(&|c| &c.logvar);
+        let (pe, ps) = stack(&|c| &c.prompt_embeds);
+        let (pp, pps) = stack(&|c| &c.pooled);
+        let lshape = [nb, ls[0], ls[1], ls[2]];
+        let numel: usize = lshape.iter().product();
+        // per sample of the global batch: the latent draw, the noise and the timestep
+        let (mut eps, mut noise, mut u) = (Vec::with_capacity(numel), Vec::with_capacity(numel), Vec::with_capacity(nb));
+        for j in 0..nb {
+            let mut rng = StdRng::seed_from_u64(micro.example_rng_seed(j));
+            eps.extend(normals(&mut rng, numel / nb));
+            noise.extend(normals(&mut rng, numel / nb));
+            u.extend(normals(&mut rng, 1));
+        }
+        let t4 = |v: Vec<f32>| Tensor::<AB, 4>::from_data(TensorData::new(v, lshape), device);
+        let x0 = scaled_latents(t4(mean), t4(logvar), t4(eps), self.vae_cfg);
+        let idx: Vec<usize> = u.iter().map(|&x| logit_normal_index(x, self.n_train_t)).collect();
+        let (ts, ss): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| (self.schedule.0[i], self.schedule.1[i])).unzip();
+        let embeds = Tensor::<AB, 3>::from_data(TensorData::new(pe, [nb, ps[0], ps[1]]), device);
+        let pooled = Tensor::<AB, 2>::from_data(TensorData::new(pp, [nb, pps[0]]), device);
+        let (loss, per_sample) = flow_matching_loss(model, x0, t4(noise), &ss, &ts, embeds, pooled)?;
+        Ok((loss, per_sample.into_data().iter::<f32>().map(f64::from).sum::<f64>()))
+    }
+
+    fn lr(&self, step: usize, total: usize) -> f64 {
+        self.cfg.lr_at(step, total)
+    }
+
+    fn after_step(&mut self, model: &Sd3Transformer<AB>, steps_done: usize, total: usize) -> Result<()> {
+        if self.cfg.validation_steps.is_some_and(|v| steps_done.is_multiple_of(v)) && steps_done != total {
+            self.sample(model, steps_done)?;
+        }
+        Ok(())
+    }
+
+    fn save(&mut self, model: &Sd3Transformer<AB>, steps: usize, adapter: &AdapterConfig, out: &Path, base_model: &str) -> Result<()> {
+        self.sample(model, steps)?;
+        self.adapter = Some(save_trained_adapter(&model.valid(), adapter, out, base_model)?);
+        Ok(())
+    }
+}
+

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
 use serde::{Deserialize, Serialize};
-use serial_lora::weights::{KeyTable, load_safetensors};
+use lora_runtime::weights::{KeyTable, load_safetensors};
 use serial_lora::{Attention, AttentionConfig, sdpa};
 
 use crate::error::{Result, Sd3Error};

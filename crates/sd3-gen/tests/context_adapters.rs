@@ -123,7 +123,7 @@ fn context_adapters_merge_unmerge_save_and_load() {
         // save → load into a fresh base (with the context stream on) gives the same output
         let tmp = tempfile::tempdir().unwrap();
         save_adapter_with_prefix(&adapted, &cfg, tmp.path(), None, "transformer.").unwrap();
-        let names = serial_lora::weights::tensor_names(&tmp.path().join(serial_lora::io::WEIGHTS_FILE)).unwrap();
+        let names = lora_runtime::weights::tensor_names(&tmp.path().join(serial_lora::io::WEIGHTS_FILE)).unwrap();
         let key = |module: &str| names.iter().any(|n| n == &format!("transformer.transformer_blocks.0.attn.{module}lora_A.weight"));
         match method {
             Method::SerialLora => assert!(key("serial_") && key("add_serial_") && names.len() == 8, "{names:?}"),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serial_lora::export::{max_rel_diff, read_checkpoint};
+use lora_runtime::export::{max_rel_diff, read_checkpoint};
 use serial_lora::io::read_safetensors;
 
 /// Merged in f64 and rounded once to f32; diffusers fuses in f32: a few ulps, relative to the
@@ -75,9 +75,9 @@ fn serial_export_equals_the_reference_merge_and_shards_load() {
     // sharded (diffusers' index layout): loads, same tensors
     use burn::backend::Flex;
     let dev = Default::default();
-    let adapters = serial_lora::export::weighted_adapters(&[serial], &[]).unwrap();
+    let adapters = lora_runtime::export::weighted_adapters(&[serial], &[]).unwrap();
     let sharded = tmp.path().join("sharded");
-    let opts = serial_lora::export::ExportOptions { max_shard_bytes: Some(40_000), ..Default::default() };
+    let opts = lora_runtime::export::ExportOptions { max_shard_bytes: Some(40_000), ..Default::default() };
     let summary = sd3_gen::export::export_sd3::<Flex>(&model, &adapters, &opts, &sharded, &dev).unwrap();
     assert!(summary.shards > 1 && sharded.join("transformer/diffusion_pytorch_model.safetensors.index.json").is_file());
     assert_eq!(read_checkpoint(&sharded.join("transformer"), STEM).unwrap(), ours);

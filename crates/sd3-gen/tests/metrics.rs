@@ -9,7 +9,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use sd3_gen::metrics::inception::{self, deterministic_state_dict, deterministic_uniform, load_fid_inception};
 use sd3_gen::metrics::{ClipScore, ClipScorer, FID_EPS, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance};
-use serial_lora::imaging::load_rgb;
+use lora_runtime::imaging::load_rgb;
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 
 type B = Flex;

@@ -1,6 +1,9 @@
 //! Parity with diffusers' `SD3Transformer2DModel` on a tiny random-weight checkpoint
 //! (`tools/fixtures/sd3_tiny.py`, diffusers 0.42.1, torch 2.9.0), stage by stage, and the
 //! `FlowMatchEulerDiscreteScheduler` schedule.
+#[path = "../../../tests/common/parity.rs"]
+mod parity;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -36,6 +39,7 @@ fn tensor<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &st
 }
 
 fn check<const D: usize>(r: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, key: &str, got: Tensor<B, D>) {
+    parity::compared(key);
     let want: Tensor<B, D> = tensor(r, key);
     assert_eq!(got.dims(), want.dims(), "{key}: shape");
     let scale = want.clone().abs().max().into_scalar();
@@ -63,6 +67,7 @@ fn mmdit_matches_diffusers_stage_by_stage() {
         }
     }
     check(&r, "sample", out);
+    parity::assert_all_compared(r.keys(), &["embedded", "temb", "context", "block.", "sample"], &[]);
 }
 
 #[test]

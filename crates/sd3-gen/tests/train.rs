@@ -15,7 +15,7 @@ use sd3_gen::train::{TrainConfig, clip_grad_norm, flow_matching_loss, logit_norm
 use sd3_gen::vae::load_vae;
 use sd3_gen::{Sd3Error, Sd3Transformer, load_transformer};
 use serial_lora::io::{self, HostTensor, read_safetensors};
-use serial_lora::run::RunOptions;
+use lora_runtime::run::RunOptions;
 use serial_lora::ParamCountExt;
 
 type AB = Autodiff<Flex>;
@@ -324,7 +324,7 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
         io::write_safetensors(&p, &t, meta).unwrap();
     }
     let err = train::<AB>(&cfg, &out, &RunOptions { resume: true, ..Default::default() }, &dev, &mut |_| {}).unwrap_err();
-    assert!(matches!(err, Sd3Error::Adapter(serial_lora::Error::NonFinite { step: 2, .. })), "{err}");
+    assert!(matches!(err, Sd3Error::Runtime(lora_runtime::Error::NonFinite { step: 2, .. })), "{err}");
     assert!(err.to_string().contains("step 2"), "{err}");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 1);

@@ -1,5 +1,6 @@
 //! Quickstart: attach an adapter to a stack of attention blocks, train it with LoRA+ (AdamW),
-//! merge it for zero-overhead inference, save it in the PEFT layout and load it back.
+//! merge it for zero-overhead inference, save it in the PEFT layout and load it back. It uses the
+//! `serial-lora` library alone (no runtime crate): the backend is picked here by hand.
 //!
 //! cargo run -p serial-lora --example quickstart -- --device cpu --method serial-lora-plus
 use burn::module::{AutodiffModule, Module};
@@ -9,7 +10,7 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, DeviceSpec, ParamCountExt, io};
+use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, ParamCountExt, io};
 
 #[derive(Parser)]
 struct Args {
@@ -85,7 +86,19 @@ impl<B: Backend> burn::module::ModuleMapper<B> for Perturb {
 }
 
 fn main() -> anyhow::Result<()> {
+    use burn::backend::Autodiff;
     let args = Args::parse();
-    let device: DeviceSpec = args.device.parse()?;
-    serial_lora::dispatch!(device, run(&args))
+    let (name, index) = args.device.split_once(':').map_or((args.device.as_str(), "0"), |(n, i)| (n, i));
+    let _gpu: usize = index.parse().map_err(|_| anyhow::anyhow!("device `{}`: `{index}` is not a GPU index", args.device))?;
+    match name {
+        #[cfg(feature = "flex")]
+        "cpu" | "flex" => run::<Autodiff<burn::backend::Flex>>(&Default::default(), &args),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<Autodiff<burn::backend::Cuda>>(&burn::backend::cuda::CudaDevice::new(_gpu), &args),
+        #[cfg(feature = "tch")]
+        "tch-cpu" => run::<Autodiff<burn::backend::LibTorch>>(&burn::backend::libtorch::LibTorchDevice::Cpu, &args),
+        #[cfg(feature = "tch")]
+        "tch-cuda" => run::<Autodiff<burn::backend::LibTorch>>(&burn::backend::libtorch::LibTorchDevice::Cuda(_gpu), &args),
+        _ => anyhow::bail!("device `{}`: unknown, or its backend is not compiled into this example (features flex, cuda, tch)", args.device),
+    }
 }

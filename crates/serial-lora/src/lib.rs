@@ -13,22 +13,20 @@
 //! [`optim::LoraPlus`], PEFT-compatible adapter files ([`io`]) and spectrum analysis
 //! ([`analysis`]). Layout convention: Burn's `[in, out]` for every weight; PyTorch's
 //! `[out, in]` exists only in files.
-pub mod alloc;
+//!
+//! This crate is the library alone (Burn, serde, safetensors, nalgebra, and on Flex the fused
+//! kernels' gemm / rayon; `cargo xtask ci` checks the list): running tasks (hub, images,
+//! devices, training runs, data-parallel training, exports) lives in `lora-runtime`.
 pub mod analysis;
 pub mod attention;
 pub mod config;
-pub mod device;
-pub mod dist;
 pub mod error;
-pub mod export;
 #[cfg(feature = "flex")]
 mod flex;
 #[cfg(feature = "tch")]
 mod libtorch;
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod prim;
-pub mod hub;
-pub mod imaging;
 pub mod io;
 pub mod layers;
 pub mod lora;
@@ -36,17 +34,13 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod parse;
-pub mod perf;
-pub mod run;
 pub mod serial;
 #[doc(hidden)]
 #[cfg(any(feature = "flex", feature = "tch", feature = "cuda"))]
 pub mod testing;
-pub mod weights;
 
 pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};
 pub use config::{AdapterConfig, Init, Method, Projection};
-pub use device::DeviceSpec;
 pub use error::{Error, Result};
 pub use lora::{FusedQkv, LoraLinear, LoraPair};
 pub use model::{AdaptedModel, AttentionSite, AttentionStack, ProjNames};

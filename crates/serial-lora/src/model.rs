@@ -21,19 +21,12 @@ pub struct ProjNames {
     pub serial: &'static str,
 }
 
-impl ProjNames {
-    /// transformers CLIP / SAM mask decoder: `q_proj`, `k_proj`, `v_proj`, `out_proj`.
-    pub const CLIP: Self = Self { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj", serial: "serial_" };
-    /// transformers `SamVisionAttention`: fused `qkv`, output `proj`.
-    pub const SAM_VISION: Self = Self { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj", serial: "serial_" };
-    /// diffusers `Attention` (image stream): `to_q`, `to_k`, `to_v`, `to_out.0`.
-    pub const DIFFUSERS: Self = Self { q: "to_q", k: "to_k", v: "to_v", qkv: "to_qkv", o: "to_out.0", serial: "serial_" };
-    /// diffusers `Attention`, context stream of SD3's joint attention: `add_q_proj`, `add_k_proj`,
-    /// `add_v_proj`, `to_add_out`; its Serial LoRA pair is `add_serial_lora_{A,B}` (next to the
-    /// image stream's `serial_lora_{A,B}` of the same module, so the two never collide).
-    pub const DIFFUSERS_CONTEXT: Self =
-        Self { q: "add_q_proj", k: "add_k_proj", v: "add_v_proj", qkv: "add_qkv_proj", o: "to_add_out", serial: "add_serial_" };
-}
+/// [`AttentionStack`]'s projection names with separate Q, K, V: `q_proj`, `k_proj`, `v_proj`,
+/// `out_proj` (transformers' CLIP naming, so PEFT's own tools read the stack's adapter files).
+pub const STACK_SEPARATE_NAMES: ProjNames = ProjNames { q: "q_proj", k: "k_proj", v: "v_proj", qkv: "qkv", o: "out_proj", serial: "serial_" };
+/// [`AttentionStack`]'s projection names with a fused `qkv` and output `proj` (as transformers'
+/// SAM vision attention).
+pub const STACK_FUSED_NAMES: ProjNames = ProjNames { q: "q", k: "k", v: "v", qkv: "qkv", o: "proj", serial: "serial_" };
 
 /// One adaptable attention block of a model.
 pub struct AttentionSite<'a, B: Backend> {
@@ -120,8 +113,8 @@ impl<B: Backend> AttentionStack<B> {
 impl<B: Backend> AdaptedModel<B> for AttentionStack<B> {
     fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
         let names = |a: &Attention<B>| match a.qkv {
-            crate::attention::QkvProjection::Fused(_) => ProjNames::SAM_VISION,
-            crate::attention::QkvProjection::Separate(_) => ProjNames::CLIP,
+            crate::attention::QkvProjection::Fused(_) => STACK_FUSED_NAMES,
+            crate::attention::QkvProjection::Separate(_) => STACK_SEPARATE_NAMES,
         };
         let attention = self.layers.iter().enumerate();
         attention

@@ -2,9 +2,9 @@
 //! field of every adapter preset (`configs/adapters/*.toml`, read through `AdapterConfig::load`
 //! as JSON) edited to 0, −1, 1, huge, a float, a string, null and removed (refused naming the
 //! field, or loaded, and a loaded config attaches to a model without allocating beyond the cap);
-//! seeded byte damage of PNG and JPEG images (`imaging::load_rgb`), an adapter preset in TOML and
-//! a PEFT adapter directory saved by this crate (error or success, never a panic, a hang or an
-//! allocation beyond the cap).
+//! seeded byte damage of an adapter preset in TOML and a PEFT adapter directory saved by this
+//! crate (error or success, never a panic, a hang or an allocation beyond the cap). Image damage:
+//! `crates/lora-runtime/tests/fuzz.rs`.
 #[path = "../../../tests/common/fuzz.rs"]
 mod fuzz;
 
@@ -88,27 +88,6 @@ fn damaged_adapter_files_never_panic() {
     }
 }
 
-#[test]
-fn damaged_images_never_panic() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for f in ["rgb_61x47.png", "rgba_50x30.png", "gray_33x33.png"] {
-        std::fs::copy(root().join("tests/fixtures/clip-images").join(f), images.join(f)).unwrap();
-    }
-    let rgb = image::open(images.join("rgb_61x47.png")).unwrap().to_rgb8();
-    rgb.save(images.join("rgb.jpg")).unwrap();
-    let decode = |name: &'static str| {
-        move |d: &Path| {
-            if let Ok(img) = serial_lora::imaging::load_rgb(&d.join(name)) {
-                let _ = serial_lora::imaging::resize(&img, 7, 5, serial_lora::imaging::Filter::Bilinear);
-            }
-        }
-    };
-    for (f, cases) in [("rgb_61x47.png", 64), ("rgba_50x30.png", 32), ("gray_33x33.png", 32), ("rgb.jpg", 96)] {
-        fuzz::fuzz_bytes(&images, f, tmp.path(), fuzz::cases(cases), &decode(f));
-    }
-}
 
 /// The harness itself: a panicking loader fails the property (after shrinking), and the field
 /// check wants the field in backticks.

@@ -14,13 +14,14 @@ use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::train::{TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
 use indicatif::ProgressBar;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::dist::{Launch, Peer, launch};
-use serial_lora::run::{ProgressReporter, RunArgs};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
 use clip_cls::export::export_clip;
-use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
-use serial_lora::{DeviceSpec, io};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::DeviceSpec;
+use serial_lora::io;
 
 #[derive(Parser)]
 #[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
@@ -184,10 +185,7 @@ fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {
 
 /// Refuses an output file whose directory does not exist, before any work.
 fn check_output_dir(output: &std::path::Path) -> Result<()> {
-    match output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) if !dir.is_dir() => bail!("--output {}: directory {} does not exist", output.display(), dir.display()),
-        _ => Ok(()),
-    }
+    Ok(lora_runtime::cli::check_output_parent("--output", output)?)
 }
 
 fn ids<B: Backend>(tok: &ClipTokenizer, texts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -326,7 +324,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device_arg, peer) = match &cli.command {
         Cmd::Embed { model, .. } | Cmd::ZeroShot { model, .. } | Cmd::Spectra { model, .. } | Cmd::Eval { model, .. } | Cmd::Export { model, .. } => {
@@ -339,5 +337,5 @@ fn main() -> Result<()> {
         },
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command, &peer))
+    lora_runtime::dispatch!(device, run(&cli.command, &peer))
 }

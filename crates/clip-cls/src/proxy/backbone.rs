@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,13 +12,14 @@ use serde::{Deserialize, Serialize};
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 use serial_lora::layers::Activation;
 use serial_lora::optim::adamw_pytorch_defaults;
-use serial_lora::run::{check_finite, cosine_lr, stream_seed};
-use serial_lora::{AdaptedModel, Attention, AttentionSite, ProjNames};
+use lora_runtime::dist::Peer;
+use lora_runtime::run::cosine_lr;
+use lora_runtime::train::{Micro, StepPlan, TrainTask, optimizer_step};
+use serial_lora::{AdaptedModel, Attention, AttentionSite};
 
 use super::PRETRAIN_CLASSES;
 use super::data::{Digits, SIDE, SPLIT_SEED, split};
 use crate::config::ClipVisionConfig;
-use crate::data::permutation;
 use crate::encoder::EncoderLayer;
 use crate::error::{ClipError, Result};
 use crate::vision_model::VisionModel;
@@ -75,7 +75,7 @@ impl<B: Backend> AdaptedModel<B> for ProxyModel<B> {
         layers
             .map(|(i, l)| AttentionSite {
                 path: format!("vision_model.encoder.layers.{i}.self_attn"),
-                names: ProjNames::CLIP,
+                names: crate::model::CLIP_PROJ_NAMES,
                 attention: &l.self_attn,
             })
             .collect()
@@ -161,24 +161,52 @@ pub fn pretrain<AB: AutodiffBackend>(
     AB::seed(device, recipe.seed);
     let mut model = ProxyModel::<AB>::new(&recipe.vision, PRETRAIN_CLASSES.len(), device);
     let mut optim = adamw_pytorch_defaults().with_weight_decay(recipe.weight_decay as f32).init::<AB, ProxyModel<AB>>();
-    let steps_per_epoch = pool.len().div_ceil(recipe.batch.max(1));
+    let plan = StepPlan {
+        examples: pool.len(),
+        batch: recipe.batch.max(1),
+        grad_accum: 1,
+        max_grad_norm: 0.0,
+        seed: recipe.seed,
+        shuffle: true,
+        seed_dropout: false,
+        peer: Peer::single(),
+    };
+    let steps_per_epoch = plan.steps_per_epoch();
     let total = recipe.epochs * steps_per_epoch;
+    let mut task = Pretraining { digits, pool: &pool, lr: recipe.lr };
     for epoch in 0..recipe.epochs {
-        let order = permutation(pool.len(), stream_seed(recipe.seed, 1, epoch as u64));
         let mut sum = 0.0;
-        for (b, batch) in order.chunks(recipe.batch.max(1)).enumerate() {
-            let step = epoch * steps_per_epoch + b;
-            let idx: Vec<usize> = batch.iter().map(|&o| pool[o]).collect();
-            let loss = cross_entropy(model.forward(digits.pixels(&idx, device)), digits.targets(&idx, PRETRAIN_CLASSES.start, device));
-            let loss_value = loss.clone().into_scalar().elem::<f32>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            check_finite(step, loss_value, &model, &grads)?;
-            model = optim.step(cosine_lr(recipe.lr, recipe.lr * 0.01, step, total), model, grads);
-            sum += f64::from(loss_value);
+        for b in 0..steps_per_epoch {
+            let (m, log) = optimizer_step(&mut task, model, &mut optim, &plan, epoch * steps_per_epoch + b, total, device)?;
+            model = m;
+            sum += f64::from(log.loss);
         }
         on_epoch(epoch, sum / steps_per_epoch as f64);
     }
     Ok(model)
+}
+
+/// Pretraining as a [`TrainTask`]: cross-entropy on a batch of the pool of digits 0–4.
+struct Pretraining<'a> {
+    digits: &'a Digits,
+    /// Indices into `digits` of the training pool.
+    pool: &'a [usize],
+    /// Peak learning rate (cosine to 1 % of it).
+    lr: f64,
+}
+
+impl<AB: AutodiffBackend> TrainTask<AB> for Pretraining<'_> {
+    type Model = ProxyModel<AB>;
+    type Error = ClipError;
+
+    fn loss(&mut self, model: &ProxyModel<AB>, micro: &Micro, device: &AB::Device) -> Result<(Tensor<AB, 1>, f64)> {
+        let idx: Vec<usize> = micro.examples.iter().map(|&o| self.pool[o]).collect();
+        Ok((cross_entropy(model.forward(self.digits.pixels(&idx, device)), self.digits.targets(&idx, PRETRAIN_CLASSES.start, device)), 0.0))
+    }
+
+    fn lr(&self, step: usize, total: usize) -> f64 {
+        cosine_lr(self.lr, self.lr * 0.01, step, total)
+    }
 }
 
 /// Collects every float parameter as a host tensor keyed by its Burn path.
@@ -246,7 +274,7 @@ pub fn save_pretrained<B: Backend>(model: &ProxyModel<B>, recipe: &PretrainRecip
 /// built from `recipe` and have been pretrained with `recipe`.
 pub fn load_pretrained<B: Backend>(path: &Path, recipe: &PretrainRecipe, device: &B::Device) -> Result<ProxyModel<B>> {
     let (tensors, meta) = read_safetensors(path)?;
-    let mismatch = |report: String| ClipError::from(serial_lora::Error::WeightsMismatch { path: path.into(), report });
+    let mismatch = |report: String| ClipError::from(lora_runtime::Error::WeightsMismatch { path: path.into(), report });
     let saved: Option<PretrainRecipe> = meta.get(META_RECIPE).and_then(|s| serde_json::from_str(s).ok());
     match saved {
         None => return Err(mismatch(format!("  no `{META_RECIPE}` metadata: not a backbone written by `clip-cls proxy`\n"))),

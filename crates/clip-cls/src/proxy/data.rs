@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::run::stream_seed;
+use lora_runtime::run::stream_seed;
 
 use crate::data::permutation;
 use crate::error::{ClipError, Result};

@@ -11,13 +11,14 @@ use indicatif::ProgressBar;
 use sam_seg::data::SegDataset;
 use sam_seg::train::{TrainConfig, evaluate, train};
 use sam_seg::{Prompts, load_sam_sized};
-use serial_lora::dist::{Launch, Peer, launch};
-use serial_lora::run::{ProgressReporter, RunArgs};
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::imaging::load_rgb;
+use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::load_rgb;
 use sam_seg::export::export_sam;
-use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
-use serial_lora::{DeviceSpec, io};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::DeviceSpec;
+use serial_lora::io;
 
 #[derive(Parser)]
 #[command(version, about = "SAM with LoRA / Serial LoRA (+) adapters on the image encoder: prediction, fine-tuning, Dice evaluation")]
@@ -220,10 +221,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     }
     // fail before any work on an output that cannot be written
     for (flag, out) in [("--output", Some(output)), ("--mask-png", mask_png.as_ref())] {
-        if let Some(dir) = out.and_then(|o| o.parent()).filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
-            bail!("{flag} {}: directory {} does not exist", out.map(|o| o.display().to_string()).unwrap_or_default(), dir.display());
+        if let Some(out) = out {
+            lora_runtime::cli::check_output_parent(flag, out)?;
         }
     }
     let img = load_rgb(image)?;
@@ -280,7 +279,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device, peer) = match &cli.command {
         Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
@@ -290,5 +289,5 @@ fn main() -> Result<()> {
         Cmd::Predict { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } => (device.clone(), Peer::single()),
     };
     let device: DeviceSpec = device.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command, &peer))
+    lora_runtime::dispatch!(device, run(&cli.command, &peer))
 }

@@ -11,17 +11,17 @@ use indicatif::ProgressBar;
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
 use sd3_gen::export::{export_sd3, merge_adapters};
-use serial_lora::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
-use serial_lora::imaging::save_png;
-use serial_lora::dist::{Launch, Peer, launch};
-use serial_lora::run::{ProgressReporter, RunArgs};
-use serial_lora::DeviceSpec;
+use lora_runtime::imaging::save_png;
+use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::DeviceSpec;
 
 #[derive(Parser)]
 #[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling and fine-tuning")]
@@ -303,11 +303,9 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     if prompt_embeds.is_none() && prompt.is_empty() {
         bail!("give --prompt TEXT or --prompt-embeds FILE");
     }
-    for out in [Some(output), output_latents.as_ref()].into_iter().flatten() {
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
-            bail!("{}: directory {} does not exist", out.display(), dir.display());
+    for (flag, out) in [("--output", Some(output)), ("--output-latents", output_latents.as_ref())] {
+        if let Some(out) = out {
+            lora_runtime::cli::check_output_parent(flag, out)?;
         }
     }
     let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
@@ -398,7 +396,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn main() -> Result<()> {
-    serial_lora::alloc::keep_freed_memory();
+    lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device, peer) = match &cli.command {
         Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
@@ -410,5 +408,5 @@ fn main() -> Result<()> {
         }
     };
     let device: DeviceSpec = device.parse().context("--device")?;
-    serial_lora::dispatch!(device, run(&cli.command, &peer))
+    lora_runtime::dispatch!(device, run(&cli.command, &peer))
 }

@@ -18,7 +18,7 @@ use burn::prelude::*;
 use clip_cls::preprocess::{ImageProcessor, RgbImage};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::{ClipModel, load_clip};
-use serial_lora::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
 
 use crate::error::{Result, Sd3Error};
 

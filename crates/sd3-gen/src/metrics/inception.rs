@@ -19,7 +19,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::{avg_pool2d, interpolate, max_pool2d};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serial_lora::io::HostTensor;
-use serial_lora::weights::{KeyTable, load_safetensors};
+use lora_runtime::weights::{KeyTable, load_safetensors};
 
 use crate::error::Result;
 

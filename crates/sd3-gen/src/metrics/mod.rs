@@ -11,7 +11,7 @@ pub mod inception;
 use std::path::Path;
 
 use burn::prelude::*;
-use serial_lora::imaging::RgbImage;
+use lora_runtime::imaging::RgbImage;
 
 use crate::error::{Result, Sd3Error};
 
@@ -24,7 +24,7 @@ const INCEPTION_BATCH: usize = 8;
 
 /// Decodes an image as pytorch-fid's `ImagePathDataset` does, with PIL's
 /// `Image.open(path).convert('RGB')`: an alpha channel is dropped, not composited (CLIP's
-/// processor and [`serial_lora::imaging::load_rgb`] composite on white instead); images without
+/// processor and [`lora_runtime::imaging::load_rgb`] composite on white instead); images without
 /// alpha decode as `load_rgb` does.
 pub fn load_rgb_fid(path: &Path) -> Result<RgbImage> {
     let bad = |m: String| Sd3Error::Dataset { path: path.to_path_buf(), message: format!("unreadable image: {m}") };
@@ -35,7 +35,7 @@ pub fn load_rgb_fid(path: &Path) -> Result<RgbImage> {
         .decode()
         .map_err(|e| bad(e.to_string()))?;
     if !img.color().has_alpha() {
-        return serial_lora::imaging::load_rgb(path).map_err(|e| bad(e.to_string()));
+        return lora_runtime::imaging::load_rgb(path).map_err(|e| bad(e.to_string()));
     }
     let rgb = img.to_rgb8();
     Ok(RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })

@@ -16,8 +16,8 @@ use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_s
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
-use serial_lora::hub::{HubOptions, resolve_model_dir};
-use serial_lora::imaging::{RgbImage, load_rgb, save_png};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::{RgbImage, load_rgb, save_png};
 
 use super::{Cmd, scheduler_shift};
 
@@ -43,7 +43,7 @@ pub(crate) fn inception_path(spec: &str) -> Result<PathBuf> {
 /// How the images are generated.
 struct Generation<'a> {
     dir: &'a Path,
-    adapters: &'a [serial_lora::export::WeightedAdapter],
+    adapters: &'a [lora_runtime::export::WeightedAdapter],
     negative: &'a str,
     /// Encode with text_encoder_3 (else zeros in place of the T5 tokens).
     t5: bool,

@@ -36,7 +36,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 
 use crate::error::{Error, Result};
-use crate::params::{ParamInfo, param_infos};
+use serial_lora::params::{ParamInfo, param_infos};
 use crate::run::stream_seed;
 
 const ENV_RANK: &str = "SERIAL_LORA_RANK";

@@ -203,7 +203,7 @@ pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
 
 /// Reads one tensor of a safetensors file as f32 without reading the rest of the file;
 /// `None` if the file has no such key.
-pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTensor>> {
+pub fn read_tensor(path: &Path, key: &str) -> Result<Option<serial_lora::io::HostTensor>> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |message: String| Error::Safetensors { path: path.into(), message };
     let (mut f, header, n) = read_header(path)?;
@@ -229,7 +229,7 @@ pub fn read_tensor(path: &Path, key: &str) -> Result<Option<crate::io::HostTenso
         .and_then(|_| f.read_exact(&mut bytes))
         .map_err(|e| bad(format!("tensor `{key}`: data cut short ({e})")))?;
     let data = TensorData::from_bytes_vec(bytes, shape.clone(), dtype).iter::<f32>().collect();
-    Ok(Some(crate::io::HostTensor { shape, data }))
+    Ok(Some(serial_lora::io::HostTensor { shape, data }))
 }
 
 /// `<stem>.safetensors.index.json`: tensor name → shard file (relative to the directory).
@@ -253,14 +253,14 @@ pub fn load_safetensors_dir<B: Backend, M: Module<B>>(mut module: M, dir: &Path,
         Error::io(&single, std::io::Error::new(e.kind(), message))
     })?;
     let bad = |message: String| Error::Parse { path: index.clone(), format: "safetensors index", message };
-    let index_file: ShardIndex = crate::parse::json(&text).map_err(bad)?;
+    let index_file: ShardIndex = serial_lora::parse::json(&text).map_err(bad)?;
     let files: std::collections::BTreeSet<&str> = index_file.weight_map.values().map(String::as_str).collect();
     if files.is_empty() {
         return Err(bad("`weight_map` names no file".into()));
     }
     let mut missing: Option<std::collections::BTreeSet<String>> = None;
     for file in files {
-        let shard = crate::parse::contained_path(dir, file).map_err(|m| bad(format!("`weight_map`: {m}")))?;
+        let shard = serial_lora::parse::contained_path(dir, file).map_err(|m| bad(format!("`weight_map`: {m}")))?;
         let (m, report) = load_safetensors(module, &shard, table, true)?;
         module = m;
         let now = report.missing.into_iter().collect();

@@ -243,5 +243,5 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         .ok_or_else(|| bad(format!("{} bytes are not a {}×{} RGB image", img.data.len(), img.width, img.height)))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
     buf.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| bad(e.to_string()))?;
-    crate::io::write_atomic(path, bytes.get_ref())
+    Ok(serial_lora::io::write_atomic(path, bytes.get_ref())?)
 }

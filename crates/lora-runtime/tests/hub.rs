@@ -2,7 +2,7 @@
 //! `snapshots/<commit>/…`), offline, and by local path.
 use std::path::Path;
 
-use serial_lora::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
 
 fn fake_cache(root: &Path, id: &str, files: &[&str]) -> std::path::PathBuf {
     let repo = root.join(format!("models--{}", id.replace('/', "--")));

@@ -85,7 +85,7 @@ impl FromStr for DeviceSpec {
 }
 
 /// Calls `$run::<Autodiff<Backend>>(&device, args…)` for the backend of a [`DeviceSpec`];
-/// `$run` returns `Result<_, E>` with `E: From<serial_lora::Error>`. Arms exist only for the
+/// `$run` returns `Result<_, E>` with `E: From<lora_runtime::Error>`. Arms exist only for the
 /// backends enabled (`flex`, `cuda`, `tch` features) in the crate that expands the macro.
 #[macro_export]
 macro_rules! dispatch {

@@ -9,7 +9,7 @@
 //!   the source's key names (after optional renames, e.g. segment-anything → transformers),
 //!   tensor by tensor (one tensor in memory at a time), merged in f64 and written in the
 //!   source dtype or a chosen one, sharded with an index above a size, into a temporary
-//!   directory renamed into place. The merge is the formula of [`crate::Attention::merge`] in
+//!   directory renamed into place. The merge is the formula of [`serial_lora::Attention::merge`] in
 //!   PyTorch layout: LoRA `W[rows] += s·B·A`, Serial `W ← W + (W·s·B)·A`.
 //!
 //! Upstream: PEFT `LoraModel.merge_and_unload` / `add_weighted_adapter(combination_type="cat")`,
@@ -22,10 +22,10 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::attention::{Attention, QkvProjection, SeparateQkv};
+use serial_lora::attention::{Attention, QkvProjection, SeparateQkv};
 use crate::error::{Error, Result};
-use crate::lora::{FusedQkv, LoraLinear, LoraPair};
-use crate::model::AdaptedModel;
+use serial_lora::lora::{FusedQkv, LoraLinear, LoraPair};
+use serial_lora::model::AdaptedModel;
 
 /// One adapter directory and its weight.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,7 +51,7 @@ pub fn weighted_adapters(dirs: &[PathBuf], weights: &[f64]) -> Result<Vec<Weight
 }
 
 fn map_pairs<B: Backend>(mut a: Attention<B>, f: &mut dyn FnMut(LoraPair<B>) -> Option<LoraPair<B>>) -> Attention<B> {
-    a.serial = a.serial.and_then(|s| f(s.pair).map(|pair| crate::serial::SerialLora { pair }));
+    a.serial = a.serial.and_then(|s| f(s.pair).map(|pair| serial_lora::serial::SerialLora { pair }));
     fn lin<B: Backend>(l: LoraLinear<B>, f: &mut dyn FnMut(LoraPair<B>) -> Option<LoraPair<B>>) -> LoraLinear<B> {
         LoraLinear { lora: l.lora.and_then(&mut *f), ..l }
     }
@@ -74,20 +74,21 @@ pub fn scale_adapters<B: Backend, M: AdaptedModel<B>>(model: M, weight: f64) -> 
             Some(p)
         }))
     })
+    .map_err(Error::from)
 }
 
 /// Drops every adapter of `model` without merging it.
 pub fn remove_adapters<B: Backend, M: AdaptedModel<B>>(model: M) -> Result<M> {
-    model.try_map_attention(&mut |_, a| Ok(map_pairs(a, &mut |_| None)))
+    Ok(model.try_map_attention(&mut |_, a| Ok(map_pairs(a, &mut |_| None)))?)
 }
 
 /// Applies `adapters` to a base model in order: each is loaded with `load` (e.g.
-/// [`crate::io::load_adapter`]), scaled by its weight and merged ([`AdaptedModel::merge_and_unload`])
+/// [`serial_lora::io::load_adapter`]), scaled by its weight and merged ([`AdaptedModel::merge_and_unload`])
 /// before the next. A weight of 0 is loaded (so a wrong adapter is still an error) and dropped.
 pub fn merge_weighted<B: Backend, M: AdaptedModel<B>>(
     mut model: M,
     adapters: &[WeightedAdapter],
-    load: &mut dyn FnMut(M, &Path) -> Result<M>,
+    load: &mut dyn FnMut(M, &Path) -> serial_lora::Result<M>,
 ) -> Result<M> {
     for a in adapters {
         let loaded = load(model, &a.dir)?;
@@ -163,13 +164,13 @@ fn pair_f64<B: Backend>(p: &LoraPair<B>) -> (Vec<f64>, Vec<f64>, usize) {
     let a = p.lora_a.val().detach(); // [in, r]
     let b = p.lora_b.val().detach(); // [r, out]
     let r = p.rank();
-    let a_t: Vec<f64> = crate::host_f64(a.transpose());
-    let b_t: Vec<f64> = crate::host_f64(b.transpose()).into_iter().map(|x| x * p.scale).collect();
+    let a_t: Vec<f64> = serial_lora::host_f64(a.transpose());
+    let b_t: Vec<f64> = serial_lora::host_f64(b.transpose()).into_iter().map(|x| x * p.scale).collect();
     (b_t, a_t, r)
 }
 
 /// The checkpoint updates that merging the adapters attached to `model` means, in the order
-/// [`crate::Attention::merge`] applies them (LoRA pairs, then the Serial transform).
+/// [`serial_lora::Attention::merge`] applies them (LoRA pairs, then the Serial transform).
 pub fn merge_ops<B: Backend, M: AdaptedModel<B>>(model: &M) -> Vec<MergeOp> {
     let mut ops = Vec::new();
     for site in model.attention_sites() {
@@ -220,7 +221,7 @@ pub fn merge_ops<B: Backend, M: AdaptedModel<B>>(model: &M) -> Vec<MergeOp> {
 pub fn weighted_merge_ops<B: Backend, M: AdaptedModel<B>>(
     mut model: M,
     adapters: &[WeightedAdapter],
-    load: &mut dyn FnMut(M, &Path) -> Result<M>,
+    load: &mut dyn FnMut(M, &Path) -> serial_lora::Result<M>,
 ) -> Result<(M, Vec<MergeOp>)> {
     let mut ops = Vec::new();
     for a in adapters {
@@ -484,7 +485,7 @@ fn tensor_bytes(t: &SourceTensor, dtype: &str, ops: &[&MergeOp]) -> Result<Vec<u
         op.apply(&mut w, &t.shape).map_err(bad)?;
     }
     if !ops.is_empty() && w.iter().any(|x| !x.is_finite()) {
-        return Err(Error::NonFiniteMerge { module: t.key.clone() });
+        return Err(serial_lora::Error::NonFiniteMerge { module: t.key.clone() }.into());
     }
     let out = float_dtype(dtype).ok_or_else(|| bad(format!("cannot write dtype {dtype}")))?;
     let data = match out {
@@ -596,7 +597,7 @@ pub fn atomic_dir<T>(out: &Path, force: bool, fill: impl FnOnce(&Path) -> Result
 pub fn export_model<B: Backend, M: AdaptedModel<B>>(
     base: M,
     adapters: &[WeightedAdapter],
-    load: &mut dyn FnMut(M, &Path) -> Result<M>,
+    load: &mut dyn FnMut(M, &Path) -> serial_lora::Result<M>,
     src: &Path,
     spec: &WeightsSpec,
     out: &Path,

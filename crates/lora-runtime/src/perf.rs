@@ -6,9 +6,9 @@ use std::time::Instant;
 use burn::prelude::Backend;
 use serde_json::{Value, json};
 
-use crate::config::AdapterConfig;
+use serial_lora::config::AdapterConfig;
 use crate::error::{Error, Result};
-use crate::model::AdaptedModel;
+use serial_lora::model::AdaptedModel;
 
 /// Seconds of the timed steps; `forward`, `backward`, `optim` stay empty for inference.
 #[derive(Clone, Debug, Default)]
@@ -57,7 +57,7 @@ pub fn infer_model<B: Backend, M: AdaptedModel<B>>(
     base: M,
     method: &str,
     mode: &str,
-    adapter: impl FnOnce() -> Result<AdapterConfig>,
+    adapter: impl FnOnce() -> serial_lora::Result<AdapterConfig>,
     device: &B::Device,
 ) -> Result<(M, usize)> {
     let adapted = match (method, mode) {

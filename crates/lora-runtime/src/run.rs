@@ -17,13 +17,13 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::config::AdapterConfig;
+use serial_lora::config::AdapterConfig;
 use crate::dist::{DistArgs, Peer};
 use crate::error::{Error, Result};
-use crate::io::{self, write_atomic};
-use crate::model::AdaptedModel;
-use crate::optim::{LoraPlus, adamw_pytorch_defaults, loraplus_adamw};
-use crate::params::param_infos;
+use serial_lora::io::{self, write_atomic};
+use serial_lora::model::AdaptedModel;
+use serial_lora::optim::{LoraPlus, adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::params::param_infos;
 
 /// `CosineAnnealingLR(T_max = total, eta_min)` before step `step` (0-based).
 pub fn cosine_lr(lr: f64, eta_min: f64, step: usize, total: usize) -> f64 {
@@ -274,12 +274,12 @@ fn ckpt_err(path: &Path, message: impl std::fmt::Display) -> Error {
 /// Writes `value` as pretty JSON, atomically.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| ckpt_err(path, e))?;
-    write_atomic(path, text.as_bytes())
+    Ok(write_atomic(path, text.as_bytes())?)
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    crate::parse::json(&text).map_err(|message| Error::Parse { path: path.into(), format: "JSON", message })
+    serial_lora::parse::json(&text).map_err(|message| Error::Parse { path: path.into(), format: "JSON", message })
 }
 
 /// The ids of the trainable parameters, in module order (the key of the optimizer state).
@@ -391,7 +391,7 @@ impl RunDir {
             Some(state) => self.load_checkpoint(base, optim, device).map(|(model, optim)| (model, optim, state)),
             None => {
                 AB::seed(device, seed);
-                base.with_adapters(adapter, device).map(|model| (model, optim, State { world, ..State::default() }))
+                base.with_adapters(adapter, device).map(|model| (model, optim, State { world, ..State::default() })).map_err(Error::from)
             }
         };
         let step = started.as_ref().map_or(0, |s| s.2.step);
@@ -650,7 +650,7 @@ impl EvalKeeper {
 
     /// Records the evaluation after step `step`; saves the adapters of `model` into `best/` if
     /// `value` is the best so far.
-    pub fn record<B: Backend, M: crate::AdaptedModel<B>>(&mut self, step: usize, value: f64, images: usize, model: &M, adapter: &AdapterConfig, base_model: &str) -> Result<()> {
+    pub fn record<B: Backend, M: serial_lora::AdaptedModel<B>>(&mut self, step: usize, value: f64, images: usize, model: &M, adapter: &AdapterConfig, base_model: &str) -> Result<()> {
         let mut line = serde_json::json!({ "step": step, "eval_images": images });
         line[format!("eval_{}", self.metric)] = serde_json::json!(value);
         self.log.append(&line)?;
