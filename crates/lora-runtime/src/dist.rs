@@ -1,15 +1,16 @@
-//! Data-parallel training over burn-collective: one process per device, launched like
-//! `torchrun`.
+//! Data-parallel training: one process per device, launched like `torchrun`, gradients summed
+//! through a hub on node 0.
 //!
-//! Upstream: burn-collective 0.21 (`register` / `all_reduce` / `finish_collective` and the
-//! global orchestrator), and the launch contract of `torchrun` (`--nnodes`, `--node-rank`,
-//! `--rdzv-endpoint`, one worker per device with its rank in the environment).
+//! Upstream: the launch contract of `torchrun` (`--nnodes`, `--node-rank`, `--rdzv-endpoint`,
+//! one worker per device with its rank in the environment) and PyTorch DDP's semantics (the
+//! gradients of a step are summed over the ranks before the optimizer step).
 //!
 //! A job is `--devices d0,d1,…` on each of `--nodes` machines. The command the user starts
-//! becomes a *launcher*: on node 0 it serves burn-collective's global orchestrator, and on every
-//! node it starts one copy of itself per device, with the copy's place in the job in the
-//! environment (`SERIAL_LORA_RANK`, …), then waits for them; when one fails it stops the others
-//! and exits with that status. Each copy is a [`Peer`] and trains a full replica on its device.
+//! becomes a *launcher*: on node 0 it serves the job's *hub* at `--orchestrator` (a TCP socket),
+//! and on every node it starts one copy of itself per device, with the copy's place in the job in
+//! the environment (`SERIAL_LORA_RANK`, …), then waits for them; when one fails it lets the others
+//! report and exit, then stops them, and exits with that status. Each copy is a [`Peer`] and trains
+//! a full replica on its device.
 //!
 //! Every step the peers split the global batch (`--batch` per device × peers) into contiguous
 //! shards ([`Peer::shard`]), scale their mean loss by their share of the batch
@@ -19,21 +20,22 @@
 //! draws made per sample (augmentation, noise) are the same; adapter dropout masks differ, as
 //! they do between ranks in PyTorch DDP.
 //!
-//! Every peer is a burn-collective *node* with one device, on one machine as on many, so one code
-//! path serves both. Gradients travel as one flat f32 tensor over WebSocket: 4 bytes per trainable
-//! parameter, which is small for adapters. burn-collective 0.21's global mode hangs on the second
-//! operation of a registration (`SyncService::sync` clears a copy of its peer list), so every
-//! operation here registers, reduces once and finishes (`shared/docs/burn-0.21-guide.md` §7.2).
-use std::net::{TcpListener, UdpSocket};
+//! The all-reduce is centralised: every peer sends its flat f32 vector to the hub, which adds
+//! them in rank order and sends the sum back, so every peer applies bit-identical gradients and
+//! a job's sums do not depend on timing. That is 2 × 4 bytes per trainable parameter per peer
+//! and step through node 0, which is small for adapters. (burn-collective 0.21, used before,
+//! hangs on the second operation of a registration and, registering per operation, lost or mixed
+//! up transfers between consecutive operations now and then: a wrong sum or a dead peer.)
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn::tensor::backend::AutodiffBackend;
-use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 
 use crate::error::{Error, Result};
 use serial_lora::params::{ParamInfo, param_infos};
@@ -43,8 +45,15 @@ const ENV_RANK: &str = "SERIAL_LORA_RANK";
 const ENV_WORLD: &str = "SERIAL_LORA_WORLD_SIZE";
 const ENV_LOCAL_RANK: &str = "SERIAL_LORA_LOCAL_RANK";
 const ENV_ORCHESTRATOR: &str = "SERIAL_LORA_ORCHESTRATOR";
-const ENV_NODE_ADDRESS: &str = "SERIAL_LORA_NODE_ADDRESS";
-const ENV_DATA_PORT: &str = "SERIAL_LORA_DATA_PORT";
+
+/// How long the hub waits for every peer to connect, and a peer for the hub to accept it (the
+/// other nodes' commands may start later than node 0's).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a launcher lets the other peers report and exit after one failed, before stopping
+/// them (so the failing peer's own message is printed, not only the others' "a peer failed").
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+/// First word of a peer's greeting to the hub ("SLOR").
+const HELLO: u32 = 0x534C_4F52;
 
 /// The data-parallel flags of every `train` command (named after torchrun's).
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
@@ -61,11 +70,11 @@ pub struct DistArgs {
     #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
     /// host:port of the orchestrator on node 0 (torchrun --rdzv-endpoint); required with
-    /// --nodes > 1. Peer r of the job receives data on port+1+r (all interfaces).
+    /// --nodes > 1. Node 0 listens on this TCP port (all interfaces); every peer connects to it.
     #[arg(long)]
     pub orchestrator: Option<String>,
-    /// Address at which the other nodes reach this one (default: this machine's address on the
-    /// route to the orchestrator).
+    /// Accepted for compatibility with earlier releases, unused: peers only connect out, to the
+    /// orchestrator.
     #[arg(long)]
     pub node_address: Option<String>,
 }
@@ -94,16 +103,8 @@ pub struct Peer {
     pub world: usize,
     /// Index of this peer's device on its node (in `--devices`).
     pub local_rank: usize,
-    endpoint: Option<Endpoint>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Endpoint {
-    /// host:port of the orchestrator.
-    orchestrator: String,
-    /// Host at which other peers reach this one.
-    host: String,
-    data_port: u16,
+    /// host:port of the job's hub (the orchestrator); `None` for a single peer.
+    orchestrator: Option<String>,
 }
 
 impl Default for Peer {
@@ -114,11 +115,6 @@ impl Default for Peer {
 
 fn bad(key: &'static str, value: impl ToString, why: impl Into<String>) -> Error {
     Error::config(key, value, why)
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| bad("devices", "", format!("no free local port: {e}")))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| bad("devices", "", format!("no free local port: {e}")))
 }
 
 /// `host:port` → (host, port).
@@ -155,36 +151,38 @@ pub fn launch(args: &DistArgs, device: &str) -> Result<Launch> {
         return Ok(Launch::Train { peer: Peer::single(), device: devices[0].clone() });
     }
     let orchestrator = match (&args.orchestrator, args.nodes) {
-        (Some(o), _) => o.trim_start_matches("ws://").to_string(),
-        (None, 1) => format!("127.0.0.1:{}", free_port()?),
+        (Some(o), _) => Some(o.trim_start_matches("ws://").to_string()),
+        (None, 1) => None,
         (None, _) => return Err(bad("orchestrator", "", "--nodes > 1 needs --orchestrator host:port (node 0's address)")),
     };
-    let (orch_host, orch_port) = host_port(&orchestrator)?;
-    let host = match (&args.node_address, args.nodes) {
-        (Some(h), _) => h.clone(),
-        (None, 1) => "127.0.0.1".to_string(),
-        (None, _) => route_address(&orch_host, orch_port)?,
+    let orchestrator = match (orchestrator, args.node_rank) {
+        (Some(o), 0) => {
+            let (_, port) = host_port(&o)?;
+            let hub = TcpListener::bind(("0.0.0.0", port)).map_err(|e| bad("orchestrator", &o, format!("cannot listen on port {port}: {e}")))?;
+            serve_hub(hub, world)?;
+            o
+        }
+        (Some(o), _) => {
+            host_port(&o)?;
+            o
+        }
+        (None, _) => {
+            let hub = TcpListener::bind("127.0.0.1:0").map_err(|e| bad("devices", "", format!("no free local port: {e}")))?;
+            let port = hub.local_addr().map_err(|e| bad("devices", "", format!("no free local port: {e}")))?.port();
+            serve_hub(hub, world)?;
+            format!("127.0.0.1:{port}")
+        }
     };
-    if args.node_rank == 0 {
-        serve_orchestrator(orch_port)?;
-    }
     let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
     let mut children: Vec<Child> = Vec::with_capacity(devices.len());
     for local in 0..devices.len() {
         let rank = args.node_rank * devices.len() + local;
-        let data_port = match args.nodes {
-            1 => free_port()?,
-            _ => u16::try_from(usize::from(orch_port) + 1 + rank)
-                .map_err(|_| bad("orchestrator", &orchestrator, format!("no room for {world} data ports above the port")))?,
-        };
         let child = Command::new(&exe)
             .args(std::env::args_os().skip(1))
             .env(ENV_RANK, rank.to_string())
             .env(ENV_WORLD, world.to_string())
             .env(ENV_LOCAL_RANK, local.to_string())
             .env(ENV_ORCHESTRATOR, &orchestrator)
-            .env(ENV_NODE_ADDRESS, &host)
-            .env(ENV_DATA_PORT, data_port.to_string())
             .spawn()
             .map_err(|e| Error::io(&exe, e));
         match child {
@@ -198,27 +196,98 @@ pub fn launch(args: &DistArgs, device: &str) -> Result<Launch> {
     Ok(Launch::Done(wait_all(children)))
 }
 
-/// The local address of this machine on the route to `host:port` (no packet is sent).
-fn route_address(host: &str, port: u16) -> Result<String> {
-    let probe = || -> std::io::Result<String> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.connect((host, port))?;
-        Ok(s.local_addr()?.ip().to_string())
-    };
-    probe().map_err(|e| bad("orchestrator", format!("{host}:{port}"), format!("no route to it ({e}); give --node-address")))
-}
-
-/// Serves burn-collective's global orchestrator on `port` (all interfaces) for the life of
-/// this process.
-fn serve_orchestrator(port: u16) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("orchestrator runtime", e))?;
-    std::thread::spawn(move || rt.block_on(burn_collective::start_global_orchestrator(port)));
+/// Serves the job's hub on `listener` (in a thread, for the life of this process): waits for the
+/// `world` peers to connect, then, for each operation, reads one vector from every peer, adds
+/// them in rank order and sends the sum back to each. When a peer disconnects or misbehaves, it
+/// closes every connection, so the others fail instead of waiting.
+fn serve_hub(listener: TcpListener, world: usize) -> Result<()> {
+    listener.set_nonblocking(true).map_err(|e| Error::io("orchestrator socket", e))?;
+    std::thread::spawn(move || {
+        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        while peers.iter().any(Option::is_none) {
+            if Instant::now() > deadline {
+                return close_all(peers.iter().flatten());
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if let Some((rank, stream)) = greeting(stream, world)
+                        && peers[rank].is_none()
+                    {
+                        peers[rank] = Some(stream);
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let mut peers: Vec<TcpStream> = peers.into_iter().flatten().collect();
+        let (mut sum, mut buf) = (Vec::new(), Vec::new());
+        loop {
+            for rank in 0..world {
+                if read_vec(&mut peers[rank], &mut buf).is_err() || (rank > 0 && buf.len() != sum.len()) {
+                    return close_all(&peers);
+                }
+                if rank == 0 {
+                    std::mem::swap(&mut sum, &mut buf);
+                } else {
+                    sum.iter_mut().zip(&buf).for_each(|(s, v)| *s += v);
+                }
+            }
+            if peers.iter_mut().any(|p| write_vec(p, &sum).is_err()) {
+                return close_all(&peers);
+            }
+        }
+    });
     Ok(())
 }
+
+/// Reads a peer's greeting (`HELLO`, rank, world size) on a fresh connection.
+fn greeting(mut stream: TcpStream, world: usize) -> Option<(usize, TcpStream)> {
+    stream.set_nonblocking(false).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut hello = [0u8; 12];
+    stream.read_exact(&mut hello).ok()?;
+    let word = |i: usize| u32::from_le_bytes([hello[4 * i], hello[4 * i + 1], hello[4 * i + 2], hello[4 * i + 3]]);
+    let (rank, w) = (word(1) as usize, word(2) as usize);
+    if word(0) != HELLO || w != world || rank >= world {
+        let _ = stream.shutdown(Shutdown::Both);
+        return None;
+    }
+    stream.set_read_timeout(None).ok()?;
+    stream.set_nodelay(true).ok()?;
+    Some((rank, stream))
+}
+
+fn close_all<'a>(peers: impl IntoIterator<Item = &'a TcpStream>) {
+    for p in peers {
+        let _ = p.shutdown(Shutdown::Both);
+    }
+}
+
+/// Sends `v` as its length (u64) and its values (f32), little-endian.
+fn write_vec(stream: &mut TcpStream, v: &[f32]) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(8 + 4 * v.len());
+    bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
+    v.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    stream.write_all(&bytes)?;
+    stream.flush()
+}
+
+/// Reads a vector written by [`write_vec`] into `out`.
+fn read_vec(stream: &mut TcpStream, out: &mut Vec<f32>) -> std::io::Result<()> {
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len)?;
+    let len = usize::try_from(u64::from_le_bytes(len)).ok().filter(|&n| n <= 1 << 32);
+    let len = len.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "vector length out of range"))?;
+    let mut bytes = vec![0u8; 4 * len];
+    stream.read_exact(&mut bytes)?;
+    out.clear();
+    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    Ok(())
+}
+
+/// This process's connection to the hub (a process is one peer).
+static LINK: Mutex<Option<TcpStream>> = Mutex::new(None);
 
 fn stop_all(children: &mut [Child]) {
     for c in children.iter_mut() {
@@ -241,6 +310,10 @@ fn wait_all(mut children: Vec<Child>) -> i32 {
                 other => {
                     let code = other.ok().flatten().and_then(|s| s.code()).unwrap_or(1);
                     eprintln!("data-parallel peer {i} of this node failed (exit code {code}); stopping the others");
+                    let deadline = Instant::now() + FAILURE_GRACE;
+                    while Instant::now() < deadline && children.iter_mut().any(|c| matches!(c.try_wait(), Ok(None))) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     stop_all(&mut children);
                     return code.max(1);
                 }
@@ -256,7 +329,7 @@ fn wait_all(mut children: Vec<Child>) -> i32 {
 impl Peer {
     /// The only peer of a single-device run.
     pub fn single() -> Self {
-        Self { rank: 0, world: 1, local_rank: 0, endpoint: None }
+        Self { rank: 0, world: 1, local_rank: 0, orchestrator: None }
     }
 
     /// The peer a launcher started (its environment), if this process is one.
@@ -266,13 +339,10 @@ impl Peer {
         let num = |k: &'static str, v: String| v.parse::<usize>().map_err(|_| bad(k, &v, "not a number"));
         let (world, local_rank) = (num(ENV_WORLD, var(ENV_WORLD)?)?, num(ENV_LOCAL_RANK, var(ENV_LOCAL_RANK)?)?);
         let rank = num(ENV_RANK, rank)?;
-        let port = var(ENV_DATA_PORT)?;
-        let data_port = port.parse().map_err(|_| bad(ENV_DATA_PORT, &port, "not a port number"))?;
         if rank >= world {
             return Err(bad(ENV_RANK, rank, format!("must be below {ENV_WORLD} = {world}")));
         }
-        let endpoint = Endpoint { orchestrator: var(ENV_ORCHESTRATOR)?, host: var(ENV_NODE_ADDRESS)?, data_port };
-        Ok(Some(Self { rank, world, local_rank, endpoint: Some(endpoint) }))
+        Ok(Some(Self { rank, world, local_rank, orchestrator: Some(var(ENV_ORCHESTRATOR)?) }))
     }
 
     /// Whether this peer writes the run directory (checkpoints, caches, metrics, adapter): peer 0
@@ -344,13 +414,12 @@ impl Peer {
     }
 
     /// Sums `values` over the peers (also a barrier: it returns once every peer has called it).
-    pub fn sum<B: Backend>(&self, values: &mut [f64], device: &B::Device) -> Result<()> {
+    pub fn sum<B: Backend>(&self, values: &mut [f64], _device: &B::Device) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
-        let v: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        let out = self.sum_flat::<B>(Tensor::from_data(TensorData::new(v.clone(), [v.len()]), device), device)?;
-        for (s, v) in values.iter_mut().zip(out.into_data().iter::<f32>()) {
+        let out = self.exchange(values.iter().map(|&v| v as f32).collect())?;
+        for (s, v) in values.iter_mut().zip(out) {
             *s = f64::from(v);
         }
         Ok(())
@@ -376,30 +445,48 @@ impl Peer {
         Error::Collective { rank: self.rank, message }
     }
 
-    fn config(&self) -> Result<CollectiveConfig> {
-        let e = self.endpoint.as_ref().ok_or_else(|| self.error("no collective endpoint".into()))?;
-        let addr = |s: String| s.parse::<burn_communication::Address>().map_err(|m| self.error(m));
-        Ok(CollectiveConfig::default()
-            .with_num_devices(1)
-            .with_num_nodes(self.world as u32)
-            .with_global_address(addr(format!("ws://{}", e.orchestrator))?)
-            .with_node_address(addr(format!("ws://{}:{}", e.host, e.data_port))?)
-            .with_data_service_port(e.data_port))
+    /// One all-reduce (sum) of a 1-D tensor over the peers.
+    fn sum_flat<B: Backend>(&self, flat: Tensor<B, 1>, device: &B::Device) -> Result<Tensor<B, 1>> {
+        let values = flat.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| self.error(format!("gradients to host: {e:?}")))?;
+        let n = values.len();
+        Ok(Tensor::from_data(TensorData::new(self.exchange(values)?, [n]), device))
     }
 
-    /// One all-reduce (sum) of a 1-D tensor over the peers: register, reduce, finish.
-    fn sum_flat<B: Backend>(&self, flat: Tensor<B, 1>, device: &B::Device) -> Result<Tensor<B, 1>> {
-        let n = flat.dims()[0];
-        // The ring all-reduce needs at least one element per peer.
-        let flat = if n < self.world { Tensor::cat(vec![flat, Tensor::zeros([self.world - n], device)], 0) } else { flat };
-        let id = PeerId(self.rank as u32);
-        let err = |op: &str, e: burn_collective::CollectiveError| self.error(format!("{op}: {e:?}"));
-        burn_collective::register::<B>(id, device.clone(), self.config()?).map_err(|e| err("register", e))?;
-        let reduced = burn_collective::all_reduce::<B>(id, flat.into_primitive().tensor(), ReduceOperation::Sum);
-        let finished = burn_collective::finish_collective::<B>(id);
-        let reduced = reduced.map_err(|e| err("all-reduce", e))?;
-        finished.map_err(|e| err("finish", e))?;
-        Ok(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced)).slice(0..n))
+    /// Sends `values` to the hub and returns the sum over the peers (connecting on first use).
+    fn exchange(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        let hub = self.orchestrator.as_deref().ok_or_else(|| self.error("no orchestrator address".into()))?;
+        let mut link = LINK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stream = match link.as_mut() {
+            Some(s) => s,
+            None => link.insert(self.connect(hub)?),
+        };
+        let mut out = Vec::new();
+        let sent = write_vec(stream, &values).and_then(|()| read_vec(stream, &mut out));
+        if let Err(e) = sent {
+            *link = None;
+            return Err(self.error(format!("the orchestrator at {hub} closed the connection ({e}): another peer failed or stopped")));
+        }
+        if out.len() != values.len() {
+            return Err(self.error(format!("the peers sent vectors of different lengths (this one {})", values.len())));
+        }
+        Ok(out)
+    }
+
+    /// Connects to the hub and greets it, retrying until [`JOIN_TIMEOUT`] (node 0 may start later).
+    fn connect(&self, hub: &str) -> Result<TcpStream> {
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let mut stream = loop {
+            match TcpStream::connect(hub) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(self.error(format!("cannot reach the orchestrator at {hub} within {} s: {e}", JOIN_TIMEOUT.as_secs())));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let hello: Vec<u8> = [HELLO, self.rank as u32, self.world as u32].iter().flat_map(|w| w.to_le_bytes()).collect();
+        stream.set_nodelay(true).and_then(|()| stream.write_all(&hello)).map_err(|e| self.error(format!("greeting the orchestrator at {hub}: {e}")))?;
+        Ok(stream)
     }
 }
 
@@ -433,7 +520,7 @@ mod tests {
     use super::*;
 
     fn peer(rank: usize, world: usize) -> Peer {
-        Peer { rank, world, local_rank: rank, endpoint: None }
+        Peer { rank, world, local_rank: rank, orchestrator: None }
     }
 
     #[test]
@@ -466,6 +553,42 @@ mod tests {
         assert_eq!(p.seed(42), 42);
         assert!(p.is_writer());
         assert_ne!(peer(1, 2).seed(42), 42);
+    }
+
+    fn join(port: u16, rank: u32, world: u32) -> TcpStream {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&[HELLO, rank, world].iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        s
+    }
+
+    #[test]
+    fn the_hub_sums_in_rank_order_and_drops_everyone_when_a_peer_leaves() {
+        let hub = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = hub.local_addr().unwrap().port();
+        serve_hub(hub, 3).unwrap();
+        // peers join in any order; a stranger (wrong world size) is turned away
+        let mut stranger = join(port, 0, 2);
+        let mut peers = [2, 0, 1].map(|r| (r, join(port, r, 3)));
+        let mut buf = Vec::new();
+        assert!(read_vec(&mut stranger, &mut buf).is_err());
+        for round in 0..3 {
+            for (r, p) in &mut peers {
+                write_vec(p, &[*r as f32 + round as f32, 1e8, 1.0]).unwrap();
+            }
+            for (_, p) in &mut peers {
+                read_vec(p, &mut buf).unwrap();
+                // (1e8 + 1e8) + 1e8 in f32, then the 1.0s: the rank order's rounding
+                assert_eq!(buf, [3.0 + 3.0 * round as f32, (1e8f32 + 1e8) + 1e8, 3.0]);
+            }
+        }
+        // peer 2 leaves mid-operation: the others get an error, not a hang
+        for (_, p) in &mut peers[1..] {
+            write_vec(p, &[1.0]).unwrap();
+        }
+        peers[0].1.shutdown(Shutdown::Both).unwrap();
+        for (_, p) in &mut peers[1..] {
+            assert!(read_vec(p, &mut buf).is_err());
+        }
     }
 
     #[test]
