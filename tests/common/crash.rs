@@ -108,9 +108,9 @@ pub fn crash_and_resume(bin: &str, args: &[String], kills: &[usize], total: usiz
         }
         assert!(r.killed && r.status.code().is_none(), "the run was to be killed at step {k}: {:?}\n{}", r.status, r.stderr);
         assert!(k == total || !parts.join("adapter_model.safetensors").exists(), "killed at step {k}: a final adapter exists");
-        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(parts.join("checkpoint/state.json")).unwrap_or_else(|e| {
-            panic!("killed at step {k}: no readable checkpoint ({e})")
-        }))
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(parts.join("checkpoint/state.json")).unwrap_or_else(|e| panic!("killed at step {k}: no readable checkpoint ({e})")),
+        )
         .expect("checkpoint/state.json is JSON");
         let at = state["step"].as_u64().expect("state.step") as usize;
         println!("killed at step {} (log); checkpoint holds step {at}", r.last_step);

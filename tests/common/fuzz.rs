@@ -409,11 +409,7 @@ pub fn numeric_flags(help: &str, numeric: &[&str]) -> Vec<String> {
     blocks
         .into_iter()
         .filter(|(_, p, text)| {
-            let default_is_number = text
-                .split("[default: ")
-                .nth(1)
-                .and_then(|d| d.split(']').next())
-                .is_some_and(|d| d.parse::<f64>().is_ok());
+            let default_is_number = text.split("[default: ").nth(1).and_then(|d| d.split(']').next()).is_some_and(|d| d.parse::<f64>().is_ok());
             !p.is_empty() && (default_is_number || numeric.contains(&p.as_str()))
         })
         .map(|(f, ..)| f)
@@ -446,8 +442,22 @@ pub fn flag_cases(flags: &[String], n: usize) -> Vec<(String, String)> {
 
 /// The placeholders of numeric options without a default in the binaries' `--help`.
 pub const NUMERIC_PLACEHOLDERS: [&str; 16] = [
-    "N", "IMAGE_SIZE", "CLASS_ID", "HEIGHT", "WIDTH", "NUM_IMAGES", "SHOTS", "STOP_AFTER", "LR_RATIO", "ALPHA", "CACHE_BYTES",
-    "MAX_SEQUENCE_LENGTH", "BATCH", "STEPS", "ITERS", "SEED",
+    "N",
+    "IMAGE_SIZE",
+    "CLASS_ID",
+    "HEIGHT",
+    "WIDTH",
+    "NUM_IMAGES",
+    "SHOTS",
+    "STOP_AFTER",
+    "LR_RATIO",
+    "ALPHA",
+    "CACHE_BYTES",
+    "MAX_SEQUENCE_LENGTH",
+    "BATCH",
+    "STEPS",
+    "ITERS",
+    "SEED",
 ];
 
 /// What a spawned command left: exit code (`None`: killed by a signal), stdout, stderr, whether

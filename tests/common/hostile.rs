@@ -116,13 +116,7 @@ pub fn run(bin: &str, args: &[String], env: &[(String, String)], memory_limited:
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Outcome {
-        code: status.code(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        timed_out,
-        elapsed: start.elapsed(),
-    }
+    Outcome { code: status.code(), stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default(), timed_out, elapsed: start.elapsed() }
 }
 
 /// What is wrong with how `bin` handled `case` (empty = handled well).

@@ -22,9 +22,7 @@ pub fn compared(key: &str) {
 /// is not one of the model's `inputs`, and was never compared by this test.
 pub fn assert_all_compared<'a>(reference: impl IntoIterator<Item = &'a String>, prefixes: &[&str], inputs: &[&str]) {
     let seen = COMPARED.with(|c| c.borrow().clone());
-    let missing: Vec<&String> = reference
-        .into_iter()
-        .filter(|k| prefixes.iter().any(|p| k.starts_with(p)) && !inputs.contains(&k.as_str()) && !seen.contains(k.as_str()))
-        .collect();
+    let missing: Vec<&String> =
+        reference.into_iter().filter(|k| prefixes.iter().any(|p| k.starts_with(p)) && !inputs.contains(&k.as_str()) && !seen.contains(k.as_str())).collect();
     assert!(missing.is_empty(), "reference tensors this test never compared: {missing:?}");
 }

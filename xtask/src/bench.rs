@@ -92,7 +92,10 @@ fn push_flags(cmd: &mut Command, flags: &BTreeMap<String, String>) {
 /// The last line of `path` that parses as a JSON object (the eval commands print one).
 fn last_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines().rev().find_map(|l| serde_json::from_str::<Value>(l.trim()).ok().filter(Value::is_object)).with_context(|| format!("{}: no JSON result", path.display()))
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok().filter(Value::is_object))
+        .with_context(|| format!("{}: no JSON result", path.display()))
 }
 
 impl Runner {

@@ -50,7 +50,11 @@ pub fn check() -> Result<()> {
     for all_features in [false, true] {
         for (krate, allowed) in GRAPH {
             for dep in direct_deps(krate, all_features)? {
-                let ok = if *krate == "serial-lora" { CORE_ALLOWED.contains(&dep.as_str()) } else { !workspace.contains(&dep.as_str()) || allowed.contains(&dep.as_str()) };
+                let ok = if *krate == "serial-lora" {
+                    CORE_ALLOWED.contains(&dep.as_str())
+                } else {
+                    !workspace.contains(&dep.as_str()) || allowed.contains(&dep.as_str())
+                };
                 if !ok {
                     bad.push(format!("{krate} → {dep}{}", if all_features { " (--all-features)" } else { "" }));
                 }

@@ -32,7 +32,14 @@ pub fn prepare() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut tests = crate::cargo("cuda");
-    tests.args(["test", "--release", "--no-run", "--message-format=json-render-diagnostics", "--features", "serial-lora/cuda,clip-cls/cuda,sam-seg/cuda,sd3-gen/cuda"]);
+    tests.args([
+        "test",
+        "--release",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+        "--features",
+        "serial-lora/cuda,clip-cls/cuda,sam-seg/cuda,sd3-gen/cuda",
+    ]);
     for (package, targets) in SUITES {
         tests.args(["-p", package]);
         for t in targets {
@@ -86,7 +93,10 @@ pub fn run() -> Result<()> {
     }
     let t = Instant::now();
     let mut steps = Vec::new();
-    let mut suites: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test-"))).collect();
+    let mut suites: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test-")))
+        .collect();
     suites.sort();
     // the suites find their fixtures by the checkout path they were built in
     let built_in = crate::root();

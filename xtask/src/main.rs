@@ -206,7 +206,24 @@ fn main() -> Result<()> {
             // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
             run(cargo("").args(["build", "--workspace", "--examples"]))?;
             run(Command::new(target_dir("").join("debug/examples/quickstart")).args(["--device", "cpu"]))?;
-            run(cargo("cuda").args(["check", "-p", "serial-lora", "-p", "lora-runtime", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen", "--features", "cuda", "--examples", "--tests", "--bins"]))?;
+            run(cargo("cuda").args([
+                "check",
+                "-p",
+                "serial-lora",
+                "-p",
+                "lora-runtime",
+                "-p",
+                "clip-cls",
+                "-p",
+                "sam-seg",
+                "-p",
+                "sd3-gen",
+                "--features",
+                "cuda",
+                "--examples",
+                "--tests",
+                "--bins",
+            ]))?;
             // the parity suites again on LibTorch (CPU), same tolerances: masked (CLIP's causal
             // text mask), biased (SAM's relative positions) and joint (SD3) attention
             let mut tch = cargo("tch");
@@ -218,7 +235,24 @@ fn main() -> Result<()> {
         }
         Cmd::Fixtures => {
             let py = venv_python()?;
-            for script in ["serial_lora_core.py", "clip_tiny.py", "clip_text_image.py", "sam_tiny.py", "sam_processor.py", "sam_tiny_shapes.py", "sd3_tiny.py", "sd3_text.py", "sd3_t5.py", "sd3_lora_context.py", "sd3_train_step.py", "fid_inception.py", "fid_folders.py", "clip_score.py", "unusual_images.py", "export_merge.py"] {
+            for script in [
+                "serial_lora_core.py",
+                "clip_tiny.py",
+                "clip_text_image.py",
+                "sam_tiny.py",
+                "sam_processor.py",
+                "sam_tiny_shapes.py",
+                "sd3_tiny.py",
+                "sd3_text.py",
+                "sd3_t5.py",
+                "sd3_lora_context.py",
+                "sd3_train_step.py",
+                "fid_inception.py",
+                "fid_folders.py",
+                "clip_score.py",
+                "unusual_images.py",
+                "export_merge.py",
+            ] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
             }
@@ -242,7 +276,13 @@ fn main() -> Result<()> {
         Cmd::SmokeCheck => smoke_check()?,
         Cmd::Deps => deps::check()?,
         Cmd::Perf(args) => perf::perf(&args)?,
-        Cmd::GpuCheck { prepare } => if prepare { gpu::prepare()? } else { gpu::run()? },
+        Cmd::GpuCheck { prepare } => {
+            if prepare {
+                gpu::prepare()?
+            } else {
+                gpu::run()?
+            }
+        }
         Cmd::Fuzz { cases, seed } => {
             let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
             eprintln!("fuzzing with FUZZ_SEED={seed} FUZZ_CASES={cases}");
@@ -308,9 +348,12 @@ fn smoke_check() -> Result<()> {
         let _ = forward.join();
     }
     let before = finished()?;
-    let started: Vec<PathBuf> = std::fs::read_dir(&out)?.filter_map(|e| Some(e.ok()?.path())).filter(|d| d.join("config.json").is_file() && !d.join("metrics.json").exists()).collect();
+    let started: Vec<PathBuf> =
+        std::fs::read_dir(&out)?.filter_map(|e| Some(e.ok()?.path())).filter(|d| d.join("config.json").is_file() && !d.join("metrics.json").exists()).collect();
     if before <= shard1 || (cfg!(unix) && started.is_empty()) {
-        bail!("smoke check: the interrupted sweep should have finished a run and left one unfinished ({before} finished, {shard1} before; unfinished: {started:?})");
+        bail!(
+            "smoke check: the interrupted sweep should have finished a run and left one unfinished ({before} finished, {shard1} before; unfinished: {started:?})"
+        );
     }
     let output = bench(&[]).stderr(std::process::Stdio::piped()).output()?;
     let log = String::from_utf8_lossy(&output.stderr);
@@ -324,7 +367,10 @@ fn smoke_check() -> Result<()> {
     }
     let path = report::report(&root(), &out)?;
     let dir = path.parent().context("report dir")?;
-    let mut expected: Vec<String> = ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_params.csv", "runs.csv"].map(String::from).to_vec();
+    let mut expected: Vec<String> =
+        ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_params.csv", "runs.csv"]
+            .map(String::from)
+            .to_vec();
     for fig in ["fig5_rank_sweep", "fig3_spectra", "loss_clip", "loss_sam", "loss_sd3", "loss_proxy"] {
         expected.extend(["svg", "png"].map(|e| format!("{fig}.{e}")));
     }
@@ -347,7 +393,13 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// `1m 05s` style durations.
 fn hms(secs: f64) -> String {
     let s = secs.round() as u64;
-    if s >= 3600 { format!("{}h {:02}m", s / 3600, s % 3600 / 60) } else if s >= 60 { format!("{}m {:02}s", s / 60, s % 60) } else { format!("{s}s") }
+    if s >= 3600 {
+        format!("{}h {:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 fn bench_all(a: &BenchArgs) -> Result<()> {
@@ -426,7 +478,14 @@ fn bench_all(a: &BenchArgs) -> Result<()> {
                 executed += 1;
                 spent += t.elapsed().as_secs_f64();
                 let left = runs.len() - i - 1;
-                eprintln!("[{:>3}/{}] {}: done in {} (ETA {})", i + 1, runs.len(), r.id, hms(t.elapsed().as_secs_f64()), hms(spent / executed as f64 * left as f64));
+                eprintln!(
+                    "[{:>3}/{}] {}: done in {} (ETA {})",
+                    i + 1,
+                    runs.len(),
+                    r.id,
+                    hms(t.elapsed().as_secs_f64()),
+                    hms(spent / executed as f64 * left as f64)
+                );
             }
             Err(e) => {
                 eprintln!("[{:>3}/{}] {}: FAILED: {e:#}", i + 1, runs.len(), r.id);
@@ -434,7 +493,12 @@ fn bench_all(a: &BenchArgs) -> Result<()> {
             }
         }
     }
-    eprintln!("{executed} runs done, {} skipped as finished, {} failed, in {}", runs.len() - executed - failed.len(), failed.len(), hms(start.elapsed().as_secs_f64()));
+    eprintln!(
+        "{executed} runs done, {} skipped as finished, {} failed, in {}",
+        runs.len() - executed - failed.len(),
+        failed.len(),
+        hms(start.elapsed().as_secs_f64())
+    );
     if !failed.is_empty() {
         bail!("failed runs (rerun the same command to retry them): {}", failed.join(", "));
     }

@@ -141,7 +141,15 @@ pub fn table(ours: &[CaseResult], torch: &[CaseResult]) -> String {
     if torch.is_empty() {
         s.push_str("| model | method | mode | s/step | images/s | peak RSS MiB |\n|---|---|---|---:|---:|---:|\n");
         for c in ours {
-            s.push_str(&format!("| {} | {} | {} | {:.3} | {} | {:.0} |\n", c.model, c.method, c.mode, c.median_step_s, fmt_f(c.num("images_per_s"), 2), c.peak_rss_mb));
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.3} | {} | {:.0} |\n",
+                c.model,
+                c.method,
+                c.mode,
+                c.median_step_s,
+                fmt_f(c.num("images_per_s"), 2),
+                c.peak_rss_mb
+            ));
         }
         return s;
     }
@@ -172,7 +180,14 @@ pub fn breakdown(results: &[&CaseResult]) -> String {
     let mut s = String::from("| framework | method | forward s | backward s | optimizer s | step s |\n|---|---|---:|---:|---:|---:|\n");
     for c in results.iter().filter(|c| c.mode == "train") {
         let fw = c.raw.get("framework").and_then(Value::as_str).unwrap_or("?");
-        s.push_str(&format!("| {fw} | {} | {} | {} | {} | {:.3} |\n", c.method, fmt_s(c.num("forward_s")), fmt_s(c.num("backward_s")), fmt_s(c.num("optim_s")), c.median_step_s));
+        s.push_str(&format!(
+            "| {fw} | {} | {} | {} | {} | {:.3} |\n",
+            c.method,
+            fmt_s(c.num("forward_s")),
+            fmt_s(c.num("backward_s")),
+            fmt_s(c.num("optim_s")),
+            c.median_step_s
+        ));
     }
     s
 }
@@ -207,7 +222,8 @@ pub fn targets(ours: &[CaseResult], torch: &[CaseResult], device: &str) -> Strin
         }
         v
     });
-    let vs_torch = |method: &str, mode: &str, key: fn(&CaseResult) -> f64| ratio(get(ours, method, mode).map(|c| key(&c)), get(torch, method, mode).map(|c| key(&c)));
+    let vs_torch =
+        |method: &str, mode: &str, key: fn(&CaseResult) -> f64| ratio(get(ours, method, mode).map(|c| key(&c)), get(torch, method, mode).map(|c| key(&c)));
     if !torch.is_empty() {
         for m in &methods {
             row(format!("train step ours ÷ PyTorch ({m})"), vs_torch(m, "train", |c| c.median_step_s), train_limit);

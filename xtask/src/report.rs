@@ -245,7 +245,11 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
     let dir = out.join("report");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let paper = Paper::load(root)?;
-    let mut md = format!("# Results\n\n{} finished runs in `{}`. Cells: ours (mean ± std over seeds where there are several) and, in parentheses, the paper's published number where it has one.\n\n", runs.len(), out.display());
+    let mut md = format!(
+        "# Results\n\n{} finished runs in `{}`. Cells: ours (mean ± std over seeds where there are several) and, in parentheses, the paper's published number where it has one.\n\n",
+        runs.len(),
+        out.display()
+    );
     let write_table = |md: &mut String, name: &str, title: &str, note: &str, t: &Table| -> Result<()> {
         write_atomic(&dir.join(format!("{name}.csv")), t.csv().as_bytes())?;
         let _ = write!(md, "## {title}\n\n{note}{}\n", t.markdown());
@@ -253,10 +257,15 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
     };
 
     // Table I: exact counts of the full-size models from their configs, beside the paper's print
-    let mut t1 = Table { header: ["model", "rank", "LoRA / LoRA+", "Serial LoRA / Serial LoRA+", "ratio", "paper prints"].map(String::from).to_vec(), rows: vec![] };
+    let mut t1 =
+        Table { header: ["model", "rank", "LoRA / LoRA+", "Serial LoRA / Serial LoRA+", "ratio", "paper prints"].map(String::from).to_vec(), rows: vec![] };
     for (name, file, kind, r) in TABLE1 {
         let (lora, serial) = adapter_params(&attention_blocks(&root.join("configs/models").join(file), kind)?, r);
-        let printed = paper.get("table1", kind).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" / ")).unwrap_or_default();
+        let printed = paper
+            .get("table1", kind)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" / "))
+            .unwrap_or_default();
         t1.rows.push(vec![name.into(), r.to_string(), thousands(lora), thousands(serial), format!("{:.2}", serial as f64 / lora as f64), printed]);
     }
     write_table(&mut md, "table1", "Table I: trainable parameters (full-size models, from `configs/models/`)", "", &t1)?;
@@ -270,11 +279,22 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         header: ["task", "method", "rank", "trainable parameters"].map(String::from).to_vec(),
         rows: measured.iter().map(|((t, m, k), p)| vec![t.clone(), m.clone(), k.to_string(), p.to_string()]).collect(),
     };
-    write_table(&mut md, "table1_runs", "Trainable parameters of the models trained here", "As counted by the task crates on the models of these runs (the presets' models, which may be tiny).\n\n", &t1m)?;
+    write_table(
+        &mut md,
+        "table1_runs",
+        "Trainable parameters of the models trained here",
+        "As counted by the task crates on the models of these runs (the presets' models, which may be tiny).\n\n",
+        &t1m,
+    )?;
 
     let t2_note = "CLIP-T: text–image cosine (`clip_score`); CLIP-I: image–image cosine with the real image of the prompt (`clip_image_similarity`), the number on the paper's CLIP-Score scale (see the README), so the paper's CLIP-Score is printed beside it.\n\n";
     let sections: [(&str, &str, &str, Vec<Metric>); 4] = [
-        ("table2", "Table II: SD3, FID ↓ and CLIP-Score ↑", t2_note, vec![("FID", "fid", 1.0, 2, Some(0)), ("CLIP-T", "clip_score", 1.0, 4, None), ("CLIP-I", "clip_image_similarity", 1.0, 4, Some(1))]),
+        (
+            "table2",
+            "Table II: SD3, FID ↓ and CLIP-Score ↑",
+            t2_note,
+            vec![("FID", "fid", 1.0, 2, Some(0)), ("CLIP-T", "clip_score", 1.0, 4, None), ("CLIP-I", "clip_image_similarity", 1.0, 4, Some(1))],
+        ),
         ("table3", "Table III: CLIP, top-1 accuracy (%) ↑", "", vec![("", "accuracy", 100.0, 2, Some(0))]),
         ("table4", "Table IV: SAM, Dice loss (1 − Dice) ↓", "", vec![("", "dice_loss", 1.0, 4, Some(0))]),
         ("proxy", "Proxy: tiny ViT pre-trained on digits 0–4, adapted few-shot to 5–9, top-1 accuracy (%) ↑", "", vec![("", "accuracy", 100.0, 2, None)]),
@@ -292,7 +312,10 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         let mut params: BTreeMap<(String, u64), (u64, u64)> = BTreeMap::new();
         for r in &proxy {
             let s = &r["score"];
-            params.insert((r["method"].as_str().unwrap_or("").into(), r["rank"].as_u64().unwrap_or(0)), (s["adapter_params"].as_u64().unwrap_or(0), s["head_params"].as_u64().unwrap_or(0)));
+            params.insert(
+                (r["method"].as_str().unwrap_or("").into(), r["rank"].as_u64().unwrap_or(0)),
+                (s["adapter_params"].as_u64().unwrap_or(0), s["head_params"].as_u64().unwrap_or(0)),
+            );
         }
         let t = Table {
             header: ["method", "rank", "adapter parameters", "head parameters"].map(String::from).to_vec(),
@@ -352,9 +375,10 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
     let with_spectra: Vec<(&Value, Value)> =
         runs.iter().filter_map(|r| Some((r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
     let same_setting = |a: &Value, b: &Value| ["dataset", "setting", "rank", "seed"].iter().all(|k| a[k] == b[k]);
-    let pair = with_spectra.iter().filter(|(r, _)| r["method"] == "lora").find_map(|(lr, ls)| {
-        with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).map(|(_, ss)| (lr, ls, ss))
-    });
+    let pair = with_spectra
+        .iter()
+        .filter(|(r, _)| r["method"] == "lora")
+        .find_map(|(lr, ls)| with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).map(|(_, ss)| (lr, ls, ss)));
     if let Some((lr, ls, ss)) = pair {
         // blocks in model order; the first, middle and last are shown
         let mut blocks: Vec<String> = Vec::new();
@@ -382,19 +406,39 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
                     Series::new("LoRA", spectrum(&ls["adapted"], b, proj)),
                     Series::new("Serial LoRA", spectrum(&ss["adapted"], b, proj)),
                 ];
-                panels.push(Panel { title: format!("W_{proj} of {b}"), x_label: "singular value index".into(), y_label: "singular value (log)".into(), log_y: true, x_ticks: XTicks::Integer, series });
+                panels.push(Panel {
+                    title: format!("W_{proj} of {b}"),
+                    x_label: "singular value index".into(),
+                    y_label: "singular value (log)".into(),
+                    log_y: true,
+                    x_ticks: XTicks::Integer,
+                    series,
+                });
             }
         }
-        let title = format!("Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})", lr["dataset"].as_str().unwrap_or(""), setting_label(lr), lr["rank"]);
-        let caption = format!("runs {} and {}: base weights and the weights with each adapter merged; first, middle and last attention block", lr["id"].as_str().unwrap_or(""), with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).and_then(|(r, _)| r["id"].as_str()).unwrap_or(""));
+        let title = format!(
+            "Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})",
+            lr["dataset"].as_str().unwrap_or(""),
+            setting_label(lr),
+            lr["rank"]
+        );
+        let caption = format!(
+            "runs {} and {}: base weights and the weights with each adapter merged; first, middle and last attention block",
+            lr["id"].as_str().unwrap_or(""),
+            with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).and_then(|(r, _)| r["id"].as_str()).unwrap_or("")
+        );
         figure(&mut md, "fig3_spectra", Figure { title, caption, cols: shown.len(), panels })?;
     }
     // training loss per method, for the first dataset and setting of each task (lowest seed)
     for task in ["clip", "sam", "sd3", "proxy"] {
         let rs: Vec<&Value> = runs.iter().filter(|r| r["task"] == task).collect();
-        let Some(first) = rs.iter().min_by_key(|r| (r["dataset"].as_str().unwrap_or("").to_string(), setting_key(r), r["rank"].as_u64(), r["seed"].as_u64())) else { continue };
+        let Some(first) = rs.iter().min_by_key(|r| (r["dataset"].as_str().unwrap_or("").to_string(), setting_key(r), r["rank"].as_u64(), r["seed"].as_u64()))
+        else {
+            continue;
+        };
         // every seed of that setting: mean ± std per step where there are several
-        let same: Vec<&Value> = rs.iter().copied().filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && r["rank"] == first["rank"]).collect();
+        let same: Vec<&Value> =
+            rs.iter().copied().filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && r["rank"] == first["rank"]).collect();
         let mut from_jsonl = 0;
         let mut series = Vec::new();
         let mut seeds = std::collections::BTreeSet::new();
@@ -407,7 +451,10 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
                     from_jsonl += 1;
                     jsonl
                 } else {
-                    r["train"]["loss"].as_array().map(|a| a.iter().enumerate().filter_map(|(i, l)| Some(((i + 1) as f64, l.as_f64()?))).collect()).unwrap_or_default()
+                    r["train"]["loss"]
+                        .as_array()
+                        .map(|a| a.iter().enumerate().filter_map(|(i, l)| Some(((i + 1) as f64, l.as_f64()?))).collect())
+                        .unwrap_or_default()
                 };
                 if !curve.is_empty() {
                     curves.push(curve);
@@ -433,7 +480,8 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         } else {
             format!("{} runs, seed {seeds:?}; from {source}", same.len())
         };
-        let panel = Panel { title: String::new(), x_label: "optimizer step".into(), y_label: "training loss".into(), log_y: false, x_ticks: XTicks::Integer, series };
+        let panel =
+            Panel { title: String::new(), x_label: "optimizer step".into(), y_label: "training loss".into(), log_y: false, x_ticks: XTicks::Integer, series };
         figure(&mut md, &format!("loss_{task}"), Figure { title, caption, cols: 1, panels: vec![panel] })?;
     }
     let path = dir.join("report.md");

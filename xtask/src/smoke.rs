@@ -35,7 +35,8 @@ fn save(img: &image::DynamicImage, path: &Path) -> Result<()> {
 }
 
 /// CLIP classes: colour fields with noise (folder names test the `_` → space rule).
-const COLOURS: [(&str, [u8; 3]); 4] = [("bright_red", [210, 40, 40]), ("grass_green", [40, 190, 60]), ("sky_blue", [50, 70, 220]), ("sun_yellow", [225, 205, 50])];
+const COLOURS: [(&str, [u8; 3]); 4] =
+    [("bright_red", [210, 40, 40]), ("grass_green", [40, 190, 60]), ("sky_blue", [50, 70, 220]), ("sun_yellow", [225, 205, 50])];
 
 /// `dir/{train,test}/<class>/NN.png`.
 fn colours(dir: &Path, train: usize, test: usize) -> Result<()> {

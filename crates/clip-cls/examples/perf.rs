@@ -26,9 +26,9 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
-use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use lora_runtime::DeviceSpec;
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]

@@ -70,24 +70,60 @@ pub struct ClipConfig {
 }
 
 // transformers' defaults (CLIPTextConfig / CLIPVisionConfig / CLIPConfig __init__)
-fn d_vocab() -> usize { 49408 }
-fn d_text_hidden() -> usize { 512 }
-fn d_text_mlp() -> usize { 2048 }
-fn d_layers() -> usize { 12 }
-fn d_text_heads() -> usize { 8 }
-fn d_positions() -> usize { 77 }
-fn d_eps() -> f64 { 1e-5 }
-fn d_eos() -> i64 { 49407 }
-fn d_bos() -> i64 { 49406 }
-fn d_pad() -> i64 { 1 }
-fn d_vision_hidden() -> usize { 768 }
-fn d_vision_mlp() -> usize { 3072 }
-fn d_vision_heads() -> usize { 12 }
-fn d_channels() -> usize { 3 }
-fn d_image() -> usize { 224 }
-fn d_patch() -> usize { 32 }
-fn d_proj() -> usize { 512 }
-fn d_logit_scale() -> f64 { 2.6592 }
+fn d_vocab() -> usize {
+    49408
+}
+fn d_text_hidden() -> usize {
+    512
+}
+fn d_text_mlp() -> usize {
+    2048
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_text_heads() -> usize {
+    8
+}
+fn d_positions() -> usize {
+    77
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_eos() -> i64 {
+    49407
+}
+fn d_bos() -> i64 {
+    49406
+}
+fn d_pad() -> i64 {
+    1
+}
+fn d_vision_hidden() -> usize {
+    768
+}
+fn d_vision_mlp() -> usize {
+    3072
+}
+fn d_vision_heads() -> usize {
+    12
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_image() -> usize {
+    224
+}
+fn d_patch() -> usize {
+    32
+}
+fn d_proj() -> usize {
+    512
+}
+fn d_logit_scale() -> f64 {
+    2.6592
+}
 
 impl ClipVisionConfig {
     /// Patches per side.
@@ -137,9 +173,16 @@ impl ClipVisionConfig {
         let mlp = parse::at_least(&f("intermediate_size"), self.intermediate_size, 1)?;
         let layers = parse::in_range(&f("num_hidden_layers"), self.num_hidden_layers, 0, parse::MAX_LAYERS)?;
         parse::finite(&f("layer_norm_eps"), self.layer_norm_eps, 0.0, false)?;
-        let positions = grid.checked_mul(grid).and_then(|n| n.checked_add(1)).ok_or_else(|| format!("`{}` / `{}` = {grid} patches per side is too many", f("image_size"), f("patch_size")))?;
-        let pos = parse::elements("the position embedding", &[(&format!("{} / patch_size, squared, + 1", f("image_size")), positions), (&f("hidden_size"), hidden)])?;
-        let conv = parse::elements("the patch embedding", &[(&f("num_channels"), channels), (&f("hidden_size"), hidden), (&f("patch_size"), patch), (&f("patch_size"), patch)])?;
+        let positions = grid
+            .checked_mul(grid)
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| format!("`{}` / `{}` = {grid} patches per side is too many", f("image_size"), f("patch_size")))?;
+        let pos =
+            parse::elements("the position embedding", &[(&format!("{} / patch_size, squared, + 1", f("image_size")), positions), (&f("hidden_size"), hidden)])?;
+        let conv = parse::elements(
+            "the patch embedding",
+            &[(&f("num_channels"), channels), (&f("hidden_size"), hidden), (&f("patch_size"), patch), (&f("patch_size"), patch)],
+        )?;
         let attn = parse::elements("an attention projection", &[(&f("hidden_size"), hidden), (&f("hidden_size"), hidden)])?;
         let fc = parse::elements("an MLP layer", &[(&f("hidden_size"), hidden), (&f("intermediate_size"), mlp)])?;
         let per_layer = attn.saturating_mul(4).saturating_add(fc.saturating_mul(2));

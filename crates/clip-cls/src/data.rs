@@ -91,10 +91,7 @@ impl Dataset {
     pub fn split(&self, name: &str) -> Result<&[Item]> {
         match self.splits.get(name) {
             Some(items) if !items.is_empty() => Ok(items),
-            _ => Err(bad(
-                &self.root,
-                format!("no `{name}` split (available: {})", self.splits.keys().cloned().collect::<Vec<_>>().join(", ")),
-            )),
+            _ => Err(bad(&self.root, format!("no `{name}` split (available: {})", self.splits.keys().cloned().collect::<Vec<_>>().join(", ")))),
         }
     }
 
@@ -107,9 +104,10 @@ impl Dataset {
         // The image root: the dataset's CoOp subfolder, `images/`, or the folder itself.
         let known = COOP.iter().find(|(n, ..)| *n == stem).map(|(_, d, _)| *d);
         let candidates: Vec<PathBuf> = known.into_iter().chain(["images", ""]).map(|d| dir.join(d)).collect();
-        let image_root = candidates.iter().find(|r| serial_lora::parse::contained_path(r, &first.0).is_ok_and(|p| p.is_file())).ok_or_else(|| {
-            bad(split_file, format!("image `{}` is not under any of {}", first.0, names(&candidates)))
-        })?;
+        let image_root = candidates
+            .iter()
+            .find(|r| serial_lora::parse::contained_path(r, &first.0).is_ok_and(|p| p.is_file()))
+            .ok_or_else(|| bad(split_file, format!("image `{}` is not under any of {}", first.0, names(&candidates))))?;
         let mut classnames: BTreeMap<usize, String> = BTreeMap::new();
         let mut splits = BTreeMap::new();
         for (split, entries) in raw {

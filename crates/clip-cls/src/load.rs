@@ -32,11 +32,7 @@ pub fn load_clip<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ClipMode
     let config = ClipConfig::from_json_file(&dir.join("config.json"))?;
     let mut model = ClipModel::new(&config, device);
     let single = dir.join("model.safetensors");
-    let files = if single.is_file() {
-        vec![single]
-    } else {
-        crate::load::shards(dir)?
-    };
+    let files = if single.is_file() { vec![single] } else { crate::load::shards(dir)? };
     let mut missing: Option<BTreeSet<String>> = None;
     let mut logit_scale = None;
     for file in &files {

@@ -81,10 +81,7 @@ pub struct ClipTextModelWithProjection<B: Backend> {
 
 impl<B: Backend> ClipTextModelWithProjection<B> {
     pub fn new(c: &crate::config::ClipTextConfig, projection_dim: usize, device: &B::Device) -> Self {
-        Self {
-            text_model: TextModel::new(c, device),
-            text_projection: LinearConfig::new(c.hidden_size, projection_dim).with_bias(false).init(device),
-        }
+        Self { text_model: TextModel::new(c, device), text_projection: LinearConfig::new(c.hidden_size, projection_dim).with_bias(false).init(device) }
     }
 
     /// `(text_embeds [batch, projection_dim], tower outputs)`.
@@ -121,10 +118,7 @@ impl<B: Backend> AdaptedModel<B> for ClipModel<B> {
         sites
     }
 
-    fn try_map_attention(
-        mut self,
-        f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>,
-    ) -> serial_lora::Result<Self> {
+    fn try_map_attention(mut self, f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>) -> serial_lora::Result<Self> {
         let mut i = 0;
         let mut map = |layers: Vec<EncoderLayer<B>>| {
             layers

@@ -44,13 +44,7 @@ struct RawProcessor {
 impl ImageProcessor {
     /// CLIP's defaults for a vision config (shortest edge = crop = `image_size`).
     pub fn for_vision(cfg: &ClipVisionConfig) -> Self {
-        Self {
-            shortest_edge: cfg.image_size,
-            crop: [cfg.image_size, cfg.image_size],
-            image_mean: CLIP_MEAN,
-            image_std: CLIP_STD,
-            rescale_factor: 1.0 / 255.0,
-        }
+        Self { shortest_edge: cfg.image_size, crop: [cfg.image_size, cfg.image_size], image_mean: CLIP_MEAN, image_std: CLIP_STD, rescale_factor: 1.0 / 255.0 }
     }
 
     /// `preprocessor_config.json` of a model directory, or the defaults of `cfg` without one.
@@ -158,13 +152,7 @@ impl ImageProcessor {
 /// torchvision `RandomResizedCrop.get_params`: `(left, top, w, h)` of a window covering a
 /// random fraction in `scale` of the area with a log-uniform aspect ratio in `ratio`; after 10
 /// misses, the largest centered window with the ratio clamped into `ratio`.
-pub fn random_resized_crop_params(
-    width: usize,
-    height: usize,
-    scale: (f64, f64),
-    ratio: (f64, f64),
-    rng: &mut impl Rng,
-) -> (usize, usize, usize, usize) {
+pub fn random_resized_crop_params(width: usize, height: usize, scale: (f64, f64), ratio: (f64, f64), rng: &mut impl Rng) -> (usize, usize, usize, usize) {
     let (wf, hf) = (width as f64, height as f64);
     let area = wf * hf;
     let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());

@@ -26,21 +26,20 @@ use burn::module::AutodiffModule;
 use burn::nn::LinearConfig;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use serde::{Deserialize, Serialize};
-use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
-use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use lora_runtime::dist::Peer;
 use lora_runtime::run::{cosine_lr, stream_seed};
 use lora_runtime::train::{CommonTrainArgs, Micro, StepPlan, TrainTask, optimizer_step, streams};
+use serde::{Deserialize, Serialize};
+use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
+use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
-pub use backbone::{
-    BackboneInfo, PretrainRecipe, ProxyModel, accuracy, correct, load_or_pretrain, load_pretrained, pretrain, proxy_vision_config,
-    save_pretrained,
-};
-use backbone::cross_entropy;
-pub use data::{Digits, Split, few_shot, split};
 use crate::error::{ClipError, Result};
+use backbone::cross_entropy;
+pub use backbone::{
+    BackboneInfo, PretrainRecipe, ProxyModel, accuracy, correct, load_or_pretrain, load_pretrained, pretrain, proxy_vision_config, save_pretrained,
+};
+pub use data::{Digits, Split, few_shot, split};
 
 /// Digits the backbone is pretrained on.
 pub const PRETRAIN_CLASSES: Range<u8> = 0..5;
@@ -197,13 +196,7 @@ pub struct Adapted<AB: AutodiffBackend> {
 /// 5-way head (trainable in every method) and trains both on `shots` (full batch, `cfg.iters`
 /// AdamW steps, cosine schedule to 1 % of the peak lr; LoRA+ puts B matrices and the head bias
 /// at lr × ratio, as PEFT's `create_loraplus_optimizer` does with every 1-D parameter).
-pub fn adapt<AB: AutodiffBackend>(
-    pretrained: ProxyModel<AB>,
-    digits: &Digits,
-    shots: &[usize],
-    cfg: &ProxyConfig,
-    device: &AB::Device,
-) -> Result<Adapted<AB>> {
+pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, shots: &[usize], cfg: &ProxyConfig, device: &AB::Device) -> Result<Adapted<AB>> {
     cfg.check()?;
     let adapter = cfg.adapter_config()?;
     AB::seed(device, stream_seed(cfg.seed, streams::PROXY_INIT, 0));
@@ -214,17 +207,19 @@ pub fn adapt<AB: AutodiffBackend>(
     let head_params = model.head.trainable_params();
     let total_params = model.total_params();
 
-    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(
-        &adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32),
-        adapter.lr_ratio.unwrap_or(1.0),
-    );
+    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter.lr_ratio.unwrap_or(1.0));
     // full batch, in order: one micro-batch of every shot per step
-    let plan = StepPlan { examples: shots.len(), batch: shots.len(), grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: false, seed_dropout: true, peer: Peer::single() };
-    let mut task = FullBatch {
-        x: digits.pixels::<AB>(shots, device),
-        y: digits.targets::<AB>(shots, TRANSFER_CLASSES.start, device),
-        lr: cfg.lr,
+    let plan = StepPlan {
+        examples: shots.len(),
+        batch: shots.len(),
+        grad_accum: 1,
+        max_grad_norm: 0.0,
+        seed: cfg.seed,
+        shuffle: false,
+        seed_dropout: true,
+        peer: Peer::single(),
     };
+    let mut task = FullBatch { x: digits.pixels::<AB>(shots, device), y: digits.targets::<AB>(shots, TRANSFER_CLASSES.start, device), lr: cfg.lr };
     let mut loss_log = Vec::with_capacity(cfg.iters);
     let start = std::time::Instant::now();
     for step in 0..cfg.iters {
@@ -306,12 +301,7 @@ pub struct ProxyMetrics {
 /// One proxy run: loads the digits, gets the pretrained backbone (cache or pretraining),
 /// adapts it per `cfg`, evaluates, and writes into `out` the adapter (PEFT layout),
 /// `head.safetensors` and `metrics.json` (atomically). `on_epoch` reports pretraining.
-pub fn run_proxy<AB: AutodiffBackend>(
-    cfg: &ProxyConfig,
-    out: &Path,
-    device: &AB::Device,
-    on_epoch: &mut dyn FnMut(usize, f64),
-) -> Result<ProxyMetrics> {
+pub fn run_proxy<AB: AutodiffBackend>(cfg: &ProxyConfig, out: &Path, device: &AB::Device, on_epoch: &mut dyn FnMut(usize, f64)) -> Result<ProxyMetrics> {
     cfg.check()?;
     let digits = Digits::load(&cfg.data)?;
     let transfer = split(&digits, TRANSFER_CLASSES);

@@ -150,8 +150,7 @@ impl ClipTokenizer {
         let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
         let model = &v["model"];
-        let map: HashMap<String, u32> =
-            serial_lora::parse::json_value(model["vocab"].clone()).map_err(|e| bad(path, format!("model.vocab: {e}")))?;
+        let map: HashMap<String, u32> = serial_lora::parse::json_value(model["vocab"].clone()).map_err(|e| bad(path, format!("model.vocab: {e}")))?;
         let merges = model["merges"]
             .as_array()
             .ok_or_else(|| bad(path, "model.merges is missing"))?
@@ -185,21 +184,17 @@ impl ClipTokenizer {
         } else if v.is_file() && m.is_file() {
             Self::from_vocab_merges(&v, &m)?
         } else {
-            return Err(io_err(
-                &PathBuf::from(dir),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json, nor vocab.json + merges.txt"),
-            ));
+            return Err(io_err(&PathBuf::from(dir), std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json, nor vocab.json + merges.txt")));
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
-            let cfg: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ClipError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+            let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| ClipError::Config { path: cfg_path.clone(), message: e.to_string() })?;
             let pad = cfg.get("pad_token").and_then(|p| p.as_str().or_else(|| p.get("content").and_then(|c| c.as_str())));
             if let Some(pad) = pad {
-                tok.pad_id = *tok.encoder.get(pad).ok_or_else(|| ClipError::Config {
-                    path: cfg_path.clone(),
-                    message: format!("pad_token {pad:?} is not in the vocabulary"),
-                })?;
+                tok.pad_id = *tok
+                    .encoder
+                    .get(pad)
+                    .ok_or_else(|| ClipError::Config { path: cfg_path.clone(), message: format!("pad_token {pad:?} is not in the vocabulary") })?;
                 if !tok.specials.iter().any(|s| s == pad) {
                     tok.added = Some((pad.to_string(), tok.pad_id));
                 }
@@ -218,10 +213,7 @@ impl ClipTokenizer {
             last.push_str("</w>");
         }
         while word.len() > 1 {
-            let best = word
-                .windows(2)
-                .filter_map(|p| self.ranks.get(&(p[0].clone(), p[1].clone())).map(|&r| (r, p[0].clone(), p[1].clone())))
-                .min();
+            let best = word.windows(2).filter_map(|p| self.ranks.get(&(p[0].clone(), p[1].clone())).map(|&r| (r, p[0].clone(), p[1].clone()))).min();
             let Some((_, first, second)) = best else { break };
             let mut merged = Vec::with_capacity(word.len());
             let mut i = 0;

@@ -25,13 +25,13 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
+use lora_runtime::imaging::decode_all;
+use lora_runtime::run::{EvalKeeper, RunDir, RunSummary, cosine_lr, stream_seed};
+pub use lora_runtime::run::{Progress, RunOptions, StepLog};
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use lora_runtime::imaging::decode_all;
-pub use lora_runtime::run::{Progress, RunOptions, StepLog};
-use lora_runtime::run::{EvalKeeper, RunDir, RunSummary, cosine_lr, stream_seed};
-use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use serial_lora::{AdapterConfig, Projection};
 
 use crate::data::{Dataset, Item, permutation};
@@ -139,9 +139,7 @@ impl TrainConfig {
     /// The adapter config for a model with `vision` + `text` layers (vision blocks first).
     pub fn adapter_config(&self, clip: &ClipConfig) -> Result<AdapterConfig> {
         let (nv, nt) = (clip.vision_config.num_hidden_layers, clip.text_config.num_hidden_layers);
-        let mut a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?
-            .with_alpha(self.alpha)
-            .with_dropout(self.dropout);
+        let mut a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?.with_alpha(self.alpha).with_dropout(self.dropout);
         a.target_projections = self.params.clone();
         a.target_blocks = match self.encoder {
             Towers::Both => None,
@@ -171,9 +169,7 @@ impl TrainConfig {
 
     fn check(&self) -> Result<()> {
         self.common().validate()?;
-        let bad = |key: &'static str, value: String, why: &str| -> Result<()> {
-            Err(serial_lora::Error::config(key, value, why).into())
-        };
+        let bad = |key: &'static str, value: String, why: &str| -> Result<()> { Err(serial_lora::Error::config(key, value, why).into()) };
         if self.shots == Some(0) {
             return bad("shots", "0".into(), "must be at least 1 (omit it to use the whole split)");
         }
@@ -282,8 +278,26 @@ pub fn train<AB: AutodiffBackend>(
     let template = cfg.template.clone().unwrap_or_else(|| dataset.default_template().to_string());
     let ids = class_prompts::<AB>(&tokenizer, &dataset.classnames, &template, device);
     let val_items = if cfg.eval_steps.is_some() { validation_items(&dataset, cfg.seed)? } else { Vec::new() };
-    let plan = StepPlan { examples: images.len(), batch: cfg.batch, grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: true, seed_dropout: true, peer: opts.peer.clone() };
-    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 50, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let plan = StepPlan {
+        examples: images.len(),
+        batch: cfg.batch,
+        grad_accum: 1,
+        max_grad_norm: 0.0,
+        seed: cfg.seed,
+        shuffle: true,
+        seed_dropout: true,
+        peer: opts.peer.clone(),
+    };
+    let loop_cfg = LoopConfig {
+        plan,
+        epochs: cfg.epochs,
+        iters: cfg.iters,
+        default_epochs: 50,
+        save_steps: cfg.save_steps,
+        weight_decay: cfg.weight_decay,
+        adapter: &adapter_cfg,
+        base_model: &cfg.model,
+    };
     let mut task = ClipTask {
         cfg,
         images: &images,
@@ -377,7 +391,19 @@ impl<AB: AutodiffBackend> TrainTask<AB> for ClipTask<'_, AB> {
             let valid = model.valid();
             let device = self.ids.device();
             let (cfg, v) = (self.cfg, &self.val_items);
-            let r = evaluate_items(&valid, self.tokenizer, self.processor, self.classnames, v, "val", self.template, cfg.batch, cfg.skip_bad_images, &device, &mut |_, _| {})?;
+            let r = evaluate_items(
+                &valid,
+                self.tokenizer,
+                self.processor,
+                self.classnames,
+                v,
+                "val",
+                self.template,
+                cfg.batch,
+                cfg.skip_bad_images,
+                &device,
+                &mut |_, _| {},
+            )?;
             self.keeper.record(steps_done, r.top1, r.images, model, self.adapter, &cfg.model)?;
         }
         Ok(())

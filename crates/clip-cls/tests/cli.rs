@@ -65,7 +65,8 @@ fn adapters_change_the_embeddings_as_in_the_library() {
         io::save_adapter(&adapted, &cfg, &adapter, None).unwrap();
         let out = model.path().join("out.safetensors");
         let imgs = images();
-        let (ok, _, err) = clip(&["embed", "--model", s(model.path()), "--adapter", s(&adapter), "--images", s(&imgs[0]), "--texts", "a cat", "--output", s(&out)]);
+        let (ok, _, err) =
+            clip(&["embed", "--model", s(model.path()), "--adapter", s(&adapter), "--images", s(&imgs[0]), "--texts", "a cat", "--output", s(&out)]);
         assert!(ok, "{err}");
         let (t, _) = read_safetensors(&out).unwrap();
         let (img, txt) = library_embeds(model.path(), Some(&adapter), &["a cat"]);

@@ -9,8 +9,8 @@ mod crash;
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use clip_cls::train::{RunOptions, TrainConfig, Towers, train};
 use clip_cls::load_clip;
+use clip_cls::train::{RunOptions, Towers, TrainConfig, train};
 use common::{colour_dataset, s, tiny_model_dir};
 use serial_lora::{Projection, io};
 
@@ -18,8 +18,31 @@ const BIN: &str = env!("CARGO_BIN_EXE_clip-cls");
 
 fn args(model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
     let base = [
-        "train", "--model", s(model), "--dataset", s(data), "--shots", "2", "--seed", "5", "--method", "serial-lora-plus", "--rank", "2",
-        "--alpha", "4", "--dropout", "0.25", "--lr-ratio", "4", "--batch", "2", "--save-steps", "1", "--logging-steps", "1",
+        "train",
+        "--model",
+        s(model),
+        "--dataset",
+        s(data),
+        "--shots",
+        "2",
+        "--seed",
+        "5",
+        "--method",
+        "serial-lora-plus",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--dropout",
+        "0.25",
+        "--lr-ratio",
+        "4",
+        "--batch",
+        "2",
+        "--save-steps",
+        "1",
+        "--logging-steps",
+        "1",
     ];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
 }

@@ -22,8 +22,27 @@ fn two_peers_reach_the_single_device_adapter_of_the_doubled_batch() {
     colour_dataset(data.path(), 3, 1);
     let tmp = tempfile::tempdir().unwrap();
     let base = [
-        "train", "--model", s(model.path()), "--dataset", s(data.path()), "--shots", "3", "--seed", "5", "--method", "lora", "--rank", "4",
-        "--alpha", "4", "--lr", "1e-2", "--iters", "6", "--dropout", "0",
+        "train",
+        "--model",
+        s(model.path()),
+        "--dataset",
+        s(data.path()),
+        "--shots",
+        "3",
+        "--seed",
+        "5",
+        "--method",
+        "lora",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--lr",
+        "1e-2",
+        "--iters",
+        "6",
+        "--dropout",
+        "0",
     ];
     let [_, devices, _] = data_parallel::two_peers_match_doubled_batch(env!("CARGO_BIN_EXE_clip-cls"), &base, 2, tmp.path(), WEIGHTS_FILE, SUM_ORDER_TOL);
 

@@ -67,7 +67,9 @@ fn lora_export_equals_peft_merge_and_unload() {
     for f in ["config.json", "vocab.json", "merges.txt"] {
         assert_eq!(std::fs::read(model.path().join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f}");
     }
-    assert!(!out.join("peft_lora").exists() && std::fs::read_dir(model.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".merged")));
+    assert!(
+        !out.join("peft_lora").exists() && std::fs::read_dir(model.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".merged"))
+    );
 }
 
 #[test]
@@ -160,7 +162,20 @@ fn adapter_weights_at_inference() {
         assert!(max_rel_diff(&exported[k], &applied[k]) < EMBED_TOL, "{k}");
     }
     // zero-shot and eval take the same flags
-    let (ok, _, err) = clip(&["zero-shot", "--model", s(m), "--adapter", s(&lora), "--adapter", s(&serial), "--adapter-weights", "0.7,0.5", "--classes", "dog,cat", s(&images()[0])]);
+    let (ok, _, err) = clip(&[
+        "zero-shot",
+        "--model",
+        s(m),
+        "--adapter",
+        s(&lora),
+        "--adapter",
+        s(&serial),
+        "--adapter-weights",
+        "0.7,0.5",
+        "--classes",
+        "dog,cat",
+        s(&images()[0]),
+    ]);
     assert!(ok, "{err}");
 }
 

@@ -216,8 +216,23 @@ fn damaged_run_directory_then_resume_never_panics() {
     let run = w.join("run");
     let args = |out: &Path, resume: bool| -> Vec<String> {
         let mut a: Vec<String> = [
-            "train", "--model", &model.path().to_string_lossy(), "--dataset", &data.to_string_lossy(), "--method", "serial-lora-plus",
-            "--rank", "2", "--iters", "3", "--batch", "2", "--save-steps", "1", "--out", &out.to_string_lossy(),
+            "train",
+            "--model",
+            &model.path().to_string_lossy(),
+            "--dataset",
+            &data.to_string_lossy(),
+            "--method",
+            "serial-lora-plus",
+            "--rank",
+            "2",
+            "--iters",
+            "3",
+            "--batch",
+            "2",
+            "--save-steps",
+            "1",
+            "--out",
+            &out.to_string_lossy(),
         ]
         .map(String::from)
         .to_vec();

@@ -126,10 +126,21 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let d = variant(w, model, "config-zero-patch", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()));
     cases.push(Case::new("config.json: patch_size 0", &embed_model(&d), "config.json").and("patch_size"));
     let d = variant(w, model, "config-huge-image", |d| make::edit_json(&d.join("config.json"), |v| v["vision_config"]["image_size"] = 800_000.into()));
-    cases.push(Case::new("config.json: image_size 800000 (a 10^10-entry position table)", &embed_model(&d), "config.json").and("`vision_config.image_size").and("position embedding").memory_limited());
+    cases.push(
+        Case::new("config.json: image_size 800000 (a 10^10-entry position table)", &embed_model(&d), "config.json")
+            .and("`vision_config.image_size")
+            .and("position embedding")
+            .memory_limited(),
+    );
     // regression found by the fuzz suite (issue 17): 2^40 layers were allocated
-    let d = variant(w, model, "regression-text-layers", |d| make::edit_json(&d.join("config.json"), |v| v["text_config"]["num_hidden_layers"] = (1u64 << 40).into()));
-    cases.push(Case::new("regression (issue 17): text_config.num_hidden_layers 2^40", &embed_model(&d), "config.json").and("`text_config.num_hidden_layers`").memory_limited());
+    let d = variant(w, model, "regression-text-layers", |d| {
+        make::edit_json(&d.join("config.json"), |v| v["text_config"]["num_hidden_layers"] = (1u64 << 40).into())
+    });
+    cases.push(
+        Case::new("regression (issue 17): text_config.num_hidden_layers 2^40", &embed_model(&d), "config.json")
+            .and("`text_config.num_hidden_layers`")
+            .memory_limited(),
+    );
     let d = variant(w, model, "preprocessor-crop", |d| {
         make::text(&d.join("preprocessor_config.json"), r#"{"crop_size": {"height": 48, "width": 48}, "size": {"shortest_edge": 48}}"#);
     });
@@ -249,14 +260,7 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     colour_dataset(&bad_img_data, 2, 0);
     make::truncated(&bad_img_data.join("train/sky_blue/00.png"), &bad_img_data.join("train/sky_blue/00.png"), 0.3);
     cases.push(Case::new("dataset: a truncated training image", &with(&bad_img_data), "sky_blue/00.png"));
-    cases.push(
-        Case::new(
-            "eval: --split holdout",
-            &["eval", "--model", m, "--dataset", s(&data), "--split", "holdout"],
-            "holdout",
-        )
-        .and("test, train"),
-    );
+    cases.push(Case::new("eval: --split holdout", &["eval", "--model", m, "--dataset", s(&data), "--split", "holdout"], "holdout").and("test, train"));
     cases.push(Case::new("eval: --batch 0", &["eval", "--model", m, "--dataset", s(&data), "--batch", "0"], "batch"));
 
     // output paths
@@ -299,10 +303,14 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let home = w.join("hf-home");
     std::fs::create_dir(&home).unwrap();
     cases.push(
-        Case::new("hub: id offline with an empty cache", &["embed", "--model", "openai/clip-vit-base-patch16", "--texts", "a", "--output", o], "openai/clip-vit-base-patch16")
-            .and("HF_HUB_OFFLINE")
-            .env("HF_HUB_OFFLINE", "1")
-            .env("HF_HOME", &home),
+        Case::new(
+            "hub: id offline with an empty cache",
+            &["embed", "--model", "openai/clip-vit-base-patch16", "--texts", "a", "--output", o],
+            "openai/clip-vit-base-patch16",
+        )
+        .and("HF_HUB_OFFLINE")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home),
     );
     cases.push(Case::new("hub: neither a directory nor an id", &embed_model(Path::new("no/such/model/dir")), "no/such/model/dir"));
 

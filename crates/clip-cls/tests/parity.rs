@@ -124,10 +124,15 @@ fn vit_b16_adapter_parameter_counts() {
     use serial_lora::{AdaptedModel, AdapterConfig, Method, ParamCountExt};
     let dev = Default::default();
     // the config Table I of `cargo xtask report` reads builds the same model as the preset
-    let from_file = clip_cls::ClipConfig::from_json_file(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/clip-vit-base-patch16.json")).unwrap();
+    let from_file =
+        clip_cls::ClipConfig::from_json_file(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/clip-vit-base-patch16.json")).unwrap();
     // (the hub file keeps CLIP's legacy bos/eos ids 0 / 2, which the tokenizer overrides)
     let preset = clip_cls::ClipConfig::vit_base_patch16();
-    let text = clip_cls::config::ClipTextConfig { eos_token_id: preset.text_config.eos_token_id, bos_token_id: preset.text_config.bos_token_id, ..from_file.text_config.clone() };
+    let text = clip_cls::config::ClipTextConfig {
+        eos_token_id: preset.text_config.eos_token_id,
+        bos_token_id: preset.text_config.bos_token_id,
+        ..from_file.text_config.clone()
+    };
     assert_eq!((&from_file.vision_config, &text), (&preset.vision_config, &preset.text_config));
     let count = |method| {
         let m = clip_cls::ClipModel::<burn::backend::Autodiff<B>>::new(&from_file, &dev);

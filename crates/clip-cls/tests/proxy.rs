@@ -139,16 +139,42 @@ fn cli_writes_metrics_and_the_adapter() {
     let out = dir.path().join("run");
     let data = data();
     let args = [
-        "proxy", "--data", data.to_str().unwrap(), "--backbone", backbone.to_str().unwrap(), "--method", "serial-lora",
-        "--rank", "4", "--shots", "4", "--seed", "3", "--iters", "20", "--out", out.to_str().unwrap(),
+        "proxy",
+        "--data",
+        data.to_str().unwrap(),
+        "--backbone",
+        backbone.to_str().unwrap(),
+        "--method",
+        "serial-lora",
+        "--rank",
+        "4",
+        "--shots",
+        "4",
+        "--seed",
+        "3",
+        "--iters",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
     ];
     let (ok, stdout, stderr) = clip(&args);
     assert!(ok, "{stderr}");
     let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let keys = [
-        "task", "method", "rank", "shots", "seed", "accuracy", "pretrain_accuracy", "adapter_params", "head_params",
-        "trainable_params", "loss", "wall_seconds", "images_per_second",
+        "task",
+        "method",
+        "rank",
+        "shots",
+        "seed",
+        "accuracy",
+        "pretrain_accuracy",
+        "adapter_params",
+        "head_params",
+        "trainable_params",
+        "loss",
+        "wall_seconds",
+        "images_per_second",
     ];
     for k in keys {
         assert!(file.get(k).is_some(), "metrics.json lacks {k}: {file}");

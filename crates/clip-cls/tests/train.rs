@@ -9,7 +9,7 @@ use burn::backend::{Autodiff, Flex};
 use clip_cls::data::Dataset;
 use clip_cls::preprocess::ImageProcessor;
 use clip_cls::tokenizer::ClipTokenizer;
-use clip_cls::train::{Metrics, RunOptions, TrainConfig, Towers, evaluate, train};
+use clip_cls::train::{Metrics, RunOptions, Towers, TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
 use common::{COLOURS, clip, colour_dataset, s, tiny_model_dir};
 use serial_lora::{AdaptedModel, Projection, io};
@@ -93,10 +93,7 @@ fn every_method_learns_the_colour_task() {
         let m: Metrics = train::<AB>(&cfg, model.path(), out.path(), &RunOptions::default(), &Default::default(), &mut |_| {}).unwrap();
         let after = test_accuracy(model.path(), data.path(), Some(out.path()));
         let (first, last) = (mean(&m.run.loss[..5]), mean(&m.run.loss[m.run.loss.len() - 5..]));
-        println!(
-            "{method}: trainable {} / {} params, loss {first:.3} → {last:.3}, test top-1 {before:.3} → {after:.3}",
-            m.trainable_params, m.total_params
-        );
+        println!("{method}: trainable {} / {} params, loss {first:.3} → {last:.3}, test top-1 {before:.3} → {after:.3}", m.trainable_params, m.total_params);
         assert_eq!(m.trainable_params, expected_trainable(method, 4, 4), "{method}");
         assert!(m.run.completed && m.run.steps == 40 && m.train_images == 12 && m.num_classes == 3);
         assert!(last < 0.5 * first, "{method}: loss {first} → {last}");
@@ -245,8 +242,29 @@ fn train_and_eval_commands() {
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
     let args = [
-        "train", "--model", s(model.path()), "--dataset", s(data.path()), "--shots", "4", "--seed", "3", "--method",
-        "serial-lora", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--iters", "20", "--batch", "6", "--out", s(&run),
+        "train",
+        "--model",
+        s(model.path()),
+        "--dataset",
+        s(data.path()),
+        "--shots",
+        "4",
+        "--seed",
+        "3",
+        "--method",
+        "serial-lora",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--lr",
+        "1e-2",
+        "--iters",
+        "20",
+        "--batch",
+        "6",
+        "--out",
+        s(&run),
     ];
     let (ok, _, err) = clip(&args);
     assert!(ok, "{err}");
@@ -284,8 +302,29 @@ fn metrics_jsonl_and_eval_steps_keep_the_best_adapter() {
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
     let args = [
-        "train", "--model", s(model.path()), "--dataset", s(data.path()), "--shots", "4", "--method", "lora-plus", "--rank", "2",
-        "--iters", "6", "--batch", "6", "--lr", "1e-2", "--logging-steps", "2", "--eval-steps", "4", "--out", s(&run),
+        "train",
+        "--model",
+        s(model.path()),
+        "--dataset",
+        s(data.path()),
+        "--shots",
+        "4",
+        "--method",
+        "lora-plus",
+        "--rank",
+        "2",
+        "--iters",
+        "6",
+        "--batch",
+        "6",
+        "--lr",
+        "1e-2",
+        "--logging-steps",
+        "2",
+        "--eval-steps",
+        "4",
+        "--out",
+        s(&run),
     ];
     let (ok, _, err) = clip(&args);
     assert!(ok, "{err}");
@@ -307,7 +346,16 @@ fn metrics_jsonl_and_eval_steps_keep_the_best_adapter() {
     assert_eq!(best["accuracy"].as_f64(), Some(top));
     assert!(run.join("best/adapter_model.safetensors").is_file() && run.join("best/adapter_config.json").is_file());
     // the best adapter loads as any adapter
-    let (ok, _, err) = clip(&["zero-shot", "--model", s(model.path()), "--adapter", s(&run.join("best")), "--classes", "red,green,blue", s(&data.path().join("train/bright_red/00.png"))]);
+    let (ok, _, err) = clip(&[
+        "zero-shot",
+        "--model",
+        s(model.path()),
+        "--adapter",
+        s(&run.join("best")),
+        "--classes",
+        "red,green,blue",
+        s(&data.path().join("train/bright_red/00.png")),
+    ]);
     assert!(ok, "{err}");
     // without --eval-steps: no best/, train_config.json unchanged in form
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("train_config.json")).unwrap()).unwrap();

@@ -34,11 +34,7 @@ impl DeviceSpec {
     pub fn not_compiled(&self) -> Error {
         Error::Device {
             device: self.to_string(),
-            message: format!(
-                "this binary was built without the `{}` backend; rebuild with `--features {}`",
-                self.feature(),
-                self.feature()
-            ),
+            message: format!("this binary was built without the `{}` backend; rebuild with `--features {}`", self.feature(), self.feature()),
         }
     }
 }
@@ -61,10 +57,7 @@ impl FromStr for DeviceSpec {
         let index = |rest: Option<&str>| -> Result<usize, Error> {
             match rest {
                 None => Ok(0),
-                Some(i) => i.parse().map_err(|_| Error::Device {
-                    device: s.into(),
-                    message: format!("`{i}` is not a GPU index"),
-                }),
+                Some(i) => i.parse().map_err(|_| Error::Device { device: s.into(), message: format!("`{i}` is not a GPU index") }),
             }
         };
         let (name, idx) = match s.split_once(':') {
@@ -76,10 +69,7 @@ impl FromStr for DeviceSpec {
             "cuda" => Ok(DeviceSpec::Cuda(index(idx)?)),
             "tch-cpu" if idx.is_none() => Ok(DeviceSpec::TchCpu),
             "tch-cuda" => Ok(DeviceSpec::TchCuda(index(idx)?)),
-            _ => Err(Error::Device {
-                device: s.into(),
-                message: "unknown device; expected cpu, cuda[:N], tch-cpu or tch-cuda[:N]".into(),
-            }),
+            _ => Err(Error::Device { device: s.into(), message: "unknown device; expected cpu, cuda[:N], tch-cpu or tch-cuda[:N]".into() }),
         }
     }
 }

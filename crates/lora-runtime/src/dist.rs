@@ -38,8 +38,8 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::{Error, Result};
-use serial_lora::params::{ParamInfo, param_infos};
 use crate::run::stream_seed;
+use serial_lora::params::{ParamInfo, param_infos};
 
 const ENV_RANK: &str = "SERIAL_LORA_RANK";
 const ENV_WORLD: &str = "SERIAL_LORA_WORLD_SIZE";

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use serial_lora::attention::{Attention, QkvProjection, SeparateQkv};
 use crate::error::{Error, Result};
+use serial_lora::attention::{Attention, QkvProjection, SeparateQkv};
 use serial_lora::lora::{FusedQkv, LoraLinear, LoraPair};
 use serial_lora::model::AdaptedModel;
 
@@ -68,13 +68,14 @@ fn map_pairs<B: Backend>(mut a: Attention<B>, f: &mut dyn FnMut(LoraPair<B>) -> 
 
 /// Multiplies the scale of every adapter pair of `model` by `weight`.
 pub fn scale_adapters<B: Backend, M: AdaptedModel<B>>(model: M, weight: f64) -> Result<M> {
-    model.try_map_attention(&mut |_, a| {
-        Ok(map_pairs(a, &mut |mut p| {
-            p.scale *= weight;
-            Some(p)
-        }))
-    })
-    .map_err(Error::from)
+    model
+        .try_map_attention(&mut |_, a| {
+            Ok(map_pairs(a, &mut |mut p| {
+                p.scale *= weight;
+                Some(p)
+            }))
+        })
+        .map_err(Error::from)
 }
 
 /// Drops every adapter of `model` without merging it.
@@ -306,9 +307,8 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index = dir.join(format!("{stem}.safetensors.index.json"));
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        Error::io(&single, std::io::Error::new(e.kind(), format!("no {stem}.safetensors and no readable {stem}.safetensors.index.json ({e})")))
-    })?;
+    let text = std::fs::read_to_string(&index)
+        .map_err(|e| Error::io(&single, std::io::Error::new(e.kind(), format!("no {stem}.safetensors and no readable {stem}.safetensors.index.json ({e})"))))?;
     let bad = |message: String| Error::Parse { path: index.clone(), format: "safetensors index", message };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
@@ -330,9 +330,7 @@ fn list_tensors(files: &[PathBuf], spec: &WeightsSpec) -> Result<Vec<SourceTenso
         let (_, header, n) = crate::weights::read_header(file)?;
         let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
         for (key, info) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
-            let nums = |v: Option<&serde_json::Value>| -> Option<Vec<usize>> {
-                v?.as_array()?.iter().map(|x| x.as_u64().map(|x| x as usize)).collect()
-            };
+            let nums = |v: Option<&serde_json::Value>| -> Option<Vec<usize>> { v?.as_array()?.iter().map(|x| x.as_u64().map(|x| x as usize)).collect() };
             let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor `{key}`: no dtype")))?;
             let shape = nums(info.get("shape")).ok_or_else(|| bad(format!("tensor `{key}`: malformed shape")))?;
             let off = nums(info.get("data_offsets")).filter(|o| o.len() == 2 && o[0] <= o[1]);
@@ -380,10 +378,7 @@ pub fn write_merged_weights(src: &Path, dst: &Path, spec: &WeightsSpec, ops: &[M
         by_key.entry(op.key()).or_default().push(op);
     }
     if let Some(missing) = by_key.keys().find(|k| !tensors.iter().any(|t| t.key == **k)) {
-        return Err(Error::Safetensors {
-            path: files[0].clone(),
-            message: format!("the adapter updates `{missing}`, which the checkpoint does not hold"),
-        });
+        return Err(Error::Safetensors { path: files[0].clone(), message: format!("the adapter updates `{missing}`, which the checkpoint does not hold") });
     }
     // output dtype and byte size of each tensor
     let plan: Vec<(&SourceTensor, String, usize)> = tensors
@@ -419,11 +414,7 @@ pub fn write_merged_weights(src: &Path, dst: &Path, spec: &WeightsSpec, ops: &[M
     let mut summary = ExportSummary { shards: nshards, ..Default::default() };
     let mut weight_map = serde_json::Map::new();
     for (si, shard) in shards.iter().enumerate() {
-        let name = if nshards == 1 {
-            format!("{}.safetensors", spec.stem)
-        } else {
-            format!("{}-{:05}-of-{:05}.safetensors", spec.stem, si + 1, nshards)
-        };
+        let name = if nshards == 1 { format!("{}.safetensors", spec.stem) } else { format!("{}-{:05}-of-{:05}.safetensors", spec.stem, si + 1, nshards) };
         let path = out_dir.join(&name);
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -540,8 +531,7 @@ pub fn is_weights_file(name: &str) -> bool {
 /// `transformers_version`). diffusers configs record no dtype and are left alone.
 pub fn set_config_dtype(path: &Path, dtype: ExportDtype) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.into(), format: "JSON", message: e.to_string() })?;
     let Some(o) = v.as_object_mut() else { return Ok(()) };
     let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| o.contains_key(*k)).collect();
     let keys = if keys.is_empty() && o.contains_key("transformers_version") { vec!["torch_dtype"] } else { keys };
@@ -646,10 +636,8 @@ pub fn read_checkpoint(dir: &Path, stem: &str) -> Result<BTreeMap<String, Checkp
         let dtype = match t.dtype.as_str() {
             "I64" => DType::I64,
             "I32" => DType::I32,
-            other => float_dtype(other).ok_or_else(|| Error::Safetensors {
-                path: t.file.clone(),
-                message: format!("tensor `{}`: dtype {other} is not read here", t.key),
-            })?,
+            other => float_dtype(other)
+                .ok_or_else(|| Error::Safetensors { path: t.file.clone(), message: format!("tensor `{}`: dtype {other} is not read here", t.key) })?,
         };
         let values = TensorData::from_bytes_vec(bytes, t.shape.clone(), dtype).iter::<f64>().collect();
         out.insert(t.key.clone(), (t.dtype.clone(), t.shape.clone(), values));

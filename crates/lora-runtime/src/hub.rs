@@ -31,9 +31,7 @@ pub type Needed<'a> = &'a [&'a str];
 
 fn is_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
-        && !spec.starts_with('.')
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))) && !spec.starts_with('.')
 }
 
 /// A local model directory, or the snapshot directory of a hub id with every `needed` file
@@ -47,10 +45,7 @@ pub fn resolve_model_dir(spec: &str, needed: &[Needed<'_>], optional: &[&str], o
         return Err(Error::Hub { id: spec.into(), message: "is a file; a model directory in HF layout is expected".into() });
     }
     if !is_hub_id(spec) {
-        return Err(Error::Hub {
-            id: spec.into(),
-            message: "no such directory, and not a hub id of the form `owner/name`".into(),
-        });
+        return Err(Error::Hub { id: spec.into(), message: "no such directory, and not a hub id of the form `owner/name`".into() });
     }
     let fetch = Fetcher::new(spec, opts)?;
     let mut dir: Option<PathBuf> = None;
@@ -84,12 +79,8 @@ pub fn resolve_model_dir(spec: &str, needed: &[Needed<'_>], optional: &[&str], o
 
 fn shards(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Parse { path: index.into(), format: "JSON", message: e.to_string() })?;
-    let mut files: Vec<String> = v["weight_map"]
-        .as_object()
-        .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse { path: index.into(), format: "JSON", message: e.to_string() })?;
+    let mut files: Vec<String> = v["weight_map"].as_object().map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
     files.sort();
     files.dedup();
     Ok(files)

@@ -26,10 +26,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     if path.exists() && !path.is_file() {
         return Err(err("not a regular file".into()));
     }
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
+    let reader = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?.with_guessed_format().map_err(|e| Error::io(path, e))?;
     let mut reader = reader;
     reader.limits(image::Limits::default()); // 512 MiB allocation cap: huge dimensions are refused
     let img = reader.decode().map_err(|e| err(format!("cannot decode image: {e}")))?;
@@ -156,8 +153,7 @@ fn clip8(v: i64) -> u8 {
 pub fn resize(img: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
     let (w_in, h_in) = (img.width as i64, img.height as i64);
     let (w_changes, h_changes) = (out_w != img.width, out_h != img.height);
-    let vertical_first =
-        w_changes && h_changes && (out_h as i64) < h_in && 2 * (w_in - out_w as i64) < h_in - out_h as i64;
+    let vertical_first = w_changes && h_changes && (out_h as i64) < h_in && 2 * (w_in - out_w as i64) < h_in - out_h as i64;
     if vertical_first {
         return horizontal(&vertical(img, out_h, filter), out_w, filter);
     }

@@ -6,8 +6,8 @@ use std::time::Instant;
 use burn::prelude::Backend;
 use serde_json::{Value, json};
 
-use serial_lora::config::AdapterConfig;
 use crate::error::{Error, Result};
+use serial_lora::config::AdapterConfig;
 use serial_lora::model::AdaptedModel;
 
 /// Seconds of the timed steps; `forward`, `backward`, `optim` stay empty for inference.
@@ -95,10 +95,7 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Worker threads of the CPU backends (`RAYON_NUM_THREADS`, else the available cores).
 pub fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Adapter parameters (A and B of every pair, merged or not) of a model: its trainable count

@@ -17,9 +17,9 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use serial_lora::config::AdapterConfig;
 use crate::dist::{DistArgs, Peer};
 use crate::error::{Error, Result};
+use serial_lora::config::AdapterConfig;
 use serial_lora::io::{self, write_atomic};
 use serial_lora::model::AdaptedModel;
 use serial_lora::optim::{LoraPlus, adamw_pytorch_defaults, loraplus_adamw};
@@ -315,7 +315,12 @@ impl RunDir {
     ///
     /// In a data-parallel job ([`RunOptions::peer`]) peer 0 opens the directory first; the
     /// others then read the checkpoint's state, and none goes on unless every one succeeded.
-    pub fn open<B: Backend, C: Serialize + DeserializeOwned + PartialEq>(path: &Path, config: &C, opts: &RunOptions, device: &B::Device) -> Result<(Self, Option<State>)> {
+    pub fn open<B: Backend, C: Serialize + DeserializeOwned + PartialEq>(
+        path: &Path,
+        config: &C,
+        opts: &RunOptions,
+        device: &B::Device,
+    ) -> Result<(Self, Option<State>)> {
         let peer = &opts.peer;
         let opened = if peer.is_writer() { Self::open_writer(path, config, opts.resume) } else { Ok(None) };
         let agreed = peer.agree::<B>(opened.is_ok(), 0, "open the run directory", device);
@@ -650,7 +655,15 @@ impl EvalKeeper {
 
     /// Records the evaluation after step `step`; saves the adapters of `model` into `best/` if
     /// `value` is the best so far.
-    pub fn record<B: Backend, M: serial_lora::AdaptedModel<B>>(&mut self, step: usize, value: f64, images: usize, model: &M, adapter: &AdapterConfig, base_model: &str) -> Result<()> {
+    pub fn record<B: Backend, M: serial_lora::AdaptedModel<B>>(
+        &mut self,
+        step: usize,
+        value: f64,
+        images: usize,
+        model: &M,
+        adapter: &AdapterConfig,
+        base_model: &str,
+    ) -> Result<()> {
         let mut line = serde_json::json!({ "step": step, "eval_images": images });
         line[format!("eval_{}", self.metric)] = serde_json::json!(value);
         self.log.append(&line)?;

@@ -205,7 +205,15 @@ type Ids = Vec<(ParamId, usize)>;
 /// micro-batches and peers, checked finite, clipped, and applied at [`TrainTask::lr`]. Returns
 /// the updated model and the step's log (loss: mean over the micro-batches; images: of the
 /// global batches).
-pub fn optimizer_step<AB, T, O>(task: &mut T, mut model: T::Model, optim: &mut O, plan: &StepPlan, step: usize, total: usize, device: &AB::Device) -> Result<(T::Model, StepLog), T::Error>
+pub fn optimizer_step<AB, T, O>(
+    task: &mut T,
+    mut model: T::Model,
+    optim: &mut O,
+    plan: &StepPlan,
+    step: usize,
+    total: usize,
+    device: &AB::Device,
+) -> Result<(T::Model, StepLog), T::Error>
 where
     AB: AutodiffBackend,
     T: TrainTask<AB>,
@@ -216,7 +224,8 @@ where
     } else {
         Vec::new()
     };
-    let (micro_per_epoch, steps_per_epoch, global_batch, accum) = (plan.micro_per_epoch(), plan.steps_per_epoch().max(1), plan.global_batch(), plan.grad_accum.max(1));
+    let (micro_per_epoch, steps_per_epoch, global_batch, accum) =
+        (plan.micro_per_epoch(), plan.steps_per_epoch().max(1), plan.global_batch(), plan.grad_accum.max(1));
     let epoch = step / steps_per_epoch;
     let order = plan.order(epoch);
     let first = (step % steps_per_epoch) * accum;

@@ -66,12 +66,7 @@ pub struct LoadReport {
 /// Loads the tensors of one safetensors file into `module` per `table`. Tensors of the file
 /// that match nothing are an error unless ignored; with `allow_missing` (sharded checkpoints)
 /// parameters the file lacks are returned in the report instead of failing.
-pub fn load_safetensors<B: Backend, M: Module<B>>(
-    mut module: M,
-    path: &Path,
-    table: &KeyTable,
-    allow_missing: bool,
-) -> Result<(M, LoadReport)> {
+pub fn load_safetensors<B: Backend, M: Module<B>>(mut module: M, path: &Path, table: &KeyTable, allow_missing: bool) -> Result<(M, LoadReport)> {
     let ignore: Vec<regex::Regex> = table.ignore.iter().filter_map(|r| regex::Regex::new(r).ok()).collect();
     // Burn panics on integer data in a float parameter: refuse non-float tensors up front.
     let (_, header, _) = read_header(path)?;
@@ -101,9 +96,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     for (from, to) in table.rules.iter().flat_map(|g| g.iter()) {
         store = store.with_key_remapping(*from, *to);
     }
-    let result = module
-        .load_from(&mut store)
-        .map_err(|e| Error::Safetensors { path: path.into(), message: format!("cannot read weights: {e}") })?;
+    let result = module.load_from(&mut store).map_err(|e| Error::Safetensors { path: path.into(), message: format!("cannot read weights: {e}") })?;
     // burn-store lists a norm's `weight`/`bias` as unused even when it applied them as
     // `gamma`/`beta` (its fallback name); those were loaded.
     let applied: std::collections::HashSet<&str> = result.applied.iter().map(String::as_str).collect();
@@ -111,17 +104,11 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         let alt = |suffix: &str, to: &str| k.strip_suffix(suffix).is_some_and(|p| applied.contains(format!("{p}{to}").as_str()));
         alt(".weight", ".gamma") || alt(".bias", ".beta")
     };
-    let unused: Vec<String> = result
-        .unused
-        .iter()
-        .filter(|k| !k.starts_with(BY_HAND) && !loaded_as_norm(k) && !ignore.iter().any(|r| r.is_match(k)))
-        .cloned()
-        .collect();
-    let missing: Vec<String> =
-        result.missing.iter().map(|(p, _)| p.clone()).filter(|p| !table.by_hand.contains(&p.as_str())).collect();
+    let unused: Vec<String> =
+        result.unused.iter().filter(|k| !k.starts_with(BY_HAND) && !loaded_as_norm(k) && !ignore.iter().any(|r| r.is_match(k))).cloned().collect();
+    let missing: Vec<String> = result.missing.iter().map(|(p, _)| p.clone()).filter(|p| !table.by_hand.contains(&p.as_str())).collect();
     // burn-store names the module path; name the file key too
-    let rules: Vec<(regex::Regex, &str)> =
-        table.rules.iter().flat_map(|g| g.iter()).filter_map(|(f, t)| regex::Regex::new(f).ok().map(|r| (r, *t))).collect();
+    let rules: Vec<(regex::Regex, &str)> = table.rules.iter().flat_map(|g| g.iter()).filter_map(|(f, t)| regex::Regex::new(f).ok().map(|r| (r, *t))).collect();
     let to_module = |key: &str| rules.iter().fold(key.to_string(), |k, (r, t)| r.replace_all(&k, *t).into_owned());
     let file_key_of = |module_path: &str| {
         let base = module_path.strip_suffix(".gamma").map(|p| format!("{p}.weight"));
@@ -225,9 +212,7 @@ pub fn read_tensor(path: &Path, key: &str) -> Result<Option<serial_lora::io::Hos
         return Err(bad(format!("tensor `{key}`: {} bytes for shape {shape:?} {dtype:?}", end - start)));
     }
     let mut bytes = vec![0u8; end - start];
-    f.seek(SeekFrom::Start(8 + n + start as u64))
-        .and_then(|_| f.read_exact(&mut bytes))
-        .map_err(|e| bad(format!("tensor `{key}`: data cut short ({e})")))?;
+    f.seek(SeekFrom::Start(8 + n + start as u64)).and_then(|_| f.read_exact(&mut bytes)).map_err(|e| bad(format!("tensor `{key}`: data cut short ({e})")))?;
     let data = TensorData::from_bytes_vec(bytes, shape.clone(), dtype).iter::<f32>().collect();
     Ok(Some(serial_lora::io::HostTensor { shape, data }))
 }

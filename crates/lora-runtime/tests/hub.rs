@@ -29,9 +29,7 @@ fn hub_ids_resolve_from_the_cache_offline() {
     let snap = fake_cache(tmp.path(), "org/tiny-clip", &["config.json", "model.safetensors"]);
     assert_eq!(resolve_model_dir("org/tiny-clip", needed, &["preprocessor_config.json"], &opts).unwrap(), snap);
     // a required file missing from the snapshot
-    let err = resolve_model_dir("org/tiny-clip", &[&["config.json"], &["tokenizer.json", "vocab.json+merges.txt"]], &[], &opts)
-        .unwrap_err()
-        .to_string();
+    let err = resolve_model_dir("org/tiny-clip", &[&["config.json"], &["tokenizer.json", "vocab.json+merges.txt"]], &[], &opts).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json") && err.contains("vocab.json"), "{err}");
 }
 

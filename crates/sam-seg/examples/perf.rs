@@ -26,10 +26,10 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
+use lora_runtime::DeviceSpec;
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use sam_seg::{Prompts, SamConfig, SamModel};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
-use lora_runtime::DeviceSpec;
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]

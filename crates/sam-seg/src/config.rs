@@ -151,13 +151,8 @@ impl SamConfig {
             "vit-h" => (1280, 32, 16, vec![7, 15, 23, 31]),
             _ => return None,
         };
-        let vision_config = SamVisionConfig {
-            hidden_size: hidden,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            global_attn_indexes: global,
-            ..Default::default()
-        };
+        let vision_config =
+            SamVisionConfig { hidden_size: hidden, num_hidden_layers: layers, num_attention_heads: heads, global_attn_indexes: global, ..Default::default() };
         Some(Self { vision_config, ..Default::default() })
     }
 
@@ -205,9 +200,24 @@ impl SamConfig {
             let rows = size.checked_mul(2).map(|n| n - 1).ok_or_else(|| format!("`{field}` = {size} is too large"))?;
             parse::elements("a relative-position table", &[(field, rows), ("vision_config.hidden_size / num_attention_heads", head_dim)])
         };
-        let rel = if v.use_rel_pos { 2 * (table(grid.max(1), "vision_config.image_size / patch_size")? + if window > 0 { table(window, "vision_config.window_size")? } else { 0 }) } else { 0 };
-        let pos = parse::elements("the position embedding", &[("vision_config.image_size / patch_size", grid), ("vision_config.image_size / patch_size", grid), ("vision_config.hidden_size", hidden)])?;
-        let patch_embed = parse::elements("the patch embedding", &[("vision_config.num_channels", channels), ("vision_config.hidden_size", hidden), ("vision_config.patch_size", patch), ("vision_config.patch_size", patch)])?;
+        let rel = if v.use_rel_pos {
+            2 * (table(grid.max(1), "vision_config.image_size / patch_size")? + if window > 0 { table(window, "vision_config.window_size")? } else { 0 })
+        } else {
+            0
+        };
+        let pos = parse::elements(
+            "the position embedding",
+            &[("vision_config.image_size / patch_size", grid), ("vision_config.image_size / patch_size", grid), ("vision_config.hidden_size", hidden)],
+        )?;
+        let patch_embed = parse::elements(
+            "the patch embedding",
+            &[
+                ("vision_config.num_channels", channels),
+                ("vision_config.hidden_size", hidden),
+                ("vision_config.patch_size", patch),
+                ("vision_config.patch_size", patch),
+            ],
+        )?;
         let qkv = parse::elements("a qkv projection", &[("vision_config.hidden_size", hidden), ("3 · vision_config.hidden_size", hidden.saturating_mul(3))])?;
         let fc = parse::elements("an MLP layer", &[("vision_config.hidden_size", hidden), ("vision_config.mlp_dim", mlp)])?;
         let neck = parse::elements("the neck", &[("vision_config.output_channels", out), ("vision_config.output_channels", out), ("3 · 3", 9)])?;

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
-use rand::rngs::StdRng;
 
 use crate::error::{Result, SamError};
 
@@ -44,7 +44,8 @@ impl Mask {
     /// Pillow `resize(NEAREST)` (source pixel `⌊(i + ½)·in/out⌋`) to `w × h`.
     pub fn resize_nearest(&self, w: usize, h: usize) -> Mask {
         let src = |i: usize, out: usize, inp: usize| (((i as f64 + 0.5) * inp as f64 / out as f64) as usize).min(inp - 1);
-        let data = (0..h).flat_map(|y| (0..w).map(move |x| (y, x))).map(|(y, x)| self.data[src(y, h, self.height) * self.width + src(x, w, self.width)]).collect();
+        let data =
+            (0..h).flat_map(|y| (0..w).map(move |x| (y, x))).map(|(y, x)| self.data[src(y, h, self.height) * self.width + src(x, w, self.width)]).collect();
         Mask { width: w, height: h, data }
     }
 }
@@ -129,10 +130,7 @@ impl SegDataset {
             let train = stems.split_off(n_test);
             BTreeMap::from([("test".to_string(), stems), ("train".to_string(), train)])
         };
-        let splits = splits
-            .into_iter()
-            .map(|(k, stems)| Ok((k, stems.iter().map(|s| pair(s)).collect::<Result<Vec<_>>>()?)))
-            .collect::<Result<_>>()?;
+        let splits = splits.into_iter().map(|(k, stems)| Ok((k, stems.iter().map(|s| pair(s)).collect::<Result<Vec<_>>>()?))).collect::<Result<_>>()?;
         Ok(Self { root: dir.into(), splits })
     }
 

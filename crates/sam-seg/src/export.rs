@@ -7,8 +7,8 @@ use std::path::Path;
 
 use burn::prelude::*;
 use lora_runtime::export::{ExportOptions, ExportSummary, TRANSFORMERS_MAX_SHARD, WeightedAdapter, WeightsSpec, export_model, is_weights_file};
-use serial_lora::io;
 use lora_runtime::weights::tensor_names;
+use serial_lora::io;
 
 use crate::error::Result;
 use crate::load::{ORIGINAL_TO_HF, load_sam};

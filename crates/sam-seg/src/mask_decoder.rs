@@ -99,9 +99,7 @@ impl<B: Backend> MaskDecoder<B> {
     pub fn new(c: &SamMaskDecoderConfig, device: &B::Device) -> Self {
         let d = c.hidden_size;
         let ln = |eps| LayerNormConfig::new(d).with_epsilon(eps).init(device);
-        let attn = |downsample: usize| {
-            AttentionConfig::new(d, c.num_attention_heads).with_inner_dim(Some(d / downsample)).init(device)
-        };
+        let attn = |downsample: usize| AttentionConfig::new(d, c.num_attention_heads).with_inner_dim(Some(d / downsample)).init(device);
         let num_mask_tokens = c.num_multimask_outputs + 1;
         let layers = (0..c.num_hidden_layers)
             .map(|i| TwoWayBlock {

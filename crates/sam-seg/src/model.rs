@@ -60,11 +60,17 @@ impl<B: Backend> SamModel<B> {
     pub fn with_image_size(mut self, cfg: &mut SamConfig, size: usize) -> Result<Self> {
         let v = &cfg.vision_config;
         if size == 0 || !size.is_multiple_of(v.patch_size) {
-            return Err(SamError::Config { path: "--image-size".into(), message: format!("{size} is not a positive multiple of the patch size {}", v.patch_size) });
+            return Err(SamError::Config {
+                path: "--image-size".into(),
+                message: format!("{size} is not a positive multiple of the patch size {}", v.patch_size),
+            });
         }
         let g = size / v.patch_size;
-        serial_lora::parse::elements("the resized position embedding", &[("--image-size / patch_size", g), ("--image-size / patch_size", g), ("vision_config.hidden_size", v.hidden_size)])
-            .map_err(|message| SamError::Config { path: "--image-size".into(), message })?;
+        serial_lora::parse::elements(
+            "the resized position embedding",
+            &[("--image-size / patch_size", g), ("--image-size / patch_size", g), ("vision_config.hidden_size", v.hidden_size)],
+        )
+        .map_err(|message| SamError::Config { path: "--image-size".into(), message })?;
         if g == v.grid() {
             return Ok(self);
         }
@@ -152,9 +158,7 @@ pub const SAM_VISION_PROJ_NAMES: ProjNames = ProjNames { q: "q", k: "k", v: "v",
 impl<B: Backend> AdaptedModel<B> for SamModel<B> {
     fn attention_sites(&self) -> Vec<AttentionSite<'_, B>> {
         let layers = self.vision_encoder.layers.iter().enumerate();
-        layers
-            .map(|(i, l)| AttentionSite { path: format!("vision_encoder.layers.{i}.attn"), names: SAM_VISION_PROJ_NAMES, attention: &l.attn })
-            .collect()
+        layers.map(|(i, l)| AttentionSite { path: format!("vision_encoder.layers.{i}.attn"), names: SAM_VISION_PROJ_NAMES, attention: &l.attn }).collect()
     }
 
     fn try_map_attention(mut self, f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>) -> serial_lora::Result<Self> {

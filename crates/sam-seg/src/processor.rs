@@ -8,8 +8,8 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use serde::Deserialize;
 use lora_runtime::imaging::{Filter, RgbImage, resize};
+use serde::Deserialize;
 
 use crate::config::SamVisionConfig;
 use crate::error::{Result, SamError};
@@ -64,13 +64,7 @@ pub struct Processed {
 impl SamProcessor {
     /// SAM's defaults for a vision config: longest edge = pad = `image_size`.
     pub fn for_vision(cfg: &SamVisionConfig) -> Self {
-        Self {
-            longest_edge: cfg.image_size,
-            pad: [cfg.image_size; 2],
-            image_mean: IMAGENET_MEAN,
-            image_std: IMAGENET_STD,
-            rescale_factor: 1.0 / 255.0,
-        }
+        Self { longest_edge: cfg.image_size, pad: [cfg.image_size; 2], image_mean: IMAGENET_MEAN, image_std: IMAGENET_STD, rescale_factor: 1.0 / 255.0 }
     }
 
     /// `preprocessor_config.json` of a model directory, or the defaults of `cfg` without one.

@@ -36,9 +36,7 @@ impl<B: Backend> PositionalEmbedding<B> {
     /// `get_image_wide_positional_embeddings`: `[1, 2·feats, size, size]` at the cell centres.
     pub fn image_wide(&self, size: usize) -> Tensor<B, 4> {
         let device = self.positional_embedding.device();
-        let xy: Vec<f32> = (0..size)
-            .flat_map(|i| (0..size).flat_map(move |j| [(j as f32 + 0.5) / size as f32, (i as f32 + 0.5) / size as f32]))
-            .collect();
+        let xy: Vec<f32> = (0..size).flat_map(|i| (0..size).flat_map(move |j| [(j as f32 + 0.5) / size as f32, (i as f32 + 0.5) / size as f32])).collect();
         let pe = self.forward(Tensor::<B, 3>::from_data(TensorData::new(xy, [size, size, 2]), &device));
         pe.permute([2, 0, 1]).unsqueeze()
     }

@@ -18,12 +18,12 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::AutodiffBackend;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use serde::{Deserialize, Serialize};
 use lora_runtime::imaging::load_rgb;
 use lora_runtime::run::{EvalKeeper, Progress, RunDir, RunOptions, RunSummary, cosine_lr, stream_seed};
 use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
 use serial_lora::AdapterConfig;
 
 use crate::data::{Mask, Pair, SegDataset, jitter_box, load_mask};
@@ -232,8 +232,26 @@ pub fn train<AB: AutodiffBackend>(
     }
 
     let val_pairs = if cfg.eval_steps.is_some() { validation_pairs(&dataset, cfg.seed)? } else { Vec::new() };
-    let plan = StepPlan { examples: usable.len(), batch: cfg.batch, grad_accum: 1, max_grad_norm: 0.0, seed: cfg.seed, shuffle: true, seed_dropout: true, peer: opts.peer.clone() };
-    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 5, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let plan = StepPlan {
+        examples: usable.len(),
+        batch: cfg.batch,
+        grad_accum: 1,
+        max_grad_norm: 0.0,
+        seed: cfg.seed,
+        shuffle: true,
+        seed_dropout: true,
+        peer: opts.peer.clone(),
+    };
+    let loop_cfg = LoopConfig {
+        plan,
+        epochs: cfg.epochs,
+        iters: cfg.iters,
+        default_epochs: 5,
+        save_steps: cfg.save_steps,
+        weight_decay: cfg.weight_decay,
+        adapter: &adapter_cfg,
+        base_model: &cfg.model,
+    };
     let mut task = SamTask {
         cfg,
         usable: &usable,

@@ -144,14 +144,7 @@ fn pad_with_row<B: Backend>(x: Tensor<B, 4>, row: Tensor<B, 4>, ws: usize) -> Te
 }
 
 /// Inverse of [`window_partition`], cropping the padding.
-pub fn window_unpartition<B: Backend>(
-    windows: Tensor<B, 4>,
-    ws: usize,
-    (ph, pw): (usize, usize),
-    (h, w): (usize, usize),
-    b: usize,
-    c: usize,
-) -> Tensor<B, 4> {
+pub fn window_unpartition<B: Backend>(windows: Tensor<B, 4>, ws: usize, (ph, pw): (usize, usize), (h, w): (usize, usize), b: usize, c: usize) -> Tensor<B, 4> {
     let x = windows.reshape([b, ph / ws, pw / ws, ws, ws, c]).permute([0, 1, 3, 2, 4, 5]).reshape([b, ph, pw, c]);
     if (ph, pw) != (h, w) { x.slice([0..b, 0..h, 0..w, 0..c]) } else { x }
 }
@@ -215,9 +208,7 @@ impl<B: Backend> VisionEncoder<B> {
         let oc = c.output_channels;
         Self {
             patch_embed: PatchEmbeddings {
-                projection: Conv2dConfig::new([c.num_channels, d], [c.patch_size, c.patch_size])
-                    .with_stride([c.patch_size, c.patch_size])
-                    .init(device),
+                projection: Conv2dConfig::new([c.num_channels, d], [c.patch_size, c.patch_size]).with_stride([c.patch_size, c.patch_size]).init(device),
             },
             // lazy (as Burn's layers): a config claiming a huge grid allocates nothing before the
             // checkpoint's shapes are checked

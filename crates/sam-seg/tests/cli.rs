@@ -5,9 +5,9 @@ use std::process::Command;
 
 use burn::backend::Flex;
 use burn::prelude::*;
+use lora_runtime::imaging::load_rgb;
 use sam_seg::processor::SamProcessor;
 use sam_seg::{Prompts, load_sam};
-use lora_runtime::imaging::load_rgb;
 use serial_lora::io::read_safetensors;
 
 type B = Flex;

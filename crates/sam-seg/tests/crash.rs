@@ -17,9 +17,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_sam-seg");
 fn args(data: &Path, extra: &[&str]) -> Vec<String> {
     let model = fixtures().join("sam-tiny-shapes");
     let base = [
-        "train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--seed", "3", "--method", "serial-lora-plus",
-        "--rank", "2", "--dropout", "0.1", "--lr-ratio", "4", "--batch", "2", "--image-size", "32", "--save-steps", "1",
-        "--logging-steps", "1",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--method",
+        "serial-lora-plus",
+        "--rank",
+        "2",
+        "--dropout",
+        "0.1",
+        "--lr-ratio",
+        "4",
+        "--batch",
+        "2",
+        "--image-size",
+        "32",
+        "--save-steps",
+        "1",
+        "--logging-steps",
+        "1",
     ];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
 }

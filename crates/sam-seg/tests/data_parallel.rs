@@ -18,8 +18,27 @@ fn two_peers_reach_the_single_device_adapter_of_the_doubled_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixtures().join("sam-tiny-shapes");
     let base = [
-        "train", "--model", model.to_str().unwrap(), "--dataset", data.path().to_str().unwrap(), "--seed", "3", "--method", "serial-lora-plus",
-        "--rank", "2", "--dropout", "0", "--lr", "1e-2", "--lr-ratio", "4", "--image-size", "32", "--iters", "4",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.path().to_str().unwrap(),
+        "--seed",
+        "3",
+        "--method",
+        "serial-lora-plus",
+        "--rank",
+        "2",
+        "--dropout",
+        "0",
+        "--lr",
+        "1e-2",
+        "--lr-ratio",
+        "4",
+        "--image-size",
+        "32",
+        "--iters",
+        "4",
     ];
     data_parallel::two_peers_match_doubled_batch(env!("CARGO_BIN_EXE_sam-seg"), &base, 2, tmp.path(), WEIGHTS_FILE, SUM_ORDER_TOL);
 }

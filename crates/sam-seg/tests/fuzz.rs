@@ -92,7 +92,9 @@ fn damaged_dataset_files_never_panic() {
 fn regression_sam_vision_config_patch_size_0_and_window_size_negative() {
     let tmp = tempfile::tempdir().unwrap();
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("sam-tiny/config.json")).unwrap()).unwrap();
-    for (field, value, want) in [("patch_size", serde_json::json!(0), "vision_config.patch_size"), ("window_size", serde_json::json!(-3), "vision_config.window_size")] {
+    for (field, value, want) in
+        [("patch_size", serde_json::json!(0), "vision_config.patch_size"), ("window_size", serde_json::json!(-3), "vision_config.window_size")]
+    {
         let mut v = original.clone();
         v["vision_config"][field] = value;
         let path = tmp.path().join(format!("{field}.json"));
@@ -127,7 +129,28 @@ fn random_values_of_every_numeric_flag_never_panic() {
     let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
     let bases = [
         ("predict", strings(&["predict", "--model", &tiny, "--image", &image, "--box", "5,6,40,30", "--output", "{OUT}.safetensors"])),
-        ("train", strings(&["train", "--model", &shapes, "--dataset", &s(&data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--image-size", "32", "--out", "{OUT}"])),
+        (
+            "train",
+            strings(&[
+                "train",
+                "--model",
+                &shapes,
+                "--dataset",
+                &s(&data),
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--iters",
+                "1",
+                "--batch",
+                "2",
+                "--image-size",
+                "32",
+                "--out",
+                "{OUT}",
+            ]),
+        ),
         ("eval", strings(&["eval", "--model", &shapes, "--dataset", &s(&data), "--image-size", "32"])),
     ];
     fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(10), &spawn(w));

@@ -96,7 +96,12 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
             v["prompt_encoder_config"]["image_embedding_size"] = 65_536.into();
         })
     });
-    cases.push(Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "config.json").and("`vision_config.image_size").and("position embedding").memory_limited());
+    cases.push(
+        Case::new("config.json: image_size 524288 (a 2^32-entry position table)", &predict(s(&d), &image, &[]), "config.json")
+            .and("`vision_config.image_size")
+            .and("position embedding")
+            .memory_limited(),
+    );
     // regressions found by the fuzz suite (issue 17): a divide by zero formatting the error, an
     // error without the field, an allocation of 2^40 blocks
     for (name, section, field, value) in [
@@ -124,9 +129,17 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     cases.push(Case::new("--box with 3 numbers", &predict(m, &image, &["--box", "1,2,3"]), "1,2,3"));
 
     // outputs
-    cases.push(Case::new("output: missing directory", &["predict", "--model", m, "--image", s(&image), "--box", "5,6,40,30", "--output", s(&w.join("nowhere/o.safetensors"))], "nowhere"));
+    cases.push(Case::new(
+        "output: missing directory",
+        &["predict", "--model", m, "--image", s(&image), "--box", "5,6,40,30", "--output", s(&w.join("nowhere/o.safetensors"))],
+        "nowhere",
+    ));
     let under = make::under_a_file(w, "o.safetensors");
-    cases.push(Case::new("output: parent is a regular file", &["predict", "--model", m, "--image", s(&image), "--box", "5,6,40,30", "--output", s(&under)], "a-regular-file"));
+    cases.push(Case::new(
+        "output: parent is a regular file",
+        &["predict", "--model", m, "--image", s(&image), "--box", "5,6,40,30", "--output", s(&under)],
+        "a-regular-file",
+    ));
     let png_under = w.join("a-regular-file/mask.png");
     cases.push(Case::new("--mask-png: parent is a regular file", &predict(m, &image, &["--mask-png", s(&png_under)]), "a-regular-file"));
 
@@ -142,7 +155,25 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     };
     let train_on = |data: &Path, extra: &[&str]| -> Vec<String> {
         let out_dir = run_dir();
-        let base = ["train", "--model", s(&shapes), "--dataset", s(data), "--method", "lora", "--rank", "2", "--iters", "1", "--batch", "2", "--image-size", "32", "--out", s(&out_dir)];
+        let base = [
+            "train",
+            "--model",
+            s(&shapes),
+            "--dataset",
+            s(data),
+            "--method",
+            "lora",
+            "--rank",
+            "2",
+            "--iters",
+            "1",
+            "--batch",
+            "2",
+            "--image-size",
+            "32",
+            "--out",
+            s(&out_dir),
+        ];
         with_flags(&base, extra)
     };
     for (name, flag, value, culprit) in [

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::prelude::*;
-use sam_seg::processor::SamProcessor;
 use lora_runtime::imaging::load_rgb;
+use sam_seg::processor::SamProcessor;
 
 type B = Flex;
 

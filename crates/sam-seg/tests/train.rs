@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::backend::{Autodiff, Flex};
+use lora_runtime::run::RunOptions;
 use sam_seg::data::SegDataset;
 use sam_seg::load_sam;
 use sam_seg::processor::SamProcessor;
 use sam_seg::train::{TrainConfig, evaluate, train};
-use lora_runtime::run::RunOptions;
 use serial_lora::{AdaptedModel, io};
 
 type AB = Autodiff<Flex>;
@@ -192,11 +192,30 @@ fn train_and_eval_commands() {
     let run = out.path().join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let bin = env!("CARGO_BIN_EXE_sam-seg");
-    let args = ["train", "--model", &s(&model()), "--dataset", &s(data.path()), "--method", "serial-lora", "--rank", "4", "--iters", "4", "--batch", "2", "--image-size", "32", "--out", &s(&run)];
+    let args = [
+        "train",
+        "--model",
+        &s(&model()),
+        "--dataset",
+        &s(data.path()),
+        "--method",
+        "serial-lora",
+        "--rank",
+        "4",
+        "--iters",
+        "4",
+        "--batch",
+        "2",
+        "--image-size",
+        "32",
+        "--out",
+        &s(&run),
+    ];
     let o = Command::new(bin).args(args).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("step 4/4") && err.contains("1024 trainable"), "{err}");
-    let o = Command::new(bin).args(["eval", "--model", &s(&model()), "--adapter", &s(&run), "--dataset", &s(data.path()), "--image-size", "32"]).output().unwrap();
+    let o =
+        Command::new(bin).args(["eval", "--model", &s(&model()), "--adapter", &s(&run), "--dataset", &s(data.path()), "--image-size", "32"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((r["split"].as_str(), r["images"].as_u64()), (Some("test"), Some(2)));
@@ -212,8 +231,27 @@ fn metrics_jsonl_and_eval_steps() {
     let run = out.path().join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let args = [
-        "train", "--model", &s(&model()), "--dataset", &s(data.path()), "--method", "serial-lora", "--rank", "2", "--iters", "3", "--batch", "2",
-        "--image-size", "32", "--logging-steps", "1", "--eval-steps", "2", "--out", &s(&run),
+        "train",
+        "--model",
+        &s(&model()),
+        "--dataset",
+        &s(data.path()),
+        "--method",
+        "serial-lora",
+        "--rank",
+        "2",
+        "--iters",
+        "3",
+        "--batch",
+        "2",
+        "--image-size",
+        "32",
+        "--logging-steps",
+        "1",
+        "--eval-steps",
+        "2",
+        "--out",
+        &s(&run),
     ];
     let o = Command::new(env!("CARGO_BIN_EXE_sam-seg")).args(args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

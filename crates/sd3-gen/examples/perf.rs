@@ -26,13 +26,13 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
+use lora_runtime::DeviceSpec;
+use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use sd3_gen::train::{clip_grad_norm, flow_matching_loss, training_schedule};
 use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::params::param_infos;
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
-use lora_runtime::DeviceSpec;
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 #[derive(Parser, Debug)]

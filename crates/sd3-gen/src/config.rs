@@ -54,19 +54,8 @@ impl Sd3TransformerConfig {
         let base = Self { num_layers: 24, num_attention_heads: 24, caption_projection_dim: 1536, pos_embed_max_size: 192, ..Default::default() };
         match name {
             "sd3-medium" => Some(base),
-            "sd3.5-medium" => Some(Self {
-                pos_embed_max_size: 384,
-                dual_attention_layers: (0..13).collect(),
-                qk_norm: Some("rms_norm".into()),
-                ..base
-            }),
-            "sd3.5-large" => Some(Self {
-                num_layers: 38,
-                num_attention_heads: 38,
-                caption_projection_dim: 2432,
-                qk_norm: Some("rms_norm".into()),
-                ..base
-            }),
+            "sd3.5-medium" => Some(Self { pos_embed_max_size: 384, dual_attention_layers: (0..13).collect(), qk_norm: Some("rms_norm".into()), ..base }),
+            "sd3.5-large" => Some(Self { num_layers: 38, num_attention_heads: 38, caption_projection_dim: 2432, qk_norm: Some("rms_norm".into()), ..base }),
             _ => None,
         }
     }
@@ -97,9 +86,10 @@ impl Sd3TransformerConfig {
         }
         let heads = parse::at_least("num_attention_heads", self.num_attention_heads, 1)?;
         let head_dim = parse::at_least("attention_head_dim", self.attention_head_dim, 1)?;
-        let d = heads.checked_mul(head_dim).filter(|&d| d as u64 <= parse::MAX_TENSOR_ELEMENTS).ok_or_else(|| {
-            format!("`num_attention_heads` · `attention_head_dim` = {heads} · {head_dim} is too large")
-        })?;
+        let d = heads
+            .checked_mul(head_dim)
+            .filter(|&d| d as u64 <= parse::MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| format!("`num_attention_heads` · `attention_head_dim` = {heads} · {head_dim} is too large"))?;
         if self.caption_projection_dim != d {
             return Err(format!(
                 "`caption_projection_dim` = {} must equal `num_attention_heads` · `attention_head_dim` = {heads} · {head_dim} = {d}",
@@ -115,12 +105,21 @@ impl Sd3TransformerConfig {
         parse::at_least("sample_size", self.sample_size, 1)?;
         let mm = m.checked_mul(m).ok_or_else(|| format!("`pos_embed_max_size` = {m} is too large"))?;
         let pos = parse::elements("the position table", &[("pos_embed_max_size²", mm), ("num_attention_heads · attention_head_dim", d)])?;
-        let conv = parse::elements("the patch embedding", &[("in_channels", cin), ("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch)])?;
-        let out = parse::elements("the output projection", &[("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch), ("out_channels", cout)])?;
+        let conv = parse::elements(
+            "the patch embedding",
+            &[("in_channels", cin), ("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch)],
+        )?;
+        let out = parse::elements(
+            "the output projection",
+            &[("num_attention_heads · attention_head_dim", d), ("patch_size", patch), ("patch_size", patch), ("out_channels", cout)],
+        )?;
         let ctx = parse::elements("the context embedder", &[("joint_attention_dim", joint), ("caption_projection_dim", d)])?;
         let text = parse::elements("the pooled-text embedder", &[("pooled_projection_dim", pooled), ("num_attention_heads · attention_head_dim", d)])?;
         // the widest tensor of a block: the dual-attention AdaNorm, [d, 9·d]
-        let ada = parse::elements("an AdaNorm projection", &[("num_attention_heads · attention_head_dim", d), ("9 · num_attention_heads · attention_head_dim", d.saturating_mul(9))])?;
+        let ada = parse::elements(
+            "an AdaNorm projection",
+            &[("num_attention_heads · attention_head_dim", d), ("9 · num_attention_heads · attention_head_dim", d.saturating_mul(9))],
+        )?;
         // per block: AdaNorms (≤ 15·d²), two attentions (8·d²), a dual one (4·d²), two MLPs (16·d²)
         let per_block = (ada / 9).saturating_mul(43);
         parse::total_elements(&[

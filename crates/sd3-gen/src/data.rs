@@ -12,10 +12,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use lora_runtime::imaging::{self, RgbImage};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use lora_runtime::imaging::{self, RgbImage};
 
 use crate::error::{Result, Sd3Error};
 
@@ -65,9 +65,8 @@ fn read_metadata(dir: &Path, file: &Path) -> Result<Vec<(String, CaptionedImage)
         if line.trim().is_empty() {
             continue;
         }
-        let m: MetadataLine = serial_lora::parse::json(line).map_err(|e| {
-            bad(file, format!("line {}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}: {e}", i + 1))
-        })?;
+        let m: MetadataLine =
+            serial_lora::parse::json(line).map_err(|e| bad(file, format!("line {}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}: {e}", i + 1)))?;
         let image = serial_lora::parse::contained_path(dir, &m.file_name).map_err(|e| bad(file, format!("line {}: file_name {e}", i + 1)))?;
         if !image.is_file() {
             return Err(bad(file, format!("line {}: image `{}` not found ({})", i + 1, m.file_name, image.display())));
@@ -121,8 +120,8 @@ impl CaptionDataset {
         let split_file = dir.join(SPLIT_FILE);
         let (train, test) = if split_file.is_file() {
             let text = std::fs::read_to_string(&split_file).map_err(|e| Sd3Error::Io { path: split_file.clone(), source: e })?;
-            let splits: BTreeMap<String, Vec<String>> = serial_lora::parse::json(&text)
-                .map_err(|e| bad(&split_file, format!("expected {{\"train\": [names], \"test\": [names]}}: {e}")))?;
+            let splits: BTreeMap<String, Vec<String>> =
+                serial_lora::parse::json(&text).map_err(|e| bad(&split_file, format!("expected {{\"train\": [names], \"test\": [names]}}: {e}")))?;
             let lookup = |name: &str| -> Result<CaptionedImage> {
                 let stem_of = |n: &str| Path::new(n).file_stem().and_then(|s| s.to_str()).map(str::to_string);
                 items
@@ -132,9 +131,7 @@ impl CaptionDataset {
                     .map(|(_, c)| c.clone())
                     .ok_or_else(|| bad(&split_file, format!("`{name}` is not a captioned image of the folder")))
             };
-            let get = |k: &str| -> Result<Vec<CaptionedImage>> {
-                splits.get(k).map_or(Ok(Vec::new()), |names| names.iter().map(|n| lookup(n)).collect())
-            };
+            let get = |k: &str| -> Result<Vec<CaptionedImage>> { splits.get(k).map_or(Ok(Vec::new()), |names| names.iter().map(|n| lookup(n)).collect()) };
             (get("train")?, get("test")?)
         } else {
             let mut all: Vec<CaptionedImage> = items.into_iter().map(|(_, c)| c).collect();

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Sd3Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: invalid SD3 config: {message}")]
     Config { path: PathBuf, message: String },
     /// A dataset folder, caption or image is unusable (the file and line are named).

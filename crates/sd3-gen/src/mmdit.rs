@@ -392,9 +392,11 @@ impl<B: Backend> AdaptedModel<B> for Sd3Transformer<B> {
         let path = |i: usize| format!("transformer_blocks.{i}.attn");
         let blocks = self.transformer_blocks.iter().enumerate();
         let image = blocks.clone().map(|(i, b)| AttentionSite { path: path(i), names: DIFFUSERS_PROJ_NAMES, attention: &b.attn.image });
-        let context = blocks
-            .filter(|_| self.adapt_context)
-            .map(|(i, b)| AttentionSite { path: path(i), names: DIFFUSERS_CONTEXT_PROJ_NAMES, attention: &b.attn.context });
+        let context = blocks.filter(|_| self.adapt_context).map(|(i, b)| AttentionSite {
+            path: path(i),
+            names: DIFFUSERS_CONTEXT_PROJ_NAMES,
+            attention: &b.attn.context,
+        });
         image.chain(context).collect()
     }
 
@@ -422,11 +424,10 @@ impl<B: Backend> AdaptedModel<B> for Sd3Transformer<B> {
 /// Whether the adapter directory `dir` holds tensors for the context stream (`add_*_proj`,
 /// `to_add_out`, `add_serial_lora_*`), i.e. needs [`Sd3Transformer::with_context_stream`].
 pub fn adapter_has_context_keys(dir: &std::path::Path) -> Result<bool> {
-    let file = [serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE]
-        .into_iter()
-        .map(|f| dir.join(f))
-        .find(|f| f.is_file())
-        .ok_or_else(|| Sd3Error::Input(format!("{}: no {} or {}", dir.display(), serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE)))?;
+    let file =
+        [serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE].into_iter().map(|f| dir.join(f)).find(|f| f.is_file()).ok_or_else(|| {
+            Sd3Error::Input(format!("{}: no {} or {}", dir.display(), serial_lora::io::WEIGHTS_FILE, serial_lora::io::DIFFUSERS_WEIGHTS_FILE))
+        })?;
     let names = lora_runtime::weights::tensor_names(&file)?;
     let context = [".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.", ".add_serial_lora_"];
     Ok(names.iter().any(|n| context.iter().any(|c| n.contains(c))))

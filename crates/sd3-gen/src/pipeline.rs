@@ -50,9 +50,16 @@ pub fn denoise<B: Backend>(
     if !(opts.shift.is_finite() && opts.shift > 0.0) {
         return Err(Sd3Error::Input(format!("the scheduler shift {} (scheduler_config.json) must be a finite number > 0", opts.shift)));
     }
-    let mut inputs = vec![("latents", all_finite(&latents)), ("prompt_embeds", all_finite(&cond.prompt_embeds)), ("pooled_prompt_embeds", all_finite(&cond.pooled_prompt_embeds))];
+    let mut inputs = vec![
+        ("latents", all_finite(&latents)),
+        ("prompt_embeds", all_finite(&cond.prompt_embeds)),
+        ("pooled_prompt_embeds", all_finite(&cond.pooled_prompt_embeds)),
+    ];
     if let Some((ne, np)) = &cond.negative {
-        for (name, neg, pos) in [("negative_prompt_embeds", ne.dims().to_vec(), cond.prompt_embeds.dims().to_vec()), ("negative_pooled_prompt_embeds", np.dims().to_vec(), cond.pooled_prompt_embeds.dims().to_vec())] {
+        for (name, neg, pos) in [
+            ("negative_prompt_embeds", ne.dims().to_vec(), cond.prompt_embeds.dims().to_vec()),
+            ("negative_pooled_prompt_embeds", np.dims().to_vec(), cond.pooled_prompt_embeds.dims().to_vec()),
+        ] {
             if neg != pos {
                 return Err(Sd3Error::Input(format!("{name} has shape {neg:?}; it must match the positive embeddings' {pos:?}")));
             }

@@ -10,10 +10,10 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use lora_runtime::weights::{KeyTable, load_safetensors_dir};
 use serde::{Deserialize, Serialize};
 use serial_lora::layers::Activation;
 use serial_lora::parse;
-use lora_runtime::weights::{KeyTable, load_safetensors_dir};
 use serial_lora::{Attention, AttentionConfig, LoraLinear, sdpa};
 
 use crate::error::{Result, Sd3Error};
@@ -291,13 +291,13 @@ impl<B: Backend> T5EncoderModel<B> {
 }
 
 const RULES: &[(&str, &str)] = &[
-        (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v)\.weight$", "block.$1.attention.qkv.Separate.$2.base.weight"),
-        (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.o\.weight$", "block.$1.attention.o.base.weight"),
-        (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$", "relative_attention_bias"),
-        (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$", "block.$1.layer_norm_attn.weight"),
-        (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$", "block.$1.ff.$2.weight"),
-        (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", "block.$1.layer_norm_ff.weight"),
-        (r"^encoder\.final_layer_norm\.weight$", "final_layer_norm.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v)\.weight$", "block.$1.attention.qkv.Separate.$2.base.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.o\.weight$", "block.$1.attention.o.base.weight"),
+    (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$", "relative_attention_bias"),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$", "block.$1.layer_norm_attn.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$", "block.$1.ff.$2.weight"),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$", "block.$1.layer_norm_ff.weight"),
+    (r"^encoder\.final_layer_norm\.weight$", "final_layer_norm.weight"),
 ];
 
 /// transformers `T5EncoderModel` keys → Burn paths. `shared.weight` maps by name; Linear
@@ -310,8 +310,7 @@ pub const KEY_TABLE: KeyTable = KeyTable {
 };
 
 /// [`KEY_TABLE`] for checkpoints that hold the tied embedding only as `encoder.embed_tokens.weight`.
-pub const KEY_TABLE_EMBED_TOKENS: KeyTable =
-    KeyTable { rules: &[RULES, &[(r"^encoder\.embed_tokens\.weight$", "shared.weight")]], ignore: &[], by_hand: &[] };
+pub const KEY_TABLE_EMBED_TOKENS: KeyTable = KeyTable { rules: &[RULES, &[(r"^encoder\.embed_tokens\.weight$", "shared.weight")]], ignore: &[], by_hand: &[] };
 
 /// The tensor names of a checkpoint directory: `model.safetensors`'s header, or the
 /// `weight_map` of `model.safetensors.index.json` (absent files: an empty list; the load names them).

@@ -243,10 +243,7 @@ impl T5Tokenizer {
             let best = tokens
                 .iter()
                 .filter(|a| rest.starts_with(a.content.as_str()))
-                .filter(|a| {
-                    !a.single_word
-                        || (!word_char(text[..pos].chars().next_back()) && !word_char(text[pos + a.content.len()..].chars().next()))
-                })
+                .filter(|a| !a.single_word || (!word_char(text[..pos].chars().next_back()) && !word_char(text[pos + a.content.len()..].chars().next())))
                 .max_by_key(|a| a.content.len());
             match best {
                 Some(a) => {
@@ -389,11 +386,8 @@ impl T5Tokenizer {
             match id {
                 Some(id) => out.push(id),
                 None => {
-                    let bytes: Option<Vec<u32>> = if self.byte_fallback {
-                        word[s..e].bytes().map(|b| self.pieces.get(&format!("<0x{b:02X}>")).copied()).collect()
-                    } else {
-                        None
-                    };
+                    let bytes: Option<Vec<u32>> =
+                        if self.byte_fallback { word[s..e].bytes().map(|b| self.pieces.get(&format!("<0x{b:02X}>")).copied()).collect() } else { None };
                     match (bytes, self.unk_id) {
                         (Some(b), _) => out.extend(b),
                         (None, Some(u)) => out.push(u),
@@ -477,10 +471,7 @@ fn parse_normalizer(v: &Value, out: &mut Vec<Normalizer>, err: &dyn Fn(String) -
             let re = regex::Regex::new(&pattern).map_err(|e| err(format!("normalizer Replace: pattern {pattern:?}: {e}")))?;
             out.push(Normalizer::Replace(re, v["content"].as_str().unwrap_or_default().to_string()));
         }
-        Some("Strip") => out.push(Normalizer::Strip {
-            left: v["strip_left"].as_bool().unwrap_or(false),
-            right: v["strip_right"].as_bool().unwrap_or(false),
-        }),
+        Some("Strip") => out.push(Normalizer::Strip { left: v["strip_left"].as_bool().unwrap_or(false), right: v["strip_right"].as_bool().unwrap_or(false) }),
         Some("Lowercase") => out.push(Normalizer::Lowercase),
         Some(other) => return Err(err(format!("normalizer {other:?} is not supported (Precompiled, Replace, Strip, Lowercase, Sequence)"))),
     }

@@ -31,22 +31,22 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::save_png;
+use lora_runtime::run::{Progress, RunDir, RunOptions, RunSummary, stream_seed};
+pub use lora_runtime::train::clip_grad_norm;
+use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serial_lora::config::Init;
-use lora_runtime::hub::{HubOptions, resolve_model_dir};
-use lora_runtime::imaging::save_png;
 use serial_lora::io::{self, HostTensor, read_safetensors, write_safetensors};
-use lora_runtime::run::{Progress, RunDir, RunOptions, RunSummary, stream_seed};
-pub use lora_runtime::train::clip_grad_norm;
-use lora_runtime::train::{CommonTrainArgs, LoopConfig, Micro, StepPlan, TrainTask, streams, train_loop};
 use serial_lora::{AdapterConfig, Method};
 
 use crate::data::{self, CaptionDataset, CaptionedImage};
 use crate::error::{Result, Sd3Error};
-use crate::mmdit::Sd3Transformer;
 use crate::load::{OPTIONAL_FILES, pipeline_files};
+use crate::mmdit::Sd3Transformer;
 use crate::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use crate::text::{T5TextEncoder, TextEncoders};
 use crate::vae::{Vae, VaeConfig, load_vae};
@@ -488,7 +488,13 @@ pub struct Metrics {
 /// `checkpoint/`, `samples/`, `metrics.json` and at the end the adapter, see
 /// [`save_trained_adapter`]). A non-finite loss or gradient stops with `lora_runtime::Error::NonFinite` before
 /// the step is applied; the checkpoint on disk stays the last good one.
-pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptions, device: &AB::Device, on_step: &mut dyn FnMut(&Progress)) -> Result<Metrics> {
+pub fn train<AB: AutodiffBackend>(
+    cfg: &TrainConfig,
+    out: &Path,
+    opts: &RunOptions,
+    device: &AB::Device,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<Metrics> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     let adapter_cfg = cfg.check()?;
     let dataset = CaptionDataset::open(&cfg.dataset, cfg.split_seed, cfg.test_fraction)?;
@@ -530,7 +536,16 @@ pub fn train<AB: AutodiffBackend>(cfg: &TrainConfig, out: &Path, opts: &RunOptio
         seed_dropout: true,
         peer: opts.peer.clone(),
     };
-    let loop_cfg = LoopConfig { plan, epochs: cfg.epochs, iters: cfg.iters, default_epochs: 10, save_steps: cfg.save_steps, weight_decay: cfg.weight_decay, adapter: &adapter_cfg, base_model: &cfg.model };
+    let loop_cfg = LoopConfig {
+        plan,
+        epochs: cfg.epochs,
+        iters: cfg.iters,
+        default_epochs: 10,
+        save_steps: cfg.save_steps,
+        weight_decay: cfg.weight_decay,
+        adapter: &adapter_cfg,
+        base_model: &cfg.model,
+    };
     let mut task = Sd3Task {
         cfg,
         out,
@@ -654,4 +669,3 @@ impl<AB: AutodiffBackend> TrainTask<AB> for Sd3Task<'_, AB> {
         Ok(())
     }
 }
-

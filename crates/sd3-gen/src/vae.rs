@@ -12,8 +12,8 @@ use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
-use serde::{Deserialize, Serialize};
 use lora_runtime::weights::{KeyTable, load_safetensors};
+use serde::{Deserialize, Serialize};
 use serial_lora::{Attention, AttentionConfig, sdpa};
 
 use crate::error::{Result, Sd3Error};
@@ -304,7 +304,10 @@ impl VaeConfig {
         let (first, last) = (self.block_out_channels[0], self.block_out_channels[self.block_out_channels.len() - 1]);
         parts.push(parse::elements("the input convolution", &[("in_channels", cin), ("block_out_channels[0]", first), ("3 · 3", 9)])?);
         parts.push(parse::elements("the output convolution", &[("out_channels", cout), ("block_out_channels[0]", first), ("3 · 3", 9)])?);
-        parts.push(parse::elements("the latent convolution", &[("latent_channels · 2", latent.saturating_mul(2)), ("block_out_channels[-1]", last), ("3 · 3", 9)])?);
+        parts.push(parse::elements(
+            "the latent convolution",
+            &[("latent_channels · 2", latent.saturating_mul(2)), ("block_out_channels[-1]", last), ("3 · 3", 9)],
+        )?);
         let named: Vec<(&str, u64)> = parts.iter().map(|&n| ("block_out_channels", n)).collect();
         parse::total_elements(&named)?;
         Ok(())

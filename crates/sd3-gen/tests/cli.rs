@@ -37,8 +37,25 @@ fn sample_from_embeddings_and_latents_matches_diffusers() {
     let (embeds, latents, r) = inputs(tmp.path());
     let (out, png) = (tmp.path().join("out.safetensors"), tmp.path().join("img.png"));
     let (ok, err) = sd3(&[
-        "sample", "--model", s(&dir()), "--prompt-embeds", s(&embeds), "--latents", s(&latents), "--steps", "4", "--guidance", "7",
-        "--height", "16", "--width", "12", "--output-latents", s(&out), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&dir()),
+        "--prompt-embeds",
+        s(&embeds),
+        "--latents",
+        s(&latents),
+        "--steps",
+        "4",
+        "--guidance",
+        "7",
+        "--height",
+        "16",
+        "--width",
+        "12",
+        "--output-latents",
+        s(&out),
+        "--output",
+        s(&png),
     ]);
     assert!(ok, "{err}");
     let got = &read_safetensors(&out).unwrap().0["latents"];
@@ -80,8 +97,28 @@ fn sample_from_a_prompt_without_t5() {
     let (out, png) = (tmp.path().join("out.safetensors"), tmp.path().join("cat.png"));
     let model = dir();
     let args = [
-        "sample", "--model", s(&model), "--prompt", "a photo of a cat", "--prompt", "two dogs", "--no-t5", "--max-sequence-length", "3",
-        "--steps", "2", "--height", "16", "--width", "12", "--seed", "4", "--output-latents", s(&out), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--prompt",
+        "two dogs",
+        "--no-t5",
+        "--max-sequence-length",
+        "3",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "12",
+        "--seed",
+        "4",
+        "--output-latents",
+        s(&out),
+        "--output",
+        s(&png),
     ];
     let (ok, err) = sd3(&args);
     assert!(ok, "{err}");
@@ -95,15 +132,50 @@ fn sample_from_a_prompt_without_t5() {
     std::fs::write(&file, "a photo of a cat\n\ntwo dogs\n").unwrap();
     let from_file = tmp.path().join("from_file.safetensors");
     let (ok, err) = sd3(&[
-        "sample", "--model", s(&model), "--prompt-file", s(&file), "--no-t5", "--max-sequence-length", "3", "--steps", "2", "--height", "16",
-        "--width", "12", "--seed", "4", "--save-prompt-embeds", s(&cache), "--output-latents", s(&from_file), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt-file",
+        s(&file),
+        "--no-t5",
+        "--max-sequence-length",
+        "3",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "12",
+        "--seed",
+        "4",
+        "--save-prompt-embeds",
+        s(&cache),
+        "--output-latents",
+        s(&from_file),
+        "--output",
+        s(&png),
     ]);
     assert!(ok, "{err}");
     assert_eq!(read_safetensors(&out).unwrap().0["latents"].data, read_safetensors(&from_file).unwrap().0["latents"].data);
     let cached = tmp.path().join("cached.safetensors");
     let (ok, err) = sd3(&[
-        "sample", "--model", s(&model), "--prompt-embeds", s(&cache), "--steps", "2", "--height", "16", "--width", "12", "--seed", "4",
-        "--output-latents", s(&cached), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt-embeds",
+        s(&cache),
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "12",
+        "--seed",
+        "4",
+        "--output-latents",
+        s(&cached),
+        "--output",
+        s(&png),
     ]);
     assert!(ok, "{err}");
     assert_eq!(read_safetensors(&out).unwrap().0["latents"].data, read_safetensors(&cached).unwrap().0["latents"].data);
@@ -120,9 +192,27 @@ fn sample_from_prompts_with_t5_gives_the_diffusers_embeddings() {
     let (cache, png) = (tmp.path().join("embeds.safetensors"), tmp.path().join("img.png"));
     let model = dir();
     let (ok, err) = sd3(&[
-        "sample", "--model", s(&model), "--prompt", "a photo of a cat", "--prompt", "two dogs, playing!", "--prompt",
-        "a painting of a castle on a hill at sunset, fine art", "--max-sequence-length", "6", "--steps", "1", "--height", "8", "--width", "8",
-        "--save-prompt-embeds", s(&cache), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--prompt",
+        "two dogs, playing!",
+        "--prompt",
+        "a painting of a castle on a hill at sunset, fine art",
+        "--max-sequence-length",
+        "6",
+        "--steps",
+        "1",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--save-prompt-embeds",
+        s(&cache),
+        "--output",
+        s(&png),
     ]);
     assert!(ok, "{err}");
     let got = read_safetensors(&cache).unwrap().0;
@@ -140,8 +230,24 @@ fn sample_from_prompts_with_t5_gives_the_diffusers_embeddings() {
     }
     // with --no-t5 the T5 tokens are zeros and the CLIP part is unchanged
     let (ok, err) = sd3(&[
-        "sample", "--model", s(&model), "--prompt", "a photo of a cat", "--no-t5", "--max-sequence-length", "6", "--steps", "1", "--height",
-        "8", "--width", "8", "--save-prompt-embeds", s(&cache), "--output", s(&png),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--no-t5",
+        "--max-sequence-length",
+        "6",
+        "--steps",
+        "1",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--save-prompt-embeds",
+        s(&cache),
+        "--output",
+        s(&png),
     ]);
     assert!(ok, "{err}");
     let zeros = &read_safetensors(&cache).unwrap().0["prompt_embeds"];
@@ -177,8 +283,23 @@ fn a_diffusers_lora_on_both_streams_samples() {
     let (png, model) = (tmp.path().join("img.png"), dir());
     let run = |adapter: Option<&Path>, out: &Path| {
         let mut args = vec![
-            "sample", "--model", s(&model), "--prompt-embeds", s(&embeds), "--latents", s(&latents), "--steps", "2",
-            "--height", "16", "--width", "12", "--output-latents", s(out), "--output", s(&png),
+            "sample",
+            "--model",
+            s(&model),
+            "--prompt-embeds",
+            s(&embeds),
+            "--latents",
+            s(&latents),
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "12",
+            "--output-latents",
+            s(out),
+            "--output",
+            s(&png),
         ];
         if let Some(a) = adapter {
             args.extend(["--adapter", s(a)]);

@@ -138,9 +138,7 @@ fn context_adapters_merge_unmerge_save_and_load() {
         let (plain, _) = load_transformer::<B>(&dir(), &dev).unwrap();
         let err = load_adapter_with_prefix(plain, tmp.path(), &dev, "transformer.").err().unwrap().to_string();
         assert!(err.contains("unexpected") && err.contains("add_"), "{err}");
-        println!(
-            "{method:?}: effect {effect:.2e}, merged {merge_err:.2e}, unmerged {unmerge_err:.2e}, unloaded {unload_err:.2e}, loaded {load_err:.2e}"
-        );
+        println!("{method:?}: effect {effect:.2e}, merged {merge_err:.2e}, unmerged {unmerge_err:.2e}, unloaded {unload_err:.2e}, loaded {load_err:.2e}");
         assert!(effect > 1e-2, "{method:?}: adapters do not change the output ({effect})");
         for (what, e) in [("merge", merge_err), ("unmerge", unmerge_err), ("unload", unload_err)] {
             assert!(e < TOL, "{method:?} {what}: {e}");

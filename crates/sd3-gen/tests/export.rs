@@ -45,7 +45,13 @@ fn lora_export_equals_diffusers_fuse_lora_and_copies_the_pipeline() {
     }
     eprintln!("SD3 LoRA export vs diffusers fuse_lora + save_pretrained: max rel err {worst:.2e}");
     assert!(worst <= EXPORT_TOL, "{worst}");
-    for f in ["model_index.json", "transformer/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer_3/tokenizer.json"] {
+    for f in [
+        "model_index.json",
+        "transformer/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer_3/tokenizer.json",
+    ] {
         assert_eq!(std::fs::read(model.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f}");
     }
     assert!(!out.join("lora").exists() || model.join("lora").is_dir());

@@ -49,11 +49,9 @@ fn t5(dir: &Path) -> Result<(), (bool, Sd3Error)> {
 fn every_numeric_model_config_field_is_refused_by_name_or_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let mut total = 0;
-    for (file, load) in [
-        ("transformer/config.json", &transformer as &Loader),
-        ("vae/config.json", &vae as &Loader),
-        ("text_encoder_3/config.json", &t5 as &Loader),
-    ] {
+    for (file, load) in
+        [("transformer/config.json", &transformer as &Loader), ("vae/config.json", &vae as &Loader), ("text_encoder_3/config.json", &t5 as &Loader)]
+    {
         total += fuzz::fuzz_config_fields(&tiny(), file, tmp.path(), load).0;
     }
     assert!(total >= 250, "only {total} edits");
@@ -181,11 +179,51 @@ fn random_values_of_every_numeric_flag_never_panic() {
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
     let bases = [
-        ("sample", strings(&["sample", "--model", &m, "--prompt-embeds", &s(&embeds), "--latents", &s(&latents), "--steps", "1", "--height", "16", "--width", "12", "--output", "{OUT}.png"])),
-        ("train", strings(&[
-            "train", "--model", &m, "--dataset", &s(&data), "--method", "lora", "--rank", "2", "--iters", "1", "--resolution", "16",
-            "--max-sequence-length", "2", "--no-t5", "--test-fraction", "0", "--out", "{OUT}",
-        ])),
+        (
+            "sample",
+            strings(&[
+                "sample",
+                "--model",
+                &m,
+                "--prompt-embeds",
+                &s(&embeds),
+                "--latents",
+                &s(&latents),
+                "--steps",
+                "1",
+                "--height",
+                "16",
+                "--width",
+                "12",
+                "--output",
+                "{OUT}.png",
+            ]),
+        ),
+        (
+            "train",
+            strings(&[
+                "train",
+                "--model",
+                &m,
+                "--dataset",
+                &s(&data),
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--iters",
+                "1",
+                "--resolution",
+                "16",
+                "--max-sequence-length",
+                "2",
+                "--no-t5",
+                "--test-fraction",
+                "0",
+                "--out",
+                "{OUT}",
+            ]),
+        ),
     ];
     fuzz::fuzz_cli(&bases, &fuzz::NUMERIC_PLACEHOLDERS, fuzz::cli_cases(10), &spawn(w));
 }

@@ -36,7 +36,23 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     write_safetensors(&latents, &BTreeMap::from([("latents".to_string(), r["pipe.latents"].clone())]), Default::default()).unwrap();
     let png = w.join("img.png");
     let sample = |model: &str, embeds: &Path, extra: &[&str]| -> Vec<String> {
-        let base = ["sample", "--model", model, "--prompt-embeds", s(embeds), "--latents", s(&latents), "--steps", "1", "--height", "16", "--width", "12", "--output", s(&png)];
+        let base = [
+            "sample",
+            "--model",
+            model,
+            "--prompt-embeds",
+            s(embeds),
+            "--latents",
+            s(&latents),
+            "--steps",
+            "1",
+            "--height",
+            "16",
+            "--width",
+            "12",
+            "--output",
+            s(&png),
+        ];
         with_flags(&base, extra)
     };
     let ok = |extra: &[&str]| sample(m, &embeds, extra);
@@ -65,16 +81,28 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let d = variant("transformer-lying", &|d| {
         st.write_lying_shape(&d.join("transformer/diffusion_pytorch_model.safetensors"), &key, &[1 << 16, 1 << 16]);
     });
-    cases.push(Case::new("transformer weights: header shape larger than data", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").memory_limited());
+    cases.push(
+        Case::new("transformer weights: header shape larger than data", &sample(s(&d), &embeds, &[]), "diffusion_pytorch_model.safetensors").memory_limited(),
+    );
     let d = variant("transformer-config-huge", &|d| make::edit_json(&d.join("transformer/config.json"), |v| v["pos_embed_max_size"] = 300_000.into()));
-    cases.push(Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "transformer/config.json").and("`pos_embed_max_size").memory_limited());
+    cases.push(
+        Case::new("transformer/config.json: pos_embed_max_size 300000", &sample(s(&d), &embeds, &[]), "transformer/config.json")
+            .and("`pos_embed_max_size")
+            .memory_limited(),
+    );
     // regressions found by the fuzz suite (issue 17): Burn's GroupNorm asserting channels
     // divisible by the groups (or dividing by 0 groups), overflowing products, 2^40 blocks
     let huge = serde_json::json!(1u64 << 40);
     for (name, file, field, value, culprit) in [
         ("regression (issue 17): vae block_out_channels[0] 1", "vae/config.json", "block_out_channels", serde_json::json!([1, 32]), "`block_out_channels[0]`"),
         ("regression (issue 17): vae norm_num_groups 0", "vae/config.json", "norm_num_groups", serde_json::json!(0), "`norm_num_groups`"),
-        ("regression (issue 17): transformer num_attention_heads 2^40", "transformer/config.json", "num_attention_heads", huge.clone(), "`num_attention_heads`"),
+        (
+            "regression (issue 17): transformer num_attention_heads 2^40",
+            "transformer/config.json",
+            "num_attention_heads",
+            huge.clone(),
+            "`num_attention_heads`",
+        ),
         ("regression (issue 17): transformer patch_size 2^40", "transformer/config.json", "patch_size", huge.clone(), "`patch_size`"),
         ("regression (issue 17): transformer num_layers 2^40", "transformer/config.json", "num_layers", huge.clone(), "`num_layers`"),
     ] {
@@ -141,7 +169,8 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let e = reshape("embeds-pooled.safetensors", "pooled_prompt_embeds", HostTensor { shape: vec![1, 5], data: pp.data[..5].to_vec() });
     cases.push(Case::new("--prompt-embeds: pooled width 5 for 10", &sample(m, &e, &[]), "pooled_prompt_embeds").and("10"));
     let ne = &embeds_map["negative_prompt_embeds"];
-    let e = reshape("embeds-batch.safetensors", "negative_prompt_embeds", HostTensor { shape: vec![2, 5, 12], data: [ne.data.clone(), ne.data.clone()].concat() });
+    let e =
+        reshape("embeds-batch.safetensors", "negative_prompt_embeds", HostTensor { shape: vec![2, 5, 12], data: [ne.data.clone(), ne.data.clone()].concat() });
     cases.push(Case::new("--prompt-embeds: negative batch 2 for 1 prompt", &sample(m, &e, &[]), "negative_prompt_embeds"));
     let mut nan = embeds_map.clone();
     nan.get_mut("prompt_embeds").unwrap().data[3] = f32::NAN;
@@ -165,7 +194,11 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     ] {
         cases.push(Case::new(name, &ok(&[flag, value]), culprit));
     }
-    cases.push(Case::new("--prompt-file missing", &["sample", "--model", m, "--prompt-file", s(&w.join("prompts.txt")), "--no-t5", "--output", s(&png)], "prompts.txt"));
+    cases.push(Case::new(
+        "--prompt-file missing",
+        &["sample", "--model", m, "--prompt-file", s(&w.join("prompts.txt")), "--no-t5", "--output", s(&png)],
+        "prompts.txt",
+    ));
 
     // adapters
     let clip_adapter = fixtures().join("clip-tiny/peft_lora");
@@ -179,10 +212,33 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     cases.push(Case::new("--output: missing directory", &ok(&["--output", s(&w.join("nowhere/img.png"))]), "nowhere"));
     let under = make::under_a_file(w, "img.png");
     cases.push(Case::new("--output: parent is a regular file", &ok(&["--output", s(&under)]), "a-regular-file"));
-    cases.push(Case::new("--output-latents: parent is a regular file", &ok(&["--output-latents", s(&w.join("a-regular-file/l.safetensors"))]), "a-regular-file"));
+    cases.push(Case::new(
+        "--output-latents: parent is a regular file",
+        &ok(&["--output-latents", s(&w.join("a-regular-file/l.safetensors"))]),
+        "a-regular-file",
+    ));
     cases.push(Case::new(
         "--save-prompt-embeds: parent is a regular file",
-        &["sample", "--model", m, "--prompt", "a cat", "--no-t5", "--max-sequence-length", "3", "--steps", "1", "--height", "16", "--width", "12", "--save-prompt-embeds", s(&w.join("a-regular-file/e.safetensors")), "--output", s(&png)],
+        &[
+            "sample",
+            "--model",
+            m,
+            "--prompt",
+            "a cat",
+            "--no-t5",
+            "--max-sequence-length",
+            "3",
+            "--steps",
+            "1",
+            "--height",
+            "16",
+            "--width",
+            "12",
+            "--save-prompt-embeds",
+            s(&w.join("a-regular-file/e.safetensors")),
+            "--output",
+            s(&png),
+        ],
         "a-regular-file",
     ));
 
@@ -190,10 +246,14 @@ fn hostile_inputs_are_rejected_naming_the_culprit() {
     let home = w.join("hf-home");
     std::fs::create_dir(&home).unwrap();
     cases.push(
-        Case::new("hub: id offline with an empty cache", &sample("stabilityai/stable-diffusion-3-medium-diffusers", &embeds, &[]), "stabilityai/stable-diffusion-3-medium-diffusers")
-            .and("HF_HUB_OFFLINE")
-            .env("HF_HUB_OFFLINE", "1")
-            .env("HF_HOME", &home),
+        Case::new(
+            "hub: id offline with an empty cache",
+            &sample("stabilityai/stable-diffusion-3-medium-diffusers", &embeds, &[]),
+            "stabilityai/stable-diffusion-3-medium-diffusers",
+        )
+        .and("HF_HUB_OFFLINE")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &home),
     );
 
     assert!(cases.len() >= 25);

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::prelude::*;
+use lora_runtime::imaging::load_rgb;
 use sd3_gen::metrics::inception::{self, deterministic_state_dict, deterministic_uniform, load_fid_inception};
 use sd3_gen::metrics::{ClipScore, ClipScorer, FID_EPS, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance};
-use lora_runtime::imaging::load_rgb;
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 
 type B = Flex;
@@ -165,7 +165,12 @@ fn fid_matches_pytorch_fid() {
         assert_eq!(r[&format!("fid.{case}.retried")].data[0], 0.0, "{case}: pytorch-fid retried with eps");
         let rel = |v: f64| (v - want).abs() / want.abs();
         let got = fid_from_features(&f1, n1, &f2, n2, d).unwrap();
-        println!("{case}: ours {:.10} pytorch-fid {want:.10} (rel {:.1e}); numpy eigen {exact:.10} (rel {:.1e})", got.value, rel(got.value), (got.value - exact).abs() / exact);
+        println!(
+            "{case}: ours {:.10} pytorch-fid {want:.10} (rel {:.1e}); numpy eigen {exact:.10} (rel {:.1e})",
+            got.value,
+            rel(got.value),
+            (got.value - exact).abs() / exact
+        );
         let tol = if d > n1.min(n2) && d > 64 { FID_DEFICIENT_TOL } else { FID_TOL };
         assert!(rel(got.value) < tol, "{case}: FID {} vs pytorch-fid {want}", got.value);
         assert!(!got.eps_retry);
@@ -256,7 +261,10 @@ fn clip_score_matches_torchmetrics() {
     }
     let three = ClipScore::from_cosines(&cos[..3]).unwrap();
     let all = ClipScore::from_cosines(&cos).unwrap();
-    println!("torchmetrics {} / ours {}; all four: {} / {}", r["torchmetrics"].data[0], three.clip_score_100, r["torchmetrics_all"].data[0], all.clip_score_100);
+    println!(
+        "torchmetrics {} / ours {}; all four: {} / {}",
+        r["torchmetrics"].data[0], three.clip_score_100, r["torchmetrics_all"].data[0], all.clip_score_100
+    );
     assert!((three.clip_score_100 - r["torchmetrics"].data[0] as f64).abs() < 100.0 * CLIP_TOL);
     assert!((three.clip_score_100 - r["torchmetrics_2"].data[0] as f64).abs() < 100.0 * CLIP_TOL);
     assert!(cos[2] < 0.0 && three.clip_score_100 > 0.0, "the clamp is on the mean, not per pair");
@@ -331,8 +339,25 @@ fn eval_end_to_end_on_the_tiny_pipeline() {
     let sd3_dir = s(&fixtures().join("sd3-tiny"));
     let args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
-            "eval", "--model", &sd3_dir, "--dataset", &s(&data), "--inception", &s(&weights), "--clip-model", &s(clip.path()),
-            "--max-sequence-length", "4", "--steps", "2", "--guidance", "2", "--height", "16", "--width", "16",
+            "eval",
+            "--model",
+            &sd3_dir,
+            "--dataset",
+            &s(&data),
+            "--inception",
+            &s(&weights),
+            "--clip-model",
+            &s(clip.path()),
+            "--max-sequence-length",
+            "4",
+            "--steps",
+            "2",
+            "--guidance",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
         ]
         .map(String::from)
         .to_vec();

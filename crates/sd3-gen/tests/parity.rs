@@ -53,9 +53,7 @@ fn mmdit_matches_diffusers_stage_by_stage() {
     let r = reference();
     let (model, _) = load_transformer::<B>(&dir(), &Default::default()).unwrap();
     let t: Vec<f32> = r["timestep"].1.clone();
-    let (out, trace) = model
-        .forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t)
-        .unwrap();
+    let (out, trace) = model.forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap();
     check(&r, "embedded", trace.embedded);
     check(&r, "temb", trace.temb);
     check(&r, "context", trace.context);
@@ -111,7 +109,8 @@ fn bad_input_is_named() {
     let big: Tensor<B, 4> = Tensor::zeros([2, 4, 14, 6], &Default::default());
     let err = model.forward(big, tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap_err().to_string();
     assert!(err.contains("pos_embed_max_size"), "{err}");
-    let err = model.forward(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t[..1]).unwrap_err().to_string();
+    let err =
+        model.forward(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t[..1]).unwrap_err().to_string();
     assert!(err.contains("batch mismatch"), "{err}");
 }
 
@@ -230,9 +229,7 @@ fn sd35_dual_attention_matches_diffusers() {
         .map(|(k, v)| (k, (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())))
         .collect();
     let t: Vec<f32> = r["timestep"].1.clone();
-    let (out, trace) = model
-        .forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t)
-        .unwrap();
+    let (out, trace) = model.forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap();
     let (x0, c0) = trace.blocks[0].clone();
     check(&r35, "block.0.hidden", x0);
     check(&r35, "block.0.context", c0.unwrap());
@@ -254,7 +251,9 @@ fn sd3_medium_adapter_parameter_counts() {
     assert_eq!(cfg, sd3_gen::Sd3TransformerConfig::preset("sd3-medium").unwrap());
     let two = sd3_gen::Sd3TransformerConfig { num_layers: 2, ..cfg };
     let dev = Default::default();
-    let count = |method| sd3_gen::Sd3Transformer::<burn::backend::Autodiff<B>>::new(&two, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts();
+    let count = |method| {
+        sd3_gen::Sd3Transformer::<burn::backend::Autodiff<B>>::new(&two, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts()
+    };
     let (lora, serial) = (count(Method::Lora), count(Method::SerialLora));
     assert_eq!((lora.trainable * 12, serial.trainable * 12), (18_874_368, 4_718_592));
     assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);

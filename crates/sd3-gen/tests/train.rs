@@ -9,14 +9,14 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use lora_runtime::run::RunOptions;
 use sd3_gen::data::CaptionDataset;
 use sd3_gen::data::CaptionedImage;
 use sd3_gen::train::{TrainConfig, clip_grad_norm, flow_matching_loss, logit_normal_index, pixel_values, scaled_latents, train, training_schedule};
 use sd3_gen::vae::load_vae;
 use sd3_gen::{Sd3Error, Sd3Transformer, load_transformer};
-use serial_lora::io::{self, HostTensor, read_safetensors};
-use lora_runtime::run::RunOptions;
 use serial_lora::ParamCountExt;
+use serial_lora::io::{self, HostTensor, read_safetensors};
 
 type AB = Autodiff<Flex>;
 type B = Flex;
@@ -237,7 +237,8 @@ fn fit_loss(model: &Sd3Transformer<B>, run: &Path) -> f32 {
         for (j, s) in [0.25f32, 0.5, 0.75].into_iter().enumerate() {
             B::seed(&dev, (i * 3 + j) as u64);
             let noise = Tensor::random(x0.dims(), burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
-            let (loss, _) = flow_matching_loss(model, x0.clone(), noise, &[s], &[s * 1000.0], pe.clone().unsqueeze_dim(0), pp.clone().unsqueeze_dim(0)).unwrap();
+            let (loss, _) =
+                flow_matching_loss(model, x0.clone(), noise, &[s], &[s * 1000.0], pe.clone().unsqueeze_dim(0), pp.clone().unsqueeze_dim(0)).unwrap();
             total += loss.into_scalar().elem::<f32>();
         }
     }
@@ -349,9 +350,30 @@ fn two_peers_reach_the_single_device_adapter_of_the_doubled_batch() {
     captioned(&data, 6);
     let model = fixture("sd3-tiny");
     let base = [
-        "train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--method", "lora", "--rank", "2", "--lr", "1e-3",
-        "--iters", "3", "--resolution", "16", "--grad-accum", "2", "--max-grad-norm", "1", "--max-sequence-length", "2", "--no-t5",
-        "--test-fraction", "0",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--rank",
+        "2",
+        "--lr",
+        "1e-3",
+        "--iters",
+        "3",
+        "--resolution",
+        "16",
+        "--grad-accum",
+        "2",
+        "--max-grad-norm",
+        "1",
+        "--max-sequence-length",
+        "2",
+        "--no-t5",
+        "--test-fraction",
+        "0",
     ];
     data_parallel::two_peers_match_doubled_batch(env!("CARGO_BIN_EXE_sd3-gen"), &base, 1, tmp.path(), io::DIFFUSERS_WEIGHTS_FILE, SUM_ORDER_TOL);
 }

@@ -50,9 +50,7 @@ impl AttentionConfig {
         let kv = self.kv_dim.unwrap_or(self.d_model);
         let lin = |i, o, bias| LoraLinear::new(LinearConfig::new(i, o).with_bias(bias).init(device));
         let qkv = if self.fused_qkv {
-            QkvProjection::Fused(FusedQkv::new(
-                LinearConfig::new(self.d_model, 3 * inner).with_bias(self.qkv_bias).init(device),
-            ))
+            QkvProjection::Fused(FusedQkv::new(LinearConfig::new(self.d_model, 3 * inner).with_bias(self.qkv_bias).init(device)))
         } else {
             QkvProjection::Separate(SeparateQkv {
                 q: lin(self.d_model, inner, self.qkv_bias),
@@ -60,12 +58,7 @@ impl AttentionConfig {
                 v: lin(kv, inner, self.qkv_bias),
             })
         };
-        Attention {
-            serial: None,
-            qkv,
-            o: self.out_proj.then(|| lin(inner, self.d_model, true)),
-            num_heads: self.num_heads,
-        }
+        Attention { serial: None, qkv, o: self.out_proj.then(|| lin(inner, self.d_model, true)), num_heads: self.num_heads }
     }
 }
 
@@ -100,13 +93,7 @@ pub struct Attention<B: Backend> {
 /// `mask` is true where attention is *not* allowed (`[batch|1, heads|1, q, k]`); `bias` is added
 /// to the scores. The mask is applied as an additive −∞ bias: burn-tch 0.21's fused attention
 /// reads boolean masks inverted (burn guide §4.1), an additive bias is read alike everywhere.
-pub fn sdpa<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4, Bool>>,
-    bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
+pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
     let bias = match (mask, bias) {
@@ -139,13 +126,7 @@ pub fn sdpa<B: Backend>(
 /// [b, h, lq, kh]`, `rel_w [b, h, lq, kw]` and `kh·kw` keys. On Flex the two terms go into the
 /// fused kernel as they are (no `[b, h, lq, lk]` bias, forward or backward: 805 MB for one
 /// global layer of SAM at 1024²); elsewhere the bias is materialised for [`sdpa`].
-pub fn sdpa_rel_pos<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    rel_h: Tensor<B, 4>,
-    rel_w: Tensor<B, 4>,
-) -> Tensor<B, 4> {
+pub fn sdpa_rel_pos<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, rel_h: Tensor<B, 4>, rel_w: Tensor<B, 4>) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
     if let Some(kind) = flex_kind::<B>(&q) {
         return flex_sdpa(kind, q, k, v, Some(crate::flex::attention::Bias::Decomposed(rel_h, rel_w)));
@@ -241,20 +222,13 @@ impl<B: Backend> Attention<B> {
         let wants = |p: Projection| cfg.method == Method::Lora && cfg.target_projections.contains(&p);
         let attach = |l: LoraLinear<B>, p| if wants(p) { l.with_lora(cfg, device) } else { l.no_grad() };
         self.qkv = match self.qkv {
-            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv {
-                q: attach(s.q, Projection::Q),
-                k: attach(s.k, Projection::K),
-                v: attach(s.v, Projection::V),
-            }),
+            QkvProjection::Separate(s) => {
+                QkvProjection::Separate(SeparateQkv { q: attach(s.q, Projection::Q), k: attach(s.k, Projection::K), v: attach(s.v, Projection::V) })
+            }
             QkvProjection::Fused(f) => {
                 let [d_in, d] = f.slice_dims();
                 let pair = |p| wants(p).then(|| crate::lora::LoraPair::init(d_in, d, cfg, device));
-                QkvProjection::Fused(FusedQkv {
-                    base: f.base.no_grad(),
-                    q: pair(Projection::Q),
-                    k: pair(Projection::K),
-                    v: pair(Projection::V),
-                })
+                QkvProjection::Fused(FusedQkv { base: f.base.no_grad(), q: pair(Projection::Q), k: pair(Projection::K), v: pair(Projection::V) })
             }
         };
         self.o = self.o.map(|o| attach(o, Projection::O));
@@ -339,12 +313,7 @@ impl<B: Backend> Attention<B> {
     /// Projects separate query, key and value inputs (cross-attention). Serial LoRA, when
     /// attached, transforms each input. A fused block projects each input through `qkv` and
     /// keeps its slice.
-    pub fn qkv_cross(
-        &self,
-        xq: Tensor<B, 3>,
-        xk: Tensor<B, 3>,
-        xv: Tensor<B, 3>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    pub fn qkv_cross(&self, xq: Tensor<B, 3>, xk: Tensor<B, 3>, xv: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let serial = |x| match &self.serial {
             Some(s) => s.forward(x),
             None => x,
@@ -426,10 +395,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Maps the base weight of each q/k/v projection (`[in, out]`), as Serial LoRA merge needs.
-    fn map_qkv_weights(
-        mut self,
-        mut f: impl FnMut(Tensor<B, 2>, &str) -> Result<Tensor<B, 2>>,
-    ) -> Result<Self> {
+    fn map_qkv_weights(mut self, mut f: impl FnMut(Tensor<B, 2>, &str) -> Result<Tensor<B, 2>>) -> Result<Self> {
         let mut map = |lin: Linear<B>, name: &str| -> Result<Linear<B>> {
             let w = f(lin.weight.val().detach(), name)?;
             Ok(Linear { weight: replace_frozen(lin.weight, w), ..lin })
@@ -488,10 +454,7 @@ impl<B: Backend> Attention<B> {
     pub fn merge_and_unload(self) -> Result<Self> {
         let mut merged = if self.is_merged() { self } else { self.merge()? };
         merged.serial = None;
-        merged.map_projections(
-            |l, _| Ok(LoraLinear { lora: None, ..l }),
-            |f| Ok(FusedQkv { q: None, k: None, v: None, ..f }),
-        )
+        merged.map_projections(|l, _| Ok(LoraLinear { lora: None, ..l }), |f| Ok(FusedQkv { q: None, k: None, v: None, ..f }))
     }
 
     fn map_projections(
@@ -500,11 +463,7 @@ impl<B: Backend> Attention<B> {
         fused: impl FnOnce(FusedQkv<B>) -> Result<FusedQkv<B>>,
     ) -> Result<Self> {
         self.qkv = match self.qkv {
-            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv {
-                q: lin(s.q, "q")?,
-                k: lin(s.k, "k")?,
-                v: lin(s.v, "v")?,
-            }),
+            QkvProjection::Separate(s) => QkvProjection::Separate(SeparateQkv { q: lin(s.q, "q")?, k: lin(s.k, "k")?, v: lin(s.v, "v")? }),
             QkvProjection::Fused(f) => QkvProjection::Fused(fused(f)?),
         };
         self.o = self.o.map(|o| lin(o, "o")).transpose()?;

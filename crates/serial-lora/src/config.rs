@@ -111,11 +111,7 @@ impl AdapterConfig {
             "lora-plus" => (Method::Lora, true),
             "serial-lora-plus" => (Method::SerialLora, true),
             other => {
-                return Err(Error::config(
-                    "method",
-                    other,
-                    "expected one of lora, serial-lora, lora-plus, serial-lora-plus",
-                ));
+                return Err(Error::config("method", other, "expected one of lora, serial-lora, lora-plus, serial-lora-plus"));
             }
         };
         let mut cfg = Self::new(method, rank);

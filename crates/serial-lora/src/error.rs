@@ -12,7 +12,11 @@ pub enum Error {
     TargetMatchesNothing(String),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A JSON or TOML file could not be parsed.
     #[error("{path}: malformed {format}: {message}")]
     Parse { path: PathBuf, format: &'static str, message: String },

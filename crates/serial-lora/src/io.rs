@@ -131,10 +131,10 @@ pub fn max_abs_diff(a: &Path, b: &Path) -> Result<f32> {
     let ((ta, _), (tb, _)) = (read_safetensors(a)?, read_safetensors(b)?);
     let mut max = 0f32;
     for (key, x) in &ta {
-        let y = tb.get(key).filter(|y| y.shape == x.shape).ok_or_else(|| Error::Safetensors {
-            path: b.into(),
-            message: format!("no tensor `{key}` of shape {:?} (as in {})", x.shape, a.display()),
-        })?;
+        let y = tb
+            .get(key)
+            .filter(|y| y.shape == x.shape)
+            .ok_or_else(|| Error::Safetensors { path: b.into(), message: format!("no tensor `{key}` of shape {:?} (as in {})", x.shape, a.display()) })?;
         max = x.data.iter().zip(&y.data).fold(max, |m, (p, q)| m.max((p - q).abs()));
     }
     if let Some(extra) = tb.keys().find(|k| !ta.contains_key(*k)) {
@@ -171,17 +171,14 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, HostTensor>, Ha
 
 /// Writes f32 tensors to a safetensors file atomically.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadata: HashMap<String, String>) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), t.shape.clone()))
-        .collect();
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(k, t)| (k.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), t.shape.clone())).collect();
     let views = bytes
         .iter()
         .map(|(k, b, s)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (k.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Safetensors { path: path.into(), message: e.to_string() })?;
-    let out = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::Safetensors { path: path.into(), message: e.to_string() })?;
+    let out = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Safetensors { path: path.into(), message: e.to_string() })?;
     write_atomic(path, &out)
 }
 
@@ -253,12 +250,7 @@ fn collect<B: Backend, M: AdaptedModel<B>>(
 
 /// Saves the adapters of `model` to directory `dir` (created if missing). `base_model` is
 /// recorded as `base_model_name_or_path`. LoRA directories load in PEFT.
-pub fn save_adapter<B: Backend, M: AdaptedModel<B>>(
-    model: &M,
-    cfg: &AdapterConfig,
-    dir: impl AsRef<Path>,
-    base_model: Option<&str>,
-) -> Result<()> {
+pub fn save_adapter<B: Backend, M: AdaptedModel<B>>(model: &M, cfg: &AdapterConfig, dir: impl AsRef<Path>, base_model: Option<&str>) -> Result<()> {
     save_adapter_with_prefix(model, cfg, dir, base_model, PEFT_PREFIX)
 }
 
@@ -584,4 +576,3 @@ fn split_fused(a: &HostTensor, b: &HostTensor, d: usize) -> Result<[Option<(Host
         (!zero).then_some((ai, bi))
     }))
 }
-

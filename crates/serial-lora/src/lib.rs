@@ -23,17 +23,17 @@ pub mod config;
 pub mod error;
 #[cfg(feature = "flex")]
 mod flex;
-#[cfg(feature = "tch")]
-mod libtorch;
-#[cfg(any(feature = "flex", feature = "tch"))]
-mod prim;
 pub mod io;
 pub mod layers;
+#[cfg(feature = "tch")]
+mod libtorch;
 pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod parse;
+#[cfg(any(feature = "flex", feature = "tch"))]
+mod prim;
 pub mod serial;
 #[doc(hidden)]
 #[cfg(any(feature = "flex", feature = "tch", feature = "cuda"))]

@@ -6,8 +6,8 @@
 //! (`lora_a ∈ [in, r]`, `lora_b ∈ [r, out]`); [`crate::io`] transposes at the file boundary.
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::Distribution;
 use burn::prelude::*;
+use burn::tensor::Distribution;
 
 use crate::config::{AdapterConfig, Init};
 use crate::error::{Error, Result};
@@ -42,12 +42,7 @@ impl<B: Backend> LoraPair<B> {
             }
             Init::Gaussian => Distribution::Normal(0.0, 1.0 / r as f64),
         };
-        Self::from_tensors(
-            Tensor::random([d_in, r], dist, device),
-            Tensor::zeros([r, d_out], device),
-            cfg.scale(),
-            cfg.dropout,
-        )
+        Self::from_tensors(Tensor::random([d_in, r], dist, device), Tensor::zeros([r, d_out], device), cfg.scale(), cfg.dropout)
     }
 
     /// A pair from given tensors in Burn layout (`a ∈ [in, r]`, `b ∈ [r, out]`), trainable.
@@ -69,9 +64,7 @@ impl<B: Backend> LoraPair<B> {
     /// `s·(dropout(x)·A)·B` for `x ∈ [..., in]`. Dropout is active only under autodiff.
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        x.matmul(self.lora_a.val().unsqueeze())
-            .matmul(self.lora_b.val().unsqueeze())
-            .mul_scalar(self.scale)
+        x.matmul(self.lora_a.val().unsqueeze()).matmul(self.lora_b.val().unsqueeze()).mul_scalar(self.scale)
     }
 
     /// The dense update `s·A·B ∈ [in, out]`, detached from the autodiff graph.
@@ -81,10 +74,7 @@ impl<B: Backend> LoraPair<B> {
 }
 
 /// Replaces the value of a frozen parameter, keeping its id.
-pub(crate) fn replace_frozen<const D: usize, B: Backend>(
-    param: Param<Tensor<B, D>>,
-    value: Tensor<B, D>,
-) -> Param<Tensor<B, D>> {
+pub(crate) fn replace_frozen<const D: usize, B: Backend>(param: Param<Tensor<B, D>>, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::initialized(param.id, value.detach()).set_require_grad(false)
 }
 

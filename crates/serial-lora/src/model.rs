@@ -53,12 +53,19 @@ pub trait AdaptedModel<B: Backend>: Module<B> + Sized {
         // every targeted block (widths are the blocks' input width)
         let mut total = 0u64;
         for (i, site) in self.attention_sites().iter().enumerate().filter(|(i, _)| cfg.targets_block(*i)) {
-            let pair = crate::parse::elements(&format!("an adapter pair of block {i}"), &[("rank", cfg.rank), ("model width", site.attention.d_model()), ("A and B", 2)])
-                .map_err(|m| Error::config("rank", cfg.rank, m))?;
+            let pair = crate::parse::elements(
+                &format!("an adapter pair of block {i}"),
+                &[("rank", cfg.rank), ("model width", site.attention.d_model()), ("A and B", 2)],
+            )
+            .map_err(|m| Error::config("rank", cfg.rank, m))?;
             total = total.saturating_add(pair.saturating_mul(4));
         }
         if total > crate::parse::MAX_TENSOR_ELEMENTS {
-            return Err(Error::config("rank", cfg.rank, format!("the adapters would have about {total} parameters, more than the limit of {}", crate::parse::MAX_TENSOR_ELEMENTS)));
+            return Err(Error::config(
+                "rank",
+                cfg.rank,
+                format!("the adapters would have about {total} parameters, more than the limit of {}", crate::parse::MAX_TENSOR_ELEMENTS),
+            ));
         }
         self.no_grad().try_map_attention(&mut |i, a| if cfg.targets_block(i) { a.with_adapter(cfg, device) } else { Ok(a) })
     }
@@ -117,9 +124,7 @@ impl<B: Backend> AdaptedModel<B> for AttentionStack<B> {
             crate::attention::QkvProjection::Separate(_) => STACK_SEPARATE_NAMES,
         };
         let attention = self.layers.iter().enumerate();
-        attention
-            .map(|(i, a)| AttentionSite { path: format!("{}.{i}.self_attn", Self::PREFIX), names: names(a), attention: a })
-            .collect()
+        attention.map(|(i, a)| AttentionSite { path: format!("{}.{i}.self_attn", Self::PREFIX), names: names(a), attention: a }).collect()
     }
 
     fn try_map_attention(self, f: &mut dyn FnMut(usize, Attention<B>) -> Result<Attention<B>>) -> Result<Self> {

@@ -47,10 +47,7 @@ impl<O, M, B> LoraPlus<O, M, B> {
 }
 
 /// AdamW with PyTorch defaults, wrapped for LoRA+ (`ratio = 1` gives plain AdamW).
-pub fn loraplus_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
-    config: &AdamWConfig,
-    ratio: f64,
-) -> LoraPlus<OptimizerAdaptor<AdamW, M, B>, M, B> {
+pub fn loraplus_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(config: &AdamWConfig, ratio: f64) -> LoraPlus<OptimizerAdaptor<AdamW, M, B>, M, B> {
     LoraPlus::new(config.init::<B, M>(), ratio)
 }
 

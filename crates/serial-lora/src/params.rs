@@ -57,10 +57,9 @@ pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
 pub trait ParamCountExt<B: Backend>: Module<B> {
     /// Total and trainable counts in one pass.
     fn param_counts(&self) -> ParamCounts {
-        param_infos::<B, Self>(self).iter().fold(ParamCounts::default(), |acc, p| ParamCounts {
-            total: acc.total + p.numel,
-            trainable: acc.trainable + if p.trainable { p.numel } else { 0 },
-        })
+        param_infos::<B, Self>(self)
+            .iter()
+            .fold(ParamCounts::default(), |acc, p| ParamCounts { total: acc.total + p.numel, trainable: acc.trainable + if p.trainable { p.numel } else { 0 } })
     }
     /// Number of parameters that receive gradients.
     fn trainable_params(&self) -> usize {

@@ -11,9 +11,9 @@ use burn::prelude::*;
 
 use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
+use crate::host_f64;
 use crate::layers::on_rows;
 use crate::lora::LoraPair;
-use crate::host_f64;
 
 /// The shared pre-projection transform of one attention block.
 #[derive(Module, Debug)]
@@ -50,10 +50,9 @@ impl<B: Backend> SerialLora<B> {
         let b = DMatrix::<f64>::from_row_slice(r, d, &host_f64(b));
         let w = DMatrix::<f64>::from_row_slice(d, out, &host_f64(w));
         // I + s·B·A is invertible exactly when I + s·A·B is (same non-unit eigenvalues).
-        let inv = (&b * &a * s + DMatrix::identity(r, r)).try_inverse().ok_or(Error::MergeState {
-            module: name.into(),
-            message: "I + s·B·A is singular: the merged weights cannot be unmerged",
-        })?;
+        let inv = (&b * &a * s + DMatrix::identity(r, r))
+            .try_inverse()
+            .ok_or(Error::MergeState { module: name.into(), message: "I + s·B·A is singular: the merged weights cannot be unmerged" })?;
         let w0 = &w - &a * (inv * (&b * &w)) * s;
         let data: Vec<f32> = w0.transpose().iter().map(|&x| x as f32).collect(); // row-major
         Ok(Tensor::from_data(TensorData::new(data, [d, out]), &device))

@@ -71,14 +71,7 @@ fn fused_matches_decomposed_forward_and_gradients() {
             }
             (None, b) => b.clone(),
         };
-        let reference = attention_fallback(
-            heads(q0.clone()),
-            heads(k0.clone()),
-            heads(v0.clone()),
-            None,
-            additive,
-            AttentionModuleOptions::default(),
-        );
+        let reference = attention_fallback(heads(q0.clone()), heads(k0.clone()), heads(v0.clone()), None, additive, AttentionModuleOptions::default());
         let g2 = (reference.clone() * dout).sum().backward();
 
         close(&format!("{}: output", c.name), fused.clone().inner(), reference.inner());

@@ -88,7 +88,6 @@ fn damaged_adapter_files_never_panic() {
     }
 }
 
-
 /// The harness itself: a panicking loader fails the property (after shrinking), and the field
 /// check wants the field in backticks.
 #[test]

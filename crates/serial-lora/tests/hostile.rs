@@ -76,4 +76,3 @@ fn malformed_adapter_presets_are_named() {
     let ok = AdapterConfig::load(preset(w, "ok.toml", "method = \"serial-lora\"\nrank = 4\n")).unwrap();
     assert_eq!((ok.method, ok.rank), (Method::SerialLora, 4));
 }
-

@@ -8,10 +8,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use common::*;
 use serial_lora::analysis::{qkv_spectra, singular_values};
-use serial_lora::{
-    AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Error, Init, Method, ParamCountExt, Projection,
-    QkvProjection, io,
-};
+use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Error, Init, Method, ParamCountExt, Projection, QkvProjection, io};
 
 /// merged vs unmerged (and unmerge vs original) in f32: folding s·A·B into W reorders the sums
 /// of one matmul; method.md: "f32: ~1e-5 relative".
@@ -30,25 +27,13 @@ fn cases() -> Vec<Case> {
     vec![
         Case { name: "lora d16", attn: sep(16, 2), layers: 2, adapter: AdapterConfig::new(Method::Lora, 4).with_alpha(8.0) },
         Case { name: "serial d16", attn: sep(16, 2), layers: 2, adapter: AdapterConfig::new(Method::SerialLora, 4).with_alpha(8.0) },
-        Case {
-            name: "lora fused d12 rslora",
-            attn: fused(12, 3),
-            layers: 2,
-            adapter: AdapterConfig::new(Method::Lora, 2).with_alpha(4.0).with_rslora(true),
-        },
-        Case {
-            name: "serial fused d12 gaussian",
-            attn: fused(12, 3),
-            layers: 2,
-            adapter: AdapterConfig::new(Method::SerialLora, 3).with_init(Init::Gaussian),
-        },
+        Case { name: "lora fused d12 rslora", attn: fused(12, 3), layers: 2, adapter: AdapterConfig::new(Method::Lora, 2).with_alpha(4.0).with_rslora(true) },
+        Case { name: "serial fused d12 gaussian", attn: fused(12, 3), layers: 2, adapter: AdapterConfig::new(Method::SerialLora, 3).with_init(Init::Gaussian) },
         Case {
             name: "lora d8 no-bias block 1, q+v",
             attn: sep(8, 1).with_qkv_bias(false),
             layers: 3,
-            adapter: AdapterConfig::new(Method::Lora, 2)
-                .with_target_blocks(Some(vec![1]))
-                .with_target_projections(vec![Projection::Q, Projection::V]),
+            adapter: AdapterConfig::new(Method::Lora, 2).with_target_blocks(Some(vec![1])).with_target_projections(vec![Projection::Q, Projection::V]),
         },
         Case {
             name: "lora fused d12 k only",
@@ -124,11 +109,7 @@ fn merge_matches_unmerged_and_unmerge_restores_base() {
         let merged = m.merge_adapters().unwrap();
         let e = rel_err(merged.forward(x.clone()), y.clone());
         assert!(e < MERGE_TOL, "{}: merged differs from unmerged by {e}", case.name);
-        assert!(
-            matches!(merged.clone().merge_adapters(), Err(Error::MergeState { .. })),
-            "{}: merging twice must fail",
-            case.name
-        );
+        assert!(matches!(merged.clone().merge_adapters(), Err(Error::MergeState { .. })), "{}: merging twice must fail", case.name);
         let unmerged = merged.clone().unmerge_adapters().unwrap();
         for (w, w0) in base_weights(&unmerged).into_iter().zip(base_weights(&base)) {
             let e = rel_err(w, w0);
@@ -218,10 +199,10 @@ fn fused_qkv_lora_equals_separate_lora() {
     let QkvProjection::Separate(s) = &sep.layers[0].qkv else { unreachable!() };
     let cat = |f: &dyn Fn(&serial_lora::LoraLinear<B>) -> Tensor<B, 2>| Tensor::cat(vec![f(&s.q), f(&s.k), f(&s.v)], 1);
     let w = cat(&|l| l.base.weight.val());
-    let b: Tensor<B, 1> = Tensor::cat(vec![s.q.base.bias.as_ref().unwrap().val(), s.k.base.bias.as_ref().unwrap().val(), s.v.base.bias.as_ref().unwrap().val()], 0);
+    let b: Tensor<B, 1> =
+        Tensor::cat(vec![s.q.base.bias.as_ref().unwrap().val(), s.k.base.bias.as_ref().unwrap().val(), s.v.base.bias.as_ref().unwrap().val()], 0);
     let fused = serial_lora::FusedQkv {
-        base: burn::nn::Linear { weight: burn::module::Param::from_tensor(w.detach()), bias: Some(burn::module::Param::from_tensor(b.detach())) }
-            .no_grad(),
+        base: burn::nn::Linear { weight: burn::module::Param::from_tensor(w.detach()), bias: Some(burn::module::Param::from_tensor(b.detach())) }.no_grad(),
         q: s.q.lora.clone(),
         k: s.k.lora.clone(),
         v: s.v.lora.clone(),
@@ -406,4 +387,3 @@ fn shipped_adapter_configs_load() {
     }
     assert!(n >= 4);
 }
-

@@ -13,9 +13,7 @@ use serial_lora::io::{self, HostTensor};
 use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, LoraLinear, Method, QkvProjection};
 
 fn export_dir() -> PathBuf {
-    std::env::var("PEFT_EXPORT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("peft-export"))
+    std::env::var("PEFT_EXPORT_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("peft-export"))
 }
 
 /// Base weights under their HF names, PyTorch layout.

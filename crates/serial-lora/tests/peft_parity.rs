@@ -148,13 +148,19 @@ fn loraplus_steps(prefix: &str, dir: &str) {
 }
 
 #[test]
-#[cfg_attr(feature = "tch", ignore = "open bug: on LibTorch the LoRA+ AdamW parameters match PEFT after step 1 (6e-8) but not after step 3 (0.5); README, Backends")]
+#[cfg_attr(
+    feature = "tch",
+    ignore = "open bug: on LibTorch the LoRA+ AdamW parameters match PEFT after step 1 (6e-8) but not after step 3 (0.5); README, Backends"
+)]
 fn loraplus_adamw_steps_match_peft() {
     loraplus_steps("loraplus", "peft_lora");
 }
 
 #[test]
-#[cfg_attr(feature = "tch", ignore = "open bug: on LibTorch the LoRA+ AdamW parameters match PEFT after step 1 (6e-8) but not after step 3 (0.5); README, Backends")]
+#[cfg_attr(
+    feature = "tch",
+    ignore = "open bug: on LibTorch the LoRA+ AdamW parameters match PEFT after step 1 (6e-8) but not after step 3 (0.5); README, Backends"
+)]
 fn serial_loraplus_adamw_steps_match_peft_optimizer() {
     loraplus_steps("serialplus", "serial_lora");
 }

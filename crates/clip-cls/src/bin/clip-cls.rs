@@ -8,19 +8,19 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use clip_cls::data::Dataset;
+use clip_cls::export::export_clip;
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
 use clip_cls::proxy::{ProxyConfig, run_proxy};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::train::{TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
 use indicatif::ProgressBar;
-use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::DeviceSpec;
 use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
-use clip_cls::export::export_clip;
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
-use lora_runtime::DeviceSpec;
 use serial_lora::io;
 
 #[derive(Parser)]
@@ -172,11 +172,7 @@ fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = &model_dir(&args.model)?;
     let (model, cfg) = load_clip::<B>(dir, device)?;
     let model = merge_weighted(model, &adapters(args)?, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
-    Ok(Loaded {
-        model,
-        tokenizer: ClipTokenizer::from_dir(dir)?,
-        processor: ImageProcessor::from_dir(dir, &cfg.vision_config)?,
-    })
+    Ok(Loaded { model, tokenizer: ClipTokenizer::from_dir(dir)?, processor: ImageProcessor::from_dir(dir, &cfg.vision_config)? })
 }
 
 fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {

@@ -8,13 +8,13 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
+use lora_runtime::dist::Peer;
+use lora_runtime::run::cosine_lr;
+use lora_runtime::train::{Micro, StepPlan, TrainTask, optimizer_step};
 use serde::{Deserialize, Serialize};
 use serial_lora::io::{HostTensor, read_safetensors, write_safetensors};
 use serial_lora::layers::Activation;
 use serial_lora::optim::adamw_pytorch_defaults;
-use lora_runtime::dist::Peer;
-use lora_runtime::run::cosine_lr;
-use lora_runtime::train::{Micro, StepPlan, TrainTask, optimizer_step};
 use serial_lora::{AdaptedModel, Attention, AttentionSite};
 
 use super::PRETRAIN_CLASSES;
@@ -81,16 +81,10 @@ impl<B: Backend> AdaptedModel<B> for ProxyModel<B> {
             .collect()
     }
 
-    fn try_map_attention(
-        mut self,
-        f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>,
-    ) -> serial_lora::Result<Self> {
+    fn try_map_attention(mut self, f: &mut dyn FnMut(usize, Attention<B>) -> serial_lora::Result<Attention<B>>) -> serial_lora::Result<Self> {
         let layers = std::mem::take(&mut self.vision_model.encoder.layers);
-        self.vision_model.encoder.layers = layers
-            .into_iter()
-            .enumerate()
-            .map(|(i, l)| Ok(EncoderLayer { self_attn: f(i, l.self_attn)?, ..l }))
-            .collect::<serial_lora::Result<_>>()?;
+        self.vision_model.encoder.layers =
+            layers.into_iter().enumerate().map(|(i, l)| Ok(EncoderLayer { self_attn: f(i, l.self_attn)?, ..l })).collect::<serial_lora::Result<_>>()?;
         Ok(self)
     }
 }

@@ -34,9 +34,7 @@ impl Digits {
         let bad = |message: String| ClipError::Dataset { path: path.into(), message };
         let mut text = String::new();
         if bytes.starts_with(&[0x1f, 0x8b]) {
-            flate2::read::GzDecoder::new(&bytes[..])
-                .read_to_string(&mut text)
-                .map_err(|e| bad(format!("not a readable gzip-compressed CSV file: {e}")))?;
+            flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).map_err(|e| bad(format!("not a readable gzip-compressed CSV file: {e}")))?;
         } else {
             text = String::from_utf8(bytes).map_err(|e| bad(format!("not a gzip file and not UTF-8 text: {e}")))?;
         }

@@ -25,8 +25,7 @@ pub fn tiny_model_dir() -> tempfile::TempDir {
     let mut vocab: Vec<String> = full.vocab_prefix(512);
     vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
     vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
-    let map: serde_json::Map<String, serde_json::Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
     std::fs::write(dir.path().join("vocab.json"), serde_json::to_string(&map).unwrap()).unwrap();
     std::fs::write(dir.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
     dir
@@ -44,7 +43,6 @@ pub fn clip(args: &[&str]) -> (bool, String, String) {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
-
 
 /// Class colours of the generated dataset (folder names test the `_` → space rule).
 pub const COLOURS: [(&str, [u8; 3]); 3] = [("bright_red", [210, 40, 40]), ("grass_green", [40, 190, 60]), ("sky_blue", [50, 70, 220])];
@@ -65,9 +63,7 @@ pub fn colour_dataset(dir: &Path, train: usize, test: usize) {
             std::fs::create_dir_all(&class_dir).unwrap();
             for i in 0..n {
                 let (w, h) = (36 + (next() % 30) as u32, 36 + (next() % 30) as u32);
-                let img = image::RgbImage::from_fn(w, h, |_, _| {
-                    image::Rgb(rgb.map(|c| (c as i64 + (next() % 81) as i64 - 40).clamp(0, 255) as u8))
-                });
+                let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb(rgb.map(|c| (c as i64 + (next() % 81) as i64 - 40).clamp(0, 255) as u8)));
                 img.save(class_dir.join(format!("{i:02}.png"))).unwrap();
             }
         }

@@ -8,16 +8,16 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
-use sam_seg::data::SegDataset;
-use sam_seg::train::{TrainConfig, evaluate, train};
-use sam_seg::{Prompts, load_sam_sized};
+use lora_runtime::DeviceSpec;
 use lora_runtime::dist::{Launch, Peer, launch};
-use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::load_rgb;
+use lora_runtime::run::{ProgressReporter, RunArgs};
+use sam_seg::data::SegDataset;
 use sam_seg::export::export_sam;
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
-use lora_runtime::DeviceSpec;
+use sam_seg::train::{TrainConfig, evaluate, train};
+use sam_seg::{Prompts, load_sam_sized};
 use serial_lora::io;
 
 #[derive(Parser)]
@@ -248,10 +248,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             let xy: Vec<f32> = points.iter().flat_map(|(p, _)| proc.scale_point(px.original_size, *p)).collect();
             let labels: Vec<i64> = points.iter().map(|(_, l)| *l).collect();
             let n = points.len();
-            (
-                Tensor::from_data(TensorData::new(xy, [1, 1, n, 2]), device),
-                Tensor::from_data(TensorData::new(labels, [1, 1, n]), device),
-            )
+            (Tensor::from_data(TensorData::new(xy, [1, 1, n, 2]), device), Tensor::from_data(TensorData::new(labels, [1, 1, n]), device))
         }),
         boxes: r#box.map(|b| Tensor::from_data(TensorData::new(proc.scale_box(px.original_size, b).to_vec(), [1, 1, 4]), device)),
         masks: None,

@@ -8,20 +8,20 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
+use lora_runtime::DeviceSpec;
+use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::save_png;
+use lora_runtime::run::{ProgressReporter, RunArgs};
+use sd3_gen::export::{export_sd3, merge_adapters};
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
-use sd3_gen::export::{export_sd3, merge_adapters};
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::train::{TrainConfig, train};
 use sd3_gen::vae::load_vae;
-use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use serial_lora::io::{self, HostTensor, read_safetensors};
-use lora_runtime::imaging::save_png;
-use lora_runtime::dist::{Launch, Peer, launch};
-use lora_runtime::run::{ProgressReporter, RunArgs};
-use lora_runtime::DeviceSpec;
 
 #[derive(Parser)]
 #[command(version, about = "Stable Diffusion 3 with LoRA / Serial LoRA adapters: sampling and fine-tuning")]
@@ -287,7 +287,24 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         return Ok(());
     }
     let Cmd::Sample {
-        model, adapters, prompt, prompt_file, save_prompt_embeds, negative, no_t5, max_sequence_length, prompt_embeds, latents, seed, steps, guidance, height, width, output_latents, output, ..
+        model,
+        adapters,
+        prompt,
+        prompt_file,
+        save_prompt_embeds,
+        negative,
+        no_t5,
+        max_sequence_length,
+        prompt_embeds,
+        latents,
+        seed,
+        steps,
+        guidance,
+        height,
+        width,
+        output_latents,
+        output,
+        ..
     } = cmd
     else {
         return eval::run::<B<AB>>(device, cmd);
@@ -308,7 +325,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             lora_runtime::cli::check_output_parent(flag, out)?;
         }
     }
-    let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
+    let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env())
+        .context("--model")?;
     let adapters = adapters.list()?;
     let (mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
     // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
@@ -388,7 +406,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     let images = decode_to_rgb(&vae, &vae_cfg, out);
     let n = images.len();
     for (i, img) in images.iter().enumerate() {
-        let path = if n == 1 { output.clone() } else { output.with_file_name(format!("{}-{i}.png", output.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))) };
+        let path =
+            if n == 1 { output.clone() } else { output.with_file_name(format!("{}-{i}.png", output.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))) };
         save_png(img, &path)?;
         eprintln!("wrote {}", path.display());
     }
@@ -403,9 +422,7 @@ fn main() -> Result<()> {
             Launch::Done(code) => std::process::exit(code),
             Launch::Train { peer, device } => (device, peer),
         },
-        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } | Cmd::Fid { device, .. } => {
-            (device.clone(), Peer::single())
-        }
+        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } | Cmd::Fid { device, .. } => (device.clone(), Peer::single()),
     };
     let device: DeviceSpec = device.parse().context("--device")?;
     lora_runtime::dispatch!(device, run(&cli.command, &peer))

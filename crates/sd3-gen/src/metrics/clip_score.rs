@@ -79,10 +79,7 @@ impl<B: Backend> ClipScorer<B> {
 
     /// L2-normalized image embeddings `[n, projection_dim]`.
     pub fn image_embeds(&self, images: &[RgbImage], device: &B::Device) -> Tensor<B, 2> {
-        let parts: Vec<Tensor<B, 2>> = images
-            .chunks(BATCH)
-            .map(|chunk| self.model.get_image_features(self.processor.batch(chunk, device)))
-            .collect();
+        let parts: Vec<Tensor<B, 2>> = images.chunks(BATCH).map(|chunk| self.model.get_image_features(self.processor.batch(chunk, device))).collect();
         clip_cls::model::l2_normalize(Tensor::cat(parts, 0))
     }
 

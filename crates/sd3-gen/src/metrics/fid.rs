@@ -139,13 +139,7 @@ fn trace_sqrt_product(s1: &DMatrix<f64>, s2: &DMatrix<f64>) -> Option<f64> {
 pub fn frechet_distance(a: &FidStats, b: &FidStats, eps: f64) -> Result<Fid> {
     let d = a.mu.len();
     if b.mu.len() != d || a.sigma.shape() != (d, d) || b.sigma.shape() != (d, d) {
-        return Err(Sd3Error::Input(format!(
-            "FID statistics differ in size: mu {} / {}, sigma {:?} / {:?}",
-            d,
-            b.mu.len(),
-            a.sigma.shape(),
-            b.sigma.shape()
-        )));
+        return Err(Sd3Error::Input(format!("FID statistics differ in size: mu {} / {}, sigma {:?} / {:?}", d, b.mu.len(), a.sigma.shape(), b.sigma.shape())));
     }
     let diff = &a.mu - &b.mu;
     let base = diff.dot(&diff) + a.sigma.trace() + b.sigma.trace();

@@ -18,8 +18,8 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::module::{avg_pool2d, interpolate, max_pool2d};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use serial_lora::io::HostTensor;
 use lora_runtime::weights::{KeyTable, load_safetensors};
+use serial_lora::io::HostTensor;
 
 use crate::error::Result;
 
@@ -74,11 +74,7 @@ fn c_s2<B: Backend>(cin: usize, cout: usize, d: &B::Device) -> BasicConv2d<B> {
 }
 /// 1×n (`wide`) or n×1 convolution with "same" padding.
 fn c_1xn<B: Backend>(cin: usize, cout: usize, n: usize, wide: bool, d: &B::Device) -> BasicConv2d<B> {
-    if wide {
-        BasicConv2d::new(cin, cout, [1, n], [1, 1], [0, n / 2], d)
-    } else {
-        BasicConv2d::new(cin, cout, [n, 1], [1, 1], [n / 2, 0], d)
-    }
+    if wide { BasicConv2d::new(cin, cout, [1, n], [1, 1], [0, n / 2], d) } else { BasicConv2d::new(cin, cout, [n, 1], [1, 1], [n / 2, 0], d) }
 }
 
 /// TF-style 3×3/1 average pool that ignores the zero padding (`count_include_pad=False`).
@@ -136,12 +132,7 @@ pub struct InceptionB<B: Backend> {
 impl<B: Backend> InceptionB<B> {
     /// `Mixed_6a`: `in` = 288.
     pub fn new(cin: usize, d: &B::Device) -> Self {
-        Self {
-            branch3x3: c_s2(cin, 384, d),
-            branch3x3dbl_1: c(cin, 64, 1, d),
-            branch3x3dbl_2: c(64, 96, 3, d),
-            branch3x3dbl_3: c_s2(96, 96, d),
-        }
+        Self { branch3x3: c_s2(cin, 384, d), branch3x3dbl_1: c(cin, 64, 1, d), branch3x3dbl_2: c(64, 96, 3, d), branch3x3dbl_3: c_s2(96, 96, d) }
     }
     /// `[b, in, h, w]` → `[b, 480 + in, (h − 3) / 2 + 1, (w − 3) / 2 + 1]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {

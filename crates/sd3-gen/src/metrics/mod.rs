@@ -56,12 +56,7 @@ pub fn to_unit_tensor<B: Backend>(img: &RgbImage, device: &B::Device) -> Tensor<
 /// pool3 features of images of any sizes, row-major `[n, 2048]`: each image is resized to 299²
 /// on its own (pytorch-fid with images of different sizes, i.e. batch size 1), then the network
 /// runs on batches of resized images. `on_image(done)` reports progress.
-pub fn inception_features<B: Backend>(
-    model: &FidInceptionV3<B>,
-    images: &[RgbImage],
-    device: &B::Device,
-    on_image: &mut dyn FnMut(usize),
-) -> Vec<f32> {
+pub fn inception_features<B: Backend>(model: &FidInceptionV3<B>, images: &[RgbImage], device: &B::Device, on_image: &mut dyn FnMut(usize)) -> Vec<f32> {
     let mut get = |i: usize| Ok(images[i].clone());
     // infallible: the images are in memory
     inception_features_from(model, images.len(), &mut get, device, on_image).unwrap_or_default()

@@ -21,8 +21,8 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::{DType, Shape};
 use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::{AdTensor, Out, simd};
@@ -193,10 +193,7 @@ fn bias_grad(ds: &[f32], grads: &[Out], bh: usize, lq: usize, i0: usize, lk: usi
             let kh = lk / kw;
             for (i, row) in ds.chunks_exact(lk).enumerate() {
                 let (rh, rw) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(gh.at((bh * lq + i0 + i) * kh), kh),
-                        std::slice::from_raw_parts_mut(gw.at((bh * lq + i0 + i) * kw), kw),
-                    )
+                    (std::slice::from_raw_parts_mut(gh.at((bh * lq + i0 + i) * kh), kh), std::slice::from_raw_parts_mut(gw.at((bh * lq + i0 + i) * kw), kw))
                 };
                 rw.fill(0.0);
                 for (ky, chunk) in row.chunks_exact(kw).enumerate() {
@@ -228,7 +225,17 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
         s.resize(rows * lk, 0.0);
         // SAFETY: the views address [rows, d] / [lk, d] / [lk, dv]; s is [rows, lk]
         unsafe {
-            mm((rows, lk, d), s.as_mut_ptr(), (lk, 1), false, qv.row(bi, hi, i0), (qv.strides[2], qv.strides[3]), kv.row(bi, hi, 0), (kv.strides[3], kv.strides[2]), scale);
+            mm(
+                (rows, lk, d),
+                s.as_mut_ptr(),
+                (lk, 1),
+                false,
+                qv.row(bi, hi, i0),
+                (qv.strides[2], qv.strides[3]),
+                kv.row(bi, hi, 0),
+                (kv.strides[3], kv.strides[2]),
+                scale,
+            );
         }
         if let Some(bv) = &bv {
             add_bias(s, bv, bi, hi, i0, lk);
@@ -312,7 +319,17 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
                 // SAFETY: every view addresses the blocks named; the (bi, hi) gradient rows belong
                 // to this task alone
                 unsafe {
-                    mm((rows, lk, d), p.as_mut_ptr(), (lk, 1), false, q_blk, (qv.strides[2], qv.strides[3]), kv.row(bi, hi, 0), (kv.strides[3], kv.strides[2]), scale);
+                    mm(
+                        (rows, lk, d),
+                        p.as_mut_ptr(),
+                        (lk, 1),
+                        false,
+                        q_blk,
+                        (qv.strides[2], qv.strides[3]),
+                        kv.row(bi, hi, 0),
+                        (kv.strides[3], kv.strides[2]),
+                        scale,
+                    );
                     if let Some(bv) = &bv {
                         add_bias(p, bv, bi, hi, i0, lk);
                     }
@@ -327,7 +344,17 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
                     // dV += Pᵀ·dO
                     mm((lk, dv, rows), dv_rows, (h * dv, 1), blk > 0, p.as_ptr(), (1, lk), do_blk, (dov.strides[2], dov.strides[3]), 1.0);
                     // dP = dO·Vᵀ
-                    mm((rows, lk, dv), dp.as_mut_ptr(), (lk, 1), false, do_blk, (dov.strides[2], dov.strides[3]), vv.row(bi, hi, 0), (vv.strides[3], vv.strides[2]), 1.0);
+                    mm(
+                        (rows, lk, dv),
+                        dp.as_mut_ptr(),
+                        (lk, 1),
+                        false,
+                        do_blk,
+                        (dov.strides[2], dov.strides[3]),
+                        vv.row(bi, hi, 0),
+                        (vv.strides[3], vv.strides[2]),
+                        1.0,
+                    );
                     for (i, (dp_row, p_row)) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)).enumerate() {
                         let (o_row, g_row) = (ov.row(bi, hi, i0 + i), dov.row(bi, hi, i0 + i));
                         let mut di = 0.0f32;
@@ -338,7 +365,17 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
                     }
                     bias_grad(dp, &db_ptr, bh, lq, i0, lk, kw);
                     // dQ = scale·dS·K
-                    mm((rows, d, lk), dq_rows.add(i0 * h * d), (h * d, 1), false, dp.as_ptr(), (lk, 1), kv.row(bi, hi, 0), (kv.strides[2], kv.strides[3]), scale);
+                    mm(
+                        (rows, d, lk),
+                        dq_rows.add(i0 * h * d),
+                        (h * d, 1),
+                        false,
+                        dp.as_ptr(),
+                        (lk, 1),
+                        kv.row(bi, hi, 0),
+                        (kv.strides[2], kv.strides[3]),
+                        scale,
+                    );
                     // dK += scale·dSᵀ·Q
                     mm((lk, d, rows), dk_rows, (h * d, 1), blk > 0, dp.as_ptr(), (1, lk), q_blk, (qv.strides[2], qv.strides[3]), scale);
                 }

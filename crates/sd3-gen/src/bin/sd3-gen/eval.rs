@@ -8,16 +8,18 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use indicatif::ProgressBar;
+use lora_runtime::hub::{HubOptions, resolve_model_dir};
+use lora_runtime::imaging::{RgbImage, load_rgb, save_png};
 use sd3_gen::data::{CaptionDataset, CaptionedImage, load_image};
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
 use sd3_gen::metrics::inception::POOL3_DIM;
-use sd3_gen::metrics::{ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, inception_features_from, load_fid_inception, load_rgb_fid};
+use sd3_gen::metrics::{
+    ClipScore, ClipScorer, FidStats, fid_from_features, fid_stats_vs_features, inception_features, inception_features_from, load_fid_inception, load_rgb_fid,
+};
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
 use sd3_gen::vae::load_vae;
-use lora_runtime::hub::{HubOptions, resolve_model_dir};
-use lora_runtime::imaging::{RgbImage, load_rgb, save_png};
 
 use super::{Cmd, scheduler_shift};
 
@@ -93,11 +95,8 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
         let texts: Vec<String> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let jd = cfg.joint_attention_dim;
         let (pe, pp) = enc.encode_with_t5(&texts, jd, t5.as_ref(), t5_tokens, device)?;
-        let negative = if opts.guidance > 1.0 {
-            Some(enc.encode_with_t5(&vec![negative.to_string(); texts.len()], jd, t5.as_ref(), t5_tokens, device)?)
-        } else {
-            None
-        };
+        let negative =
+            if opts.guidance > 1.0 { Some(enc.encode_with_t5(&vec![negative.to_string(); texts.len()], jd, t5.as_ref(), t5_tokens, device)?) } else { None };
         let noise: Vec<Tensor<B, 4>> = chunk
             .iter()
             .map(|&i| {
@@ -121,7 +120,27 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
 
 pub fn run<B: Backend>(device: &B::Device, cmd: &Cmd) -> Result<()> {
     let Cmd::Eval {
-        model, adapters, dataset, split, split_seed, test_fraction, num_images, inception, real_stats, clip_model, no_t5, max_sequence_length, negative, steps, guidance, seed, height, width, batch, out_images, ..
+        model,
+        adapters,
+        dataset,
+        split,
+        split_seed,
+        test_fraction,
+        num_images,
+        inception,
+        real_stats,
+        clip_model,
+        no_t5,
+        max_sequence_length,
+        negative,
+        steps,
+        guidance,
+        seed,
+        height,
+        width,
+        batch,
+        out_images,
+        ..
     } = cmd
     else {
         bail!("not an eval command");

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use indicatif::ProgressBar;
 use sd3_gen::metrics::inception::POOL3_DIM;
-use sd3_gen::metrics::{FID_EPS, FidInceptionV3, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance, inception_features_batched, load_fid_inception, load_rgb_fid};
+use sd3_gen::metrics::{
+    FID_EPS, FidInceptionV3, FidStats, fid_from_features, fid_stats_vs_features, frechet_distance, inception_features_batched, load_fid_inception, load_rgb_fid,
+};
 
 use super::Cmd;
 use super::eval::inception_path;
