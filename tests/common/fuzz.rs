@@ -36,7 +36,10 @@ pub const CASE_TIME_LIMIT: Duration = Duration::from_secs(30);
 pub const MEMORY_LIMIT_BYTES: u64 = 8 << 30;
 
 /// The seed of every property run in CI (deterministic); `FUZZ_SEED=<u64>` picks another.
-pub const DEFAULT_SEED: u64 = 0x5e71a1_10_7a;
+pub const DEFAULT_SEED: u64 = 0x005e_71a1_107a;
+
+/// A loader under test: `Err((refused_cleanly, message))` when it rejects a file.
+pub type LoadFn<E> = dyn Fn(&Path) -> Result<(), (bool, E)>;
 
 /// Cases per byte-mutation property: `FUZZ_CASES`, else `default` (what CI runs).
 pub fn cases(default: u32) -> u32 {
@@ -249,12 +252,7 @@ pub fn names_field(message: &str, field: &str) -> bool {
 /// message)` may excuse an error that legitimately names something else: a config that passes
 /// validation but does not fit the fixture's weights (the weights loader names the tensor).
 /// Returns (cases, accepted, refused); fails listing every mishandled case.
-pub fn fuzz_config_fields<E: std::fmt::Display>(
-    model: &Path,
-    file: &str,
-    scratch: &Path,
-    load: &dyn Fn(&Path) -> Result<(), (bool, E)>,
-) -> (usize, usize, usize) {
+pub fn fuzz_config_fields<E: std::fmt::Display>(model: &Path, file: &str, scratch: &Path, load: &LoadFn<E>) -> (usize, usize, usize) {
     let dir = scratch.join(format!("fields-{}", file.replace('/', "_")));
     copy_dir(model, &dir);
     let original = std::fs::read_to_string(model.join(file)).unwrap();
@@ -430,7 +428,7 @@ pub fn flag_cases(flags: &[String], n: usize) -> Vec<(String, String)> {
             break;
         }
         let flag = flags[i % flags.len()].clone();
-        let value = if rng.next_u32() % 4 == 0 {
+        let value = if rng.next_u32().is_multiple_of(4) {
             (rng.next_u32() % 17).to_string()
         } else {
             HOSTILE_NUMBERS[rng.next_u32() as usize % HOSTILE_NUMBERS.len()].to_string()

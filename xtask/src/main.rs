@@ -202,6 +202,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Ci => {
             deps::check()?;
+            run(cargo("").args(["fmt", "--all", "--check"]))?;
+            run(cargo("").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
             run(cargo("").args(["test", "--workspace"]))?;
             // Built with the workspace's feature set (as the tests are) so nothing is rebuilt.
             run(cargo("").args(["build", "--workspace", "--examples"]))?;

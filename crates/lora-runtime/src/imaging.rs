@@ -169,8 +169,8 @@ fn horizontal(src: &RgbImage, out_w: usize, filter: Filter) -> RgbImage {
             let (xmin, n) = bounds[xx];
             for c in 0..3 {
                 let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for x in 0..n {
-                    ss += src.data[(y * src.width + xmin + x) * 3 + c] as i64 * k[xx][x] as i64;
+                for (x, &kx) in k[xx][..n].iter().enumerate() {
+                    ss += src.data[(y * src.width + xmin + x) * 3 + c] as i64 * kx as i64;
                 }
                 data[(y * out_w + xx) * 3 + c] = clip8(ss);
             }
@@ -188,8 +188,8 @@ fn vertical(src: &RgbImage, out_h: usize, filter: Filter) -> RgbImage {
         for x in 0..w {
             for c in 0..3 {
                 let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for y in 0..n {
-                    ss += src.data[((ymin + y) * w + x) * 3 + c] as i64 * k[yy][y] as i64;
+                for (y, &ky) in k[yy][..n].iter().enumerate() {
+                    ss += src.data[((ymin + y) * w + x) * 3 + c] as i64 * ky as i64;
                 }
                 data[(yy * w + x) * 3 + c] = clip8(ss);
             }

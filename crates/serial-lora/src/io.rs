@@ -187,12 +187,12 @@ fn pair_host<B: Backend>(p: &LoraPair<B>) -> (HostTensor, HostTensor) {
     (HostTensor::from_tensor(p.lora_a.val()).t(), HostTensor::from_tensor(p.lora_b.val()).t())
 }
 
+/// What [`collect`] gathers: the tensors by PEFT key, the adapted module paths, and the
+/// (rank, alpha) of modules that differ from the config's.
+type Collected = (BTreeMap<String, HostTensor>, Vec<String>, BTreeMap<String, (usize, f64)>);
+
 /// The adapter tensors of a model in PEFT naming (prefix included) and the adapted module paths.
-fn collect<B: Backend, M: AdaptedModel<B>>(
-    model: &M,
-    cfg: &AdapterConfig,
-    prefix: &str,
-) -> (BTreeMap<String, HostTensor>, Vec<String>, BTreeMap<String, (usize, f64)>) {
+fn collect<B: Backend, M: AdaptedModel<B>>(model: &M, cfg: &AdapterConfig, prefix: &str) -> Collected {
     // (module path, key infix, A [r, in], B [out, r]) in PyTorch layout
     let mut pairs: Vec<(String, &str, HostTensor, HostTensor)> = Vec::new();
     let mut patterns = BTreeMap::new();
