@@ -395,8 +395,8 @@ impl RunDir {
             )),
             Some(state) => self.load_checkpoint(base, optim, device).map(|(model, optim)| (model, optim, state)),
             None => {
-                AB::seed(device, seed);
-                base.with_adapters(adapter, device).map(|model| (model, optim, State { world, ..State::default() })).map_err(Error::from)
+                let init = stream_seed(seed, crate::train::streams::ADAPTER_INIT, 0);
+                base.with_adapters(adapter, init, device).map(|model| (model, optim, State { world, ..State::default() })).map_err(Error::from)
             }
         };
         let step = started.as_ref().map_or(0, |s| s.2.step);
