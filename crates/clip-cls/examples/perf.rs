@@ -112,13 +112,14 @@ fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
 
 fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, device)?;
+    let mut model = ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
+        model = model.with_dropout_seed(step as u64); // as the training driver, every micro-batch
         let logits = logits(&model, &x);
         let loss = log_softmax(logits, 1).gather(1, x.labels.clone().unsqueeze_dim(1)).mean().neg();
         let value = loss.clone().into_scalar().elem::<f32>(); // as `clip-cls train` (and a sync)

@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use burn::module::AutodiffModule;
-use burn::nn::LinearConfig;
+use burn::module::{AutodiffModule, Param};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use lora_runtime::dist::Peer;
@@ -199,10 +199,13 @@ pub struct Adapted<AB: AutodiffBackend> {
 pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, shots: &[usize], cfg: &ProxyConfig, device: &AB::Device) -> Result<Adapted<AB>> {
     cfg.check()?;
     let adapter = cfg.adapter_config()?;
-    AB::seed(device, stream_seed(cfg.seed, streams::PROXY_INIT, 0));
     let hidden = pretrained.head.weight.val().dims()[0];
-    let mut model = pretrained.with_adapters(&adapter, device)?;
-    model.head = LinearConfig::new(hidden, TRANSFER_CLASSES.len()).init(device);
+    let mut model = pretrained.with_adapters(&adapter, stream_seed(cfg.seed, streams::PROXY_INIT, 0), device)?;
+    // the new head as `LinearConfig::init` draws it (U(±1/√in) for weight and bias), seeded
+    let (mut rng, bound, n) = (serial_lora::rng::rng(stream_seed(cfg.seed, streams::PROXY_INIT, 1)), 1.0 / (hidden as f64).sqrt(), TRANSFER_CLASSES.len());
+    let weight = serial_lora::rng::uniform([hidden, n], bound, &mut rng, device);
+    let bias = serial_lora::rng::uniform([n], bound, &mut rng, device);
+    model.head = Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) };
     let adapter_params = model.vision_model.trainable_params();
     let head_params = model.head.trainable_params();
     let total_params = model.total_params();

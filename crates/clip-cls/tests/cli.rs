@@ -60,7 +60,7 @@ fn adapters_change_the_embeddings_as_in_the_library() {
     for method in [Method::Lora, Method::SerialLora] {
         let (base, _) = clip_cls::load_clip::<B>(model.path(), &dev).unwrap();
         let cfg = AdapterConfig::new(method, 2);
-        let adapted = base.with_adapters(&cfg, &dev).unwrap().map(&mut Bump::default());
+        let adapted = base.with_adapters(&cfg, 0, &dev).unwrap().map(&mut Bump::default());
         let adapter = model.path().join(format!("adapter-{}", cfg.method_name()));
         io::save_adapter(&adapted, &cfg, &adapter, None).unwrap();
         let out = model.path().join("out.safetensors");
@@ -79,7 +79,7 @@ fn adapters_change_the_embeddings_as_in_the_library() {
     }
 }
 
-/// Non-zero B so that an adapter changes the output.
+/// Non-zero B so that an adapter changes the output (seeded by the parameter's path).
 #[derive(Default)]
 struct Bump(Vec<String>);
 impl burn::module::ModuleMapper<B> for Bump {
@@ -92,7 +92,8 @@ impl burn::module::ModuleMapper<B> for Bump {
     fn map_float<const D: usize>(&mut self, p: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
         if self.0.last().is_some_and(|n| n == "lora_b") {
             let t = p.val();
-            let r = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.3), &t.device());
+            let mut rng = serial_lora::rng::rng(serial_lora::rng::named(&self.0.join(".")));
+            let r = serial_lora::rng::normal(t.dims(), 0.3, &mut rng, &t.device());
             burn::module::Param::initialized(p.id, r)
         } else {
             p
@@ -107,7 +108,7 @@ fn spectra_equal_the_library() {
     let dev = Default::default();
     let (base, _) = clip_cls::load_clip::<B>(model.path(), &dev).unwrap();
     let cfg = AdapterConfig::new(Method::SerialLora, 2);
-    let adapted = base.clone().with_adapters(&cfg, &dev).unwrap().map(&mut Bump::default());
+    let adapted = base.clone().with_adapters(&cfg, 0, &dev).unwrap().map(&mut Bump::default());
     let adapter = model.path().join("adapter");
     io::save_adapter(&adapted, &cfg, &adapter, None).unwrap();
     let out = model.path().join("spectra.json");

@@ -136,7 +136,7 @@ fn vit_b16_adapter_parameter_counts() {
     assert_eq!((&from_file.vision_config, &text), (&preset.vision_config, &preset.text_config));
     let count = |method| {
         let m = clip_cls::ClipModel::<burn::backend::Autodiff<B>>::new(&from_file, &dev);
-        let m = m.with_adapters(&AdapterConfig::new(method, 32), &dev).unwrap();
+        let m = m.with_adapters(&AdapterConfig::new(method, 32), 0, &dev).unwrap();
         assert_eq!(m.attention_sites().len(), 24);
         m.param_counts()
     };

@@ -59,14 +59,6 @@ fn test_accuracy(model_dir: &Path, dataset: &Path, adapter: Option<&Path>) -> f6
     r.top1
 }
 
-/// Burn's Flex RNG (adapter init, dropout) is process-global: a run is reproducible only when
-/// no other run draws from it at the same time, so the tests that train take turns.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn take_turn() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn mean(x: &[f32]) -> f32 {
     x.iter().sum::<f32>() / x.len() as f32
 }
@@ -81,7 +73,6 @@ fn expected_trainable(method: &str, rank: usize, blocks: usize) -> usize {
 
 #[test]
 fn every_method_learns_the_colour_task() {
-    let _turn = take_turn();
     let model = tiny_model_dir();
     let data = tempfile::tempdir().unwrap();
     colour_dataset(data.path(), 5, 6);
@@ -109,7 +100,6 @@ fn every_method_learns_the_colour_task() {
 
 #[test]
 fn one_tower_only_adapts_that_tower() {
-    let _turn = take_turn();
     let model = tiny_model_dir();
     let data = tempfile::tempdir().unwrap();
     colour_dataset(data.path(), 2, 0);
@@ -129,7 +119,6 @@ fn one_tower_only_adapts_that_tower() {
 
 #[test]
 fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
-    let _turn = take_turn();
     let model = tiny_model_dir();
     let data = tempfile::tempdir().unwrap();
     colour_dataset(data.path(), 5, 0);
@@ -204,7 +193,6 @@ fn coop_splits_and_few_shot_sampling() {
 
 #[test]
 fn bad_training_input_is_named() {
-    let _turn = take_turn();
     let model = tiny_model_dir();
     let data = tempfile::tempdir().unwrap();
     colour_dataset(data.path(), 3, 0);
@@ -295,7 +283,6 @@ fn jsonl(run: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn metrics_jsonl_and_eval_steps_keep_the_best_adapter() {
-    let _turn = take_turn();
     let model = tiny_model_dir();
     let data = tempfile::tempdir().unwrap();
     colour_dataset(data.path(), 5, 0);

@@ -63,7 +63,7 @@ pub fn infer_model<B: Backend, M: AdaptedModel<B>>(
     let adapted = match (method, mode) {
         ("base", "infer") => base,
         ("base", _) => return Err(Error::config("mode", mode, "--method base has only --mode infer")),
-        (_, "infer" | "infer-merged") => base.with_adapters(&adapter()?, device)?,
+        (_, "infer" | "infer-merged") => base.with_adapters(&adapter()?, 0, device)?,
         (_, m) => return Err(Error::config("mode", m, "expected train | infer | infer-merged")),
     };
     let trainable = adapter_params(&adapted);

@@ -366,8 +366,8 @@ impl RunDir {
     }
 
     /// The model and optimizer a training loop starts from: the checkpoint's when `resumed`
-    /// holds its state (from [`RunDir::open`]), else `base` with fresh adapters (the backend RNG
-    /// seeded with `seed` first) at step 0. The optimizer is AdamW with PyTorch's defaults and
+    /// holds its state (from [`RunDir::open`]), else `base` with fresh adapters (A drawn from
+    /// stream [`crate::train::streams::ADAPTER_INIT`] of `seed`) at step 0. The optimizer is AdamW with PyTorch's defaults and
     /// `weight_decay`, the B matrices at `lr × adapter.lr_ratio` (LoRA+; plain AdamW without).
     /// Data-parallel peers all start from the same step (checked), with the same adapters (the
     /// same seed; or the same checkpoint, written by a job with as many peers).
@@ -395,8 +395,8 @@ impl RunDir {
             )),
             Some(state) => self.load_checkpoint(base, optim, device).map(|(model, optim)| (model, optim, state)),
             None => {
-                AB::seed(device, seed);
-                base.with_adapters(adapter, device).map(|model| (model, optim, State { world, ..State::default() })).map_err(Error::from)
+                let init = stream_seed(seed, crate::train::streams::ADAPTER_INIT, 0);
+                base.with_adapters(adapter, init, device).map(|model| (model, optim, State { world, ..State::default() })).map_err(Error::from)
             }
         };
         let step = started.as_ref().map_or(0, |s| s.2.step);

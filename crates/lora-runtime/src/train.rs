@@ -32,8 +32,9 @@ pub mod streams {
     /// noise): example `j` of the global micro-batch draws from `stream_seed(that, 0, j)`
     /// ([`super::Micro::example_seed`]).
     pub const EXAMPLES: u64 = 2;
-    /// The adapter-dropout masks of micro-batch `i` (Burn's backend generator, seeded per peer by
-    /// [`crate::dist::Peer::seed`]).
+    /// The adapter-dropout masks of micro-batch `i`: set on the model by
+    /// [`serial_lora::AdaptedModel::with_dropout_seed`] (per peer: [`crate::dist::Peer::seed`]);
+    /// each adapter pair draws from its own sub-stream of it ([`serial_lora::rng`]).
     pub const DROPOUT: u64 = 3;
     /// CLIP, SAM: the seeded tenth of the training split `--eval-steps` evaluates on when the
     /// dataset has no `val` split (`i` = 0).
@@ -42,8 +43,11 @@ pub mod streams {
     pub const FLIP: u64 = 4;
     /// SD3: the noise of the validation samples (`i` = 0).
     pub const VALIDATION_NOISE: u64 = 5;
-    /// Digits proxy: the initialization of the adapters and the new head (`i` = 0).
+    /// Digits proxy: the initialization of the adapters (`i` = 0) and of the new head (`i` = 1).
     pub const PROXY_INIT: u64 = 5;
+    /// The A matrices of a run's fresh adapters (`i` = 0), drawn by
+    /// [`serial_lora::AdaptedModel::with_adapters`].
+    pub const ADAPTER_INIT: u64 = 6;
 }
 
 /// One micro-batch as a task sees it: this peer's share of the global micro-batch.
@@ -116,7 +120,7 @@ impl StepPlan {
 /// What a task contributes to the step loop.
 pub trait TrainTask<AB: AutodiffBackend> {
     /// The model being trained.
-    type Model: AutodiffModule<AB>;
+    type Model: AutodiffModule<AB> + AdaptedModel<AB>;
     /// The task's error; every runtime error converts into it.
     type Error: From<crate::Error>;
 
@@ -242,7 +246,7 @@ where
         let index = (step * accum + (m - first)) as u64;
         let micro = Micro { step, examples: mine, offset, example_seed: stream_seed(plan.seed, streams::EXAMPLES, index) };
         if plan.seed_dropout {
-            AB::seed(device, peer.seed(stream_seed(plan.seed, streams::DROPOUT, index)));
+            model = model.with_dropout_seed(peer.seed(stream_seed(plan.seed, streams::DROPOUT, index)));
         }
         let (loss, s) = task.loss(&model, &micro, device)?;
         let loss = loss.mul_scalar(peer.weight(mine.len(), batch.len()));

@@ -119,7 +119,7 @@ fn build<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Re
 
 fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = build::<AB>(cfg, args, device)?.with_adapters(&acfg, device)?;
+    let mut model = build::<AB>(cfg, args, device)?.with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);

@@ -129,7 +129,7 @@ fn adapters_go_on_the_image_encoder_only() {
     assert_eq!(sites[0], "vision_encoder.layers.0.attn");
     let d = v.hidden_size;
     for (method, per_block) in [(Method::Lora, 4 * 2 * d * 8), (Method::SerialLora, 2 * d * 8)] {
-        let adapted = SamModel::clone(&model).with_adapters(&AdapterConfig::new(method, 8), &dev).unwrap();
+        let adapted = SamModel::clone(&model).with_adapters(&AdapterConfig::new(method, 8), 0, &dev).unwrap();
         use serial_lora::ParamCountExt;
         assert_eq!(adapted.trainable_params(), v.num_hidden_layers * per_block, "{method:?}");
     }
@@ -173,7 +173,8 @@ fn vit_b_adapter_parameter_counts() {
     let cfg = sam_seg::SamConfig::from_json_file(&path).unwrap();
     assert_eq!(cfg.vision_config, sam_seg::SamConfig::preset("vit-b").unwrap().vision_config);
     let dev = Default::default();
-    let count = |method| SamModel::<burn::backend::Autodiff<B>>::new(&cfg, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts();
+    let count =
+        |method| SamModel::<burn::backend::Autodiff<B>>::new(&cfg, &dev).with_adapters(&AdapterConfig::new(method, 64), 0, &dev).unwrap().param_counts();
     let (lora, serial) = (count(Method::Lora), count(Method::SerialLora));
     assert_eq!((lora.trainable, serial.trainable), (4_718_592, 1_179_648));
     assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);

@@ -21,13 +21,6 @@ fn model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sam-tiny-shapes")
 }
 
-/// Burn's Flex RNG (adapter init, dropout) is process-global: trainings take turns.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn take_turn() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The shifted domain: `dir/images/NN.png` (64×64) with one dark rectangle on a bright noisy
 /// background each, `dir/masks/NN.png` its mask; `split.json` puts the first `train` in train
 /// and the rest in test.
@@ -102,7 +95,6 @@ fn mean(x: &[f32]) -> f32 {
 
 #[test]
 fn every_method_raises_the_test_dice() {
-    let _turn = take_turn();
     let data = tempfile::tempdir().unwrap();
     shapes(data.path(), 16, 8);
     let before = test_dice(data.path(), None);
@@ -128,7 +120,6 @@ fn every_method_raises_the_test_dice() {
 
 #[test]
 fn a_resumed_run_ends_bit_identical() {
-    let _turn = take_turn();
     let data = tempfile::tempdir().unwrap();
     shapes(data.path(), 6, 2);
     let cfg = TrainConfig { iters: Some(5), dropout: 0.1, save_steps: Some(2), batch: 2, ..config(data.path(), "serial-lora-plus") };
@@ -150,7 +141,6 @@ fn a_resumed_run_ends_bit_identical() {
 
 #[test]
 fn datasets_and_bad_input() {
-    let _turn = take_turn();
     let data = tempfile::tempdir().unwrap();
     shapes(data.path(), 4, 2);
     let ds = SegDataset::open(data.path(), 0, 0.2).unwrap();

@@ -126,7 +126,7 @@ fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
 
 fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = Sd3Transformer::<AB>::new(cfg, device).with_adapters(&acfg, device)?;
+    let mut model = Sd3Transformer::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
     let mut optim = loraplus_adamw::<AB, Sd3Transformer<AB>>(&adamw_pytorch_defaults().with_weight_decay(1e-4), acfg.lr_ratio.unwrap_or(1.0));

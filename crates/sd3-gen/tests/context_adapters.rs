@@ -53,7 +53,7 @@ fn rel<Bk: Backend>(a: Tensor<Bk, 4>, b: Tensor<Bk, 4>) -> f32 {
     (a - b).abs().max().into_scalar().elem::<f32>() / scale
 }
 
-/// Replaces every `lora_b` (zero at init) with N(0, 0.3²) values.
+/// Replaces every `lora_b` (zero at init) with N(0, 0.3²) values (seeded by the parameter's path).
 struct RandomizeB(Vec<String>);
 
 impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
@@ -66,7 +66,8 @@ impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
         if self.0.last().is_some_and(|n| n == "lora_b") {
             let t = p.val();
-            let r = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.3), &t.device());
+            let mut rng = serial_lora::rng::rng(serial_lora::rng::named(&self.0.join(".")));
+            let r = serial_lora::rng::normal(t.dims(), 0.3, &mut rng, &t.device());
             Param::initialized(p.id, r.detach().require_grad())
         } else {
             p
@@ -83,7 +84,7 @@ fn context_stream_is_off_by_default_and_counts_are_exact_when_on() {
     let serial = AdapterConfig::new(Method::SerialLora, r);
     // default: image stream only
     assert_eq!(model.attention_sites().len(), 2);
-    let image = model.clone().with_adapters(&lora, &dev).unwrap();
+    let image = model.clone().with_adapters(&lora, 0, &dev).unwrap();
     assert_eq!(image.trainable_params(), 2 * 4 * r * 2 * d);
     assert!(image.transformer_blocks.iter().all(|b| !b.attn.context.has_adapter()));
     // on: image sites, then context sites of the same modules
@@ -92,10 +93,10 @@ fn context_stream_is_off_by_default_and_counts_are_exact_when_on() {
     let p = |i: usize| format!("transformer_blocks.{i}.attn");
     assert_eq!(sites, [(p(0), "to_q"), (p(1), "to_q"), (p(0), "add_q_proj"), (p(1), "add_q_proj")]);
     // LoRA: 4 projections per image stream; context: 4 in block 0, 3 in the context_pre_only block
-    assert_eq!(both.clone().with_adapters(&lora, &dev).unwrap().trainable_params(), (2 * 4 + 4 + 3) * r * 2 * d);
-    assert_eq!(both.clone().with_adapters(&serial, &dev).unwrap().trainable_params(), 4 * r * 2 * d);
+    assert_eq!(both.clone().with_adapters(&lora, 0, &dev).unwrap().trainable_params(), (2 * 4 + 4 + 3) * r * 2 * d);
+    assert_eq!(both.clone().with_adapters(&serial, 0, &dev).unwrap().trainable_params(), 4 * r * 2 * d);
     // target_blocks index the site list: 2 = the first context stream only
-    let only = both.with_adapters(&serial.clone().with_target_blocks(Some(vec![2])), &dev).unwrap();
+    let only = both.with_adapters(&serial.clone().with_target_blocks(Some(vec![2])), 0, &dev).unwrap();
     assert!(only.transformer_blocks[0].attn.context.serial.is_some() && !only.transformer_blocks[0].attn.image.has_adapter());
 }
 
@@ -107,7 +108,7 @@ fn context_adapters_merge_unmerge_save_and_load() {
     let base_out = run(&base.clone().valid());
     for method in [Method::Lora, Method::SerialLora] {
         let cfg = AdapterConfig::new(method, 2).with_alpha(4.0);
-        let fresh = base.clone().with_adapters(&cfg, &dev).unwrap();
+        let fresh = base.clone().with_adapters(&cfg, 0, &dev).unwrap();
         let fresh_err = rel(run(&fresh.clone().valid()), base_out.clone());
         assert!(fresh_err < 1e-6, "{method:?}: fresh adapter {fresh_err}");
         let adapted = fresh.map(&mut RandomizeB(Vec::new())).valid();
@@ -155,7 +156,7 @@ fn context_stream_adapter_alone_changes_the_output() {
     let base_out = run(&base.clone().valid());
     for method in [Method::Lora, Method::SerialLora] {
         let cfg = AdapterConfig::new(method, 2).with_target_blocks(Some(vec![2, 3]));
-        let m = base.clone().with_adapters(&cfg, &dev).unwrap().map(&mut RandomizeB(Vec::new())).valid();
+        let m = base.clone().with_adapters(&cfg, 0, &dev).unwrap().map(&mut RandomizeB(Vec::new())).valid();
         assert!(m.transformer_blocks.iter().all(|b| !b.attn.image.has_adapter() && b.attn.context.has_adapter()));
         let effect = rel(run(&m), base_out.clone());
         let merge_err = rel(run(&m.clone().merge_adapters().unwrap()), run(&m));

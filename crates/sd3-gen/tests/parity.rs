@@ -93,7 +93,7 @@ fn adapters_go_on_the_image_stream_of_each_joint_attention() {
     assert_eq!(sites, ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]);
     let d = cfg.inner_dim();
     for (method, per_block) in [(Method::Lora, 4 * 2 * d * 4), (Method::SerialLora, 2 * d * 4)] {
-        let adapted = model.clone().with_adapters(&AdapterConfig::new(method, 4), &dev).unwrap();
+        let adapted = model.clone().with_adapters(&AdapterConfig::new(method, 4), 0, &dev).unwrap();
         assert_eq!(adapted.trainable_params(), cfg.num_layers * per_block, "{method:?}");
     }
 }
@@ -252,7 +252,7 @@ fn sd3_medium_adapter_parameter_counts() {
     let two = sd3_gen::Sd3TransformerConfig { num_layers: 2, ..cfg };
     let dev = Default::default();
     let count = |method| {
-        sd3_gen::Sd3Transformer::<burn::backend::Autodiff<B>>::new(&two, &dev).with_adapters(&AdapterConfig::new(method, 64), &dev).unwrap().param_counts()
+        sd3_gen::Sd3Transformer::<burn::backend::Autodiff<B>>::new(&two, &dev).with_adapters(&AdapterConfig::new(method, 64), 0, &dev).unwrap().param_counts()
     };
     let (lora, serial) = (count(Method::Lora), count(Method::SerialLora));
     assert_eq!((lora.trainable * 12, serial.trainable * 12), (18_874_368, 4_718_592));

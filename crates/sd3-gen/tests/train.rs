@@ -33,13 +33,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
-/// Burn's Flex RNG (adapter init, dropout) is process-global: trainings take turns.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn take_turn() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -235,8 +228,7 @@ fn fit_loss(model: &Sd3Transformer<B>, run: &Path) -> f32 {
         let pe: Tensor<B, 2> = t.remove("prompt_embeds").unwrap().to_tensor(&dev);
         let pp: Tensor<B, 1> = t.remove("pooled_prompt_embeds").unwrap().to_tensor(&dev);
         for (j, s) in [0.25f32, 0.5, 0.75].into_iter().enumerate() {
-            B::seed(&dev, (i * 3 + j) as u64);
-            let noise = Tensor::random(x0.dims(), burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+            let noise = serial_lora::rng::normal(x0.dims(), 1.0, &mut serial_lora::rng::rng((i * 3 + j) as u64), &dev);
             let (loss, _) =
                 flow_matching_loss(model, x0.clone(), noise, &[s], &[s * 1000.0], pe.clone().unsqueeze_dim(0), pp.clone().unsqueeze_dim(0)).unwrap();
             total += loss.into_scalar().elem::<f32>();
@@ -257,7 +249,6 @@ fn loss_goes_down_for_each_method() {
     let mut counts = Vec::new();
     for method in ["lora", "serial-lora", "lora-plus", "serial-lora-plus"] {
         let out = tmp.path().join(method);
-        let _turn = take_turn(); // training and fit_loss both seed the global RNG
         let m = train::<AB>(&config(&data, method), &out, &RunOptions::default(), &dev, &mut |_| {}).unwrap();
         assert!(m.run.completed && m.run.loss.iter().all(|l| l.is_finite()));
         let file = m.adapter.clone().unwrap();
@@ -287,7 +278,6 @@ fn resume_is_bit_identical() {
     (cfg.iters, cfg.batch, cfg.grad_accum, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lora_dropout, cfg.random_flip) =
         (Some(6), 2, 2, "cosine".into(), 2, 0.1, true);
     cfg.save_steps = Some(2);
-    let _turn = take_turn();
     let full = train::<AB>(&cfg, &tmp.path().join("full"), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
     let part = tmp.path().join("part");
     let stopped = train::<AB>(&cfg, &part, &RunOptions { stop_after: Some(3), ..Default::default() }, &dev, &mut |_| {}).unwrap();
@@ -316,7 +306,6 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
     let mut cfg = config(&data, "lora");
     cfg.iters = Some(4);
     let out = tmp.path().join("run");
-    let _turn = take_turn();
     train::<AB>(&cfg, &out, &RunOptions { stop_after: Some(1), ..Default::default() }, &dev, &mut |_| {}).unwrap();
     for e in std::fs::read_dir(out.join("cache")).unwrap() {
         let p = e.unwrap().path();

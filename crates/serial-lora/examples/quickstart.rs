@@ -35,11 +35,11 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &Args) -> anyhow::Result<()
     // A frozen "pretrained" model (random here) and a target made by a hidden adapter of the same kind.
     let base = AttentionStack::<B>::new(&attn, 4, device).fork(device);
     let cfg = AdapterConfig::from_method_name(&args.method, args.rank, 20.0)?.with_alpha(2.0 * args.rank as f64);
-    let teacher = base.clone().with_adapters(&cfg, device)?.map(&mut Perturb);
+    let teacher = base.clone().with_adapters(&cfg, 0, device)?.map(&mut Perturb);
     let x = Tensor::<B, 3>::random([8, 16, 64], Distribution::Normal(0.0, 1.0), device);
     let target = teacher.forward(x.clone()).detach();
 
-    let mut model = base.clone().with_adapters(&cfg, device)?;
+    let mut model = base.clone().with_adapters(&cfg, 0, device)?;
     let counts = model.param_counts();
     println!("{}: trainable {} of {} parameters", cfg.method_name(), counts.trainable, counts.total);
     let mut optim = loraplus_adamw::<B, AttentionStack<B>>(&adamw_pytorch_defaults().with_weight_decay(0.0), cfg.lr_ratio.unwrap_or(1.0));

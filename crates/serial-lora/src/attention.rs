@@ -17,6 +17,7 @@ use crate::config::{AdapterConfig, Method, Projection};
 use crate::error::{Error, Result};
 use crate::layers::on_rows;
 use crate::lora::{FusedQkv, LoraLinear, check_finite, replace_frozen};
+use crate::rng::StdRng;
 use crate::serial::SerialLora;
 
 /// Shape of an attention block.
@@ -215,25 +216,31 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// Freezes every base weight and attaches a fresh adapter per `cfg`.
-    pub fn with_adapter(mut self, cfg: &AdapterConfig, device: &B::Device) -> Result<Self> {
+    /// Freezes every base weight and attaches a fresh adapter per `cfg`, its A matrices drawn
+    /// from `rng` in [`Attention::pairs`] order.
+    pub fn with_adapter(mut self, cfg: &AdapterConfig, rng: &mut StdRng, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         if self.has_adapter() {
             return Err(Error::config("method", cfg.method_name(), "the block already has an adapter"));
         }
         let wants = |p: Projection| cfg.method == Method::Lora && cfg.target_projections.contains(&p);
-        let attach = |l: LoraLinear<B>, p| if wants(p) { l.with_lora(cfg, device) } else { l.no_grad() };
+        let attach = |l: LoraLinear<B>, p, rng: &mut StdRng| if wants(p) { l.with_lora(cfg, rng, device) } else { l.no_grad() };
+        // the Serial pair first: its A is the first drawn
+        let serial = (cfg.method == Method::SerialLora).then(|| SerialLora::init(self.d_model(), cfg, rng, device));
         self.qkv = match self.qkv {
             QkvProjection::Separate(s) => {
-                QkvProjection::Separate(SeparateQkv { q: attach(s.q, Projection::Q), k: attach(s.k, Projection::K), v: attach(s.v, Projection::V) })
+                let q = attach(s.q, Projection::Q, rng);
+                let k = attach(s.k, Projection::K, rng);
+                QkvProjection::Separate(SeparateQkv { q, k, v: attach(s.v, Projection::V, rng) })
             }
             QkvProjection::Fused(f) => {
                 let [d_in, d] = f.slice_dims();
-                let pair = |p| wants(p).then(|| crate::lora::LoraPair::init(d_in, d, cfg, device));
-                QkvProjection::Fused(FusedQkv { base: f.base.no_grad(), q: pair(Projection::Q), k: pair(Projection::K), v: pair(Projection::V) })
+                let mut pair = |p| wants(p).then(|| crate::lora::LoraPair::init(d_in, d, cfg, rng, device));
+                let (q, k) = (pair(Projection::Q), pair(Projection::K));
+                QkvProjection::Fused(FusedQkv { base: f.base.no_grad(), q, k, v: pair(Projection::V) })
             }
         };
-        self.o = self.o.map(|o| attach(o, Projection::O));
+        self.o = self.o.map(|o| attach(o, Projection::O, rng));
         if cfg.method == Method::SerialLora {
             if let QkvProjection::Separate(s) = &self.qkv
                 && s.k.dims()[0] != s.q.dims()[0]
@@ -244,7 +251,7 @@ impl<B: Backend> Attention<B> {
                     "a cross-attention block whose key/value width differs from its query width has no single shared input",
                 ));
             }
-            self.serial = Some(SerialLora::init(self.d_model(), cfg, device));
+            self.serial = serial;
         }
         Ok(self)
     }
@@ -257,6 +264,17 @@ impl<B: Backend> Attention<B> {
             QkvProjection::Fused(f) => out.extend(f.pairs().into_iter().flatten()),
         }
         out.extend(self.o.as_ref().and_then(|o| o.lora.as_ref()));
+        out
+    }
+
+    /// Every adapter pair of the block, mutable, in [`Attention::pairs`] order.
+    pub fn pairs_mut(&mut self) -> Vec<&mut crate::lora::LoraPair<B>> {
+        let mut out: Vec<&mut crate::lora::LoraPair<B>> = self.serial.iter_mut().map(|s| &mut s.pair).collect();
+        match &mut self.qkv {
+            QkvProjection::Separate(s) => out.extend([&mut s.q, &mut s.k, &mut s.v].into_iter().filter_map(|l| l.lora.as_mut())),
+            QkvProjection::Fused(f) => out.extend([f.q.as_mut(), f.k.as_mut(), f.v.as_mut()].into_iter().flatten()),
+        }
+        out.extend(self.o.as_mut().and_then(|o| o.lora.as_mut()));
         out
     }
 

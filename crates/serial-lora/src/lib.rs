@@ -34,6 +34,7 @@ pub mod params;
 pub mod parse;
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod prim;
+pub mod rng;
 pub mod serial;
 #[doc(hidden)]
 #[cfg(any(feature = "flex", feature = "tch", feature = "cuda"))]

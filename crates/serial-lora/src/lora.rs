@@ -5,13 +5,13 @@
 //! `lora_B.weight ∈ [out, r]`. Here A and B are stored in Burn's `[in, out]` layout
 //! (`lora_a ∈ [in, r]`, `lora_b ∈ [r, out]`); [`crate::io`] transposes at the file boundary.
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::Distribution;
 
 use crate::config::{AdapterConfig, Init};
 use crate::error::{Error, Result};
 use crate::layers::on_rows;
+use crate::rng::{self, AdapterDropout, StdRng};
 
 /// One low-rank pair: `delta(x) = s·(dropout(x)·A)·B`.
 #[derive(Module, Debug)]
@@ -20,7 +20,8 @@ pub struct LoraPair<B: Backend> {
     pub lora_a: Param<Tensor<B, 2>>,
     /// B, `[r, out]` (PEFT's `lora_B.weight` transposed); starts at zero.
     pub lora_b: Param<Tensor<B, 2>>,
-    pub dropout: Dropout,
+    /// Dropout on the pair's input, with masks from an explicit seed ([`crate::rng`]).
+    pub dropout: AdapterDropout,
     /// s = alpha / r (or alpha / √r).
     pub scale: f64,
     /// Whether `s·A·B` has been folded into the base weight (then `delta` is not applied).
@@ -28,32 +29,24 @@ pub struct LoraPair<B: Backend> {
 }
 
 impl<B: Backend> LoraPair<B> {
-    /// A fresh pair for a `d_in → d_out` map: A random per `cfg.init`, B zero, trainable.
+    /// A fresh pair for a `d_in → d_out` map: A random per `cfg.init` (drawn from `rng` on the
+    /// host, row-major), B zero, trainable.
     ///
     /// The tensors are created eagerly: a lazy Burn param is re-initialized by every `clone()`,
     /// which would give replicas (and clones kept for comparison) different A matrices.
-    pub fn init(d_in: usize, d_out: usize, cfg: &AdapterConfig, device: &B::Device) -> Self {
+    pub fn init(d_in: usize, d_out: usize, cfg: &AdapterConfig, rng: &mut StdRng, device: &B::Device) -> Self {
         let r = cfg.rank;
-        let dist = match cfg.init {
+        let a = match cfg.init {
             // kaiming_uniform_(a=√5) on [r, in]: gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
-            Init::KaimingUniform => {
-                let bound = 1.0 / (d_in as f64).sqrt();
-                Distribution::Uniform(-bound, bound)
-            }
-            Init::Gaussian => Distribution::Normal(0.0, 1.0 / r as f64),
+            Init::KaimingUniform => rng::uniform([d_in, r], 1.0 / (d_in as f64).sqrt(), rng, device),
+            Init::Gaussian => rng::normal([d_in, r], 1.0 / r as f64, rng, device),
         };
-        Self::from_tensors(Tensor::random([d_in, r], dist, device), Tensor::zeros([r, d_out], device), cfg.scale(), cfg.dropout)
+        Self::from_tensors(a, Tensor::zeros([r, d_out], device), cfg.scale(), cfg.dropout)
     }
 
     /// A pair from given tensors in Burn layout (`a ∈ [in, r]`, `b ∈ [r, out]`), trainable.
     pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
-        Self {
-            lora_a: Param::from_tensor(a.detach()),
-            lora_b: Param::from_tensor(b.detach()),
-            dropout: DropoutConfig::new(dropout).init(),
-            scale,
-            merged: false,
-        }
+        Self { lora_a: Param::from_tensor(a.detach()), lora_b: Param::from_tensor(b.detach()), dropout: AdapterDropout::new(dropout), scale, merged: false }
     }
 
     /// Rank r.
@@ -61,7 +54,8 @@ impl<B: Backend> LoraPair<B> {
         self.lora_a.lazy_shape().dims::<2>()[1]
     }
 
-    /// `s·(dropout(x)·A)·B` for `x ∈ [..., in]`. Dropout is active only under autodiff.
+    /// `s·(dropout(x)·A)·B` for `x ∈ [..., in]`. Dropout is active only under autodiff; each
+    /// call draws the next mask of the pair's stream ([`AdapterDropout`]).
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
         x.matmul(self.lora_a.val().unsqueeze()).matmul(self.lora_b.val().unsqueeze()).mul_scalar(self.scale)
@@ -105,9 +99,9 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Freezes the base layer and attaches a fresh pair.
-    pub fn with_lora(self, cfg: &AdapterConfig, device: &B::Device) -> Self {
+    pub fn with_lora(self, cfg: &AdapterConfig, rng: &mut StdRng, device: &B::Device) -> Self {
         let [d_in, d_out] = self.dims();
-        Self { base: self.base.no_grad(), lora: Some(LoraPair::init(d_in, d_out, cfg, device)) }
+        Self { base: self.base.no_grad(), lora: Some(LoraPair::init(d_in, d_out, cfg, rng, device)) }
     }
 
     /// `x·W + b + s·(dropout(x)·A)·B`.

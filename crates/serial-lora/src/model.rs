@@ -45,8 +45,10 @@ pub trait AdaptedModel<B: Backend>: Module<B> + Sized {
     fn try_map_attention(self, f: &mut dyn FnMut(usize, Attention<B>) -> Result<Attention<B>>) -> Result<Self>;
 
     /// Attaches fresh adapters per `cfg` to the targeted blocks and freezes every base weight
-    /// (including parameters outside the attention blocks).
-    fn with_adapters(self, cfg: &AdapterConfig, device: &B::Device) -> Result<Self> {
+    /// (including parameters outside the attention blocks). The A matrices are drawn from a
+    /// `StdRng` seeded with `seed`, block by block (see [`crate::rng`]); the dropout streams start
+    /// at [`AdaptedModel::with_dropout_seed`] of a sub-stream of `seed`.
+    fn with_adapters(self, cfg: &AdapterConfig, seed: u64, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         cfg.check_blocks(self.attention_sites().len())?;
         // refuse before allocating: A [r, d] and B [d, r] for each of up to 4 projections of
@@ -67,7 +69,28 @@ pub trait AdaptedModel<B: Backend>: Module<B> + Sized {
                 format!("the adapters would have about {total} parameters, more than the limit of {}", crate::parse::MAX_TENSOR_ELEMENTS),
             ));
         }
-        self.no_grad().try_map_attention(&mut |i, a| if cfg.targets_block(i) { a.with_adapter(cfg, device) } else { Ok(a) })
+        let mut rng = crate::rng::rng(seed);
+        let adapted = self.no_grad().try_map_attention(&mut |i, a| if cfg.targets_block(i) { a.with_adapter(cfg, &mut rng, device) } else { Ok(a) })?;
+        Ok(adapted.with_dropout_seed(crate::rng::substream(seed, u64::MAX)))
+    }
+
+    /// Restarts the dropout masks of every adapter pair at `seed`: pair `k` of the model (blocks
+    /// in order, [`Attention::pairs`] order within a block) draws from stream `(seed, k)`. A
+    /// training loop calls it once per micro-batch with that micro-batch's seed, so the masks
+    /// depend on (seed, step) only: not on what ran before in the process, nor on other threads.
+    fn with_dropout_seed(self, seed: u64) -> Self {
+        let mut k = 0u64;
+        let reseeded = self.try_map_attention(&mut |_, mut a| {
+            for p in a.pairs_mut() {
+                p.dropout.reseed(seed, k);
+                k += 1;
+            }
+            Ok(a)
+        });
+        match reseeded {
+            Ok(m) => m,
+            Err(e) => unreachable!("reseeding the dropout streams cannot fail: {e}"),
+        }
     }
 
     /// Folds every adapter into the base weights (see [`Attention::merge`]).

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::host_f64;
 use crate::layers::on_rows;
 use crate::lora::LoraPair;
+use crate::rng::StdRng;
 
 /// The shared pre-projection transform of one attention block.
 #[derive(Module, Debug)]
@@ -24,8 +25,8 @@ pub struct SerialLora<B: Backend> {
 
 impl<B: Backend> SerialLora<B> {
     /// A fresh transform for attention input width `d` (A random, B zero).
-    pub fn init(d: usize, cfg: &AdapterConfig, device: &B::Device) -> Self {
-        Self { pair: LoraPair::init(d, d, cfg, device) }
+    pub fn init(d: usize, cfg: &AdapterConfig, rng: &mut StdRng, device: &B::Device) -> Self {
+        Self { pair: LoraPair::init(d, d, cfg, rng, device) }
     }
 
     /// `h + s·(dropout(h)·A)·B`; the identity once merged.

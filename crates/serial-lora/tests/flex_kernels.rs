@@ -6,9 +6,9 @@
 //! against their f64 formulas. Every random tensor is seeded.
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
+use burn::tensor::Tolerance;
 use burn::tensor::module::attention_fallback;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Tolerance};
 use serial_lora::{has_fused_attention, sdpa};
 
 type AB = Autodiff<Flex>;
@@ -52,9 +52,9 @@ fn fused_matches_decomposed_forward_and_gradients() {
     ];
     assert!(has_fused_attention::<AB>() && has_fused_attention::<Flex>(), "Flex must take the fused path");
     let dev = Default::default();
-    AB::seed(&dev, 7);
+    let mut rng = serial_lora::rng::rng(7);
     for c in cases {
-        let rand = |s: [usize; 4]| Tensor::<AB, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        let mut rand = |s: [usize; 4]| serial_lora::rng::normal::<AB, 4>(s, 1.0, &mut rng, &dev);
         let q0 = rand([c.b, c.lq, c.h, c.d]).require_grad();
         let k0 = rand([c.b, c.lk, c.h, c.d]).require_grad();
         let v0 = rand([c.b, c.lk, c.h, c.d]).require_grad();
@@ -90,8 +90,8 @@ fn fused_matches_decomposed_forward_and_gradients() {
 #[test]
 fn fully_masked_row_gives_zero_output_and_no_gradient() {
     let dev = Default::default();
-    AB::seed(&dev, 3);
-    let rand = |s: [usize; 4]| Tensor::<AB, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+    let mut rng = serial_lora::rng::rng(3);
+    let mut rand = |s: [usize; 4]| serial_lora::rng::normal::<AB, 4>(s, 1.0, &mut rng, &dev);
     let (q, k, v) = (rand([1, 1, 4, 8]).require_grad(), rand([1, 1, 5, 8]).require_grad(), rand([1, 1, 5, 8]).require_grad());
     let mut m = vec![false; 20];
     m[5..10].iter_mut().for_each(|x| *x = true); // query row 1 sees nothing
@@ -153,10 +153,10 @@ fn activations_match_f64_formulas() {
 fn decomposed_rel_pos_matches_materialised_bias() {
     use serial_lora::sdpa_rel_pos;
     let dev = Default::default();
-    AB::seed(&dev, 11);
+    let mut rng = serial_lora::rng::rng(11);
     let (b, h, kh, kw, d) = (2, 3, 7, 9, 8);
     let (lq, lk) = (kh * kw, kh * kw);
-    let rand = |s: [usize; 4]| Tensor::<AB, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+    let mut rand = |s: [usize; 4]| serial_lora::rng::normal::<AB, 4>(s, 1.0, &mut rng, &dev);
     let (q, k, v) = (rand([b, lq, h, d]).require_grad(), rand([b, lk, h, d]).require_grad(), rand([b, lk, h, d]).require_grad());
     let (rh, rw) = (rand([b, h, lq, kh]).require_grad(), rand([b, h, lq, kw]).require_grad());
     let dout = rand([b, h, lq, d]).detach();

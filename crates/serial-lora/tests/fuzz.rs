@@ -39,7 +39,7 @@ fn every_numeric_adapter_preset_field_is_refused_by_name_or_attaches() {
         std::fs::write(dir.join("adapter.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         let load = |d: &Path| -> Result<(), (bool, serial_lora::Error)> {
             let cfg = AdapterConfig::load(d.join("adapter.json")).map_err(|e| (true, e))?;
-            stack().with_adapters(&cfg, &Default::default()).map(|_| ()).map_err(|e| (false, e))
+            stack().with_adapters(&cfg, 0, &Default::default()).map(|_| ()).map_err(|e| (false, e))
         };
         total += fuzz::fuzz_config_fields(&dir, "adapter.json", &tmp.path().join("work"), &load).0;
     }
@@ -50,12 +50,12 @@ fn every_numeric_adapter_preset_field_is_refused_by_name_or_attaches() {
 #[test]
 fn regression_adapter_rank_2_pow_40_is_refused_before_allocating() {
     let cfg = AdapterConfig::new(Method::Lora, 1 << 40);
-    let e = fuzz::guarded("rank 2^40", || stack().with_adapters(&cfg, &Default::default()).err()).unwrap().expect("refused").to_string();
+    let e = fuzz::guarded("rank 2^40", || stack().with_adapters(&cfg, 0, &Default::default()).err()).unwrap().expect("refused").to_string();
     assert!(e.contains("`rank`"), "{e}");
     // within MAX_RANK, but 8 blocks × 4 pairs × 2 · 2¹⁶ · 1024 > 2³⁰ elements
     let cfg = AdapterConfig::new(Method::Lora, serial_lora::config::MAX_RANK);
     let wide = AttentionStack::<B>::new(&AttentionConfig::new(1024, 4), 8, &Default::default());
-    let e = fuzz::guarded("rank 2^16 × width 1024", || wide.with_adapters(&cfg, &Default::default()).err()).unwrap().expect("refused").to_string();
+    let e = fuzz::guarded("rank 2^16 × width 1024", || wide.with_adapters(&cfg, 0, &Default::default()).err()).unwrap().expect("refused").to_string();
     assert!(e.contains("`rank`") && e.contains("limit"), "{e}");
 }
 
@@ -64,7 +64,7 @@ fn damaged_adapter_preset_toml_never_panics() {
     let tmp = tempfile::tempdir().unwrap();
     let load = |d: &Path| {
         if let Ok(cfg) = AdapterConfig::load(d.join("clip-lora.toml")) {
-            let _ = stack().with_adapters(&cfg.with_target_blocks(None), &Default::default());
+            let _ = stack().with_adapters(&cfg.with_target_blocks(None), 0, &Default::default());
         }
     };
     fuzz::fuzz_bytes(&root().join("configs/adapters"), "clip-lora.toml", tmp.path(), fuzz::cases(64), &load);
@@ -76,7 +76,7 @@ fn damaged_adapter_files_never_panic() {
     let dev = Default::default();
     let dir = tmp.path().join("adapter");
     for (method, name) in [(Method::Lora, "lora"), (Method::SerialLora, "serial")] {
-        let model = stack().with_adapters(&AdapterConfig::new(method, 4), &dev).unwrap();
+        let model = stack().with_adapters(&AdapterConfig::new(method, 4), 0, &dev).unwrap();
         let d = dir.join(name);
         io::save_adapter(&model, &AdapterConfig::new(method, 4), &d, None).unwrap();
         let load = |d: &Path| {

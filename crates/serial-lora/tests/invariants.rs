@@ -50,18 +50,22 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// A base stack with materialized weights (cloning a lazy Burn param re-initializes it).
+/// Every random draw of this file comes from a generator seeded with `SEED` (+ a small offset
+/// per use): a failure replays as it is.
+const SEED: u64 = 20_260_317;
+
+/// A base stack with seeded, materialized weights (cloning a lazy Burn param re-initializes it).
 fn base(case: &Case) -> AttentionStack<B> {
-    AttentionStack::new(&case.attn, case.layers, &Default::default()).fork(&Default::default())
+    seeded_stack(&case.attn, case.layers, SEED)
 }
 
 fn input(case: &Case) -> Tensor<B, 3> {
-    Tensor::random([2, 5, case.attn.d_model], burn::tensor::Distribution::Normal(0.0, 1.0), &Default::default())
+    randn([2, 5, case.attn.d_model], SEED + 2)
 }
 
 fn adapted(case: &Case, base: &AttentionStack<B>) -> AttentionStack<B> {
-    let m = base.clone().with_adapters(&case.adapter, &Default::default()).expect("attach");
-    m.map(&mut RandomizeB { stack: vec![] })
+    let m = base.clone().with_adapters(&case.adapter, 0, &Default::default()).expect("attach");
+    m.map(&mut RandomizeB::new(SEED + 1))
 }
 
 fn base_weights(m: &AttentionStack<B>) -> Vec<Tensor<B, 2>> {
@@ -83,7 +87,7 @@ fn fresh_adapter_is_the_base_model() {
     for case in cases() {
         let base = base(&case);
         let x = input(&case);
-        let fresh = base.clone().with_adapters(&case.adapter, &Default::default()).unwrap();
+        let fresh = base.clone().with_adapters(&case.adapter, 0, &Default::default()).unwrap();
         let e = max_abs_diff(fresh.forward(x.clone()), base.forward(x));
         assert_eq!(e, 0.0, "{}: B = 0 must give exactly the base output", case.name);
     }
@@ -129,7 +133,7 @@ fn merge_matches_unmerged_and_unmerge_restores_base() {
 fn safe_merge_refuses_non_finite_weights() {
     let case = &cases()[1];
     let m = adapted(case, &base(case));
-    let mut m = m.map(&mut RandomizeB { stack: vec![] });
+    let mut m = m.map(&mut RandomizeB::new(SEED + 1));
     let pair = &mut m.layers[1].serial.as_mut().unwrap().pair;
     pair.lora_b = burn::module::Param::from_tensor(pair.lora_b.val().mul_scalar(f32::INFINITY).detach());
     let err = m.merge_adapters().unwrap_err();
@@ -184,7 +188,7 @@ fn parameter_counts_are_exact_and_base_is_frozen() {
     let (d, r) = (16, 4);
     let full = |method| {
         let b = AttentionStack::<B>::new(&AttentionConfig::new(d, 2), 1, &Default::default());
-        b.with_adapters(&AdapterConfig::new(method, r), &Default::default()).unwrap().trainable_params()
+        b.with_adapters(&AdapterConfig::new(method, r), 0, &Default::default()).unwrap().trainable_params()
     };
     assert_eq!(full(Method::Lora), 4 * r * 2 * d);
     assert_eq!(full(Method::SerialLora), r * 2 * d);
@@ -193,9 +197,9 @@ fn parameter_counts_are_exact_and_base_is_frozen() {
 #[test]
 fn fused_qkv_lora_equals_separate_lora() {
     let dev = Default::default();
-    let sep = AttentionStack::<B>::new(&AttentionConfig::new(12, 3), 1, &dev).fork(&dev);
+    let sep = seeded_stack::<B>(&AttentionConfig::new(12, 3), 1, SEED);
     let cfg = AdapterConfig::new(Method::Lora, 2);
-    let sep = sep.with_adapters(&cfg, &dev).unwrap().map(&mut RandomizeB { stack: vec![] });
+    let sep = sep.with_adapters(&cfg, 0, &dev).unwrap().map(&mut RandomizeB::new(SEED + 1));
     let QkvProjection::Separate(s) = &sep.layers[0].qkv else { unreachable!() };
     let cat = |f: &dyn Fn(&serial_lora::LoraLinear<B>) -> Tensor<B, 2>| Tensor::cat(vec![f(&s.q), f(&s.k), f(&s.v)], 1);
     let w = cat(&|l| l.base.weight.val());
@@ -209,7 +213,7 @@ fn fused_qkv_lora_equals_separate_lora() {
     };
     let mut fused_stack = sep.clone();
     fused_stack.layers[0].qkv = QkvProjection::Fused(fused);
-    let x = Tensor::<B, 3>::random([2, 4, 12], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let x = randn::<B, 3>([2, 4, 12], SEED + 2);
     let e = rel_err(fused_stack.forward(x.clone()), sep.forward(x));
     assert!(e < 1e-6, "fused and separate LoRA differ by {e}");
     assert_eq!(fused_stack.trainable_params(), sep.trainable_params());
@@ -245,9 +249,9 @@ fn lora_update_has_rank_r_and_spectra_follow_merging() {
 fn targets_that_match_nothing_are_errors() {
     let case = &cases()[0];
     let dev = Default::default();
-    let err = base(case).with_adapters(&case.adapter.clone().with_target_blocks(Some(vec![0, 7])), &dev).unwrap_err();
+    let err = base(case).with_adapters(&case.adapter.clone().with_target_blocks(Some(vec![0, 7])), 0, &dev).unwrap_err();
     assert!(matches!(err, Error::TargetMatchesNothing(_)) && err.to_string().contains("[7]"), "{err}");
-    let err = base(case).with_adapters(&AdapterConfig::new(Method::Lora, 2).with_target_projections(vec![]), &dev).unwrap_err();
+    let err = base(case).with_adapters(&AdapterConfig::new(Method::Lora, 2).with_target_projections(vec![]), 0, &dev).unwrap_err();
     assert!(matches!(err, Error::TargetMatchesNothing(_)), "{err}");
     for (cfg, field) in [
         (AdapterConfig::new(Method::Lora, 0), "rank"),
@@ -255,7 +259,7 @@ fn targets_that_match_nothing_are_errors() {
         (AdapterConfig::new(Method::Lora, 2).with_alpha(-1.0), "alpha"),
         (AdapterConfig::new(Method::Lora, 2).with_lr_ratio(Some(0.0)), "lr_ratio"),
     ] {
-        let err = base(case).with_adapters(&cfg, &dev).unwrap_err();
+        let err = base(case).with_adapters(&cfg, 0, &dev).unwrap_err();
         assert!(err.to_string().contains(field), "{err}");
     }
 }

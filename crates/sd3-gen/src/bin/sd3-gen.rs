@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
@@ -389,10 +388,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             }
             l
         }
-        None => {
-            B::<AB>::seed(device, *seed);
-            Tensor::random(want, Distribution::Normal(0.0, 1.0), device)
-        }
+        None => serial_lora::rng::normal(want, 1.0, &mut serial_lora::rng::rng(*seed), device),
     };
     let cond = PromptEmbeds { prompt_embeds, pooled_prompt_embeds: pooled, negative };
     let opts = SampleOptions { steps: *steps, guidance: *guidance, shift: scheduler_shift(&dir)? };

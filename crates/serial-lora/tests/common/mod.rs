@@ -8,6 +8,7 @@ use burn::module::{ModuleMapper, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use serial_lora::io::{HostTensor, read_safetensors};
+use serial_lora::rng::{self, StdRng};
 use serial_lora::{AttentionConfig, AttentionStack, LoraLinear, QkvProjection};
 
 /// Flex by default; LibTorch (CPU) or CUDA with the `tch` / `cuda` feature (see
@@ -65,9 +66,47 @@ pub fn fixture_stack<Bk: Backend>(fx: &BTreeMap<String, HostTensor>) -> Attentio
     stack
 }
 
-/// Replaces every `lora_b` (zero at init) with N(0, 0.2²) values, keeping it trainable.
+/// Replaces every `lora_b` (zero at init) with N(0, 0.2²) values drawn from a seeded generator,
+/// keeping it trainable.
 pub struct RandomizeB {
     pub stack: Vec<String>,
+    pub rng: StdRng,
+}
+
+impl RandomizeB {
+    pub fn new(seed: u64) -> Self {
+        Self { stack: vec![], rng: rng::rng(seed) }
+    }
+}
+
+/// A tensor of N(0, 1) values from a generator seeded with `seed` (the seed is in the test's
+/// source, so a failure replays).
+pub fn randn<Bk: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Bk, D> {
+    rng::normal(shape, 1.0, &mut rng::rng(seed), &Default::default())
+}
+
+/// `AttentionStack::new` with every base weight and bias drawn from a generator seeded with
+/// `seed`: U(±1/√in) as `LinearConfig::init` draws them.
+pub fn seeded_stack<Bk: Backend>(attn: &AttentionConfig, layers: usize, seed: u64) -> AttentionStack<Bk> {
+    let dev = Default::default();
+    AttentionStack::<Bk>::new(attn, layers, &dev).map(&mut Reinit { rng: rng::rng(seed), fan_in: 1 })
+}
+
+/// Redraws every float parameter (weights `[in, out]` before their bias, as a `Linear` holds them).
+struct Reinit {
+    rng: StdRng,
+    fan_in: usize,
+}
+
+impl<Bk: Backend> ModuleMapper<Bk> for Reinit {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+        let shape: [usize; D] = p.lazy_shape().dims();
+        if D == 2 {
+            self.fan_in = shape[0];
+        }
+        let t = rng::uniform(shape, 1.0 / (self.fan_in as f64).sqrt(), &mut self.rng, &Default::default());
+        Param::initialized(p.id, t.require_grad())
+    }
 }
 
 impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
@@ -80,7 +119,7 @@ impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
         if self.stack.last().is_some_and(|n| n == "lora_b") {
             let t = p.val();
-            let r = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.2), &t.device());
+            let r = rng::normal(t.dims(), 0.2, &mut self.rng, &t.device());
             Param::initialized(p.id, r.detach().require_grad())
         } else {
             p

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use indicatif::ProgressBar;
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::{RgbImage, load_rgb, save_png};
@@ -100,8 +99,8 @@ fn generate<B: Backend>(g: &Generation, prompts: &[String], device: &B::Device) 
         let noise: Vec<Tensor<B, 4>> = chunk
             .iter()
             .map(|&i| {
-                B::seed(device, seed.wrapping_add(i as u64));
-                Tensor::random([1, cfg.in_channels, h / factor, w / factor], Distribution::Normal(0.0, 1.0), device)
+                let mut rng = serial_lora::rng::rng(seed.wrapping_add(i as u64));
+                serial_lora::rng::normal([1, cfg.in_channels, h / factor, w / factor], 1.0, &mut rng, device)
             })
             .collect();
         let cond = PromptEmbeds { prompt_embeds: pe, pooled_prompt_embeds: pp, negative };
