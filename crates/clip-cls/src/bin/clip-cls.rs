@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use clip_cls::data::Dataset;
 use clip_cls::export::export_clip;
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
-use clip_cls::proxy::{ProxyConfig, run_proxy};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::train::{TrainConfig, evaluate, train};
 use clip_cls::{ClipModel, load_clip};
@@ -22,6 +21,17 @@ use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::run::{ProgressReporter, RunArgs};
 use serial_lora::analysis::qkv_spectra;
 use serial_lora::io;
+
+// The digits proxy experiment (`clip-cls proxy`): private to this binary. It keeps its whole
+// API, of which the subcommand uses a part (the unit tests and the docs the rest).
+#[allow(dead_code, unused_imports)]
+#[path = "clip-cls/proxy.rs"]
+mod proxy;
+#[cfg(test)]
+#[path = "clip-cls/proxy_tests.rs"]
+mod proxy_tests;
+
+use proxy::{ProxyConfig, run_proxy};
 
 #[derive(Parser)]
 #[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
