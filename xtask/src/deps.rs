@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 /// kernels' gemm / rayon (the builds Flex itself uses), and with the `tch` feature the tch
 /// bindings burn-tch links (the LibTorch attention op).
 pub const CORE_ALLOWED: &[&str] =
-    &["burn", "burn-store", "serde", "serde_json", "serde_path_to_error", "toml", "thiserror", "safetensors", "nalgebra", "gemm", "rayon", "tch"];
+    &["burn", "burn-store", "serde", "serde_json", "serde_path_to_error", "toml", "thiserror", "safetensors", "nalgebra", "gemm", "rayon", "rand", "tch"];
 
 /// The workspace crates each workspace crate may depend on (normal dependencies).
 const GRAPH: &[(&str, &[&str])] = &[

@@ -13,7 +13,6 @@ pub mod export;
 pub mod load;
 pub mod model;
 pub mod preprocess;
-pub mod proxy;
 pub mod text_model;
 pub mod tokenizer;
 pub mod train;

@@ -1,6 +1,6 @@
 //! `clip-cls`: CLIP embeddings, zero-shot classification, few-shot LoRA / Serial LoRA (+)
 //! training and evaluation.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
@@ -10,18 +10,27 @@ use clap::{Parser, Subcommand};
 use clip_cls::data::Dataset;
 use clip_cls::export::export_clip;
 use clip_cls::preprocess::{ImageProcessor, load_rgb};
-use clip_cls::proxy::{ProxyConfig, run_proxy};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
-use clip_cls::train::{TrainConfig, evaluate, train};
+use clip_cls::train::{TrainConfig, evaluate};
 use clip_cls::{ClipModel, load_clip};
-use indicatif::ProgressBar;
-use lora_runtime::DeviceSpec;
-use lora_runtime::dist::{Launch, Peer, launch};
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::dist::Peer;
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
-use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::run::RunArgs;
+use lora_runtime::{DeviceSpec, cli};
 use serial_lora::analysis::qkv_spectra;
 use serial_lora::io;
+
+// The digits proxy experiment (`clip-cls proxy`): private to this binary. It keeps its whole
+// API, of which the subcommand uses a part (the unit tests and the docs the rest).
+#[allow(dead_code, unused_imports)]
+#[path = "clip-cls/proxy.rs"]
+mod proxy;
+#[cfg(test)]
+#[path = "clip-cls/proxy_tests.rs"]
+mod proxy_tests;
+
+use proxy::{ProxyConfig, run_proxy};
 
 #[derive(Parser)]
 #[command(version, about = "CLIP with LoRA / Serial LoRA (+) adapters: embeddings, zero-shot, few-shot training and evaluation")]
@@ -171,7 +180,7 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
 fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = &model_dir(&args.model)?;
     let (model, cfg) = load_clip::<B>(dir, device)?;
-    let model = merge_weighted(model, &adapters(args)?, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
+    let model = cli::merge_adapters(model, &adapters(args)?, device)?;
     Ok(Loaded { model, tokenizer: ClipTokenizer::from_dir(dir)?, processor: ImageProcessor::from_dir(dir, &cfg.vision_config)? })
 }
 
@@ -180,8 +189,8 @@ fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {
 }
 
 /// Refuses an output file whose directory does not exist, before any work.
-fn check_output_dir(output: &std::path::Path) -> Result<()> {
-    Ok(lora_runtime::cli::check_output_parent("--output", output)?)
+fn check_output_dir(output: &Path) -> Result<()> {
+    Ok(cli::check_output_parent("--output", output)?)
 }
 
 fn ids<B: Backend>(tok: &ClipTokenizer, texts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -197,125 +206,148 @@ fn pixels<B: Backend>(l: &Loaded<B>, paths: &[PathBuf], device: &B::Device) -> R
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
     type B<AB> = <AB as AutodiffBackend>::InnerBackend;
     match cmd {
-        Cmd::Embed { model, images, texts, output } => {
-            if images.is_empty() && texts.is_empty() {
-                bail!("nothing to embed: give --images and/or --texts");
-            }
-            check_output_dir(output)?;
-            let l = load::<B<AB>>(model, device)?;
-            let mut out = std::collections::BTreeMap::new();
-            if !images.is_empty() {
-                let e = l.model.get_image_features(pixels(&l, images, device)?);
-                out.insert("image_embeds".to_string(), io::HostTensor::from_tensor(e));
-            }
-            if !texts.is_empty() {
-                let e = l.model.get_text_features(ids(&l.tokenizer, texts, device));
-                out.insert("text_embeds".to_string(), io::HostTensor::from_tensor(e));
-            }
-            io::write_safetensors(output, &out, Default::default())?;
-            eprintln!("wrote {}", output.display());
-        }
-        Cmd::ZeroShot { model, classes, template, images } => {
-            if !template.contains("{}") {
-                bail!("--template {template:?} has no {{}} for the class name");
-            }
-            let l = load::<B<AB>>(model, device)?;
-            let prompts: Vec<String> = classes.iter().map(|c| template.replace("{}", c)).collect();
-            let text = l.model.get_text_features(ids(&l.tokenizer, &prompts, device));
-            for path in images {
-                let image = l.model.get_image_features(pixels(&l, std::slice::from_ref(path), device)?);
-                let probs = softmax(l.model.logits_per_image(image, text.clone()), 1);
-                let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
-                let best = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-                let obj = serde_json::json!({
-                    "path": path.display().to_string(),
-                    "probs": classes.iter().zip(&probs).map(|(c, p)| (c.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
-                    "prediction": classes[best],
-                });
-                println!("{obj}");
-            }
-        }
-        Cmd::Train { config, run } => {
-            let (dir, out) = (model_dir(&config.model)?, &run.out);
-            let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
-            let reporter = ProgressReporter::for_peer(run.logging_steps, "acc", peer).with_metrics_log(out, plus);
-            let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
-            reporter.finish();
-            if peer.rank > 0 {
-                return Ok(());
-            }
-            eprintln!(
-                "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train accuracy {:.3}; {} skipped image(s)",
-                out.display(),
-                m.trainable_params,
-                m.total_params,
-                m.run.steps,
-                m.run.total_steps,
-                m.final_loss,
-                m.train_accuracy,
-                m.skipped_images.len()
-            );
-        }
-        Cmd::Spectra { model, output } => {
-            check_output_dir(output)?;
-            let (base, _) = load_clip::<B<AB>>(&model_dir(&model.model)?, device)?;
-            let mut out = serde_json::json!({ "model": model.model, "base": qkv_spectra(&base) });
-            if model.adapter.len() > 1 || !model.adapter_weights.is_empty() {
-                bail!("spectra takes one --adapter and no --adapter-weights");
-            }
-            if let Some(a) = model.adapter.first() {
-                let (adapted, cfg) = io::load_adapter(base, a, device)?;
-                out["adapter"] = serde_json::json!(a);
-                out["method"] = serde_json::json!(cfg.method);
-                out["adapted"] = serde_json::json!(qkv_spectra(&adapted));
-            }
-            io::write_atomic(output, serde_json::to_string(&out)?.as_bytes())?;
-            eprintln!("wrote {}", output.display());
-        }
+        Cmd::Embed { model, images, texts, output } => embed::<B<AB>>(model, images, texts, output, device),
+        Cmd::ZeroShot { model, classes, template, images } => zero_shot::<B<AB>>(model, classes, template, images, device),
+        Cmd::Train { config, run } => train::<AB>(config, run, peer, device),
+        Cmd::Spectra { model, output } => spectra::<B<AB>>(model, output, device),
         Cmd::Eval { model, dataset, split, batch, template, skip_bad_images } => {
-            let dataset = Dataset::open(dataset)?;
-            let template = template.as_deref().unwrap_or(dataset.default_template());
-            if !template.contains("{}") {
-                bail!("--template {template:?} has no {{}} for the class name");
-            }
-            let l = load::<B<AB>>(model, device)?;
-            let bar = ProgressBar::new(0);
-            let mut progress = |done: usize, total: usize| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            };
-            let r = evaluate(&l.model, &l.tokenizer, &l.processor, &dataset, split, template, *batch, *skip_bad_images, device, &mut progress)?;
-            bar.finish_and_clear();
-            println!("{}", serde_json::to_string(&r)?);
+            eval::<B<AB>>(model, dataset, split, *batch, template.as_deref(), *skip_bad_images, device)
         }
-        Cmd::Export { model, out, dtype, force } => {
-            let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
-            let summary = export_clip::<B<AB>>(&model_dir(&model.model)?, &adapters(model)?, &opts, out, device)?;
-            eprintln!("wrote {} ({} tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
-            println!("{}", serde_json::to_string(&summary)?);
-        }
-        Cmd::Proxy { config, out, .. } => {
-            let epochs = config.pretrain_epochs;
-            let mut on_epoch = |e: usize, loss: f64| eprintln!("pretraining epoch {}/{epochs}: loss {loss:.4}", e + 1);
-            let m = run_proxy::<AB>(config, out, device, &mut on_epoch)?;
-            eprintln!(
-                "{}: {} rank {} {}-shot seed {}: accuracy {:.3} on {} held-out images of digits 5–9 (pretrained: {:.3} on 0–4); \
-                 {} adapter + {} head parameters; {:.1} s",
-                out.display(),
-                m.method,
-                m.rank,
-                m.shots,
-                m.seed,
-                m.accuracy,
-                m.test_images,
-                m.pretrain_accuracy,
-                m.adapter_params,
-                m.head_params,
-                m.wall_seconds
-            );
-            println!("{}", serde_json::to_string_pretty(&m)?);
-        }
+        Cmd::Export { model, out, dtype, force } => export::<B<AB>>(model, out, *dtype, *force, device),
+        Cmd::Proxy { config, out, .. } => proxy::<AB>(config, out, device),
     }
+}
+
+fn embed<B: Backend>(model: &ModelArgs, images: &[PathBuf], texts: &[String], output: &Path, device: &B::Device) -> Result<()> {
+    if images.is_empty() && texts.is_empty() {
+        bail!("nothing to embed: give --images and/or --texts");
+    }
+    check_output_dir(output)?;
+    let l = load::<B>(model, device)?;
+    let mut out = std::collections::BTreeMap::new();
+    if !images.is_empty() {
+        let e = l.model.get_image_features(pixels(&l, images, device)?);
+        out.insert("image_embeds".to_string(), io::HostTensor::from_tensor(e));
+    }
+    if !texts.is_empty() {
+        let e = l.model.get_text_features(ids(&l.tokenizer, texts, device));
+        out.insert("text_embeds".to_string(), io::HostTensor::from_tensor(e));
+    }
+    io::write_safetensors(output, &out, Default::default())?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+fn zero_shot<B: Backend>(model: &ModelArgs, classes: &[String], template: &str, images: &[PathBuf], device: &B::Device) -> Result<()> {
+    if !template.contains("{}") {
+        bail!("--template {template:?} has no {{}} for the class name");
+    }
+    let l = load::<B>(model, device)?;
+    let prompts: Vec<String> = classes.iter().map(|c| template.replace("{}", c)).collect();
+    let text = l.model.get_text_features(ids(&l.tokenizer, &prompts, device));
+    for path in images {
+        let image = l.model.get_image_features(pixels(&l, std::slice::from_ref(path), device)?);
+        let probs = softmax(l.model.logits_per_image(image, text.clone()), 1);
+        let probs: Vec<f32> = probs.into_data().iter::<f32>().collect();
+        let best = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        let obj = serde_json::json!({
+            "path": path.display().to_string(),
+            "probs": classes.iter().zip(&probs).map(|(c, p)| (c.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+            "prediction": classes[best],
+        });
+        println!("{obj}");
+    }
+    Ok(())
+}
+
+fn train<AB: AutodiffBackend>(config: &TrainConfig, run: &RunArgs, peer: &Peer, device: &AB::Device) -> Result<()> {
+    let (dir, out) = (model_dir(&config.model)?, &run.out);
+    let reporter = cli::train_reporter(run, &config.method, config.lr_ratio, "acc", peer);
+    let m = clip_cls::train::train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
+    reporter.finish();
+    if peer.rank > 0 {
+        return Ok(());
+    }
+    eprintln!(
+        "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train accuracy {:.3}; {} skipped image(s)",
+        out.display(),
+        m.trainable_params,
+        m.total_params,
+        m.run.steps,
+        m.run.total_steps,
+        m.final_loss,
+        m.train_accuracy,
+        m.skipped_images.len()
+    );
+    Ok(())
+}
+
+fn spectra<B: Backend>(model: &ModelArgs, output: &Path, device: &B::Device) -> Result<()> {
+    check_output_dir(output)?;
+    let (base, _) = load_clip::<B>(&model_dir(&model.model)?, device)?;
+    let mut out = serde_json::json!({ "model": model.model, "base": qkv_spectra(&base) });
+    if model.adapter.len() > 1 || !model.adapter_weights.is_empty() {
+        bail!("spectra takes one --adapter and no --adapter-weights");
+    }
+    if let Some(a) = model.adapter.first() {
+        let (adapted, cfg) = io::load_adapter(base, a, device)?;
+        out["adapter"] = serde_json::json!(a);
+        out["method"] = serde_json::json!(cfg.method);
+        out["adapted"] = serde_json::json!(qkv_spectra(&adapted));
+    }
+    io::write_atomic(output, serde_json::to_string(&out)?.as_bytes())?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+fn eval<B: Backend>(
+    model: &ModelArgs,
+    dataset: &Path,
+    split: &str,
+    batch: usize,
+    template: Option<&str>,
+    skip_bad_images: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let dataset = Dataset::open(dataset)?;
+    let template = template.unwrap_or(dataset.default_template());
+    if !template.contains("{}") {
+        bail!("--template {template:?} has no {{}} for the class name");
+    }
+    let l = load::<B>(model, device)?;
+    let r =
+        cli::with_progress_bar(|progress| evaluate(&l.model, &l.tokenizer, &l.processor, &dataset, split, template, batch, skip_bad_images, device, progress))?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn export<B: Backend>(model: &ModelArgs, out: &Path, dtype: Option<ExportDtype>, force: bool, device: &B::Device) -> Result<()> {
+    let opts = ExportOptions { dtype, force, max_shard_bytes: None };
+    let summary = export_clip::<B>(&model_dir(&model.model)?, &adapters(model)?, &opts, out, device)?;
+    cli::report_export(out, &summary, "tensors")?;
+    Ok(())
+}
+
+fn proxy<AB: AutodiffBackend>(config: &ProxyConfig, out: &Path, device: &AB::Device) -> Result<()> {
+    let epochs = config.pretrain_epochs;
+    let mut on_epoch = |e: usize, loss: f64| eprintln!("pretraining epoch {}/{epochs}: loss {loss:.4}", e + 1);
+    let m = run_proxy::<AB>(config, out, device, &mut on_epoch)?;
+    eprintln!(
+        "{}: {} rank {} {}-shot seed {}: accuracy {:.3} on {} held-out images of digits 5–9 (pretrained: {:.3} on 0–4); \
+         {} adapter + {} head parameters; {:.1} s",
+        out.display(),
+        m.method,
+        m.rank,
+        m.shots,
+        m.seed,
+        m.accuracy,
+        m.test_images,
+        m.pretrain_accuracy,
+        m.adapter_params,
+        m.head_params,
+        m.wall_seconds
+    );
+    println!("{}", serde_json::to_string_pretty(&m)?);
     Ok(())
 }
 
@@ -327,10 +359,7 @@ fn main() -> Result<()> {
             (model.device.clone(), Peer::single())
         }
         Cmd::Proxy { device, .. } => (device.clone(), Peer::single()),
-        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
-            Launch::Done(code) => std::process::exit(code),
-            Launch::Train { peer, device } => (device, peer),
-        },
+        Cmd::Train { run, .. } => cli::launch_train(run)?,
     };
     let device: DeviceSpec = device_arg.parse().context("--device")?;
     lora_runtime::dispatch!(device, run(&cli.command, &peer))

@@ -7,16 +7,15 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
-use indicatif::ProgressBar;
-use lora_runtime::DeviceSpec;
-use lora_runtime::dist::{Launch, Peer, launch};
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, merge_weighted, weighted_adapters};
+use lora_runtime::dist::Peer;
+use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::load_rgb;
-use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::run::RunArgs;
+use lora_runtime::{DeviceSpec, cli};
 use sam_seg::data::SegDataset;
 use sam_seg::export::export_sam;
-use sam_seg::train::{TrainConfig, evaluate, train};
+use sam_seg::train::{TrainConfig, evaluate};
 use sam_seg::{Prompts, load_sam_sized};
 use serial_lora::io;
 
@@ -53,32 +52,7 @@ enum Cmd {
     /// and `iou_scores` [1, 1, 3] in a safetensors file; the best mask as a PNG at image size.
     // a negative number is a (bad) value, named in the error, not an unknown flag
     #[command(allow_negative_numbers = true)]
-    Predict {
-        /// Hub id (e.g. facebook/sam-vit-base; HF cache, HF_HOME, HF_HUB_OFFLINE) or local HF-layout directory.
-        #[arg(long)]
-        model: String,
-        #[command(flatten)]
-        adapters: AdapterArgs,
-        /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long)]
-        image: PathBuf,
-        /// Box `x0,y0,x1,y1` in image pixels.
-        #[arg(long, value_parser = parse_box, allow_hyphen_values = true)]
-        r#box: Option<[f32; 4]>,
-        /// Point `x,y,label` in image pixels (label 1 = object, 0 = background); repeatable.
-        #[arg(long = "point", value_parser = parse_point, allow_hyphen_values = true)]
-        points: Vec<([f32; 2], i64)>,
-        #[arg(long)]
-        output: PathBuf,
-        /// Also write the highest-IoU mask, upscaled to the image and thresholded at 0, as a PNG.
-        #[arg(long)]
-        mask_png: Option<PathBuf>,
-        /// Square input size (multiple of the patch size; default: the checkpoint's).
-        #[arg(long)]
-        image_size: Option<usize>,
-    },
+    Predict(PredictArgs),
     /// Fine-tune the image encoder on box prompts from ground-truth masks (Dice + BCE). Writes
     /// the adapter (PEFT layout), train_config.json, metrics.json and checkpoint/ into --out.
     // a negative number is a (bad) value, named in the error, not an unknown flag
@@ -92,50 +66,84 @@ enum Cmd {
     /// Mean Dice and Dice loss (1 − Dice) of box-prompted masks on a split (JSON on stdout).
     // a negative number is a (bad) value, named in the error, not an unknown flag
     #[command(allow_negative_numbers = true)]
-    Eval {
-        #[arg(long)]
-        model: String,
-        #[command(flatten)]
-        adapters: AdapterArgs,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long)]
-        dataset: PathBuf,
-        #[arg(long, default_value = "test")]
-        split: String,
-        #[arg(long)]
-        class_id: Option<u8>,
-        /// Seed and test fraction of the split when the dataset has no split.json (as in train).
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value_t = 0.2)]
-        test_fraction: f64,
-        /// Square input size (as given to train).
-        #[arg(long)]
-        image_size: Option<usize>,
-    },
+    Eval(EvalArgs),
     /// A merged, full model in transformers' layout (`SamModel.from_pretrained(OUT)` loads it
     /// without adapter code), also from a segment-anything checkpoint: config and processor
     /// files copied, model.safetensors rewritten under HF key names with the adapters folded in
     /// (merged in f64; LoRA W + s·B·A, Serial LoRA W (I + s·B·A)). Written into a temporary
     /// directory renamed into place.
-    Export {
-        #[arg(long)]
-        model: String,
-        #[command(flatten)]
-        adapters: AdapterArgs,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Output directory (refused if it exists, unless --force).
-        #[arg(long)]
-        out: PathBuf,
-        /// Output precision of the float tensors (default: the checkpoint's own).
-        #[arg(long, value_enum)]
-        dtype: Option<ExportDtype>,
-        /// Replace an existing --out.
-        #[arg(long)]
-        force: bool,
-    },
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// Hub id (e.g. facebook/sam-vit-base; HF cache, HF_HOME, HF_HUB_OFFLINE) or local HF-layout directory.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    image: PathBuf,
+    /// Box `x0,y0,x1,y1` in image pixels.
+    #[arg(long, value_parser = parse_box, allow_hyphen_values = true)]
+    r#box: Option<[f32; 4]>,
+    /// Point `x,y,label` in image pixels (label 1 = object, 0 = background); repeatable.
+    #[arg(long = "point", value_parser = parse_point, allow_hyphen_values = true)]
+    points: Vec<([f32; 2], i64)>,
+    #[arg(long)]
+    output: PathBuf,
+    /// Also write the highest-IoU mask, upscaled to the image and thresholded at 0, as a PNG.
+    #[arg(long)]
+    mask_png: Option<PathBuf>,
+    /// Square input size (multiple of the patch size; default: the checkpoint's).
+    #[arg(long)]
+    image_size: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    dataset: PathBuf,
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long)]
+    class_id: Option<u8>,
+    /// Seed and test fraction of the split when the dataset has no split.json (as in train).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 0.2)]
+    test_fraction: f64,
+    /// Square input size (as given to train).
+    #[arg(long)]
+    image_size: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output directory (refused if it exists, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Output precision of the float tensors (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    dtype: Option<ExportDtype>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    force: bool,
 }
 
 fn model_dir(spec: &str) -> Result<PathBuf> {
@@ -167,64 +175,21 @@ fn parse_point(s: &str) -> std::result::Result<([f32; 2], i64), String> {
 }
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
-    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    let (model, adapters, image, r#box, points, output, mask_png, image_size) = match cmd {
-        Cmd::Predict { model, adapters, image, r#box, points, output, mask_png, image_size, .. } => {
-            (model, adapters, image, r#box, points, output, mask_png, image_size)
-        }
-        Cmd::Export { model, adapters, out, dtype, force, .. } => {
-            let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
-            let summary = export_sam::<B<AB>>(&model_dir(model)?, &adapters.list()?, &opts, out, device)?;
-            eprintln!("wrote {} ({} tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
-            println!("{}", serde_json::to_string(&summary)?);
-            return Ok(());
-        }
-        Cmd::Train { config, run } => {
-            let (dir, out) = (model_dir(&config.model)?, &run.out);
-            let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
-            let reporter = ProgressReporter::for_peer(run.logging_steps, "dice", peer).with_metrics_log(out, plus);
-            let m = train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
-            reporter.finish();
-            if peer.rank > 0 {
-                return Ok(());
-            }
-            eprintln!(
-                "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train dice {:.3}; {} empty mask(s) skipped",
-                out.display(),
-                m.trainable_params,
-                m.total_params,
-                m.run.steps,
-                m.run.total_steps,
-                m.final_loss,
-                m.train_dice,
-                m.skipped_empty_masks.len()
-            );
-            return Ok(());
-        }
-        Cmd::Eval { model, adapters, dataset, split, class_id, seed, test_fraction, image_size, .. } => {
-            let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
-            let (sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
-            let sam = merge_weighted(sam, &adapters.list()?, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
-            let bar = ProgressBar::new(0);
-            let mut progress = |done: usize, total: usize| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            };
-            let r = evaluate(&sam, &proc, &dataset, split, *class_id, device, &mut progress)?;
-            bar.finish_and_clear();
-            println!("{}", serde_json::to_string(&r)?);
-            return Ok(());
-        }
-    };
+    match cmd {
+        Cmd::Predict(args) => predict::<AB::InnerBackend>(args, device),
+        Cmd::Train { config, run } => train::<AB>(config, run, peer, device),
+        Cmd::Eval(args) => eval::<AB::InnerBackend>(args, device),
+        Cmd::Export(args) => export::<AB::InnerBackend>(args, device),
+    }
+}
+
+fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
+    let PredictArgs { model, adapters, image, r#box, points, output, mask_png, image_size, .. } = args;
     if r#box.is_none() && points.is_empty() {
         bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
     }
     // fail before any work on an output that cannot be written
-    for (flag, out) in [("--output", Some(output)), ("--mask-png", mask_png.as_ref())] {
-        if let Some(out) = out {
-            lora_runtime::cli::check_output_parent(flag, out)?;
-        }
-    }
+    cli::check_outputs(&[("--output", Some(output.as_path())), ("--mask-png", mask_png.as_deref())])?;
     let img = load_rgb(image)?;
     let (w, h) = (img.width as f32, img.height as f32);
     let inside = |x: f32, y: f32| (0.0..=w).contains(&x) && (0.0..=h).contains(&y);
@@ -238,11 +203,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     }
 
     let adapters = adapters.list()?;
-    let (sam, _, proc) = load_sam_sized::<B<AB>>(&model_dir(model)?, device, *image_size)?;
-    let sam = merge_weighted(sam, &adapters, &mut |m, a| io::load_adapter(m, a, device).map(|(m, _)| m))?;
+    let (sam, _, proc) = load_sam_sized::<B>(&model_dir(model)?, device, *image_size)?;
+    let sam = cli::merge_adapters(sam, &adapters, device)?;
     let px = proc.process(&img);
     let [ph, pw] = proc.pad;
-    let pixel_values = Tensor::<B<AB>, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
+    let pixel_values = Tensor::<B, 4>::from_data(TensorData::new(px.pixel_values, [1, 3, ph, pw]), device);
     let prompts = Prompts {
         points: (!points.is_empty()).then(|| {
             let xy: Vec<f32> = points.iter().flat_map(|(p, _)| proc.scale_point(px.original_size, *p)).collect();
@@ -275,15 +240,54 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     Ok(())
 }
 
+fn train<AB: AutodiffBackend>(config: &TrainConfig, run: &RunArgs, peer: &Peer, device: &AB::Device) -> Result<()> {
+    let (dir, out) = (model_dir(&config.model)?, &run.out);
+    let reporter = cli::train_reporter(run, &config.method, config.lr_ratio, "dice", peer);
+    let m = sam_seg::train::train::<AB>(config, &dir, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
+    reporter.finish();
+    if peer.rank > 0 {
+        return Ok(());
+    }
+    eprintln!(
+        "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}, train dice {:.3}; {} empty mask(s) skipped",
+        out.display(),
+        m.trainable_params,
+        m.total_params,
+        m.run.steps,
+        m.run.total_steps,
+        m.final_loss,
+        m.train_dice,
+        m.skipped_empty_masks.len()
+    );
+    Ok(())
+}
+
+fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
+    let EvalArgs { model, adapters, dataset, split, class_id, seed, test_fraction, image_size, .. } = args;
+    let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
+    let (sam, _, proc) = load_sam_sized::<B>(&model_dir(model)?, device, *image_size)?;
+    let sam = cli::merge_adapters(sam, &adapters.list()?, device)?;
+    let r = cli::with_progress_bar(|progress| evaluate(&sam, &proc, &dataset, split, *class_id, device, progress))?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn export<B: Backend>(args: &ExportArgs, device: &B::Device) -> Result<()> {
+    let ExportArgs { model, adapters, out, dtype, force, .. } = args;
+    let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+    let summary = export_sam::<B>(&model_dir(model)?, &adapters.list()?, &opts, out, device)?;
+    cli::report_export(out, &summary, "tensors")?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device, peer) = match &cli.command {
-        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
-            Launch::Done(code) => std::process::exit(code),
-            Launch::Train { peer, device } => (device, peer),
-        },
-        Cmd::Predict { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } => (device.clone(), Peer::single()),
+        Cmd::Train { run, .. } => cli::launch_train(run)?,
+        Cmd::Predict(PredictArgs { device, .. }) | Cmd::Eval(EvalArgs { device, .. }) | Cmd::Export(ExportArgs { device, .. }) => {
+            (device.clone(), Peer::single())
+        }
     };
     let device: DeviceSpec = device.parse().context("--device")?;
     lora_runtime::dispatch!(device, run(&cli.command, &peer))

@@ -7,18 +7,18 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
-use lora_runtime::DeviceSpec;
-use lora_runtime::dist::{Launch, Peer, launch};
+use lora_runtime::dist::Peer;
 use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::save_png;
-use lora_runtime::run::{ProgressReporter, RunArgs};
+use lora_runtime::run::RunArgs;
+use lora_runtime::{DeviceSpec, cli};
 use sd3_gen::export::{export_sd3, merge_adapters};
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
 use sd3_gen::load_transformer;
 use sd3_gen::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use sd3_gen::text::{T5TextEncoder, TextEncoders};
-use sd3_gen::train::{TrainConfig, train};
+use sd3_gen::train::TrainConfig;
 use sd3_gen::vae::load_vae;
 use serial_lora::io::{self, HostTensor, read_safetensors};
 
@@ -56,80 +56,12 @@ enum Cmd {
     /// StableDiffusion3Pipeline) and decode them with the VAE.
     // a negative number is a (bad) value, named in the error, not an unknown flag
     #[command(allow_negative_numbers = true)]
-    Sample {
-        /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
-        #[arg(long)]
-        model: String,
-        #[command(flatten)]
-        adapters: AdapterArgs,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Text prompt(s), encoded with the CLIP-L/G and T5 text encoders of --model (repeatable: a batch).
-        #[arg(long, conflicts_with = "prompt_embeds")]
-        prompt: Vec<String>,
-        /// A file with one prompt per line (added to --prompt; empty lines skipped).
-        #[arg(long, conflicts_with = "prompt_embeds")]
-        prompt_file: Option<PathBuf>,
-        /// Write the prompt embeddings computed from --prompt to this file (the --prompt-embeds
-        /// format), to reuse them without the text encoders.
-        #[arg(long)]
-        save_prompt_embeds: Option<PathBuf>,
-        /// Negative prompt (default "").
-        #[arg(long, default_value = "")]
-        negative: String,
-        /// Without the T5-XXL encoder (text_encoder_3): zeros in its place, as diffusers does with
-        /// text_encoder_3=None (also what happens when the model directory has no text_encoder_3).
-        #[arg(long)]
-        no_t5: bool,
-        /// T5 tokens of the prompt embeddings (prompt padded/truncated to it; zeros with --no-t5).
-        #[arg(long, default_value_t = 256)]
-        max_sequence_length: usize,
-        /// safetensors with `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
-        /// `negative_pooled_prompt_embeds` (the diffusers pipeline's names and shapes).
-        #[arg(long)]
-        prompt_embeds: Option<PathBuf>,
-        /// safetensors with `latents` [b, channels, h, w]: the initial noise.
-        #[arg(long)]
-        latents: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value_t = 28)]
-        steps: usize,
-        #[arg(long, default_value_t = 7.0)]
-        guidance: f32,
-        #[arg(long)]
-        height: Option<usize>,
-        #[arg(long)]
-        width: Option<usize>,
-        /// Also write the final latents (key `latents`).
-        #[arg(long)]
-        output_latents: Option<PathBuf>,
-        /// PNG path (with several images: NAME-0.png, NAME-1.png, …).
-        #[arg(long)]
-        output: PathBuf,
-    },
+    Sample(SampleArgs),
     /// A merged, full diffusers pipeline directory (`StableDiffusion3Pipeline.from_pretrained(OUT)`
     /// loads it without adapter code): transformer/ rewritten with the adapters folded in
     /// (merged in f64; LoRA W + s·B·A, Serial LoRA W (I + s·B·A); sharded with an index above
     /// 10 GB), every other component copied. Written into a temporary directory renamed into place.
-    Export {
-        /// Hub id or local diffusers-layout directory of the SD3 pipeline.
-        #[arg(long)]
-        model: String,
-        #[command(flatten)]
-        adapters: AdapterArgs,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Output directory (refused if it exists, unless --force).
-        #[arg(long)]
-        out: PathBuf,
-        /// Output precision of the transformer's float tensors (default: the checkpoint's own).
-        #[arg(long, value_enum)]
-        dtype: Option<ExportDtype>,
-        /// Replace an existing --out.
-        #[arg(long)]
-        force: bool,
-    },
+    Export(ExportArgs),
     /// FID of two folders of images (or a folder and a statistics file), as
     /// `python -m pytorch_fid DIR_A DIR_B`: JSON `{"fid", "images_a", "images_b"}` on stdout.
     /// With --save-stats OUT and one folder: its statistics (the --real-stats format), as
@@ -228,27 +160,78 @@ enum Cmd {
     },
 }
 
-fn run_train<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
-    let Cmd::Train { config, run } = cmd else { return Ok(()) };
-    let out = &run.out;
-    let plus = config.method.ends_with("-plus").then_some(config.lr_ratio);
-    let reporter = ProgressReporter::for_peer(run.logging_steps, "mse", peer).with_metrics_log(out, plus);
-    let m = train::<AB>(config, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
-    reporter.finish();
-    if peer.rank > 0 {
-        return Ok(());
-    }
-    eprintln!(
-        "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}{}",
-        out.display(),
-        m.trainable_params,
-        m.total_params,
-        m.run.steps,
-        m.run.total_steps,
-        m.final_loss,
-        m.adapter.as_ref().map_or(String::new(), |a| format!("; adapter {}", a.display()))
-    );
-    Ok(())
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// Hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local diffusers-layout directory.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Text prompt(s), encoded with the CLIP-L/G and T5 text encoders of --model (repeatable: a batch).
+    #[arg(long, conflicts_with = "prompt_embeds")]
+    prompt: Vec<String>,
+    /// A file with one prompt per line (added to --prompt; empty lines skipped).
+    #[arg(long, conflicts_with = "prompt_embeds")]
+    prompt_file: Option<PathBuf>,
+    /// Write the prompt embeddings computed from --prompt to this file (the --prompt-embeds
+    /// format), to reuse them without the text encoders.
+    #[arg(long)]
+    save_prompt_embeds: Option<PathBuf>,
+    /// Negative prompt (default "").
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Without the T5-XXL encoder (text_encoder_3): zeros in its place, as diffusers does with
+    /// text_encoder_3=None (also what happens when the model directory has no text_encoder_3).
+    #[arg(long)]
+    no_t5: bool,
+    /// T5 tokens of the prompt embeddings (prompt padded/truncated to it; zeros with --no-t5).
+    #[arg(long, default_value_t = 256)]
+    max_sequence_length: usize,
+    /// safetensors with `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
+    /// `negative_pooled_prompt_embeds` (the diffusers pipeline's names and shapes).
+    #[arg(long)]
+    prompt_embeds: Option<PathBuf>,
+    /// safetensors with `latents` [b, channels, h, w]: the initial noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    guidance: f32,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    /// Also write the final latents (key `latents`).
+    #[arg(long)]
+    output_latents: Option<PathBuf>,
+    /// PNG path (with several images: NAME-0.png, NAME-1.png, …).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Hub id or local diffusers-layout directory of the SD3 pipeline.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output directory (refused if it exists, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Output precision of the transformer's float tensors (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    dtype: Option<ExportDtype>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The tensor `key` of `file`, which must exist and have `D` dimensions.
@@ -270,22 +253,17 @@ fn scheduler_shift(dir: &Path) -> Result<f64> {
 }
 
 fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Result<()> {
-    type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-    if matches!(cmd, Cmd::Train { .. }) {
-        return run_train::<AB>(device, cmd, peer);
+    match cmd {
+        Cmd::Sample(args) => sample::<AB::InnerBackend>(args, device),
+        Cmd::Export(args) => export::<AB::InnerBackend>(args, device),
+        Cmd::Fid { .. } => fid::run::<AB::InnerBackend>(device, cmd),
+        Cmd::Eval { .. } => eval::run::<AB::InnerBackend>(device, cmd),
+        Cmd::Train { config, run } => train::<AB>(config, run, peer, device),
     }
-    if matches!(cmd, Cmd::Fid { .. }) {
-        return fid::run::<B<AB>>(device, cmd);
-    }
-    if let Cmd::Export { model, adapters, out, dtype, force, .. } = cmd {
-        let dir = resolve_model_dir(model, &pipeline_files(true, false), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
-        let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
-        let summary = export_sd3::<B<AB>>(&dir, &adapters.list()?, &opts, out, device)?;
-        eprintln!("wrote {} ({} transformer tensors, {} merged)", out.display(), summary.tensors, summary.merged_tensors);
-        println!("{}", serde_json::to_string(&summary)?);
-        return Ok(());
-    }
-    let Cmd::Sample {
+}
+
+fn sample<B: Backend>(args: &SampleArgs, device: &B::Device) -> Result<()> {
+    let SampleArgs {
         model,
         adapters,
         prompt,
@@ -304,10 +282,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         output_latents,
         output,
         ..
-    } = cmd
-    else {
-        return eval::run::<B<AB>>(device, cmd);
-    };
+    } = args;
     let mut prompt = prompt.clone();
     if let Some(f) = prompt_file {
         let text = std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?;
@@ -319,21 +294,17 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     if prompt_embeds.is_none() && prompt.is_empty() {
         bail!("give --prompt TEXT or --prompt-embeds FILE");
     }
-    for (flag, out) in [("--output", Some(output)), ("--output-latents", output_latents.as_ref())] {
-        if let Some(out) = out {
-            lora_runtime::cli::check_output_parent(flag, out)?;
-        }
-    }
+    cli::check_outputs(&[("--output", Some(output.as_path())), ("--output-latents", output_latents.as_deref())])?;
     let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env())
         .context("--model")?;
     let adapters = adapters.list()?;
-    let (mmdit, cfg) = load_transformer::<B<AB>>(&dir, device)?;
+    let (mmdit, cfg) = load_transformer::<B>(&dir, device)?;
     // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
     let mmdit = merge_adapters(mmdit, &adapters, device)?;
-    let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
+    let (vae, vae_cfg) = load_vae::<B>(&dir, device)?;
     let factor = 1usize << (vae_cfg.block_out_channels.len() - 1);
 
-    let (prompt_embeds, pooled, negative): (Tensor<B<AB>, 3>, Tensor<B<AB>, 2>, _) = match prompt_embeds {
+    let (prompt_embeds, pooled, negative): (Tensor<B, 3>, Tensor<B, 2>, _) = match prompt_embeds {
         Some(file) => {
             let (mut t, _) = read_safetensors(file)?;
             let pe = take(&mut t, file, "prompt_embeds", device)?;
@@ -346,11 +317,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
             (pe, pp, neg)
         }
         None => {
-            let enc = TextEncoders::<B<AB>>::load(&dir, device)?;
+            let enc = TextEncoders::<B>::load(&dir, device)?;
             let t5 = if *no_t5 {
                 None
             } else if dir.join("text_encoder_3").is_dir() {
-                Some(T5TextEncoder::<B<AB>>::load(&dir, device)?)
+                Some(T5TextEncoder::<B>::load(&dir, device)?)
             } else {
                 eprintln!("{}: no text_encoder_3: zeros in place of the T5 tokens (as diffusers with text_encoder_3=None)", dir.display());
                 None
@@ -382,7 +353,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     let noise = match latents {
         Some(f) => {
             let (mut t, _) = read_safetensors(f)?;
-            let l: Tensor<B<AB>, 4> = take(&mut t, f, "latents", device)?;
+            let l: Tensor<B, 4> = take(&mut t, f, "latents", device)?;
             if l.dims() != want {
                 bail!("{}: `latents` has shape {:?}; this model at {h}×{w} with {b} prompt(s) needs {want:?}", f.display(), l.dims());
             }
@@ -410,15 +381,44 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
     Ok(())
 }
 
+fn export<B: Backend>(args: &ExportArgs, device: &B::Device) -> Result<()> {
+    let ExportArgs { model, adapters, out, dtype, force, .. } = args;
+    let dir = resolve_model_dir(model, &pipeline_files(true, false), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
+    let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+    let summary = export_sd3::<B>(&dir, &adapters.list()?, &opts, out, device)?;
+    cli::report_export(out, &summary, "transformer tensors")?;
+    Ok(())
+}
+
+fn train<AB: AutodiffBackend>(config: &TrainConfig, run: &RunArgs, peer: &Peer, device: &AB::Device) -> Result<()> {
+    let out = &run.out;
+    let reporter = cli::train_reporter(run, &config.method, config.lr_ratio, "mse", peer);
+    let m = sd3_gen::train::train::<AB>(config, out, &run.options(peer.clone()), device, &mut |p| reporter.report(p))?;
+    reporter.finish();
+    if peer.rank > 0 {
+        return Ok(());
+    }
+    eprintln!(
+        "{}: {} trainable / {} parameters; {} of {} steps; final loss {:.4}{}",
+        out.display(),
+        m.trainable_params,
+        m.total_params,
+        m.run.steps,
+        m.run.total_steps,
+        m.final_loss,
+        m.adapter.as_ref().map_or(String::new(), |a| format!("; adapter {}", a.display()))
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     lora_runtime::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let (device, peer) = match &cli.command {
-        Cmd::Train { run, .. } => match launch(&run.dist, &run.device)? {
-            Launch::Done(code) => std::process::exit(code),
-            Launch::Train { peer, device } => (device, peer),
-        },
-        Cmd::Sample { device, .. } | Cmd::Eval { device, .. } | Cmd::Export { device, .. } | Cmd::Fid { device, .. } => (device.clone(), Peer::single()),
+        Cmd::Train { run, .. } => cli::launch_train(run)?,
+        Cmd::Sample(SampleArgs { device, .. }) | Cmd::Export(ExportArgs { device, .. }) | Cmd::Eval { device, .. } | Cmd::Fid { device, .. } => {
+            (device.clone(), Peer::single())
+        }
     };
     let device: DeviceSpec = device.parse().context("--device")?;
     lora_runtime::dispatch!(device, run(&cli.command, &peer))

@@ -7,8 +7,8 @@ use std::path::Path;
 use burn::prelude::*;
 use lora_runtime::run::stream_seed;
 
-use crate::data::permutation;
-use crate::error::{ClipError, Result};
+use clip_cls::data::permutation;
+use clip_cls::error::{ClipError, Result};
 
 /// Side of a digit image.
 pub const SIDE: usize = 8;

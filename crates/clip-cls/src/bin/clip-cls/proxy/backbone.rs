@@ -19,10 +19,10 @@ use serial_lora::{AdaptedModel, Attention, AttentionSite};
 
 use super::PRETRAIN_CLASSES;
 use super::data::{Digits, SIDE, SPLIT_SEED, split};
-use crate::config::ClipVisionConfig;
-use crate::encoder::EncoderLayer;
-use crate::error::{ClipError, Result};
-use crate::vision_model::VisionModel;
+use clip_cls::config::ClipVisionConfig;
+use clip_cls::encoder::EncoderLayer;
+use clip_cls::error::{ClipError, Result};
+use clip_cls::vision_model::VisionModel;
 
 /// Seed of pretraining (model init and batch order): the backbone is a function of the data
 /// and the pretraining settings only.
@@ -75,7 +75,7 @@ impl<B: Backend> AdaptedModel<B> for ProxyModel<B> {
         layers
             .map(|(i, l)| AttentionSite {
                 path: format!("vision_model.encoder.layers.{i}.self_attn"),
-                names: crate::model::CLIP_PROJ_NAMES,
+                names: clip_cls::model::CLIP_PROJ_NAMES,
                 attention: &l.self_attn,
             })
             .collect()

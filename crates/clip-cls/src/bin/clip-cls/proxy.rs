@@ -15,7 +15,9 @@
 //!
 //! Upstream of the data: UCI "Optical Recognition of Handwritten Digits" (optdigits) test set,
 //! as bundled by scikit-learn 1.9.1 (`sklearn/datasets/data/digits.csv.gz`).
+#[path = "proxy/backbone.rs"]
 pub mod backbone;
+#[path = "proxy/data.rs"]
 pub mod data;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,11 +36,11 @@ use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
-use crate::error::{ClipError, Result};
 use backbone::cross_entropy;
 pub use backbone::{
     BackboneInfo, PretrainRecipe, ProxyModel, accuracy, correct, load_or_pretrain, load_pretrained, pretrain, proxy_vision_config, save_pretrained,
 };
+use clip_cls::error::{ClipError, Result};
 pub use data::{Digits, Split, few_shot, split};
 
 /// Digits the backbone is pretrained on.
