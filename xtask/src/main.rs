@@ -15,6 +15,7 @@ mod perf;
 mod plot;
 mod report;
 mod smoke;
+mod stats;
 mod sweep;
 
 #[derive(Parser)]
@@ -254,6 +255,7 @@ fn main() -> Result<()> {
                 "clip_score.py",
                 "unusual_images.py",
                 "export_merge.py",
+                "paired_t.py",
             ] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
@@ -370,10 +372,20 @@ fn smoke_check() -> Result<()> {
     let path = report::report(&root(), &out)?;
     let dir = path.parent().context("report dir")?;
     let mut expected: Vec<String> =
-        ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_params.csv", "runs.csv"]
+        ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_paired.csv", "proxy_params.csv", "runs.csv"]
             .map(String::from)
             .to_vec();
-    for fig in ["fig5_rank_sweep", "fig3_spectra", "loss_clip", "loss_sam", "loss_sd3", "loss_proxy"] {
+    for fig in [
+        "fig5_rank_sweep",
+        "fig3_spectra",
+        "loss_clip",
+        "loss_sam",
+        "loss_sd3",
+        "loss_proxy",
+        "fig5_rank_sweep_proxy",
+        "fig3_spectra_proxy",
+        "proxy_accuracy_vs_params",
+    ] {
         expected.extend(["svg", "png"].map(|e| format!("{fig}.{e}")));
     }
     let missing: Vec<&String> = expected.iter().filter(|f| !dir.join(f).is_file()).collect();

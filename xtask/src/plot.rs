@@ -35,6 +35,8 @@ pub enum XTicks {
     Integer,
     /// x is log2 of a power of two (rank): labelled 2, 4, 8, … at integer x only.
     Pow2,
+    /// x is log10 of a count (parameters): labelled 100, 1000, 1e4, … at integer x only.
+    Pow10,
 }
 
 pub struct Panel {
@@ -180,7 +182,7 @@ where
         // whole units of margin, so the first and last points sit on labelled ticks
         let (lo, hi) = xs().filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         if lo.is_finite() {
-            let pad = if p.x_ticks == XTicks::Pow2 { 0.3 } else { ((hi - lo) * 0.04).max(0.3) };
+            let pad = if matches!(p.x_ticks, XTicks::Pow2 | XTicks::Pow10) { 0.3 } else { ((hi - lo) * 0.04).max(0.3) };
             (x0, x1) = (lo - pad, hi + pad);
         }
     }
@@ -195,6 +197,7 @@ where
         XTicks::Auto => tick_label(*x),
         XTicks::Integer if is_integer(*x) => format!("{}", x.round() as i64),
         XTicks::Pow2 if is_integer(*x) && *x >= 0.0 => format!("{}", 1u64 << (x.round() as u32).min(62)),
+        XTicks::Pow10 if is_integer(*x) => tick_label(10f64.powi(x.round() as i32)),
         _ => String::new(),
     };
     let y_fmt = |y: &f64| tick_label(*y);
@@ -241,6 +244,12 @@ where
     for (i, (_, band)) in pixel_series.iter().enumerate() {
         if band.len() >= 3 {
             canvas.draw(&Polygon::new(shift(band), color(i).mix(0.18).filled())).map_err(e)?;
+        } else if let [hi, lo] = shift(band)[..] {
+            // a band of one point: an error bar with caps
+            let style = color(i).stroke_width(2);
+            for path in [vec![hi, lo], vec![(hi.0 - 5, hi.1), (hi.0 + 5, hi.1)], vec![(lo.0 - 5, lo.1), (lo.0 + 5, lo.1)]] {
+                canvas.draw(&PathElement::new(path, style)).map_err(e)?;
+            }
         }
     }
     // later series thinner, so a line drawn over an identical one leaves the first visible

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 use crate::bench::{read_json, write_atomic};
 use crate::plot::{Figure, Panel, Series, XTicks, save};
-use crate::sweep::METHODS;
+use crate::stats::paired_t;
+use crate::sweep::{METHODS, PROXY_BASELINES};
 
 /// Table I: full-size model, its config file, how its adapted blocks are read from it, rank.
 pub const TABLE1: [(&str, &str, &str, usize); 3] = [
@@ -174,9 +175,36 @@ fn in_sweep<'a>(runs: &'a [Value], sweep: &str) -> Vec<&'a Value> {
     runs.iter().filter(|r| r["sweeps"].as_array().is_some_and(|s| s.iter().any(|x| x == sweep))).collect()
 }
 
+/// Every method in report order: the head-only baseline, the paper's four, full fine-tuning.
+fn all_methods() -> impl Iterator<Item = &'static str> {
+    std::iter::once(PROXY_BASELINES[0]).chain(METHODS).chain(std::iter::once(PROXY_BASELINES[1]))
+}
+
 fn ordered_methods(runs: &[&Value]) -> Vec<String> {
     let present: BTreeSet<&str> = runs.iter().filter_map(|r| r["method"].as_str()).collect();
-    METHODS.iter().filter(|m| present.contains(*m)).map(|m| m.to_string()).collect()
+    all_methods().filter(|m| present.contains(*m)).map(|m| m.to_string()).collect()
+}
+
+/// `lora` → `LoRA`, `head-only` → `head only`.
+fn method_name(m: &str) -> &str {
+    match m {
+        "lora" => "LoRA",
+        "serial-lora" => "Serial LoRA",
+        "lora-plus" => "LoRA+",
+        "serial-lora-plus" => "Serial LoRA+",
+        "head-only" => "head only",
+        "full" => "full fine-tuning",
+        other => other,
+    }
+}
+
+/// The rank most runs of `runs` with an adapter have (the smallest on a tie).
+fn modal_rank(runs: &[&Value]) -> Option<u64> {
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for r in runs.iter().filter(|r| !PROXY_BASELINES.iter().any(|b| r["method"] == *b)) {
+        *count.entry(r["rank"].as_u64().unwrap_or(0)).or_default() += 1;
+    }
+    count.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(k, _)| k)
 }
 
 /// Settings in numeric order, with a display label.
@@ -239,6 +267,285 @@ fn loss_from_jsonl(path: &Path) -> Vec<(f64, f64)> {
     by_step.into_iter().map(|(s, l)| (s as f64, l)).collect()
 }
 
+/// A (method, rank) group of proxy runs; baselines have rank 0.
+type Group = (String, u64);
+
+/// Position of a group in the proxy tables: by method (report order), then rank.
+fn group_order(g: &Group) -> (usize, u64) {
+    (all_methods().position(|m| m == g.0).unwrap_or(usize::MAX), g.1)
+}
+
+/// `LoRA r=8`, `head only`.
+fn group_label((m, rank): &Group) -> String {
+    if PROXY_BASELINES.contains(&m.as_str()) { method_name(m).to_string() } else { format!("{} r={rank}", method_name(m)) }
+}
+
+/// Accuracy (%) of proxy runs by setting key and group, per seed; settings in numeric order.
+struct ProxyAccuracy {
+    settings: Vec<(String, String)>,
+    groups: Vec<Group>,
+    acc: BTreeMap<(String, Group), BTreeMap<u64, f64>>,
+    params: BTreeMap<Group, (u64, u64, u64)>,
+}
+
+impl ProxyAccuracy {
+    fn new(runs: &[&Value]) -> Self {
+        let mut acc: BTreeMap<(String, Group), BTreeMap<u64, f64>> = BTreeMap::new();
+        let mut params = BTreeMap::new();
+        for r in runs {
+            let g: Group = (r["method"].as_str().unwrap_or("").into(), r["rank"].as_u64().unwrap_or(0));
+            let s = &r["score"];
+            if let (Some(a), Some(seed)) = (s["accuracy"].as_f64(), r["seed"].as_u64()) {
+                acc.entry((setting_key(r), g.clone())).or_default().insert(seed, a * 100.0);
+            }
+            let count = |k: &str| s[k].as_u64().unwrap_or(0);
+            params.insert(g, (count("adapter_params"), count("head_params"), count("trainable_params")));
+        }
+        let mut groups: Vec<Group> = params.keys().cloned().collect();
+        groups.sort_by_key(group_order);
+        Self { settings: ordered_settings(runs), groups, acc, params }
+    }
+
+    fn get(&self, setting: &str, g: &Group) -> Option<&BTreeMap<u64, f64>> {
+        self.acc.get(&(setting.to_string(), g.clone()))
+    }
+}
+
+/// The proxy's tables: accuracy per method, the paired differences with their 95 % intervals,
+/// and the trainable parameters.
+fn proxy_tables(runs: &[&Value]) -> Vec<(&'static str, &'static str, String, Table)> {
+    let pa = ProxyAccuracy::new(runs);
+    let seeds: BTreeSet<u64> = runs.iter().filter_map(|r| r["seed"].as_u64()).collect();
+    let mut header = vec!["method".to_string(), "trainable parameters".to_string()];
+    header.extend(pa.settings.iter().map(|(_, l)| l.clone()));
+    let rows = pa
+        .groups
+        .iter()
+        .map(|g| {
+            let mut row = vec![group_label(g), thousands(pa.params[g].2 as usize)];
+            row.extend(pa.settings.iter().map(|(k, _)| match pa.get(k, g) {
+                Some(by_seed) => {
+                    let xs: Vec<f64> = by_seed.values().copied().collect();
+                    let (m, sd) = mean_std(&xs);
+                    if xs.len() > 1 { format!("{m:.1} ± {sd:.1}") } else { format!("{m:.1}") }
+                }
+                None => "–".into(),
+            }));
+            row
+        })
+        .collect();
+    let accuracy = Table { header, rows };
+    let accuracy_note = format!(
+        "Tiny ViT pre-trained on digits 0–4, adapted few-shot to 5–9; top-1 accuracy (%) on the held-out 5–9 images, mean ± sample std over seeds {seeds:?}. Trainable parameters: adapter (or backbone) + the 5-way head.\n\n"
+    );
+
+    // comparisons: Serial vs LoRA at the same rank, Serial at r vs LoRA at r/4 (the same
+    // parameter count), and every method vs the head alone
+    let has = |m: &str, k: u64| pa.groups.contains(&(m.to_string(), k));
+    let mut comparisons: Vec<(Group, Group, String)> = Vec::new();
+    for (serial, lora) in [("serial-lora", "lora"), ("serial-lora-plus", "lora-plus")] {
+        for (_, k) in pa.groups.iter().filter(|g| g.0 == serial) {
+            if has(lora, *k) {
+                comparisons.push(((serial.into(), *k), (lora.into(), *k), format!("{} − {} (r={k})", method_name(serial), method_name(lora))));
+            }
+        }
+    }
+    for (_, k) in pa.groups.iter().filter(|g| g.0 == "serial-lora") {
+        if k % 4 == 0 && has("lora", k / 4) {
+            let (a, b) = (("serial-lora".to_string(), *k), ("lora".to_string(), k / 4));
+            comparisons.push((a.clone(), b.clone(), format!("{} − {} (equal parameters)", group_label(&a), group_label(&b))));
+        }
+    }
+    let head: Group = ("head-only".into(), 0);
+    if pa.groups.contains(&head) {
+        for g in pa.groups.iter().filter(|g| **g != head) {
+            comparisons.push((g.clone(), head.clone(), format!("{} − head only", group_label(g))));
+        }
+    }
+    let mut header = vec!["comparison".to_string()];
+    header.extend(pa.settings.iter().map(|(_, l)| l.clone()));
+    let rows = comparisons
+        .iter()
+        .map(|(a, b, label)| {
+            let mut row = vec![label.clone()];
+            row.extend(pa.settings.iter().map(|(k, _)| {
+                let (Some(a), Some(b)) = (pa.get(k, a), pa.get(k, b)) else { return "–".to_string() };
+                let seeds: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
+                let xa: Vec<f64> = seeds.iter().map(|s| a[s]).collect();
+                let xb: Vec<f64> = seeds.iter().map(|s| b[s]).collect();
+                let d = paired_t(&xa, &xb, 0.95);
+                match (d.ci, d.p) {
+                    (Some((lo, hi)), Some(p)) => format!("{:+.1} [{lo:+.1}, {hi:+.1}] p={p:.2} (n={})", d.mean, d.n),
+                    _ => format!("{:+.1} (n={})", d.mean, d.n),
+                }
+            }));
+            row
+        })
+        .collect();
+    let paired = Table { header, rows };
+    let paired_note = "Mean paired difference of accuracy (points) over the seeds both methods ran (a seed draws the same shots and head init in every method), with its 95 % confidence interval and two-sided p-value from the paired t test (Student's t, n − 1 degrees of freedom; `scipy.stats.ttest_rel`). An interval that excludes 0 is a difference at the 5 % level.\n\n".to_string();
+
+    let params = Table {
+        header: ["method", "adapter (or backbone) parameters", "head parameters", "trainable parameters"].map(String::from).to_vec(),
+        rows: pa
+            .groups
+            .iter()
+            .map(|g| {
+                let (a, h, t) = pa.params[g];
+                vec![group_label(g), a.to_string(), h.to_string(), t.to_string()]
+            })
+            .collect(),
+    };
+    vec![
+        ("proxy", "Proxy: tiny ViT, digits 0–4 → 5–9, top-1 accuracy (%) ↑", accuracy_note, accuracy),
+        ("proxy_paired", "Proxy: paired differences (accuracy points)", paired_note, paired),
+        ("proxy_params", "Proxy: trainable parameters", String::new(), params),
+    ]
+}
+
+/// Accuracy vs trainable parameters of every proxy run: a panel per shot setting, a line per
+/// method over its ranks (mean ± sample std over seeds; an error bar where a method has one rank).
+fn accuracy_vs_params(runs: &[&Value]) -> Figure {
+    let pa = ProxyAccuracy::new(runs);
+    let panels = pa
+        .settings
+        .iter()
+        .map(|(k, label)| {
+            let series = ordered_methods(runs)
+                .into_iter()
+                .filter_map(|m| {
+                    let stats: Vec<(f64, (f64, f64), usize)> = pa
+                        .groups
+                        .iter()
+                        .filter(|g| g.0 == m)
+                        .filter_map(|g| {
+                            let xs: Vec<f64> = pa.get(k, g)?.values().copied().collect();
+                            Some(((pa.params[g].2 as f64).log10(), mean_std(&xs), xs.len()))
+                        })
+                        .collect();
+                    if stats.is_empty() {
+                        return None;
+                    }
+                    let band = stats.iter().filter(|s| s.2 > 1).map(|&(x, (mu, sd), _)| (x, mu - sd, mu + sd)).collect();
+                    Some(Series { name: method_name(&m).into(), points: stats.iter().map(|&(x, (mu, _), _)| (x, mu)).collect(), band })
+                })
+                .collect();
+            Panel {
+                title: label.clone(),
+                x_label: "trainable parameters (log scale)".into(),
+                y_label: "top-1 accuracy (%)".into(),
+                log_y: false,
+                x_ticks: XTicks::Pow10,
+                series,
+            }
+        })
+        .collect();
+    let seeds: BTreeSet<u64> = runs.iter().filter_map(|r| r["seed"].as_u64()).collect();
+    Figure {
+        title: "Proxy: accuracy vs trainable parameters".into(),
+        caption: format!(
+            "{} proxy runs; a point per method and rank (adapter + head parameters; head only: the head; full: every parameter), mean over seeds {seeds:?}, band / bar: ± sample std",
+            runs.len()
+        ),
+        cols: pa.settings.len().min(3),
+        panels,
+    }
+}
+
+/// Fig. 5: accuracy vs rank of the runs of a rank sweep, a panel per dataset.
+fn rank_sweep_figure(runs: &[&Value], what: &str) -> Figure {
+    let panels = ordered_datasets(runs)
+        .into_iter()
+        .map(|d| {
+            let rs: Vec<&Value> = runs.iter().copied().filter(|r| r["dataset"] == d.as_str()).collect();
+            let series = ordered_methods(&rs)
+                .into_iter()
+                .map(|m| {
+                    let mut by_rank: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+                    for r in rs.iter().filter(|r| r["method"] == m.as_str()) {
+                        if let (Some(k), Some(a)) = (r["rank"].as_u64(), r["score"]["accuracy"].as_f64()) {
+                            by_rank.entry(k).or_default().push(a * 100.0);
+                        }
+                    }
+                    let stats: Vec<(f64, (f64, f64), usize)> = by_rank.into_iter().map(|(k, a)| ((k as f64).log2(), mean_std(&a), a.len())).collect();
+                    let band = stats.iter().filter(|s| s.2 > 1).map(|&(x, (m, sd), _)| (x, m - sd, m + sd)).collect();
+                    Series { name: m, points: stats.iter().map(|&(x, (m, _), _)| (x, m)).collect(), band }
+                })
+                .collect();
+            Panel { title: d, x_label: "rank (log scale)".into(), y_label: "top-1 accuracy (%)".into(), log_y: false, x_ticks: XTicks::Pow2, series }
+        })
+        .collect();
+    let seeds: BTreeSet<u64> = runs.iter().filter_map(|r| r["seed"].as_u64()).collect();
+    let caption = format!("{} {what} runs ({}); line: mean over seeds {seeds:?}, band: ± sample std", runs.len(), setting_label(runs[0]));
+    let title = if what == "CLIP" { "Fig. 5: accuracy vs rank".to_string() } else { format!("Fig. 5 on the {what}: accuracy vs rank") };
+    Figure { title, caption, cols: 2, panels }
+}
+
+/// Fig. 3: the spectra of a LoRA and a Serial LoRA run of `runs` with the same dataset, setting,
+/// rank and seed (the most common rank, the most shots or data, the lowest seed), and of a full
+/// fine-tuning run of that setting and seed when there is one; `None` without such a pair.
+fn spectra_figure(out: &Path, runs: &[&Value]) -> Option<Figure> {
+    let with_spectra: Vec<(&Value, Value)> = runs.iter().filter_map(|r| Some((*r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
+    let same_setting = |a: &Value, b: &Value| ["dataset", "setting", "seed"].iter().all(|k| a[k] == b[k]);
+    let find = |method: &str, like: &Value, same_rank: bool| {
+        with_spectra.iter().find(|(r, _)| r["method"] == method && same_setting(r, like) && (!same_rank || r["rank"] == like["rank"]))
+    };
+    let rank = modal_rank(runs);
+    let (lr, ls) = with_spectra
+        .iter()
+        .filter(|(r, _)| r["method"] == "lora" && find("serial-lora", r, true).is_some())
+        .min_by_key(|(r, _)| (r["rank"].as_u64() != rank, std::cmp::Reverse(setting_key(r).parse::<f64>().unwrap_or(0.0) as u64), r["seed"].as_u64()))?;
+    let (sr, ss) = find("serial-lora", lr, true)?;
+    let full = find("full", lr, false);
+    // blocks in model order; the first, middle and last are shown
+    let mut blocks: Vec<String> = Vec::new();
+    for b in ls["base"].as_array().into_iter().flatten().filter_map(|p| p["block"].as_str()) {
+        if !blocks.iter().any(|x| x == b) {
+            blocks.push(b.to_string());
+        }
+    }
+    let mut shown: Vec<&String> = [blocks.first(), blocks.get(blocks.len() / 2), blocks.last()].into_iter().flatten().collect();
+    shown.dedup();
+    let spectrum = |v: &Value, block: &str, proj: &str| -> Vec<(f64, f64)> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["block"] == block && p["projection"] == proj)
+            .and_then(|p| p["singular_values"].as_array())
+            .map(|a| a.iter().enumerate().filter_map(|(i, x)| Some((i as f64, x.as_f64()?))).collect())
+            .unwrap_or_default()
+    };
+    let mut panels = Vec::new();
+    for proj in ["q", "k", "v"] {
+        for b in &shown {
+            let mut series = vec![
+                Series::new("base", spectrum(&ls["base"], b, proj)),
+                Series::new("LoRA", spectrum(&ls["adapted"], b, proj)),
+                Series::new("Serial LoRA", spectrum(&ss["adapted"], b, proj)),
+            ];
+            if let Some((_, fs)) = full {
+                series.push(Series::new("full fine-tuning", spectrum(&fs["adapted"], b, proj)));
+            }
+            panels.push(Panel {
+                title: format!("W_{proj} of {b}"),
+                x_label: "singular value index".into(),
+                y_label: "singular value (log)".into(),
+                log_y: true,
+                x_ticks: XTicks::Integer,
+                series,
+            });
+        }
+    }
+    let title =
+        format!("Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})", lr["dataset"].as_str().unwrap_or(""), setting_label(lr), lr["rank"]);
+    let ids: Vec<&str> = [Some(*lr), Some(*sr), full.map(|f| f.0)].into_iter().flatten().filter_map(|r| r["id"].as_str()).collect();
+    let caption = format!(
+        "runs {}: base weights and the weights with each adapter merged (or fine-tuned); first, middle and last attention block",
+        ids.join(", ")
+    );
+    Some(Figure { title, caption, cols: shown.len(), panels })
+}
+
 /// Writes the report into `out/report`; returns the Markdown path.
 pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
     let runs = finished_runs(out)?;
@@ -288,7 +595,7 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
     )?;
 
     let t2_note = "CLIP-T: text–image cosine (`clip_score`); CLIP-I: image–image cosine with the real image of the prompt (`clip_image_similarity`), the number on the paper's CLIP-Score scale (see the README), so the paper's CLIP-Score is printed beside it.\n\n";
-    let sections: [(&str, &str, &str, Vec<Metric>); 4] = [
+    let sections: [(&str, &str, &str, Vec<Metric>); 3] = [
         (
             "table2",
             "Table II: SD3, FID ↓ and CLIP-Score ↑",
@@ -297,7 +604,6 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         ),
         ("table3", "Table III: CLIP, top-1 accuracy (%) ↑", "", vec![("", "accuracy", 100.0, 2, Some(0))]),
         ("table4", "Table IV: SAM, Dice loss (1 − Dice) ↓", "", vec![("", "dice_loss", 1.0, 4, Some(0))]),
-        ("proxy", "Proxy: tiny ViT pre-trained on digits 0–4, adapted few-shot to 5–9, top-1 accuracy (%) ↑", "", vec![("", "accuracy", 100.0, 2, None)]),
     ];
     for (sweep, title, note, metrics) in sections {
         let rs = in_sweep(&runs, sweep);
@@ -308,20 +614,12 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         write_table(&mut md, sweep, title, note, &result_table(&rs, &paper, sweep, &metrics))?;
     }
     let proxy = in_sweep(&runs, "proxy");
-    if !proxy.is_empty() {
-        let mut params: BTreeMap<(String, u64), (u64, u64)> = BTreeMap::new();
-        for r in &proxy {
-            let s = &r["score"];
-            params.insert(
-                (r["method"].as_str().unwrap_or("").into(), r["rank"].as_u64().unwrap_or(0)),
-                (s["adapter_params"].as_u64().unwrap_or(0), s["head_params"].as_u64().unwrap_or(0)),
-            );
+    if proxy.is_empty() {
+        let _ = write!(md, "## Proxy\n\nNo finished runs.\n\n");
+    } else {
+        for (name, title, note, t) in proxy_tables(&proxy) {
+            write_table(&mut md, name, title, &note, &t)?;
         }
-        let t = Table {
-            header: ["method", "rank", "adapter parameters", "head parameters"].map(String::from).to_vec(),
-            rows: params.iter().map(|((m, k), (a, h))| vec![m.clone(), k.to_string(), a.to_string(), h.to_string()]).collect(),
-        };
-        write_table(&mut md, "proxy_params", "Proxy: trainable parameters", "", &t)?;
     }
 
     // cost per run
@@ -344,101 +642,42 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
         let _ = write!(md, "![{}]({stem}.png) ([SVG]({stem}.svg))\n\n", fig.title);
         Ok(())
     };
-    let fig5 = in_sweep(&runs, "fig5");
-    if !fig5.is_empty() {
-        let panels = ordered_datasets(&fig5)
-            .into_iter()
-            .map(|d| {
-                let rs: Vec<&Value> = fig5.iter().copied().filter(|r| r["dataset"] == d.as_str()).collect();
-                let series = ordered_methods(&rs)
-                    .into_iter()
-                    .map(|m| {
-                        let mut by_rank: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-                        for r in rs.iter().filter(|r| r["method"] == m.as_str()) {
-                            if let (Some(k), Some(a)) = (r["rank"].as_u64(), r["score"]["accuracy"].as_f64()) {
-                                by_rank.entry(k).or_default().push(a * 100.0);
-                            }
-                        }
-                        let stats: Vec<(f64, (f64, f64), usize)> = by_rank.into_iter().map(|(k, a)| ((k as f64).log2(), mean_std(&a), a.len())).collect();
-                        let band = stats.iter().filter(|s| s.2 > 1).map(|&(x, (m, sd), _)| (x, m - sd, m + sd)).collect();
-                        Series { name: m, points: stats.iter().map(|&(x, (m, _), _)| (x, m)).collect(), band }
-                    })
-                    .collect();
-                Panel { title: d, x_label: "rank (log scale)".into(), y_label: "top-1 accuracy (%)".into(), log_y: false, x_ticks: XTicks::Pow2, series }
-            })
-            .collect();
-        let seeds: std::collections::BTreeSet<u64> = fig5.iter().filter_map(|r| r["seed"].as_u64()).collect();
-        let caption = format!("{} CLIP runs ({}); line: mean over seeds {:?}, band: ± sample std", fig5.len(), setting_label(fig5[0]), seeds);
-        figure(&mut md, "fig5_rank_sweep", Figure { title: "Fig. 5: accuracy vs rank".into(), caption, cols: 2, panels })?;
+    for (sweep, stem, what) in [("fig5", "fig5_rank_sweep", "CLIP"), ("proxy_ranks", "fig5_rank_sweep_proxy", "proxy")] {
+        let rs = in_sweep(&runs, sweep);
+        if !rs.is_empty() {
+            figure(&mut md, stem, rank_sweep_figure(&rs, what))?;
+        }
     }
-    // Fig. 3: the spectra of a LoRA and a Serial LoRA CLIP run of the same dataset, setting, rank and seed
-    let with_spectra: Vec<(&Value, Value)> =
-        runs.iter().filter_map(|r| Some((r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
-    let same_setting = |a: &Value, b: &Value| ["dataset", "setting", "rank", "seed"].iter().all(|k| a[k] == b[k]);
-    let pair = with_spectra
-        .iter()
-        .filter(|(r, _)| r["method"] == "lora")
-        .find_map(|(lr, ls)| with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).map(|(_, ss)| (lr, ls, ss)));
-    if let Some((lr, ls, ss)) = pair {
-        // blocks in model order; the first, middle and last are shown
-        let mut blocks: Vec<String> = Vec::new();
-        for b in ls["base"].as_array().into_iter().flatten().filter_map(|p| p["block"].as_str()) {
-            if !blocks.iter().any(|x| x == b) {
-                blocks.push(b.to_string());
-            }
+    // Fig. 3: the spectra of a LoRA and a Serial LoRA run of the same dataset, setting, rank and seed
+    for (task, stem) in [("clip", "fig3_spectra"), ("proxy", "fig3_spectra_proxy")] {
+        let rs: Vec<&Value> = runs.iter().filter(|r| r["task"] == task).collect();
+        if let Some(fig) = spectra_figure(out, &rs) {
+            figure(&mut md, stem, fig)?;
         }
-        let mut shown: Vec<&String> = [blocks.first(), blocks.get(blocks.len() / 2), blocks.last()].into_iter().flatten().collect();
-        shown.dedup();
-        let spectrum = |v: &Value, block: &str, proj: &str| -> Vec<(f64, f64)> {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .find(|p| p["block"] == block && p["projection"] == proj)
-                .and_then(|p| p["singular_values"].as_array())
-                .map(|a| a.iter().enumerate().filter_map(|(i, x)| Some((i as f64, x.as_f64()?))).collect())
-                .unwrap_or_default()
-        };
-        let mut panels = Vec::new();
-        for proj in ["q", "k", "v"] {
-            for b in &shown {
-                let series = vec![
-                    Series::new("base", spectrum(&ls["base"], b, proj)),
-                    Series::new("LoRA", spectrum(&ls["adapted"], b, proj)),
-                    Series::new("Serial LoRA", spectrum(&ss["adapted"], b, proj)),
-                ];
-                panels.push(Panel {
-                    title: format!("W_{proj} of {b}"),
-                    x_label: "singular value index".into(),
-                    y_label: "singular value (log)".into(),
-                    log_y: true,
-                    x_ticks: XTicks::Integer,
-                    series,
-                });
-            }
-        }
-        let title = format!(
-            "Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})",
-            lr["dataset"].as_str().unwrap_or(""),
-            setting_label(lr),
-            lr["rank"]
-        );
-        let caption = format!(
-            "runs {} and {}: base weights and the weights with each adapter merged; first, middle and last attention block",
-            lr["id"].as_str().unwrap_or(""),
-            with_spectra.iter().find(|(r, _)| r["method"] == "serial-lora" && same_setting(r, lr)).and_then(|(r, _)| r["id"].as_str()).unwrap_or("")
-        );
-        figure(&mut md, "fig3_spectra", Figure { title, caption, cols: shown.len(), panels })?;
+    }
+    if !proxy.is_empty() {
+        let all_proxy: Vec<&Value> = runs.iter().filter(|r| r["task"] == "proxy").collect();
+        figure(&mut md, "proxy_accuracy_vs_params", accuracy_vs_params(&all_proxy))?;
     }
     // training loss per method, for the first dataset and setting of each task (lowest seed)
     for task in ["clip", "sam", "sd3", "proxy"] {
         let rs: Vec<&Value> = runs.iter().filter(|r| r["task"] == task).collect();
-        let Some(first) = rs.iter().min_by_key(|r| (r["dataset"].as_str().unwrap_or("").to_string(), setting_key(r), r["rank"].as_u64(), r["seed"].as_u64()))
+        // the most common rank; the baselines without adapter are drawn beside it
+        let rank = modal_rank(&rs);
+        let baseline = |r: &Value| PROXY_BASELINES.iter().any(|b| r["method"] == *b);
+        let Some(first) = rs
+            .iter()
+            .filter(|r| r["rank"].as_u64() == rank)
+            .min_by_key(|r| (r["dataset"].as_str().unwrap_or("").to_string(), setting_key(r), r["seed"].as_u64()))
         else {
             continue;
         };
         // every seed of that setting: mean ± std per step where there are several
-        let same: Vec<&Value> =
-            rs.iter().copied().filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && r["rank"] == first["rank"]).collect();
+        let same: Vec<&Value> = rs
+            .iter()
+            .copied()
+            .filter(|r| r["dataset"] == first["dataset"] && r["setting"] == first["setting"] && (r["rank"] == first["rank"] || baseline(r)))
+            .collect();
         let mut from_jsonl = 0;
         let mut series = Vec::new();
         let mut seeds = std::collections::BTreeSet::new();

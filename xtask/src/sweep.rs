@@ -12,6 +12,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub const METHODS: [&str; 4] = ["lora", "serial-lora", "lora-plus", "serial-lora-plus"];
+/// The proxy experiment's baselines without adapter (rank 0 in their run ids): the head alone on
+/// the frozen backbone, and full fine-tuning.
+pub const PROXY_BASELINES: [&str; 2] = ["head-only", "full"];
 
 /// One preset file.
 #[derive(Debug, Deserialize)]
@@ -151,15 +154,18 @@ impl Preset {
             if settings.is_empty() || s.methods.is_empty() || s.ranks.is_empty() || s.seeds.is_empty() || s.datasets.is_empty() {
                 bail!("{what}: datasets, shots/fractions, methods, ranks and seeds must each be non-empty");
             }
-            if let Some(m) = s.methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
-                bail!("{what}: unknown method `{m}` ({})", METHODS.join(", "));
+            let known: Vec<&str> = METHODS.iter().chain(if s.task == "proxy" { &PROXY_BASELINES[..] } else { &[] }).copied().collect();
+            if let Some(m) = s.methods.iter().find(|m| !known.contains(&m.as_str())) {
+                bail!("{what}: unknown method `{m}` ({})", known.join(", "));
             }
             for (dataset, path) in &s.datasets {
                 let train = vars.flags(&s.train, dataset, &format!("{what}: train"))?;
                 let eval = vars.flags(&s.eval, dataset, &format!("{what}: eval"))?;
                 for &setting in &settings {
                     for method in &s.methods {
-                        for &rank in &s.ranks {
+                        // a baseline has no rank: one run per seed, rank 0
+                        let ranks = if PROXY_BASELINES.contains(&method.as_str()) { vec![0] } else { s.ranks.clone() };
+                        for &rank in &ranks {
                             for &seed in &s.seeds {
                                 let id = format!("{}-{dataset}-{}-{method}-r{rank}-s{seed}", s.task, setting.label());
                                 let run = Run {
@@ -222,6 +228,8 @@ pub fn filter(runs: Vec<Run>, only: &str) -> Vec<Run> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn root() -> PathBuf {
@@ -245,6 +253,35 @@ mod tests {
         }
         assert!(parse_shard("0/2").is_err() && parse_shard("3/2").is_err() && parse_shard("x").is_err());
         assert_eq!(parse_shard("2/5").unwrap(), (2, 5));
+    }
+
+    /// The proxy preset is the grid issue 18 asks for: 1 / 4 / 16 shots × 10 seeds for the four
+    /// methods at rank 8, LoRA at rank 2 and the two baselines (rank 0); 16 shots × 5 seeds ×
+    /// ranks 2–32 for LoRA and Serial LoRA; every comparison paired (the same seeds).
+    #[test]
+    fn proxy_grid_is_paired() {
+        let runs = all("proxy");
+        let count = |sweep: &str, method: &str, rank: usize| {
+            runs.iter().filter(|r| r.sweeps.iter().any(|s| s == sweep) && r.method == method && r.rank == rank).count()
+        };
+        for m in METHODS {
+            assert_eq!(count("proxy", m, 8), 30, "{m}");
+        }
+        for (m, k) in [("lora", 2), ("head-only", 0), ("full", 0)] {
+            assert_eq!(count("proxy", m, k), 30, "{m} r{k}");
+        }
+        for m in ["lora", "serial-lora"] {
+            for k in [2, 4, 8, 16, 32] {
+                assert_eq!(count("proxy_ranks", m, k), 5, "{m} r{k}");
+            }
+        }
+        assert_eq!(runs.len(), 7 * 30 + 50 - 15);
+        let cells = |m: &str, k: usize| -> BTreeSet<(String, u64)> {
+            runs.iter().filter(|r| r.sweeps.iter().any(|s| s == "proxy") && r.method == m && r.rank == k).map(|r| (r.setting.label(), r.seed)).collect()
+        };
+        for (m, k) in [("lora", 2), ("serial-lora", 8), ("lora-plus", 8), ("serial-lora-plus", 8), ("head-only", 0), ("full", 0)] {
+            assert_eq!(cells(m, k), cells("lora", 8), "{m} r{k}");
+        }
     }
 
     #[test]

@@ -97,7 +97,7 @@ fn cli_writes_metrics_and_the_adapter() {
     assert_eq!(file["trainable_params"].as_u64(), Some(4 * 4 * 128 + 325));
     assert_eq!(file["loss"].as_array().unwrap().len(), 20);
     assert_eq!(file["backbone"]["pretrained_now"], false);
-    for f in ["adapter_config.json", "adapter_model.safetensors", "head.safetensors"] {
+    for f in ["adapter_config.json", "adapter_model.safetensors", "head.safetensors", "spectra.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
 }

@@ -180,6 +180,14 @@ impl CommonTrainArgs<'_> {
     /// Refuses a setting out of range, naming the flag: `batch`, `epochs` / `iters` ≥ 1; `lr` and
     /// `lr-ratio` finite and > 0; `weight-decay` finite and ≥ 0; a known method.
     pub fn validate(&self) -> crate::Result<()> {
+        self.validate_optimization()?;
+        AdapterConfig::from_method_name(self.method, self.rank, self.lr_ratio)?;
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate) without the method and rank (for a run that trains no
+    /// adapter, e.g. a head-only or full fine-tuning baseline).
+    pub fn validate_optimization(&self) -> crate::Result<()> {
         let bad = |key: &'static str, value: String, why: &str| Err(crate::Error::config(key, value, why));
         if self.batch == 0 {
             return bad("batch", "0".into(), "must be at least 1");
@@ -196,7 +204,6 @@ impl CommonTrainArgs<'_> {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad("weight-decay", self.weight_decay.to_string(), "must be a finite number ≥ 0");
         }
-        AdapterConfig::from_method_name(self.method, self.rank, self.lr_ratio)?;
         Ok(())
     }
 }

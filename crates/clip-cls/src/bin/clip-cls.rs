@@ -146,7 +146,8 @@ enum Cmd {
     },
     /// The proxy transfer experiment on scikit-learn's digits: a tiny CLIP-style ViT pretrained
     /// on digits 0–4 (cached in --backbone), adapted few-shot to digits 5–9 with a frozen
-    /// backbone. Writes metrics.json (also printed), the adapter and head.safetensors into --out.
+    /// backbone (or a baseline: the head alone, full fine-tuning). Writes metrics.json (also
+    /// printed), the adapter, head.safetensors and spectra.json into --out.
     // a negative number is a (bad) value, named in the error, not an unknown flag
     #[command(allow_negative_numbers = true)]
     Proxy {
@@ -334,7 +335,7 @@ fn proxy<AB: AutodiffBackend>(config: &ProxyConfig, out: &Path, device: &AB::Dev
     let m = run_proxy::<AB>(config, out, device, &mut on_epoch)?;
     eprintln!(
         "{}: {} rank {} {}-shot seed {}: accuracy {:.3} on {} held-out images of digits 5–9 (pretrained: {:.3} on 0–4); \
-         {} adapter + {} head parameters; {:.1} s",
+         {} trainable parameters in the backbone (adapters) + {} in the head; {:.1} s",
         out.display(),
         m.method,
         m.rank,

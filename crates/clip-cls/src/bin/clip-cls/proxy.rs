@@ -11,7 +11,11 @@
 //!   safetensors file ([`load_or_pretrain`]).
 //! - Adaptation: digits 5–9, K shots per class, the backbone frozen, adapters per method on the
 //!   attention of every block (the shared `serial_lora` code) plus a fresh, trainable 5-way head
-//!   in every method; top-1 accuracy on the held-out 5–9 images ([`run_proxy`]).
+//!   in every method; top-1 accuracy on the held-out 5–9 images ([`run_proxy`]). Two baselines
+//!   in the same harness ([`BASELINES`]): the head alone on the frozen backbone (`head-only`),
+//!   and full fine-tuning of backbone and head (`full`).
+//! - The same seed draws the same shots and the same head init in every method, so results of
+//!   different methods at one seed are paired.
 //!
 //! Upstream of the data: UCI "Optical Recognition of Handwritten Digits" (optdigits) test set,
 //! as bundled by scikit-learn 1.9.1 (`sklearn/datasets/data/digits.csv.gz`).
@@ -24,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, Param};
+use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -34,6 +38,7 @@ use lora_runtime::train::{CommonTrainArgs, Micro, StepPlan, TrainTask, optimizer
 use serde::{Deserialize, Serialize};
 use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
+use serial_lora::analysis::qkv_spectra;
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 use backbone::cross_entropy;
@@ -60,6 +65,11 @@ pub const DEFAULT_LR: f64 = 3e-3;
 pub const DEFAULT_PRETRAIN_EPOCHS: usize = 10;
 /// Default pretraining peak learning rate.
 pub const DEFAULT_PRETRAIN_LR: f64 = 1e-3;
+/// The methods without an adapter: the 5-way head alone on the frozen backbone, and full
+/// fine-tuning (every backbone parameter and the head).
+pub const BASELINES: [&str; 2] = ["head-only", "full"];
+/// What `--method` takes.
+const METHOD_CHOICES: &str = "lora | serial-lora | lora-plus | serial-lora-plus | head-only | full";
 
 /// Settings of one proxy run (`clip-cls proxy`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -70,9 +80,11 @@ pub struct ProxyConfig {
     /// Pretrained-backbone cache (safetensors): read if it exists, else pretrained and written.
     #[arg(long)]
     pub backbone: PathBuf,
-    /// lora | serial-lora | lora-plus | serial-lora-plus
+    /// lora | serial-lora | lora-plus | serial-lora-plus, or a baseline without adapter:
+    /// head-only (the head alone on the frozen backbone) | full (every parameter).
     #[arg(long)]
     pub method: String,
+    /// Adapter rank (not used by head-only and full).
     #[arg(long, default_value_t = DEFAULT_RANK)]
     pub rank: usize,
     /// Training images per digit 5–9, drawn with --seed from the training pool.
@@ -127,13 +139,22 @@ impl ProxyConfig {
         }
     }
 
-    /// The adapter config (checked).
-    pub fn adapter_config(&self) -> Result<AdapterConfig> {
-        let a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)?
+    /// Whether the method is a baseline without adapter ([`BASELINES`]).
+    pub fn is_baseline(&self) -> bool {
+        BASELINES.contains(&self.method.as_str())
+    }
+
+    /// The adapter config (checked); `None` for a baseline.
+    pub fn adapter_config(&self) -> Result<Option<AdapterConfig>> {
+        if self.is_baseline() {
+            return Ok(None);
+        }
+        let a = AdapterConfig::from_method_name(&self.method, self.rank, self.lr_ratio)
+            .map_err(|_| serial_lora::Error::config("method", &self.method, format!("unknown method (expected {METHOD_CHOICES})")))?
             .with_alpha(self.alpha.unwrap_or(self.rank as f64))
             .with_dropout(self.dropout);
         a.validate()?;
-        Ok(a)
+        Ok(Some(a))
     }
 
     /// The pretraining recipe.
@@ -144,13 +165,13 @@ impl ProxyConfig {
     /// Checks every setting; errors name the flag and the value.
     pub fn check(&self) -> Result<()> {
         let bad = |key: &'static str, value: String, why: &str| -> Result<()> { Err(serial_lora::Error::config(key, value, why).into()) };
-        if self.rank == 0 {
+        if self.rank == 0 && !self.is_baseline() {
             return bad("rank", "0".into(), "must be at least 1");
         }
         if self.shots == 0 {
             return bad("shots", "0".into(), "must be at least 1");
         }
-        self.common().validate()?;
+        self.common().validate_optimization()?;
         if self.pretrain_epochs == 0 {
             return bad("pretrain-epochs", "0".into(), "must be at least 1");
         }
@@ -182,10 +203,12 @@ impl ProxyConfig {
 /// The adapted model after training, and what it cost.
 pub struct Adapted<AB: AutodiffBackend> {
     pub model: ProxyModel<AB>,
-    pub adapter: AdapterConfig,
+    /// `None` for a baseline.
+    pub adapter: Option<AdapterConfig>,
     /// Per-step training loss.
     pub loss: Vec<f32>,
-    /// Trainable parameters of the adapters (backbone) and of the head.
+    /// Trainable parameters of the backbone (its adapters; every backbone parameter for `full`;
+    /// none for `head-only`) and of the head.
     pub adapter_params: usize,
     pub head_params: usize,
     pub total_params: usize,
@@ -194,15 +217,20 @@ pub struct Adapted<AB: AutodiffBackend> {
     pub train_seconds: f64,
 }
 
-/// Attaches adapters per `cfg` to the frozen `backbone` of a pretrained model, adds a fresh
-/// 5-way head (trainable in every method) and trains both on `shots` (full batch, `cfg.iters`
-/// AdamW steps, cosine schedule to 1 % of the peak lr; LoRA+ puts B matrices and the head bias
-/// at lr × ratio, as PEFT's `create_loraplus_optimizer` does with every 1-D parameter).
+/// Attaches adapters per `cfg` to the frozen `backbone` of a pretrained model (a baseline: no
+/// adapter, the backbone frozen for `head-only`, trainable for `full`), adds a fresh 5-way head
+/// (trainable in every method) and trains them on `shots` (full batch, `cfg.iters` AdamW steps,
+/// cosine schedule to 1 % of the peak lr; LoRA+ puts B matrices and the head bias at lr × ratio,
+/// as PEFT's `create_loraplus_optimizer` does with every 1-D parameter).
 pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, shots: &[usize], cfg: &ProxyConfig, device: &AB::Device) -> Result<Adapted<AB>> {
     cfg.check()?;
     let adapter = cfg.adapter_config()?;
     let hidden = pretrained.head.weight.val().dims()[0];
-    let mut model = pretrained.with_adapters(&adapter, stream_seed(cfg.seed, streams::PROXY_INIT, 0), device)?;
+    let mut model = match &adapter {
+        Some(a) => pretrained.with_adapters(a, stream_seed(cfg.seed, streams::PROXY_INIT, 0), device)?,
+        None if cfg.method == "head-only" => pretrained.no_grad(),
+        None => pretrained, // `full`: the loaded parameters are all trainable
+    };
     // the new head as `LinearConfig::init` draws it (U(±1/√in) for weight and bias), seeded
     let (mut rng, bound, n) = (serial_lora::rng::rng(stream_seed(cfg.seed, streams::PROXY_INIT, 1)), 1.0 / (hidden as f64).sqrt(), TRANSFER_CLASSES.len());
     let weight = serial_lora::rng::uniform([hidden, n], bound, &mut rng, device);
@@ -212,7 +240,7 @@ pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, s
     let head_params = model.head.trainable_params();
     let total_params = model.total_params();
 
-    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter.lr_ratio.unwrap_or(1.0));
+    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter.as_ref().and_then(|a| a.lr_ratio).unwrap_or(1.0));
     // full batch, in order: one micro-batch of every shot per step
     let plan = StepPlan {
         examples: shots.len(),
@@ -277,7 +305,8 @@ pub struct ProxyMetrics {
     pub iters: usize,
     pub lr: f64,
     pub lr_ratio: Option<f64>,
-    pub alpha: f64,
+    /// Scale numerator of the adapter (`None` for a baseline).
+    pub alpha: Option<f64>,
     /// Top-1 accuracy on the held-out images of digits 5–9, in [0, 1].
     pub accuracy: f64,
     pub test_images: usize,
@@ -286,7 +315,8 @@ pub struct ProxyMetrics {
     pub pretrain_accuracy: f64,
     pub pretrain_test_images: usize,
     pub backbone: BackboneInfo,
-    /// Trainable adapter parameters (A and B matrices).
+    /// Trainable parameters of the backbone: the adapters' A and B matrices (every backbone
+    /// parameter for `full`, 0 for `head-only`).
     pub adapter_params: usize,
     /// Trainable head parameters (weight + bias).
     pub head_params: usize,
@@ -304,8 +334,11 @@ pub struct ProxyMetrics {
 }
 
 /// One proxy run: loads the digits, gets the pretrained backbone (cache or pretraining),
-/// adapts it per `cfg`, evaluates, and writes into `out` the adapter (PEFT layout),
-/// `head.safetensors` and `metrics.json` (atomically). `on_epoch` reports pretraining.
+/// adapts it per `cfg`, evaluates, and writes into `out` the adapter (PEFT layout; for `full`
+/// the whole fine-tuned model as `model.safetensors`), `head.safetensors`, `spectra.json` (the
+/// singular values of the Q, K, V weights before and after, as `clip-cls spectra` writes them;
+/// not for `head-only`, which leaves them unchanged) and `metrics.json` (atomically).
+/// `on_epoch` reports pretraining.
 pub fn run_proxy<AB: AutodiffBackend>(cfg: &ProxyConfig, out: &Path, device: &AB::Device, on_epoch: &mut dyn FnMut(usize, f64)) -> Result<ProxyMetrics> {
     cfg.check()?;
     let digits = Digits::load(&cfg.data)?;
@@ -316,6 +349,7 @@ pub fn run_proxy<AB: AutodiffBackend>(cfg: &ProxyConfig, out: &Path, device: &AB
     let (pretrained, backbone) = load_or_pretrain::<AB>(&digits, &cfg.recipe(), &cfg.backbone, device, on_epoch)?;
     let held_out = split(&digits, PRETRAIN_CLASSES).test;
     let pretrain_accuracy = accuracy(&pretrained.valid(), &digits, &held_out, PRETRAIN_CLASSES.start, device);
+    let base_spectra = (cfg.method != "head-only").then(|| qkv_spectra(&pretrained));
 
     let start = std::time::Instant::now();
     let a = adapt(pretrained, &digits, &shots, cfg, device)?;
@@ -323,7 +357,15 @@ pub fn run_proxy<AB: AutodiffBackend>(cfg: &ProxyConfig, out: &Path, device: &AB
     let right = correct(&a.model.valid(), &digits, &test, TRANSFER_CLASSES.start, device);
     let wall_seconds = start.elapsed().as_secs_f64();
 
-    io::save_adapter(&a.model, &a.adapter, out, Some(&cfg.backbone.display().to_string()))?;
+    match &a.adapter {
+        Some(adapter) => io::save_adapter(&a.model, adapter, out, Some(&cfg.backbone.display().to_string()))?,
+        None if cfg.method == "full" => backbone::save_weights(&a.model, HashMap::new(), &out.join("model.safetensors"))?,
+        None => {}
+    }
+    if let Some(base) = base_spectra {
+        let spectra = serde_json::json!({ "model": cfg.backbone, "method": cfg.method, "base": base, "adapted": qkv_spectra(&a.model) });
+        write_atomic(&out.join("spectra.json"), spectra.to_string().as_bytes())?;
+    }
     let head: BTreeMap<String, HostTensor> = [("head.weight", a.model.head.weight.val())]
         .into_iter()
         .map(|(k, t)| (k.to_string(), HostTensor::from_tensor(t)))
@@ -333,14 +375,14 @@ pub fn run_proxy<AB: AutodiffBackend>(cfg: &ProxyConfig, out: &Path, device: &AB
 
     let metrics = ProxyMetrics {
         task: "proxy".into(),
-        method: a.adapter.method_name().into(),
+        method: a.adapter.as_ref().map_or(cfg.method.as_str(), |ad| ad.method_name()).into(),
         rank: cfg.rank,
         shots: cfg.shots,
         seed: cfg.seed,
         iters: cfg.iters,
         lr: cfg.lr,
-        lr_ratio: a.adapter.lr_ratio,
-        alpha: a.adapter.alpha,
+        lr_ratio: a.adapter.as_ref().and_then(|ad| ad.lr_ratio),
+        alpha: a.adapter.as_ref().map(|ad| ad.alpha),
         accuracy: right as f64 / test.len().max(1) as f64,
         test_images: test.len(),
         correct: right,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 
 use crate::proxy::{Digits, PRETRAIN_CLASSES, ProxyConfig, TRANSFER_CLASSES, accuracy, adapt, few_shot, load_or_pretrain, split};
 
@@ -125,4 +125,42 @@ fn a_missing_or_bad_data_file_is_named() {
     std::fs::write(&bad, [0x1f, 0x8b, 1, 2, 3]).unwrap();
     let err = Digits::load(&bad).unwrap_err().to_string();
     assert!(err.contains("bad.csv") && err.contains("gzip"), "{err}");
+}
+
+#[test]
+fn the_baselines_train_the_head_alone_or_everything() {
+    let (path, _, _) = backbone();
+    let dev = Default::default();
+    let d = digits();
+    let transfer = split(d, TRANSFER_CLASSES);
+    for method in ["head-only", "full"] {
+        // any rank is accepted (and unused) by a baseline
+        let cfg = ProxyConfig { iters: TEST_ITERS, rank: 0, ..ProxyConfig::new(data(), path, method) };
+        assert!(cfg.is_baseline() && cfg.adapter_config().unwrap().is_none());
+        let shots = few_shot(d, &transfer.train, TRANSFER_CLASSES, 16, cfg.seed).unwrap();
+        let (pretrained, _) = load_or_pretrain::<AB>(d, &cfg.recipe(), path, &dev, &mut |_, _| {}).unwrap();
+        let before = pretrained.vision_model.clone().valid();
+        let backbone_params = pretrained.vision_model.num_params();
+        let a = adapt(pretrained, d, &shots, &cfg, &dev).unwrap();
+        let acc = accuracy(&a.model.valid(), d, &transfer.test, TRANSFER_CLASSES.start, &dev);
+        eprintln!("{method}: accuracy {acc:.4}, {} backbone + {} head params", a.adapter_params, a.head_params);
+        assert!(acc > MIN_TRANSFER_ACCURACY, "{method}: accuracy {acc}");
+        assert_eq!(a.head_params, 64 * 5 + 5);
+        // the patch embedding, the first backbone weight, moves only in full fine-tuning
+        let after = a.model.valid();
+        let unchanged = after.vision_model.embeddings.patch_embedding.weight.val().into_data() == before.embeddings.patch_embedding.weight.val().into_data();
+        if method == "head-only" {
+            assert_eq!(a.adapter_params, 0);
+            assert!(unchanged, "head-only changed the backbone");
+        } else {
+            assert_eq!(a.adapter_params, backbone_params);
+            assert!(!unchanged, "full fine-tuning left the backbone unchanged");
+        }
+    }
+}
+
+#[test]
+fn an_unknown_method_lists_the_baselines() {
+    let err = ProxyConfig::new(data(), "unused.safetensors", "dora").check().unwrap_err().to_string();
+    assert!(err.contains("dora") && err.contains("head-only") && err.contains("full"), "{err}");
 }

@@ -258,9 +258,14 @@ impl<B: Backend> ModuleMapper<B> for Apply<'_> {
 /// Writes a pretrained model (backbone and pretraining head, Burn paths and `[in, out]`
 /// layout) with its recipe, atomically.
 pub fn save_pretrained<B: Backend>(model: &ProxyModel<B>, recipe: &PretrainRecipe, path: &Path) -> Result<()> {
+    save_weights(model, HashMap::from([(META_RECIPE.to_string(), serde_json::to_string(recipe).unwrap_or_default())]), path)
+}
+
+/// Writes every float parameter of `model` (Burn paths, `[in, out]` layout) with `meta`,
+/// atomically.
+pub fn save_weights<B: Backend>(model: &ProxyModel<B>, meta: HashMap<String, String>, path: &Path) -> Result<()> {
     let mut c = Collect::default();
     model.visit(&mut c);
-    let meta = HashMap::from([(META_RECIPE.to_string(), serde_json::to_string(recipe).unwrap_or_default())]);
     Ok(write_safetensors(path, &c.out, meta)?)
 }
 
