@@ -35,7 +35,7 @@ pub enum XTicks {
     Integer,
     /// x is log2 of a power of two (rank): labelled 2, 4, 8, … at integer x only.
     Pow2,
-    /// x is log10 of a count (parameters): labelled 100, 1000, 1e4, … at integer x only.
+    /// x is log10 of a count (parameters): labelled 100, 1,000, 10,000, … at integer x only.
     Pow10,
 }
 
@@ -83,6 +83,19 @@ pub fn tick_label(v: f64) -> String {
     let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
     let s = format!("{v:.decimals$}");
     if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+}
+
+/// `100000` → `100,000`.
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn is_integer(x: f64) -> bool {
@@ -197,7 +210,7 @@ where
         XTicks::Auto => tick_label(*x),
         XTicks::Integer if is_integer(*x) => format!("{}", x.round() as i64),
         XTicks::Pow2 if is_integer(*x) && *x >= 0.0 => format!("{}", 1u64 << (x.round() as u32).min(62)),
-        XTicks::Pow10 if is_integer(*x) => tick_label(10f64.powi(x.round() as i32)),
+        XTicks::Pow10 if is_integer(*x) && *x >= 0.0 => thousands(10u64.pow((x.round() as u32).min(18))),
         _ => String::new(),
     };
     let y_fmt = |y: &f64| tick_label(*y);

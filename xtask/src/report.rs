@@ -50,15 +50,7 @@ pub fn adapter_params(blocks: &[(usize, usize)], r: usize) -> (usize, usize) {
 
 /// `3932160` → `3,932,160`.
 fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::plot::thousands(n as u64)
 }
 
 fn f(v: &Value) -> Option<f64> {
@@ -311,6 +303,46 @@ impl ProxyAccuracy {
     }
 }
 
+/// `a − b` over the seeds both have: `+1.2 [-0.3, +2.7] p=0.110 (n=10)` (paired t, 95 %).
+fn paired_cell(a: &BTreeMap<u64, f64>, b: &BTreeMap<u64, f64>) -> String {
+    let seeds: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
+    let xa: Vec<f64> = seeds.iter().map(|s| a[s]).collect();
+    let xb: Vec<f64> = seeds.iter().map(|s| b[s]).collect();
+    let d = paired_t(&xa, &xb, 0.95);
+    match (d.ci, d.p) {
+        (Some((lo, hi)), Some(p)) => {
+            let p = if p < 0.001 { "p<0.001".to_string() } else { format!("p={p:.3}") };
+            format!("{:+.1} [{lo:+.1}, {hi:+.1}] {p} (n={})", d.mean, d.n)
+        }
+        _ => format!("{:+.1} (n={})", d.mean, d.n),
+    }
+}
+
+/// `12.3 ± 4.5` over seeds (no ± for one seed).
+fn mean_std_cell(by_seed: &BTreeMap<u64, f64>) -> String {
+    let xs: Vec<f64> = by_seed.values().copied().collect();
+    let (m, sd) = mean_std(&xs);
+    if xs.len() > 1 { format!("{m:.1} ± {sd:.1}") } else { format!("{m:.1}") }
+}
+
+/// The proxy's rank sweep as a table: a row per setting and rank, LoRA and Serial LoRA (mean ±
+/// std) and their paired difference.
+fn proxy_rank_table(runs: &[&Value]) -> Table {
+    let pa = ProxyAccuracy::new(runs);
+    let ranks: BTreeSet<u64> = pa.groups.iter().map(|g| g.1).collect();
+    let header = ["setting", "rank", "LoRA", "Serial LoRA", "Serial LoRA − LoRA"].map(String::from).to_vec();
+    let mut rows = Vec::new();
+    for (k, label) in &pa.settings {
+        for r in &ranks {
+            let (l, s) = (pa.get(k, &("lora".into(), *r)), pa.get(k, &("serial-lora".into(), *r)));
+            let cell = |x: Option<&BTreeMap<u64, f64>>| x.map_or("–".to_string(), mean_std_cell);
+            let diff = l.zip(s).map_or("–".to_string(), |(l, s)| paired_cell(s, l));
+            rows.push(vec![label.clone(), r.to_string(), cell(l), cell(s), diff]);
+        }
+    }
+    Table { header, rows }
+}
+
 /// The proxy's tables: accuracy per method, the paired differences with their 95 % intervals,
 /// and the trainable parameters.
 fn proxy_tables(runs: &[&Value]) -> Vec<(&'static str, &'static str, String, Table)> {
@@ -323,14 +355,7 @@ fn proxy_tables(runs: &[&Value]) -> Vec<(&'static str, &'static str, String, Tab
         .iter()
         .map(|g| {
             let mut row = vec![group_label(g), thousands(pa.params[g].2 as usize)];
-            row.extend(pa.settings.iter().map(|(k, _)| match pa.get(k, g) {
-                Some(by_seed) => {
-                    let xs: Vec<f64> = by_seed.values().copied().collect();
-                    let (m, sd) = mean_std(&xs);
-                    if xs.len() > 1 { format!("{m:.1} ± {sd:.1}") } else { format!("{m:.1}") }
-                }
-                None => "–".into(),
-            }));
+            row.extend(pa.settings.iter().map(|(k, _)| pa.get(k, g).map_or("–".to_string(), mean_std_cell)));
             row
         })
         .collect();
@@ -369,14 +394,9 @@ fn proxy_tables(runs: &[&Value]) -> Vec<(&'static str, &'static str, String, Tab
         .map(|(a, b, label)| {
             let mut row = vec![label.clone()];
             row.extend(pa.settings.iter().map(|(k, _)| {
-                let (Some(a), Some(b)) = (pa.get(k, a), pa.get(k, b)) else { return "–".to_string() };
-                let seeds: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
-                let xa: Vec<f64> = seeds.iter().map(|s| a[s]).collect();
-                let xb: Vec<f64> = seeds.iter().map(|s| b[s]).collect();
-                let d = paired_t(&xa, &xb, 0.95);
-                match (d.ci, d.p) {
-                    (Some((lo, hi)), Some(p)) => format!("{:+.1} [{lo:+.1}, {hi:+.1}] p={p:.2} (n={})", d.mean, d.n),
-                    _ => format!("{:+.1} (n={})", d.mean, d.n),
+                match (pa.get(k, a), pa.get(k, b)) {
+                    (Some(a), Some(b)) => paired_cell(a, b),
+                    _ => "–".to_string(),
                 }
             }));
             row
@@ -440,11 +460,13 @@ fn accuracy_vs_params(runs: &[&Value]) -> Figure {
             }
         })
         .collect();
-    let seeds: BTreeSet<u64> = runs.iter().filter_map(|r| r["seed"].as_u64()).collect();
+    let n: Vec<usize> = pa.acc.values().map(BTreeMap::len).collect();
+    let (lo, hi) = (n.iter().min().copied().unwrap_or(0), n.iter().max().copied().unwrap_or(0));
+    let seeds = if lo == hi { format!("{lo} seeds") } else { format!("{lo}–{hi} seeds") };
     Figure {
         title: "Proxy: accuracy vs trainable parameters".into(),
         caption: format!(
-            "{} proxy runs; a point per method and rank (adapter + head parameters; head only: the head; full: every parameter), mean over seeds {seeds:?}, band / bar: ± sample std",
+            "{} proxy runs; a point per method and rank (adapter + head parameters; head only: the head; full: every parameter), mean over {seeds}, band / bar: ± sample std",
             runs.len()
         ),
         cols: pa.settings.len().min(3),
@@ -469,7 +491,7 @@ fn rank_sweep_figure(runs: &[&Value], what: &str) -> Figure {
                     }
                     let stats: Vec<(f64, (f64, f64), usize)> = by_rank.into_iter().map(|(k, a)| ((k as f64).log2(), mean_std(&a), a.len())).collect();
                     let band = stats.iter().filter(|s| s.2 > 1).map(|&(x, (m, sd), _)| (x, m - sd, m + sd)).collect();
-                    Series { name: m, points: stats.iter().map(|&(x, (m, _), _)| (x, m)).collect(), band }
+                    Series { name: method_name(&m).into(), points: stats.iter().map(|&(x, (m, _), _)| (x, m)).collect(), band }
                 })
                 .collect();
             Panel { title: d, x_label: "rank (log scale)".into(), y_label: "top-1 accuracy (%)".into(), log_y: false, x_ticks: XTicks::Pow2, series }
@@ -621,6 +643,11 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
             write_table(&mut md, name, title, &note, &t)?;
         }
     }
+    let ranks = in_sweep(&runs, "proxy_ranks");
+    if !ranks.is_empty() {
+        let note = "Fig. 5 on the proxy as numbers: top-1 accuracy (%), mean ± sample std over seeds, and the paired difference (as above).\n\n";
+        write_table(&mut md, "proxy_ranks", "Proxy: accuracy vs rank", note, &proxy_rank_table(&ranks))?;
+    }
 
     // cost per run
     let t = Table {
@@ -710,7 +737,7 @@ pub fn report(root: &Path, out: &Path) -> Result<PathBuf> {
             }
             let stats: Vec<(f64, (f64, f64), usize)> = by_step.into_iter().map(|(x, ys)| (x as f64, mean_std(&ys), ys.len())).collect();
             let band = if curves.len() > 1 { stats.iter().filter(|s| s.2 > 1).map(|&(x, (mu, sd), _)| (x, mu - sd, mu + sd)).collect() } else { Vec::new() };
-            series.push(Series { name: m, points: stats.iter().map(|&(x, (mu, _), _)| (x, mu)).collect(), band });
+            series.push(Series { name: method_name(&m).into(), points: stats.iter().map(|&(x, (mu, _), _)| (x, mu)).collect(), band });
         }
         let title = format!("Training loss: {task}, {} {} rank {}", first["dataset"].as_str().unwrap_or(""), setting_label(first), first["rank"]);
         let source = if from_jsonl > 0 { "metrics.jsonl (mean over each logging window)" } else { "metrics.json (per-step batch loss)" };
