@@ -210,7 +210,8 @@ impl Runner {
             cmd.args(["spectra", "--model", &run.model, "--device", &self.device]).arg("--adapter").arg(&adapter).arg("--output").arg(dir.join("spectra.json"));
             step(&mut cmd, &dir.join("spectra.stdout"), "spectra")?;
         } else if run.task == "proxy" && adapter.join("spectra.json").is_file() {
-            std::fs::copy(adapter.join("spectra.json"), dir.join("spectra.json")).with_context(|| format!("copying {}", adapter.join("spectra.json").display()))?;
+            std::fs::copy(adapter.join("spectra.json"), dir.join("spectra.json"))
+                .with_context(|| format!("copying {}", adapter.join("spectra.json").display()))?;
         }
         let mut metrics = json!({
             "id": run.id, "sweeps": run.sweeps, "task": run.task, "dataset": run.dataset, "method": run.method,

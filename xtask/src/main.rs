@@ -371,10 +371,21 @@ fn smoke_check() -> Result<()> {
     }
     let path = report::report(&root(), &out)?;
     let dir = path.parent().context("report dir")?;
-    let mut expected: Vec<String> =
-        ["report.md", "table1.csv", "table1_runs.csv", "table2.csv", "table3.csv", "table4.csv", "proxy.csv", "proxy_paired.csv", "proxy_params.csv", "proxy_ranks.csv", "runs.csv"]
-            .map(String::from)
-            .to_vec();
+    let mut expected: Vec<String> = [
+        "report.md",
+        "table1.csv",
+        "table1_runs.csv",
+        "table2.csv",
+        "table3.csv",
+        "table4.csv",
+        "proxy.csv",
+        "proxy_paired.csv",
+        "proxy_params.csv",
+        "proxy_ranks.csv",
+        "runs.csv",
+    ]
+    .map(String::from)
+    .to_vec();
     for fig in [
         "fig5_rank_sweep",
         "fig3_spectra",

@@ -393,11 +393,9 @@ fn proxy_tables(runs: &[&Value]) -> Vec<(&'static str, &'static str, String, Tab
         .iter()
         .map(|(a, b, label)| {
             let mut row = vec![label.clone()];
-            row.extend(pa.settings.iter().map(|(k, _)| {
-                match (pa.get(k, a), pa.get(k, b)) {
-                    (Some(a), Some(b)) => paired_cell(a, b),
-                    _ => "–".to_string(),
-                }
+            row.extend(pa.settings.iter().map(|(k, _)| match (pa.get(k, a), pa.get(k, b)) {
+                (Some(a), Some(b)) => paired_cell(a, b),
+                _ => "–".to_string(),
             }));
             row
         })
@@ -507,7 +505,8 @@ fn rank_sweep_figure(runs: &[&Value], what: &str) -> Figure {
 /// rank and seed (the most common rank, the most shots or data, the lowest seed), and of a full
 /// fine-tuning run of that setting and seed when there is one; `None` without such a pair.
 fn spectra_figure(out: &Path, runs: &[&Value]) -> Option<Figure> {
-    let with_spectra: Vec<(&Value, Value)> = runs.iter().filter_map(|r| Some((*r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
+    let with_spectra: Vec<(&Value, Value)> =
+        runs.iter().filter_map(|r| Some((*r, read_json(&out.join(r["id"].as_str()?).join("spectra.json")).ok()?))).collect();
     let same_setting = |a: &Value, b: &Value| ["dataset", "setting", "seed"].iter().all(|k| a[k] == b[k]);
     let find = |method: &str, like: &Value, same_rank: bool| {
         with_spectra.iter().find(|(r, _)| r["method"] == method && same_setting(r, like) && (!same_rank || r["rank"] == like["rank"]))
@@ -558,13 +557,15 @@ fn spectra_figure(out: &Path, runs: &[&Value]) -> Option<Figure> {
             });
         }
     }
-    let title =
-        format!("Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})", lr["dataset"].as_str().unwrap_or(""), setting_label(lr), lr["rank"]);
-    let ids: Vec<&str> = [Some(*lr), Some(*sr), full.map(|f| f.0)].into_iter().flatten().filter_map(|r| r["id"].as_str()).collect();
-    let caption = format!(
-        "runs {}: base weights and the weights with each adapter merged (or fine-tuned); first, middle and last attention block",
-        ids.join(", ")
+    let title = format!(
+        "Fig. 3: singular values of the effective Q, K, V weights ({} {}, rank {})",
+        lr["dataset"].as_str().unwrap_or(""),
+        setting_label(lr),
+        lr["rank"]
     );
+    let ids: Vec<&str> = [Some(*lr), Some(*sr), full.map(|f| f.0)].into_iter().flatten().filter_map(|r| r["id"].as_str()).collect();
+    let caption =
+        format!("runs {}: base weights and the weights with each adapter merged (or fine-tuned); first, middle and last attention block", ids.join(", "));
     Some(Figure { title, caption, cols: shown.len(), panels })
 }
 
@@ -768,6 +769,36 @@ mod tests {
             let blocks = attention_blocks(&root.join("configs/models").join(file), kind).unwrap();
             assert_eq!(adapter_params(&blocks, *r), want, "{file}");
         }
+    }
+
+    /// The proxy's comparisons pair runs by seed (a seed one method lacks is left out) and
+    /// include Serial LoRA at r against LoRA at r / 4.
+    #[test]
+    fn proxy_comparisons_are_paired_by_seed() {
+        let run = |method: &str, rank: u64, seed: u64, acc: f64| {
+            serde_json::json!({ "method": method, "rank": rank, "seed": seed, "setting": { "shots": 4 },
+                "score": { "accuracy": acc, "adapter_params": 1, "head_params": 1, "trainable_params": 2 } })
+        };
+        let mut runs = Vec::new();
+        for seed in 1..=4 {
+            let s = seed as f64 / 100.0;
+            runs.push(run("lora", 8, seed, 0.5 + s));
+            runs.push(run("serial-lora", 8, seed, 0.4 + s + if seed % 2 == 0 { 0.02 } else { 0.0 }));
+            runs.push(run("head-only", 0, seed, 0.3));
+        }
+        runs.push(run("lora", 2, 1, 0.45)); // one seed only
+        runs.push(run("serial-lora", 8, 9, 0.99)); // no LoRA run to pair with
+        let refs: Vec<&Value> = runs.iter().collect();
+        let tables = proxy_tables(&refs);
+        let paired = &tables[1].3;
+        let row = |label: &str| paired.rows.iter().find(|r| r[0] == label).unwrap_or_else(|| panic!("{label}: {:?}", paired.rows))[1].clone();
+        // differences -0.1, -0.08, -0.1, -0.08 (seed 9 unpaired): mean -9.0 points over 4 pairs
+        assert!(row("Serial LoRA − LoRA (r=8)").starts_with("-9.0 [") && row("Serial LoRA − LoRA (r=8)").ends_with("(n=4)"));
+        assert_eq!(row("Serial LoRA r=8 − LoRA r=2 (equal parameters)"), "-4.0 (n=1)");
+        assert!(row("LoRA r=8 − head only").ends_with("(n=4)"));
+        // the accuracy table: mean over every seed a method ran
+        let acc = &tables[0].3;
+        assert_eq!(acc.rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["head only", "LoRA r=2", "LoRA r=8", "Serial LoRA r=8"]);
     }
 
     #[test]

@@ -36,9 +36,9 @@ use lora_runtime::dist::Peer;
 use lora_runtime::run::{cosine_lr, stream_seed};
 use lora_runtime::train::{CommonTrainArgs, Micro, StepPlan, TrainTask, optimizer_step, streams};
 use serde::{Deserialize, Serialize};
+use serial_lora::analysis::qkv_spectra;
 use serial_lora::io::{self, HostTensor, write_atomic, write_safetensors};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
-use serial_lora::analysis::qkv_spectra;
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
 use backbone::cross_entropy;
@@ -240,7 +240,10 @@ pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, s
     let head_params = model.head.trainable_params();
     let total_params = model.total_params();
 
-    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(&adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32), adapter.as_ref().and_then(|a| a.lr_ratio).unwrap_or(1.0));
+    let mut optim = loraplus_adamw::<AB, ProxyModel<AB>>(
+        &adamw_pytorch_defaults().with_weight_decay(cfg.weight_decay as f32),
+        adapter.as_ref().and_then(|a| a.lr_ratio).unwrap_or(1.0),
+    );
     // full batch, in order: one micro-batch of every shot per step
     let plan = StepPlan {
         examples: shots.len(),
