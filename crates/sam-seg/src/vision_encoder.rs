@@ -232,7 +232,7 @@ impl<B: Backend> VisionEncoder<B> {
         let embeddings = x.clone();
         let mut hidden_states = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            x = layer.forward(x);
+            x = serial_lora::checkpoint(layer, x, |l, x| l.forward(x));
             hidden_states.push(x.clone());
         }
         let n = &self.neck;
