@@ -51,8 +51,10 @@ impl<B: Backend> Encoder<B> {
         let mut states = Vec::with_capacity(self.layers.len() + 1);
         states.push(x.clone());
         let mut x = x;
-        for layer in &self.layers {
-            x = checkpointed(layer, x, mask.clone());
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            // the last layer's backward comes first: checkpointing it would only cost time
+            x = if i < last { checkpointed(layer, x, mask.clone()) } else { layer.forward(x, mask.clone()) };
             states.push(x.clone());
         }
         states

@@ -384,9 +384,11 @@ impl<B: Backend> Sd3Transformer<B> {
         let context = self.context_embedder.forward(encoder_hidden_states);
         let (mut x, mut c) = (embedded.clone(), Some(context.clone()));
         let mut blocks = Vec::with_capacity(self.transformer_blocks.len());
-        for block in &self.transformer_blocks {
+        let last = self.transformer_blocks.len().saturating_sub(1);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
             let ctx = c.ok_or_else(|| Sd3Error::Input("a block after the context_pre_only block".into()))?;
-            let (nx, nc) = block.forward_checkpointed(x, ctx, temb.clone());
+            // the last block's backward comes first: checkpointing it would only cost time
+            let (nx, nc) = if i < last { block.forward_checkpointed(x, ctx, temb.clone()) } else { block.forward(x, ctx, temb.clone()) };
             blocks.push((nx.clone(), nc.clone()));
             (x, c) = (nx, nc);
         }

@@ -473,10 +473,15 @@ fn gradient_checkpointing_gives_the_same_bits() {
         let out = tmp.path().join(name);
         let m = train::<AB>(&cfg, &out, &RunOptions::default(), &dev, &mut |_| {}).unwrap();
         // every weights file of the run directory (the adapter's format depends on the method)
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
         files.sort();
         assert!(!files.is_empty());
-        let bits = files.iter().flat_map(|f| read_safetensors(f).unwrap().0).map(|(k, t)| (k, t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>())).collect::<Vec<_>>();
+        let bits = files
+            .iter()
+            .flat_map(|f| read_safetensors(f).unwrap().0)
+            .map(|(k, t)| (k, t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>()))
+            .collect::<Vec<_>>();
         (m.run.loss, bits)
     };
     assert_eq!(run(false, "plain"), run(true, "checkpointed"));

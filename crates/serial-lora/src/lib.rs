@@ -40,8 +40,8 @@ pub mod serial;
 #[cfg(any(feature = "flex", feature = "tch", feature = "cuda"))]
 pub mod testing;
 
-pub use checkpoint::{checkpoint, with_checkpointing};
 pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};
+pub use checkpoint::{checkpoint, with_checkpointing};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use error::{Error, Result};
 pub use lora::{FusedQkv, LoraLinear, LoraPair};
