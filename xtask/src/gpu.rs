@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 /// The bundle directory, relative to the repository root.
 const BUNDLE: &str = "gpu-check";
 /// The parity suites: (package, test targets).
-const SUITES: [(&str, &[&str]); 4] = [("serial-lora", &["peft_parity"]), ("clip-cls", &["parity"]), ("sam-seg", &["parity"]), ("sd3-gen", &["parity", "t5"])];
+const SUITES: [(&str, &[&str]); 4] =
+    [("serial-lora", &["peft_parity", "checkpoint"]), ("clip-cls", &["parity"]), ("sam-seg", &["parity"]), ("sd3-gen", &["parity", "t5"])];
 
 /// Builds the CUDA binaries and copies them into `gpu-check/`.
 pub fn prepare() -> Result<()> {

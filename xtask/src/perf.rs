@@ -42,6 +42,10 @@ pub struct PerfArgs {
     /// Torch threads of the PyTorch side.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Our training steps with block-level gradient checkpointing (`train --gradient-checkpointing`;
+    /// the PyTorch side runs without it).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// One measured case (a JSON line of a perf program).
@@ -315,6 +319,9 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         let mut cmd = Command::new(&exe);
         if suffix == "tch" {
             crate::with_libtorch(&mut cmd)?;
+        }
+        if a.gradient_checkpointing && *mode == "train" {
+            cmd.arg("--gradient-checkpointing");
         }
         ours.push(run_case(cmd.args(["--device", &a.device]).args(&prog.args).args(case))?);
         if let Some(py) = &py {

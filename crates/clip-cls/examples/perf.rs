@@ -67,6 +67,9 @@ struct Args {
     /// Name written to the JSON `model` key.
     #[arg(long, default_value = "clip-b16")]
     model_name: String,
+    /// Recompute the transformer blocks in the backward pass (`--gradient-checkpointing` of `train`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// Synthetic inputs: normalized-pixel-like noise, token ids `<bos> w1..w6 <eos> <eos>…` (CLIP
@@ -120,7 +123,7 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         model = model.with_dropout_seed(step as u64); // as the training driver, every micro-batch
-        let logits = logits(&model, &x);
+        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || logits(&model, &x));
         let loss = log_softmax(logits, 1).gather(1, x.labels.clone().unsqueeze_dim(1)).mean().neg();
         let value = loss.clone().into_scalar().elem::<f32>(); // as `clip-cls train` (and a sync)
         let t1 = Instant::now();
@@ -167,7 +170,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
         warmup: args.warmup,
         trainable_params: trainable,
     };
-    let line = json_line(&case, &times, serde_json::json!({"classes": args.classes, "rank": args.rank}));
+    let line = json_line(&case, &times, serde_json::json!({"classes": args.classes, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing}));
     println!("{line}");
     Ok(())
 }

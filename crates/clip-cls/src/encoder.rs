@@ -51,8 +51,10 @@ impl<B: Backend> Encoder<B> {
         let mut states = Vec::with_capacity(self.layers.len() + 1);
         states.push(x.clone());
         let mut x = x;
-        for layer in &self.layers {
-            x = layer.forward(x, mask.clone());
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            // the last layer's backward comes first: checkpointing it would only cost time
+            x = if i < last { checkpointed(layer, x, mask.clone()) } else { layer.forward(x, mask.clone()) };
             states.push(x.clone());
         }
         states
@@ -67,12 +69,18 @@ impl<B: Backend> Encoder<B> {
         let Some((last, layers)) = self.layers.split_last() else { return x.narrow(1, row, 1) };
         let mut x = x;
         for layer in layers {
-            x = layer.forward(x, mask.clone());
+            x = checkpointed(layer, x, mask.clone());
         }
         let h = last.self_attn.forward_queries(last.layer_norm1.forward(x.clone()), row, 1, mask);
         let x = x.narrow(1, row, 1) + h;
         x.clone() + last.mlp.forward(last.layer_norm2.forward(x))
     }
+}
+
+/// [`EncoderLayer::forward`] through [`serial_lora::checkpoint`] (a plain call unless training
+/// with gradient checkpointing).
+fn checkpointed<B: Backend>(layer: &EncoderLayer<B>, x: Tensor<B, 3>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+    serial_lora::checkpoint(layer, x, move |l, x| l.forward(x, mask.clone()))
 }
 
 impl<B: Backend> EncoderLayer<B> {

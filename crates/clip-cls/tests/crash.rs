@@ -94,6 +94,7 @@ fn a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint() {
     colour_dataset(data.path(), 3, 0);
     let cfg = TrainConfig {
         model: s(model.path()).into(),
+        gradient_checkpointing: false,
         dataset: data.path().to_path_buf(),
         split: "train".into(),
         shots: Some(2),

@@ -88,6 +88,9 @@ pub struct StepPlan {
     pub seed_dropout: bool,
     /// This process's place in a data-parallel job.
     pub peer: Peer,
+    /// Recompute each transformer block in the backward pass instead of keeping its
+    /// activations ([`serial_lora::checkpoint`]; the gradients are the same bits).
+    pub gradient_checkpointing: bool,
 }
 
 impl StepPlan {
@@ -255,7 +258,7 @@ where
         if plan.seed_dropout {
             model = model.with_dropout_seed(peer.seed(stream_seed(plan.seed, streams::DROPOUT, index)));
         }
-        let (loss, s) = task.loss(&model, &micro, device)?;
+        let (loss, s) = serial_lora::with_checkpointing(plan.gradient_checkpointing, || task.loss(&model, &micro, device))?;
         let loss = loss.mul_scalar(peer.weight(mine.len(), batch.len()));
         let value = loss.clone().into_scalar().elem::<f32>();
         let loss = if accum > 1 { loss.div_scalar(accum as f32) } else { loss };

@@ -68,6 +68,9 @@ struct Args {
     /// Name written to the JSON `model` key.
     #[arg(long, default_value = "sam-b")]
     model_name: String,
+    /// Recompute the transformer blocks in the backward pass (`--gradient-checkpointing` of `train`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// Synthetic inputs: normalized-pixel-like noise `[b, 3, s, s]`, the box (¼ s, ¼ s)–(¾ s, ¾ s)
@@ -126,7 +129,7 @@ fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Dev
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let loss = seg_loss(masks(&model, &x)?, x.target.clone());
+        let loss = seg_loss(serial_lora::with_checkpointing(args.gradient_checkpointing, || masks(&model, &x))?, x.target.clone());
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sam-seg train` (and a sync)
         let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -171,7 +174,10 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
         warmup: args.warmup,
         trainable_params: trainable,
     };
-    println!("{}", json_line(&case, &times, serde_json::json!({"image_size": args.image_size, "rank": args.rank})));
+    println!(
+        "{}",
+        json_line(&case, &times, serde_json::json!({"image_size": args.image_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing}))
+    );
     Ok(())
 }
 

@@ -46,6 +46,11 @@ pub struct TrainConfig {
     pub fraction: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Recompute each transformer block's activations in the backward pass instead of keeping
+    /// them (less memory, one more forward pass of the blocks; the same gradients).
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// lora | serial-lora | lora-plus | serial-lora-plus
     #[arg(long)]
     pub method: String,
@@ -241,6 +246,7 @@ pub fn train<AB: AutodiffBackend>(
         shuffle: true,
         seed_dropout: true,
         peer: opts.peer.clone(),
+        gradient_checkpointing: cfg.gradient_checkpointing,
     };
     let loop_cfg = LoopConfig {
         plan,

@@ -231,8 +231,11 @@ impl<B: Backend> VisionEncoder<B> {
         }
         let embeddings = x.clone();
         let mut hidden_states = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            x = layer.forward(x);
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            // the last layer is not checkpointed: its backward comes first, so keeping its
+            // activations adds nothing to the peak and saves recomputing it
+            x = if i < last { serial_lora::checkpoint(layer, x, |l, x| l.forward(x)) } else { layer.forward(x) };
             hidden_states.push(x.clone());
         }
         let n = &self.neck;

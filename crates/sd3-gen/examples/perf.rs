@@ -74,6 +74,9 @@ struct Args {
     /// Name written to the JSON `model` key.
     #[arg(long, default_value = "sd3-block")]
     model_name: String,
+    /// Recompute the transformer blocks in the backward pass (`--gradient-checkpointing` of `train`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// SD3's VAE downsampling factor and latent channels.
@@ -134,7 +137,9 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let (loss, _) = flow_matching_loss(&model, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone())?;
+        let (loss, _) = serial_lora::with_checkpointing(args.gradient_checkpointing, || {
+            flow_matching_loss(&model, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone())
+        })?;
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sd3-gen train` (and a sync)
         let t1 = Instant::now();
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -188,7 +193,8 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
         warmup: args.warmup,
         trainable_params: trainable,
     };
-    let extra = serde_json::json!({"blocks": args.blocks, "resolution": args.resolution, "rank": args.rank});
+    let extra =
+        serde_json::json!({"blocks": args.blocks, "resolution": args.resolution, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing});
     println!("{}", json_line(&case, &times, extra));
     Ok(())
 }

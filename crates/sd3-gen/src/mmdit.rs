@@ -131,6 +131,28 @@ pub struct JointBlock<B: Backend> {
 }
 
 impl<B: Backend> JointBlock<B> {
+    /// [`JointBlock::forward`] through [`serial_lora::checkpoint`] when training with gradient
+    /// checkpointing (a plain call otherwise): image and context tokens travel as one
+    /// `[b, n + m, d]` tensor. The conditioning `temb` is read as a constant (no adapter is
+    /// upstream of it).
+    pub fn forward_checkpointed(&self, x: Tensor<B, 3>, c: Tensor<B, 3>, temb: Tensor<B, 2>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+        if !serial_lora::checkpoint::enabled() {
+            return self.forward(x, c, temb);
+        }
+        let (n, m) = (x.dims()[1], c.dims()[1]);
+        let temb = temb.detach();
+        let y = serial_lora::checkpoint(self, Tensor::cat(vec![x, c], 1), move |block, t| {
+            match block.forward(t.clone().narrow(1, 0, n), t.narrow(1, n, m), temb.clone()) {
+                (x, Some(c)) => Tensor::cat(vec![x, c], 1),
+                (x, None) => x,
+            }
+        });
+        match &self.ff_context {
+            Some(_) => (y.clone().narrow(1, 0, n), Some(y.narrow(1, n, m))),
+            None => (y, None),
+        }
+    }
+
     /// Image `[b, n, d]`, context `[b, m, d]`, conditioning `[b, d]` → new image tokens and
     /// context tokens (`None` after the `context_pre_only` block).
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>, temb: Tensor<B, 2>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
@@ -362,9 +384,11 @@ impl<B: Backend> Sd3Transformer<B> {
         let context = self.context_embedder.forward(encoder_hidden_states);
         let (mut x, mut c) = (embedded.clone(), Some(context.clone()));
         let mut blocks = Vec::with_capacity(self.transformer_blocks.len());
-        for block in &self.transformer_blocks {
+        let last = self.transformer_blocks.len().saturating_sub(1);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
             let ctx = c.ok_or_else(|| Sd3Error::Input("a block after the context_pre_only block".into()))?;
-            let (nx, nc) = block.forward(x, ctx, temb.clone());
+            // the last block's backward comes first: checkpointing it would only cost time
+            let (nx, nc) = if i < last { block.forward_checkpointed(x, ctx, temb.clone()) } else { block.forward(x, ctx, temb.clone()) };
             blocks.push((nx.clone(), nc.clone()));
             (x, c) = (nx, nc);
         }

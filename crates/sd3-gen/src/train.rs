@@ -70,6 +70,11 @@ pub struct TrainConfig {
     /// Seed of adapter init, shuffling, noise and timesteps.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Recompute each transformer block's activations in the backward pass instead of keeping
+    /// them (less memory, one more forward pass of the blocks; the same gradients).
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Seed of the train/test split when the dataset has no split.json (use the same in `eval`).
     #[arg(long, default_value_t = data::DEFAULT_SPLIT_SEED)]
     pub split_seed: u64,
@@ -535,6 +540,7 @@ pub fn train<AB: AutodiffBackend>(
         shuffle: true,
         seed_dropout: true,
         peer: opts.peer.clone(),
+        gradient_checkpointing: cfg.gradient_checkpointing,
     };
     let loop_cfg = LoopConfig {
         plan,

@@ -179,6 +179,10 @@ fn flex_sdpa<B: Backend>(
 /// Whether `x` is an autodiff tensor that no gradient flows to (nothing trainable upstream);
 /// `false` where unknown (backends without a kernel module here).
 fn is_untracked<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    // the untracked first pass of a checkpointed block stands for a tracked input
+    if crate::checkpoint::assumes_tracked() {
+        return false;
+    }
     #[cfg(feature = "flex")]
     if crate::flex::is_untracked(x) {
         return true;

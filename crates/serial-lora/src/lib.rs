@@ -19,6 +19,7 @@
 //! devices, training runs, data-parallel training, exports) lives in `lora-runtime`.
 pub mod analysis;
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 #[cfg(feature = "flex")]
@@ -32,7 +33,6 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod parse;
-#[cfg(any(feature = "flex", feature = "tch"))]
 mod prim;
 pub mod rng;
 pub mod serial;
@@ -41,6 +41,7 @@ pub mod serial;
 pub mod testing;
 
 pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_fused_attention, merge_heads, sdpa, sdpa_rel_pos};
+pub use checkpoint::{checkpoint, with_checkpointing};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use error::{Error, Result};
 pub use lora::{FusedQkv, LoraLinear, LoraPair};

@@ -164,6 +164,7 @@ pub fn pretrain<AB: AutodiffBackend>(
         shuffle: true,
         seed_dropout: false,
         peer: Peer::single(),
+        gradient_checkpointing: false,
     };
     let steps_per_epoch = plan.steps_per_epoch();
     let total = recipe.epochs * steps_per_epoch;
