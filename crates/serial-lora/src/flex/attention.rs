@@ -427,9 +427,8 @@ pub(crate) fn autodiff(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<Bias<
     let want = [qs[0], qs[1], qs[2], vs[3]];
     let fits = |(o, _): &(FlexTensor, FlexTensor)| o.layout().shape().iter().copied().eq(want);
     // a checkpointed block's recomputation takes the output and log-sum-exp of its first pass
-    let (o, lse) = crate::checkpoint::memoized(fits, || {
-        forward(&q.primitive, &k.primitive, &v.primitive, bias.as_ref().map(|b| b.as_ref().map(|t| &t.primitive)), scale)
-    });
+    let (o, lse) =
+        crate::checkpoint::memoized(fits, || forward(&q.primitive, &k.primitive, &v.primitive, bias.as_ref().map(|b| b.as_ref().map(|t| &t.primitive)), scale));
     let st = Saved {
         q: q.primitive.clone(),
         k: k.primitive.clone(),
