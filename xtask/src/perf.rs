@@ -46,6 +46,10 @@ pub struct PerfArgs {
     /// the PyTorch side runs without it).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Precision our frozen base is held in (`--dtype` of `train`): f32 | bf16 | f16; the
+    /// JSON lines carry it as `dtype` (the PyTorch side runs in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// One measured case (a JSON line of a perf program).
@@ -323,6 +327,7 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
         if a.gradient_checkpointing && *mode == "train" {
             cmd.arg("--gradient-checkpointing");
         }
+        cmd.args(["--dtype", &a.dtype]);
         ours.push(run_case(cmd.args(["--device", &a.device]).args(&prog.args).args(case))?);
         if let Some(py) = &py {
             let device = a.device.strip_prefix("tch-").unwrap_or(&a.device);

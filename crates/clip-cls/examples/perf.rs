@@ -28,6 +28,7 @@ use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use serial_lora::half::hold_base_in;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -70,6 +71,9 @@ struct Args {
     /// Recompute the transformer blocks in the backward pass (`--gradient-checkpointing` of `train`).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Precision the frozen base is held in (`--dtype` of `train`): f32 | bf16 | f16.
+    #[arg(long, default_value = "f32")]
+    dtype: serial_lora::BaseDType,
 }
 
 /// Synthetic inputs: normalized-pixel-like noise, token ids `<bos> w1..w6 <eos> <eos>…` (CLIP
@@ -115,7 +119,7 @@ fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
 
 fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?;
+    let mut model = hold_base_in(ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?, args.dtype);
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
@@ -139,7 +143,7 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
 }
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = ClipModel::<B>::new(cfg, device);
+    let base = hold_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();
@@ -170,7 +174,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
         warmup: args.warmup,
         trainable_params: trainable,
     };
-    let line = json_line(&case, &times, serde_json::json!({"classes": args.classes, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing}));
+    let line = json_line(
+        &case,
+        &times,
+        serde_json::json!({"classes": args.classes, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype}),
+    );
     println!("{line}");
     Ok(())
 }

@@ -5,6 +5,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
+use serial_lora::half::linear;
 use serial_lora::{AdaptedModel, Attention, AttentionSite, ProjNames};
 
 use crate::config::ClipConfig;
@@ -41,26 +42,26 @@ impl<B: Backend> ClipModel<B> {
     /// (transformers `get_image_features`).
     pub fn image_features(&self, pixel_values: Tensor<B, 4>) -> (Tensor<B, 2>, TowerOutput<B>) {
         let out = self.vision_model.forward(pixel_values);
-        (self.visual_projection.forward(out.pooler_output.clone()), out)
+        (linear(&self.visual_projection, out.pooler_output.clone()), out)
     }
 
     /// Projected, unnormalized text features `[batch, projection_dim]` and the tower outputs
     /// (transformers `get_text_features`).
     pub fn text_features(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, TowerOutput<B>) {
         let out = self.text_model.forward(input_ids);
-        (self.text_projection.forward(out.pooler_output.clone()), out)
+        (linear(&self.text_projection, out.pooler_output.clone()), out)
     }
 
     /// `get_image_features`: `[batch, projection_dim]`. The last layer runs for the class token
     /// only ([`VisionModel::pooled`]): the same features as [`ClipModel::image_features`].
     pub fn get_image_features(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
-        self.visual_projection.forward(self.vision_model.pooled(pixel_values))
+        linear(&self.visual_projection, self.vision_model.pooled(pixel_values))
     }
 
     /// `get_text_features`: `[batch, projection_dim]`. Runs the text tower only up to the last
     /// pooled position ([`TextModel::pooled`]): the same features as [`ClipModel::text_features`].
     pub fn get_text_features(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        self.text_projection.forward(self.text_model.pooled(input_ids))
+        linear(&self.text_projection, self.text_model.pooled(input_ids))
     }
 
     /// `logits_per_image [images, texts] = exp(logit_scale) · norm(image)·norm(text)ᵀ`.
@@ -87,7 +88,7 @@ impl<B: Backend> ClipTextModelWithProjection<B> {
     /// `(text_embeds [batch, projection_dim], tower outputs)`.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, TowerOutput<B>) {
         let out = self.text_model.forward(input_ids);
-        (self.text_projection.forward(out.pooler_output.clone()), out)
+        (linear(&self.text_projection, out.pooler_output.clone()), out)
     }
 }
 

@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
+use serial_lora::half::embedding;
 
 use crate::config::ClipTextConfig;
 use crate::encoder::{Encoder, EncoderShape};
@@ -85,7 +86,7 @@ impl<B: Backend> TextModel<B> {
         let l = input_ids.dims()[1];
         let device = input_ids.device();
         let positions = Tensor::<B, 1, Int>::arange(0..l as i64, &device).unsqueeze::<2>();
-        let x = self.embeddings.token_embedding.forward(input_ids) + self.embeddings.position_embedding.forward(positions);
+        let x = embedding(&self.embeddings.token_embedding, input_ids) + embedding(&self.embeddings.position_embedding, positions);
         // causal: true above the diagonal = may not attend to later tokens
         let causal = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &device).unsqueeze::<4>();
         self.encoder.forward(x, Some(causal))

@@ -73,6 +73,11 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Precision the frozen base is held in: f32 | bf16 | f16 (adapters, their gradients and
+    /// the optimizer state stay f32; computed in f32).
+    #[arg(long, default_value = "f32")]
+    #[serde(default)]
+    pub dtype: serial_lora::BaseDType,
     /// lora | serial-lora | lora-plus | serial-lora-plus
     #[arg(long)]
     pub method: String,
@@ -276,7 +281,7 @@ pub fn train<AB: AutodiffBackend>(
         return Err(ClipError::Dataset { path: cfg.dataset.clone(), message: "no readable training image".into() });
     }
 
-    let (model, clip_cfg) = load_clip::<AB>(model_dir, device)?;
+    let (model, clip_cfg) = lora_runtime::weights::with_base_dtype(cfg.dtype, || load_clip::<AB>(model_dir, device))?;
     let tokenizer = ClipTokenizer::from_dir(model_dir)?;
     let processor = ImageProcessor::from_dir(model_dir, &clip_cfg.vision_config)?;
     let adapter_cfg = cfg.adapter_config(&clip_cfg)?;

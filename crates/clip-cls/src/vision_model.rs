@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
+use serial_lora::half::{embedding, f32_view};
 
 use crate::config::ClipVisionConfig;
 use crate::encoder::{Encoder, EncoderShape};
@@ -60,13 +61,13 @@ impl<B: Backend> VisionModel<B> {
     /// `[batch, channels, image, image]` → class + patch embeddings with positions,
     /// `[batch, patches + 1, hidden]` (before `pre_layrnorm`).
     pub fn embed(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let patches = self.embeddings.patch_embedding.forward(pixel_values); // [b, d, g, g]
+        let patches = f32_view(&self.embeddings.patch_embedding).forward(pixel_values); // [b, d, g, g]
         let [b, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2); // [b, g², d]
         let cls = self.embeddings.class_embedding.val().reshape([1, 1, d]).expand([b, 1, d]);
         let x = Tensor::cat(vec![cls, patches], 1);
         let positions = Tensor::<B, 1, Int>::arange(0..(gh * gw + 1) as i64, &x.device()).unsqueeze::<2>();
-        x + self.embeddings.position_embedding.forward(positions)
+        x + embedding(&self.embeddings.position_embedding, positions)
     }
 
     /// Pixel values (already normalized) → hidden states; pooled = `post_layernorm` of the

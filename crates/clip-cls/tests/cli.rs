@@ -215,3 +215,28 @@ fn bad_input_is_named_without_a_panic() {
         assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
     }
 }
+
+/// `--dtype bf16` holds the model in bf16: the embeddings are the library's in bf16 exactly and
+/// within bf16 rounding of f32's; `--dtype auto` on this f32 checkpoint is f32.
+#[test]
+fn dtype_holds_the_model_in_that_precision() {
+    let model = tiny_model_dir();
+    let imgs = images();
+    let embed = |dtype: &str| {
+        let out = model.path().join(format!("out-{dtype}.safetensors"));
+        let (ok, _, err) = clip(&["embed", "--model", s(model.path()), "--images", s(&imgs[0]), "--texts", "a cat", "--dtype", dtype, "--output", s(&out)]);
+        assert!(ok, "{err}");
+        read_safetensors(&out).unwrap().0["image_embeds"].data.clone()
+    };
+    let (bf16, f32, auto) = (embed("bf16"), embed("f32"), embed("auto"));
+    assert_eq!(f32, auto);
+    let (m, cfg) =
+        lora_runtime::weights::with_base_dtype(serial_lora::BaseDType::Bf16, || clip_cls::load_clip::<B>(model.path(), &Default::default())).unwrap();
+    let proc = ImageProcessor::from_dir(model.path(), &cfg.vision_config).unwrap();
+    let lib = m.get_image_features(proc.batch(&[load_rgb(&imgs[0]).unwrap()], &Default::default()));
+    assert_eq!(lib.into_data().to_vec::<f32>().unwrap(), bf16);
+    let e = bf16.iter().zip(&f32).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / f32.iter().fold(0f32, |m, b| m.max(b.abs()));
+    assert!(e > 0.0 && e < 3e-2, "bf16 vs f32: {e}");
+    let (ok, _, err) = clip(&["embed", "--model", s(model.path()), "--texts", "a", "--dtype", "f8", "--output", s(&model.path().join("o.safetensors"))]);
+    assert!(!ok && err.contains("f8"), "{err}");
+}

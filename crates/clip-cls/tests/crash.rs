@@ -95,6 +95,7 @@ fn a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint() {
     let cfg = TrainConfig {
         model: s(model.path()).into(),
         gradient_checkpointing: false,
+        dtype: Default::default(),
         dataset: data.path().to_path_buf(),
         split: "train".into(),
         shots: Some(2),

@@ -172,3 +172,33 @@ fn peft_lora_adapter_gives_peft_embeddings() {
     let merged = model.merge_and_unload().unwrap();
     check(&r2, "image_embeds", merged.get_image_features(pixels));
 }
+
+/// `--dtype bf16`: the tiny CLIP held in bf16 (linear and convolution weights, embedding
+/// tables; computed in f32) against transformers loaded with `torch_dtype=torch.bfloat16`
+/// (`tools/fixtures/half_reference.py`), which also rounds every activation to bf16.
+/// Tolerance [`parity::BF16_TOL`].
+#[test]
+fn clip_in_bf16_matches_transformers_in_bf16() {
+    use lora_runtime::weights::with_base_dtype;
+    use serial_lora::BaseDType;
+    let dev = Default::default();
+    let (model, _) = with_base_dtype(BaseDType::Bf16, || load_clip::<B>(&dir(), &dev)).expect("load in bf16");
+    assert_eq!(model.visual_projection.weight.val().dtype(), burn::tensor::DType::BF16);
+    assert_eq!(model.text_model.embeddings.token_embedding.weight.val().dtype(), burn::tensor::DType::BF16);
+    let r = reference();
+    let (want, _) = read_safetensors(&dir().join("bf16_reference.safetensors")).unwrap();
+    let pixels: Tensor<B, 4> = r.floats["pixel_values"].to_tensor(&dev);
+    let image = model.get_image_features(pixels);
+    let text = model.get_text_features(r.ids.clone());
+    for (key, got) in [("image_embeds", image.clone()), ("text_embeds", text.clone()), ("logits_per_image", model.logits_per_image(image, text))] {
+        assert_eq!(got.dtype(), burn::tensor::DType::F32);
+        let want: Tensor<B, 2> = want[key].to_tensor(&dev);
+        let f32_ref: Tensor<B, 2> = r.floats[key].to_tensor(&dev);
+        let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let got = host(got);
+        let (e, e32) = (parity::rel_err(&got, &host(want)), parity::rel_err(&got, &host(f32_ref)));
+        println!("{key:20} bf16: max rel err {e:.2e} vs torch bf16, {e32:.2e} vs torch f32");
+        assert!(e < parity::BF16_TOL, "{key}: {e} vs transformers in bf16");
+        assert!(e32 < parity::BF16_TOL, "{key}: {e32} vs transformers in f32");
+    }
+}

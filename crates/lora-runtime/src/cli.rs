@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use burn::prelude::Backend;
-use serial_lora::AdaptedModel;
+use serial_lora::{AdaptedModel, BaseDType};
 
 use crate::dist::{Launch, Peer, launch};
 use crate::error::{Error, Result};
-use crate::export::{ExportSummary, WeightedAdapter, merge_weighted};
+use crate::export::{ExportDtype, ExportSummary, WeightedAdapter, merge_weighted};
 use crate::run::{ProgressReporter, RunArgs};
 
 /// Refuses the output file `path` of `flag` (e.g. `--output`) when its directory does not exist.
@@ -103,5 +103,45 @@ mod tests {
             7
         });
         assert_eq!((r, seen), (7, vec![2]));
+    }
+}
+
+/// `--dtype`: the precision of the base model's weights — held in memory (inference and
+/// training commands: default f32) or written (`export`: default the checkpoint's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+    /// The checkpoint's own dtype.
+    Auto,
+}
+
+impl DTypeArg {
+    /// The dtype to hold a base model in; `auto` reads it from the first `*.safetensors` file
+    /// (by name) of the checkpoint directory `dir`.
+    pub fn base(arg: Option<Self>, dir: &Path) -> Result<BaseDType> {
+        Ok(match arg {
+            None | Some(DTypeArg::F32) => BaseDType::F32,
+            Some(DTypeArg::Bf16) => BaseDType::Bf16,
+            Some(DTypeArg::F16) => BaseDType::F16,
+            Some(DTypeArg::Auto) => {
+                let mut files: Vec<_> = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten().map(|e| e.path()).collect();
+                files.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+                files.sort();
+                let first = files.first().ok_or_else(|| Error::config("dtype", "auto", format!("no *.safetensors file in {}", dir.display())))?;
+                crate::weights::checkpoint_dtype(first)?
+            }
+        })
+    }
+
+    /// The dtype an export writes (`None`: each tensor's own).
+    pub fn export(arg: Option<Self>) -> Option<ExportDtype> {
+        match arg? {
+            DTypeArg::F32 => Some(ExportDtype::F32),
+            DTypeArg::Bf16 => Some(ExportDtype::Bf16),
+            DTypeArg::F16 => Some(ExportDtype::F16),
+            DTypeArg::Auto => None,
+        }
     }
 }

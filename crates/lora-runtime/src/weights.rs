@@ -2,7 +2,7 @@
 //!
 //! One declarative key table per model (ordered regex → Burn path rules, most specific first),
 //! PyTorch → Burn layout conversion in one place (`PyTorchToBurnAdapter`: transposes `Linear`
-//! weights, renames norm `weight`/`bias` to `gamma`/`beta`), half precision cast to f32, and
+//! weights, renames norm `weight`/`bias` to `gamma`/`beta`), float casts ([`CastFloat`]), and
 //! every load checked: missing, unexpected (unless allow-listed) and mis-shaped tensors are one
 //! error that lists them all, naming the file.
 use std::path::Path;
@@ -14,21 +14,27 @@ use burn::tensor::DType;
 use burn_store::{ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot};
 
 use crate::error::{Error, Result};
+use serial_lora::BaseDType;
 
-/// Casts F16 / BF16 / F64 tensors to F32 on load (Burn 0.21 keeps the file dtype otherwise,
-/// and mixed dtypes fail at the first matmul).
-#[derive(Clone, Debug, Default)]
-pub struct CastFloatToF32;
+/// Casts float tensors on load: those of rank ≥ 2 (the frozen base's bulk: weights, tables)
+/// to `base`, the rest (biases, norm scales) to f32 — see [`serial_lora::half`]. Burn 0.21 keeps
+/// the file dtype otherwise, and mixed dtypes fail at the first matmul. Tensors already in
+/// their dtype are not touched (a bf16 checkpoint held in bf16 is never widened).
+#[derive(Clone, Debug)]
+pub struct CastFloat {
+    pub base: DType,
+}
 
-impl ModuleAdapter for CastFloatToF32 {
+impl ModuleAdapter for CastFloat {
     fn adapt(&self, s: &TensorSnapshot) -> TensorSnapshot {
-        if !matches!(s.dtype, DType::F16 | DType::BF16 | DType::F64) {
+        let to = if s.shape.len() >= 2 { self.base } else { DType::F32 };
+        if !matches!(s.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) || s.dtype == to {
             return s.clone();
         }
         let f = s.clone_data_fn();
         TensorSnapshot::from_closure(
-            Rc::new(move || Ok(f()?.convert_dtype(DType::F32))),
-            DType::F32,
+            Rc::new(move || Ok(f()?.convert_dtype(to))),
+            to,
             s.shape.clone(),
             s.path_stack.clone().unwrap_or_default(),
             s.container_stack.clone().unwrap_or_default(),
@@ -38,6 +44,45 @@ impl ModuleAdapter for CastFloatToF32 {
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
         Box::new(self.clone())
     }
+}
+
+thread_local! {
+    static BASE_DTYPE: std::cell::Cell<BaseDType> = const { std::cell::Cell::new(BaseDType::F32) };
+}
+
+/// Runs `f` with the loads of this thread holding the frozen base in `dtype` (transformers'
+/// `torch_dtype`; restored afterwards). Default f32.
+pub fn with_base_dtype<R>(dtype: BaseDType, f: impl FnOnce() -> R) -> R {
+    let _scope = base_dtype_scope(dtype);
+    f()
+}
+
+/// [`with_base_dtype`] until the returned value is dropped.
+pub fn base_dtype_scope(dtype: BaseDType) -> impl Drop {
+    struct Restore(BaseDType);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BASE_DTYPE.with(|d| d.set(self.0));
+        }
+    }
+    Restore(BASE_DTYPE.with(|d| d.replace(dtype)))
+}
+
+/// The dtype loads on this thread hold the base in ([`with_base_dtype`]).
+pub fn base_dtype() -> BaseDType {
+    BASE_DTYPE.with(std::cell::Cell::get)
+}
+
+/// The dtype of the first float tensor of a safetensors file's header (`--dtype auto`).
+pub fn checkpoint_dtype(path: &Path) -> Result<BaseDType> {
+    let (_, header, _) = read_header(path)?;
+    let found = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "__metadata__")
+        .find_map(|(_, v)| v.get("dtype")?.as_str().and_then(BaseDType::from_safetensors));
+    found.ok_or_else(|| Error::Safetensors { path: path.into(), message: "no float tensor to take the dtype from".into() })
 }
 
 /// How one model's checkpoint keys map onto its Burn module.
@@ -86,7 +131,7 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(mut module: M, path: &Path, ta
         return Err(Error::WeightsMismatch { path: path.into(), report: report_list("wrong dtype", &not_float) });
     }
     let mut store = SafetensorsStore::from_file(path)
-        .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloatToF32))
+        .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloat { base: base_dtype().dtype() }))
         .skip_enum_variants(false)
         .validate(false) // shape errors come back in the result, reported below with the rest
         .allow_partial(true);

@@ -29,6 +29,7 @@ use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use sam_seg::{Prompts, SamConfig, SamModel};
+use serial_lora::half::hold_base_in;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -71,6 +72,9 @@ struct Args {
     /// Recompute the transformer blocks in the backward pass (`--gradient-checkpointing` of `train`).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Precision the frozen base is held in (`--dtype` of `train`): f32 | bf16 | f16.
+    #[arg(long, default_value = "f32")]
+    dtype: serial_lora::BaseDType,
 }
 
 /// Synthetic inputs: normalized-pixel-like noise `[b, 3, s, s]`, the box (¼ s, ¼ s)–(¾ s, ¾ s)
@@ -122,7 +126,7 @@ fn build<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Re
 
 fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = build::<AB>(cfg, args, device)?.with_adapters(&acfg, 0, device)?;
+    let mut model = hold_base_in(build::<AB>(cfg, args, device)?.with_adapters(&acfg, 0, device)?, args.dtype);
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
@@ -144,7 +148,7 @@ fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Dev
 }
 
 fn infer<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = build::<B>(cfg, args, device)?;
+    let base = hold_base_in(build::<B>(cfg, args, device)?, args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();
@@ -176,7 +180,11 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, args: &Args) -> Result<()> {
     };
     println!(
         "{}",
-        json_line(&case, &times, serde_json::json!({"image_size": args.image_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing}))
+        json_line(
+            &case,
+            &times,
+            serde_json::json!({"image_size": args.image_size, "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype})
+        )
     );
     Ok(())
 }

@@ -7,6 +7,7 @@ use burn::nn::conv::{ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu};
+use serial_lora::half::{f32, f32_view, linear};
 use serial_lora::layers::Mlp;
 use serial_lora::{Attention, AttentionConfig};
 
@@ -77,8 +78,8 @@ impl<B: Backend> FeedForward<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = self.layers.iter().fold(relu(self.proj_in.forward(x)), |x, l| relu(l.forward(x)));
-        self.proj_out.forward(x)
+        let x = self.layers.iter().fold(relu(linear(&self.proj_in, x)), |x, l| relu(linear(l, x)));
+        linear(&self.proj_out, x)
     }
 }
 
@@ -144,7 +145,7 @@ impl<B: Backend> MaskDecoder<B> {
     ) -> (Tensor<B, 5>, Tensor<B, 3>) {
         let [b, d, s, _] = image_embeddings.dims();
         let p = sparse.as_ref().map_or(1, |t| t.dims()[1]);
-        let output_tokens = Tensor::cat(vec![self.iou_token.weight.val(), self.mask_tokens.weight.val()], 0);
+        let output_tokens = Tensor::cat(vec![f32(self.iou_token.weight.val()), f32(self.mask_tokens.weight.val())], 0);
         let n_out = output_tokens.dims()[0];
         let output_tokens = output_tokens.unsqueeze::<4>().expand([b, p, n_out, d]);
         let tokens = match sparse {
@@ -168,8 +169,8 @@ impl<B: Backend> MaskDecoder<B> {
 
         let iou_token_out = queries.clone().slice([0..b * p, 0..1, 0..d]).reshape([b * p, d]);
         let up = keys.swap_dims(1, 2).reshape([b * p, d, s, s]);
-        let up = gelu(layer_norm_channels_first(&self.upscale_layer_norm, self.upscale_conv1.forward(up)));
-        let up = gelu(self.upscale_conv2.forward(up));
+        let up = gelu(layer_norm_channels_first(&self.upscale_layer_norm, f32_view(&self.upscale_conv1).forward(up)));
+        let up = gelu(f32_view(&self.upscale_conv2).forward(up));
         let [_, c, h, w] = up.dims();
         let hyper: Vec<Tensor<B, 2>> = self
             .output_hypernetworks_mlps

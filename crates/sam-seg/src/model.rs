@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use serial_lora::half::{as_dtype_of, f32};
 use serial_lora::{AdaptedModel, Attention, AttentionSite, ProjNames};
 
 use crate::config::SamConfig;
@@ -77,14 +78,17 @@ impl<B: Backend> SamModel<B> {
         let bilinear = InterpolateOptions { mode: InterpolateMode::Bilinear, align_corners: false };
         let enc = &mut self.vision_encoder;
         if let Some(p) = enc.pos_embed.take() {
-            let resized = interpolate(p.val().permute([0, 3, 1, 2]), [g, g], bilinear.clone()).permute([0, 2, 3, 1]);
+            let dtype = p.val().dtype();
+            let resized = interpolate(f32(p.val()).permute([0, 3, 1, 2]), [g, g], bilinear.clone()).permute([0, 2, 3, 1]);
+            let resized = as_dtype_of(resized, dtype);
             enc.pos_embed = Some(Param::initialized(p.id, resized.detach()).set_require_grad(false));
         }
         let resize_table = |t: Param<Tensor<B, 2>>| {
             let [_, hd] = t.dims();
             // [L, hd] as [1, hd, 1, L]: bilinear over a height of 1 is linear along L
-            let x = t.val().transpose().unsqueeze_dim::<3>(1).unsqueeze::<4>();
-            let r = interpolate(x, [1, 2 * g - 1], bilinear.clone()).reshape([hd, 2 * g - 1]).transpose();
+            let dtype = t.val().dtype();
+            let x = f32(t.val()).transpose().unsqueeze_dim::<3>(1).unsqueeze::<4>();
+            let r = as_dtype_of(interpolate(x, [1, 2 * g - 1], bilinear.clone()).reshape([hd, 2 * g - 1]).transpose(), dtype);
             Param::initialized(t.id, r.detach()).set_require_grad(false)
         };
         for layer in enc.layers.iter_mut().filter(|l| l.window_size == 0) {

@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
+use serial_lora::half::{f32, f32_view};
 use serial_lora::layers::Activation;
 
 use crate::config::{SamPromptEncoderConfig, SamVisionConfig};
@@ -24,7 +25,7 @@ impl<B: Backend> PositionalEmbedding<B> {
 
     /// `coords [..., 2]` (x, y in [0, 1]) → `[..., 2·num_pos_feats]`.
     pub fn forward<const D: usize>(&self, coords: Tensor<B, D>) -> Tensor<B, D> {
-        let g = self.positional_embedding.val();
+        let g = f32(self.positional_embedding.val());
         let mut shape = coords.dims();
         let n: usize = shape[..D - 1].iter().product();
         let c = coords.reshape([n, 2]).mul_scalar(2.0).sub_scalar(1.0).matmul(g).mul_scalar(2.0 * std::f64::consts::PI);
@@ -57,9 +58,9 @@ pub struct MaskEmbedding<B: Backend> {
 impl<B: Backend> MaskEmbedding<B> {
     /// `masks [b, 1, 4·grid, 4·grid]` → `[b, hidden, grid, grid]`.
     pub fn forward(&self, masks: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.act.forward(layer_norm_channels_first(&self.layer_norm1, self.conv1.forward(masks)));
-        let h = self.act.forward(layer_norm_channels_first(&self.layer_norm2, self.conv2.forward(h)));
-        self.conv3.forward(h)
+        let h = self.act.forward(layer_norm_channels_first(&self.layer_norm1, f32_view(&self.conv1).forward(masks)));
+        let h = self.act.forward(layer_norm_channels_first(&self.layer_norm2, f32_view(&self.conv2).forward(h)));
+        f32_view(&self.conv3).forward(h)
     }
 }
 
@@ -102,7 +103,7 @@ impl<B: Backend> PromptEncoder<B> {
     }
 
     fn row(e: &Embedding<B>) -> Tensor<B, 2> {
-        e.weight.val()
+        f32(e.weight.val())
     }
 
     /// Points `[b, p, n, 2]` (pixels of the model input) with labels `[b, p, n]` → `[b, p, n(+1), hidden]`;

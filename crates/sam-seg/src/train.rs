@@ -51,6 +51,11 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Precision the frozen base is held in: f32 | bf16 | f16 (adapters, their gradients and
+    /// the optimizer state stay f32; computed in f32).
+    #[arg(long, default_value = "f32")]
+    #[serde(default)]
+    pub dtype: serial_lora::BaseDType,
     /// lora | serial-lora | lora-plus | serial-lora-plus
     #[arg(long)]
     pub method: String,
@@ -221,7 +226,8 @@ pub fn train<AB: AutodiffBackend>(
     let pairs = dataset.split("train", cfg.fraction, cfg.seed)?;
     let (run, resumed) = RunDir::open::<AB::InnerBackend, _>(out, cfg, opts, device)?;
 
-    let (model, sam_cfg, proc): (SamModel<AB>, SamConfig, SamProcessor) = load_sam_sized(model_dir, device, cfg.image_size)?;
+    let (model, sam_cfg, proc): (SamModel<AB>, SamConfig, SamProcessor) =
+        lora_runtime::weights::with_base_dtype(cfg.dtype, || load_sam_sized(model_dir, device, cfg.image_size))?;
     // Check every pair once: readable, same size, an object to box.
     let mut usable = Vec::with_capacity(pairs.len());
     let mut skipped = Vec::new();

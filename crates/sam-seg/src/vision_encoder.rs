@@ -8,6 +8,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
+use serial_lora::half::{f32, f32_view};
 use serial_lora::layers::Mlp;
 use serial_lora::{Attention, AttentionConfig, sdpa, sdpa_rel_pos};
 
@@ -44,8 +45,8 @@ impl<B: Backend> RelPos<B> {
         let [n, heads, _, hd] = q.dims();
         let nh = n * heads;
         let q = q.reshape([nh, h, w, hd]);
-        let rh = rel_pos_lookup(self.rel_pos_h.val(), h); // [h, kh, hd]
-        let rw = rel_pos_lookup(self.rel_pos_w.val(), w); // [w, kw, hd]
+        let rh = rel_pos_lookup(f32(self.rel_pos_h.val()), h); // [h, kh, hd]
+        let rw = rel_pos_lookup(f32(self.rel_pos_w.val()), w); // [w, kw, hd]
         // rel_h[b, y, x, k] = Σ_c q[b, y, x, c] · rh[y, k, c]
         let qy = q.clone().permute([1, 0, 2, 3]).reshape([h, nh * w, hd]);
         let rel_h = qy.matmul(rh.swap_dims(1, 2)).reshape([h, nh, w, h]).permute([1, 0, 2, 3]);
@@ -225,9 +226,9 @@ impl<B: Backend> VisionEncoder<B> {
 
     /// `pixel_values [b, 3, size, size]` → embeddings, per-layer states and image embeddings.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> VisionOutput<B> {
-        let mut x = self.patch_embed.projection.forward(pixel_values).permute([0, 2, 3, 1]);
+        let mut x = f32_view(&self.patch_embed.projection).forward(pixel_values).permute([0, 2, 3, 1]);
         if let Some(p) = &self.pos_embed {
-            x = x + p.val();
+            x = x + f32(p.val());
         }
         let embeddings = x.clone();
         let mut hidden_states = Vec::with_capacity(self.layers.len());
@@ -239,9 +240,9 @@ impl<B: Backend> VisionEncoder<B> {
             hidden_states.push(x.clone());
         }
         let n = &self.neck;
-        let y = n.conv1.forward(x.permute([0, 3, 1, 2]));
+        let y = f32_view(&n.conv1).forward(x.permute([0, 3, 1, 2]));
         let y = layer_norm_channels_first(&n.layer_norm1, y);
-        let y = layer_norm_channels_first(&n.layer_norm2, n.conv2.forward(y));
+        let y = layer_norm_channels_first(&n.layer_norm2, f32_view(&n.conv2).forward(y));
         VisionOutput { embeddings, hidden_states, last_hidden_state: y }
     }
 }

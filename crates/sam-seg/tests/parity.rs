@@ -179,3 +179,33 @@ fn vit_b_adapter_parameter_counts() {
     assert_eq!((lora.trainable, serial.trainable), (4_718_592, 1_179_648));
     assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
 }
+
+/// `--dtype bf16`: the tiny SAM held in bf16 (computed in f32) against transformers loaded with
+/// `torch_dtype=torch.bfloat16` (`tools/fixtures/half_reference.py`); tolerance
+/// [`parity::BF16_TOL`]. The decoder runs on our own image embeddings: the whole model in bf16.
+#[test]
+fn sam_in_bf16_matches_transformers_in_bf16() {
+    use lora_runtime::weights::with_base_dtype;
+    let r = reference();
+    let dev = Default::default();
+    let (model, _) = with_base_dtype(serial_lora::BaseDType::Bf16, || load_sam::<B>(&dir(), &dev)).unwrap();
+    let (want, _) = serial_lora::io::read_safetensors(&dir().join("bf16_reference.safetensors")).unwrap();
+    let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
+    // The decoder's mask logits are where bf16 drifts most: transformers in bf16 is itself up to
+    // 4.1e-2 from transformers in f32 there. So ours must be within BF16_TOL of f32 and no
+    // further from torch's bf16 output than 1.5 × torch's own bf16 drift (at least BF16_TOL).
+    let report = |key: &str, got: Vec<f32>| {
+        let (e, e32) = (parity::rel_err(&got, &want[key].data), parity::rel_err(&got, &r[key].1));
+        let drift = parity::rel_err(&want[key].data, &r[key].1);
+        println!("{key:24} bf16: max rel err {e:.2e} vs torch bf16 (torch bf16 vs f32: {drift:.2e}), {e32:.2e} vs torch f32");
+        assert!(e < parity::BF16_TOL.max(1.5 * drift), "{key}: {e} vs transformers in bf16");
+        assert!(e32 < parity::BF16_TOL, "{key}: {e32} vs transformers in f32");
+    };
+    let emb = model.vision(tensor(&r, "pixel_values")).last_hidden_state;
+    report("image_embeddings", host(emb.clone()));
+    for case in ["box", "points", "points_box"] {
+        let o = model.forward(emb.clone(), &prompts(&r, case), true).unwrap();
+        report(&format!("{case}.pred_masks"), o.pred_masks.into_data().to_vec::<f32>().unwrap());
+        report(&format!("{case}.iou_scores"), o.iou_scores.into_data().to_vec::<f32>().unwrap());
+    }
+}

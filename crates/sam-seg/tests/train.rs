@@ -56,6 +56,7 @@ fn config(data: &Path, method: &str) -> TrainConfig {
     TrainConfig {
         model: model().display().to_string(),
         gradient_checkpointing: false,
+        dtype: Default::default(),
         dataset: data.to_path_buf(),
         fraction: 1.0,
         seed: 3,
@@ -272,4 +273,27 @@ fn gradient_checkpointing_gives_the_same_bits() {
         (m.run.loss, adapter.into_iter().map(|(k, t)| (k, t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>())).collect::<Vec<_>>())
     };
     assert_eq!(run(false), run(true));
+}
+
+/// `--dtype bf16`: training on the base held in bf16 gives losses within bf16 rounding of the
+/// f32 base's (not equal: the weights differ), and gradient checkpointing keeps its bits there.
+#[test]
+fn a_bf16_base_trains_close_to_f32_and_checkpointing_keeps_its_bits() {
+    use serial_lora::BaseDType;
+    let data = tempfile::tempdir().unwrap();
+    shapes(data.path(), 4, 1);
+    let dev = Default::default();
+    let run = |dtype: BaseDType, on: bool| {
+        let cfg = TrainConfig { iters: Some(2), batch: 2, dtype, gradient_checkpointing: on, ..config(data.path(), "lora") };
+        let out = tempfile::tempdir().unwrap();
+        let m = train::<AB>(&cfg, &model(), out.path(), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
+        let adapter = io::read_safetensors(&out.path().join("adapter_model.safetensors")).unwrap().0;
+        (m.run.loss, adapter.into_iter().map(|(k, t)| (k, t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>())).collect::<Vec<_>>())
+    };
+    let half = run(BaseDType::Bf16, false);
+    assert_eq!(half, run(BaseDType::Bf16, true));
+    let full = run(BaseDType::F32, false);
+    let e = half.0.iter().zip(&full.0).fold(0f32, |m, (a, b)| m.max((a - b).abs() / b.abs()));
+    println!("losses bf16 {:?} vs f32 {:?}: max rel diff {e:.2e}", half.0, full.0);
+    assert!(e > 0.0 && e < 3e-2, "{e}");
 }

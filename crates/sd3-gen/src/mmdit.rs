@@ -12,6 +12,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use serial_lora::half::{f32, f32_view, linear};
 use serial_lora::layers::{Activation, Mlp};
 use serial_lora::{AdaptedModel, Attention, AttentionConfig, AttentionSite, ProjNames, sdpa};
 
@@ -53,7 +54,7 @@ pub struct AdaNorm<B: Backend> {
 
 impl<B: Backend> AdaNorm<B> {
     fn chunks(&self, temb: Tensor<B, 2>, n: usize) -> Vec<Tensor<B, 2>> {
-        self.linear.forward(silu(temb)).chunk(n, 1)
+        linear(&self.linear, silu(temb)).chunk(n, 1)
     }
 
     /// `AdaLayerNormContinuous`: `LN(x)·(1 + scale) + shift`.
@@ -199,7 +200,7 @@ impl<B: Backend> TwoLayer<B> {
         Self { linear_1: LinearConfig::new(i, h).init(device), linear_2: LinearConfig::new(h, h).init(device) }
     }
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        linear(&self.linear_2, silu(linear(&self.linear_1, x)))
     }
 }
 
@@ -238,14 +239,14 @@ impl<B: Backend> PatchEmbed<B> {
     /// Latents `[b, c, h, w]` → tokens `[b, (h/p)·(w/p), inner]` plus the centred crop of the
     /// position table.
     pub fn forward(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
-        let x = self.proj.forward(latents);
+        let x = f32_view(&self.proj).forward(latents);
         let [b, d, hp, wp] = x.dims();
         let m = self.pos_embed_max_size;
         if hp > m || wp > m {
             return Err(Sd3Error::Input(format!("{hp}×{wp} patches exceed pos_embed_max_size {m}")));
         }
         let (top, left) = ((m - hp) / 2, (m - wp) / 2);
-        let pos = self.pos_embed.val().reshape([1, m, m, d]).slice([0..1, top..top + hp, left..left + wp, 0..d]).reshape([1, hp * wp, d]);
+        let pos = f32(self.pos_embed.val().reshape([1, m, m, d]).slice([0..1, top..top + hp, left..left + wp, 0..d]).reshape([1, hp * wp, d]));
         Ok(x.reshape([b, d, hp * wp]).swap_dims(1, 2) + pos)
     }
 }
@@ -381,7 +382,7 @@ impl<B: Backend> Sd3Transformer<B> {
         let device = embedded.device();
         let te = &self.time_text_embed;
         let temb = te.timestep_embedder.forward(timestep_projection(timestep, &device)) + te.text_embedder.forward(pooled);
-        let context = self.context_embedder.forward(encoder_hidden_states);
+        let context = linear(&self.context_embedder, encoder_hidden_states);
         let (mut x, mut c) = (embedded.clone(), Some(context.clone()));
         let mut blocks = Vec::with_capacity(self.transformer_blocks.len());
         let last = self.transformer_blocks.len().saturating_sub(1);
@@ -392,7 +393,7 @@ impl<B: Backend> Sd3Transformer<B> {
             blocks.push((nx.clone(), nc.clone()));
             (x, c) = (nx, nc);
         }
-        let x = self.proj_out.forward(self.norm_out.continuous(x, temb.clone()));
+        let x = linear(&self.proj_out, self.norm_out.continuous(x, temb.clone()));
         let (hp, wp, oc) = (h / p, w / p, self.out_channels);
         let out = x.reshape([b, hp, wp, p, p, oc]).permute([0, 5, 1, 3, 2, 4]).reshape([b, oc, h, w]);
         Ok((out, Trace { embedded, temb, context, blocks }))

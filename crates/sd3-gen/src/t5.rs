@@ -12,6 +12,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use lora_runtime::weights::{KeyTable, load_safetensors_dir};
 use serde::{Deserialize, Serialize};
+use serial_lora::half::{embedding, f32, linear};
 use serial_lora::layers::Activation;
 use serial_lora::parse;
 use serial_lora::{Attention, AttentionConfig, LoraLinear, sdpa};
@@ -169,11 +170,11 @@ impl<B: Backend> T5DenseActDense<B> {
     /// `[b, l, d_model]` → `[b, l, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = match (&self.wi, &self.wi_0, &self.wi_1) {
-            (_, Some(w0), Some(w1)) => self.act.forward(w0.forward(x.clone())) * w1.forward(x),
-            (Some(wi), _, _) => self.act.forward(wi.forward(x)),
+            (_, Some(w0), Some(w1)) => self.act.forward(linear(w0, x.clone())) * linear(w1, x),
+            (Some(wi), _, _) => self.act.forward(linear(wi, x)),
             _ => unreachable!("T5DenseActDense is built with wi or with wi_0 and wi_1"),
         };
-        self.wo.forward(h)
+        linear(&self.wo, h)
     }
 }
 
@@ -268,7 +269,7 @@ impl<B: Backend> T5EncoderModel<B> {
             .collect();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(buckets, [l * l]), device);
         let heads = self.relative_attention_bias.dims()[1];
-        self.relative_attention_bias.val().select(0, idx).reshape([l, l, heads]).permute([2, 0, 1]).unsqueeze_dim(0)
+        f32(self.relative_attention_bias.val().select(0, idx)).reshape([l, l, heads]).permute([2, 0, 1]).unsqueeze_dim(0)
     }
 
     /// `last_hidden_state [b, l, d_model]` for token ids `[b, l]` (every id below `vocab_size`).
@@ -279,7 +280,7 @@ impl<B: Backend> T5EncoderModel<B> {
     /// [`T5EncoderModel::forward`] with the output of each block (before the final norm).
     pub fn forward_traced(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let l = input_ids.dims()[1];
-        let mut x = self.shared.forward(input_ids);
+        let mut x = embedding(&self.shared, input_ids);
         let bias = self.position_bias(l, &x.device());
         let mut trace = Vec::with_capacity(self.block.len());
         for block in &self.block {

@@ -51,6 +51,7 @@ use crate::pipeline::{PromptEmbeds, SampleOptions, decode_to_rgb, denoise};
 use crate::text::{T5TextEncoder, TextEncoders};
 use crate::vae::{Vae, VaeConfig, load_vae};
 use crate::{Sd3TransformerConfig, load_transformer};
+use lora_runtime::weights::with_base_dtype;
 
 /// Images encoded per VAE / text-encoder call while the caches are built.
 const CACHE_CHUNK: usize = 8;
@@ -75,6 +76,11 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Precision the frozen base is held in: f32 | bf16 | f16 (adapters, their gradients and
+    /// the optimizer state stay f32; computed in f32).
+    #[arg(long, default_value = "f32")]
+    #[serde(default)]
+    pub dtype: serial_lora::BaseDType,
     /// Seed of the train/test split when the dataset has no split.json (use the same in `eval`).
     #[arg(long, default_value_t = data::DEFAULT_SPLIT_SEED)]
     pub split_seed: u64,
@@ -508,15 +514,16 @@ pub fn train<AB: AutodiffBackend>(
     let peer = &opts.peer;
     let (run, resumed) = RunDir::open::<B<AB>, _>(out, cfg, opts, device)?;
 
-    let (mmdit, mmdit_cfg) = load_transformer::<AB>(&dir, device)?;
-    let (vae, vae_cfg) = load_vae::<B<AB>>(&dir, device)?;
+    let (mmdit, mmdit_cfg) = with_base_dtype(cfg.dtype, || load_transformer::<AB>(&dir, device))?;
+    let (vae, vae_cfg) = with_base_dtype(cfg.dtype, || load_vae::<B<AB>>(&dir, device))?;
     let factor = 1usize << (vae_cfg.block_out_channels.len().saturating_sub(1));
     if !cfg.resolution.is_multiple_of(factor * mmdit_cfg.patch_size) {
         let m = factor * mmdit_cfg.patch_size;
         return Err(serial_lora::Error::config("resolution", cfg.resolution, format!("must be a multiple of {m} (VAE factor {factor} × patch size)")).into());
     }
     // Peer 0 fills the cache (and samples); the others read it.
-    let built = if peer.is_writer() { build_caches(cfg, &dir, out, &examples, &vae, &vae_cfg, &mmdit_cfg, device) } else { Ok(None) };
+    let built =
+        if peer.is_writer() { with_base_dtype(cfg.dtype, || build_caches(cfg, &dir, out, &examples, &vae, &vae_cfg, &mmdit_cfg, device)) } else { Ok(None) };
     let agreed = peer.agree::<B<AB>>(built.is_ok(), 0, "build the latent cache", device);
     let built = built?;
     agreed?;

@@ -14,6 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
 use lora_runtime::weights::{KeyTable, load_safetensors};
 use serde::{Deserialize, Serialize};
+use serial_lora::half::f32_view;
 use serial_lora::{Attention, AttentionConfig, sdpa};
 
 use crate::error::{Result, Sd3Error};
@@ -84,10 +85,10 @@ impl<B: Backend> ResnetBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = f32_view(&self.conv1).forward(silu(self.norm1.forward(x.clone())));
+        let h = f32_view(&self.conv2).forward(silu(self.norm2.forward(h)));
         let x = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => f32_view(c).forward(x),
             None => x,
         };
         x + h
@@ -161,12 +162,12 @@ impl<B: Backend> Block<B> {
             x = r.forward(x);
         }
         for d in &self.downsamplers {
-            x = d.conv.forward(x.pad([(0, 0), (0, 0), (0, 1), (0, 1)], PadMode::Constant(0.0)));
+            x = f32_view(&d.conv).forward(x.pad([(0, 0), (0, 0), (0, 1), (0, 1)], PadMode::Constant(0.0)));
         }
         for u in &self.upsamplers {
             let [b, c, h, w] = x.dims();
             let up = x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w]);
-            x = u.conv.forward(up);
+            x = f32_view(&u.conv).forward(up);
         }
         x
     }
@@ -186,7 +187,7 @@ pub struct Coder<B: Backend> {
 impl<B: Backend> Coder<B> {
     /// Runs the coder; also returns the mid block's output.
     fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let mut x = self.conv_in.forward(x);
+        let mut x = f32_view(&self.conv_in).forward(x);
         for b in &self.down_blocks {
             x = b.forward(x);
         }
@@ -195,7 +196,7 @@ impl<B: Backend> Coder<B> {
         for b in &self.up_blocks {
             x = b.forward(x);
         }
-        (self.conv_out.forward(silu(self.conv_norm_out.forward(x))), mid)
+        (f32_view(&self.conv_out).forward(silu(self.conv_norm_out.forward(x))), mid)
     }
 }
 

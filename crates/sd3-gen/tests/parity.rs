@@ -258,3 +258,20 @@ fn sd3_medium_adapter_parameter_counts() {
     assert_eq!((lora.trainable * 12, serial.trainable * 12), (18_874_368, 4_718_592));
     assert_eq!(lora.total - lora.trainable, serial.total - serial.trainable);
 }
+
+/// `--dtype bf16`: the tiny SD3 transformer held in bf16 (computed in f32) against diffusers
+/// loaded with `torch_dtype=torch.bfloat16` (`tools/fixtures/half_reference.py`); tolerance
+/// [`parity::BF16_TOL`].
+#[test]
+fn mmdit_in_bf16_matches_diffusers_in_bf16() {
+    use lora_runtime::weights::with_base_dtype;
+    let r = reference();
+    let (model, _) = with_base_dtype(serial_lora::BaseDType::Bf16, || load_transformer::<B>(&dir(), &Default::default())).unwrap();
+    let (want, _) = serial_lora::io::read_safetensors(&dir().join("bf16_reference.safetensors")).unwrap();
+    let t: Vec<f32> = r["timestep"].1.clone();
+    let (out, _) = model.forward_traced(tensor(&r, "hidden_states"), tensor(&r, "encoder_hidden_states"), tensor(&r, "pooled_projections"), &t).unwrap();
+    let got = out.into_data().to_vec::<f32>().unwrap();
+    let (e, e32) = (parity::rel_err(&got, &want["sample"].data), parity::rel_err(&got, &r["sample"].1));
+    println!("sample bf16: max rel err {e:.2e} vs torch bf16, {e32:.2e} vs torch f32");
+    assert!(e < parity::BF16_TOL, "sample: {e} vs diffusers in bf16");
+}

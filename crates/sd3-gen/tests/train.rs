@@ -58,6 +58,7 @@ fn config(data: &Path, method: &str) -> TrainConfig {
     TrainConfig {
         model: fixture("sd3-tiny").display().to_string(),
         gradient_checkpointing: false,
+        dtype: Default::default(),
         dataset: data.to_path_buf(),
         fraction: 1.0,
         seed: 3,
@@ -485,4 +486,48 @@ fn gradient_checkpointing_gives_the_same_bits() {
         (m.run.loss, bits)
     };
     assert_eq!(run(false, "plain"), run(true, "checkpointed"));
+}
+
+/// `--dtype bf16`: the base held in bf16 trains f32 adapters (different from the f32 base's by
+/// bf16 rounding only), a stopped bf16 run resumes to the same bits as an uninterrupted one, a
+/// resume with another dtype is refused, and the adapter runs on an f32 base.
+#[test]
+fn a_bf16_run_resumes_bit_identically_and_its_adapter_runs_on_an_f32_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    captioned(&data, 4);
+    let dev = Default::default();
+    let mut cfg = config(&data, "serial-lora");
+    (cfg.iters, cfg.batch, cfg.save_steps, cfg.dtype) = (Some(4), 2, Some(2), serial_lora::BaseDType::Bf16);
+    let full = train::<AB>(&cfg, &tmp.path().join("full"), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
+    let part = tmp.path().join("part");
+    train::<AB>(&cfg, &part, &RunOptions { stop_after: Some(2), ..Default::default() }, &dev, &mut |_| {}).unwrap();
+    let f32_cfg = TrainConfig { dtype: serial_lora::BaseDType::F32, ..cfg.clone() };
+    let err = train::<AB>(&f32_cfg, &part, &RunOptions { resume: true, ..Default::default() }, &dev, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("dtype"), "{err}");
+    let resumed = train::<AB>(&cfg, &part, &RunOptions { resume: true, ..Default::default() }, &dev, &mut |_| {}).unwrap();
+    assert_eq!(resumed.run.resumed_from_step, Some(2));
+    assert_eq!(full.run.loss, resumed.run.loss);
+    let read = |d: &Path| read_safetensors(&d.join(io::WEIGHTS_FILE)).unwrap().0;
+    assert_eq!(read(&tmp.path().join("full")), read(&part));
+    // the same run on the f32 base: close, not equal (the base weights differ by bf16 rounding)
+    let f32_run = train::<AB>(&f32_cfg, &tmp.path().join("f32"), &RunOptions::default(), &dev, &mut |_| {}).unwrap();
+    let rel = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / b.iter().fold(0f32, |m, y| m.max(y.abs()));
+    let e = rel(&full.run.loss, &f32_run.run.loss);
+    println!("bf16 vs f32 base: losses {:?} vs {:?}, max rel diff {e:.2e}", full.run.loss, f32_run.run.loss);
+    assert!(e > 0.0 && e < 3e-2, "{e}");
+    // the bf16-trained adapter on the f32 base and on the bf16 base: the same model up to bf16
+    let r = read_safetensors(&fixture("sd3-tiny").join("reference.safetensors")).unwrap().0;
+    let run_on = |dtype| {
+        let (m, _) = lora_runtime::weights::with_base_dtype(dtype, || load_transformer::<Flex>(&fixture("sd3-tiny"), &dev)).unwrap();
+        let m = sd3_gen::export::load_one(m, &tmp.path().join("full"), &dev).unwrap();
+        let t = |k: &str| r[k].to_tensor::<Flex, 4>(&dev);
+        let (out, _) = m
+            .forward_traced(t("hidden_states"), r["encoder_hidden_states"].to_tensor(&dev), r["pooled_projections"].to_tensor(&dev), &r["timestep"].data)
+            .unwrap();
+        out.into_data().to_vec::<f32>().unwrap()
+    };
+    let e = rel(&run_on(serial_lora::BaseDType::F32), &run_on(serial_lora::BaseDType::Bf16));
+    println!("bf16-trained adapter, f32 vs bf16 base: max rel diff {e:.2e}");
+    assert!(e < 3e-2, "{e}");
 }

@@ -15,6 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{AdapterConfig, Method, Projection};
 use crate::error::{Error, Result};
+use crate::half;
 use crate::layers::on_rows;
 use crate::lora::{FusedQkv, LoraLinear, check_finite, replace_frozen};
 use crate::rng::StdRng;
@@ -325,8 +326,8 @@ impl<B: Backend> Attention<B> {
         let pair = &s.pair;
         let xa = on_rows(x.clone(), |x| pair.dropout.forward(x).matmul(pair.lora_a.val()).mul_scalar(pair.scale));
         let project = |l: &Linear<B>, x: Tensor<B, 3>| {
-            let bw = pair.lora_b.val().matmul(l.weight.val());
-            l.forward(x) + on_rows(xa.clone(), |xa| xa.matmul(bw))
+            let bw = pair.lora_b.val().matmul(half::f32(l.weight.val()));
+            half::linear(l, x) + on_rows(xa.clone(), |xa| xa.matmul(bw))
         };
         match &self.qkv {
             QkvProjection::Separate(p) => (project(&p.q.base, x.clone()), project(&p.k.base, x.clone()), project(&p.v.base, x)),
@@ -421,7 +422,7 @@ impl<B: Backend> Attention<B> {
     /// Maps the base weight of each q/k/v projection (`[in, out]`), as Serial LoRA merge needs.
     fn map_qkv_weights(mut self, mut f: impl FnMut(Tensor<B, 2>, &str) -> Result<Tensor<B, 2>>) -> Result<Self> {
         let mut map = |lin: Linear<B>, name: &str| -> Result<Linear<B>> {
-            let w = f(lin.weight.val().detach(), name)?;
+            let w = f(half::f32(lin.weight.val().detach()), name)?;
             Ok(Linear { weight: replace_frozen(lin.weight, w), ..lin })
         };
         self.qkv = match self.qkv {
@@ -498,7 +499,7 @@ impl<B: Backend> Attention<B> {
     /// (what [`Attention::merge`] would write), for spectrum analysis.
     pub fn effective_qkv_weights(&self) -> [Tensor<B, 2>; 3] {
         let eff = |l: &LoraLinear<B>| {
-            let w = l.base.weight.val().detach();
+            let w = half::f32(l.base.weight.val().detach());
             match &l.lora {
                 Some(p) if !p.merged => w + p.weight_delta(),
                 _ => w,
@@ -508,7 +509,7 @@ impl<B: Backend> Attention<B> {
             QkvProjection::Separate(s) => [eff(&s.q), eff(&s.k), eff(&s.v)],
             QkvProjection::Fused(f) => {
                 let [d_in, d] = f.slice_dims();
-                let w = f.base.weight.val().detach();
+                let w = half::f32(f.base.weight.val().detach());
                 let pairs = f.pairs();
                 [0, 1, 2].map(|i| {
                     let slice = w.clone().slice([0..d_in, i * d..(i + 1) * d]);

@@ -87,6 +87,6 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        on_rows(x, |x| self.fc2.forward(self.act.forward(self.fc1.forward(x))))
+        on_rows(x, |x| crate::half::linear(&self.fc2, self.act.forward(crate::half::linear(&self.fc1, x))))
     }
 }

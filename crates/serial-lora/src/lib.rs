@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 #[cfg(feature = "flex")]
 mod flex;
+pub mod half;
 pub mod io;
 pub mod layers;
 #[cfg(feature = "tch")]
@@ -44,6 +45,7 @@ pub use attention::{Attention, AttentionConfig, QkvProjection, SeparateQkv, has_
 pub use checkpoint::{checkpoint, with_checkpointing};
 pub use config::{AdapterConfig, Init, Method, Projection};
 pub use error::{Error, Result};
+pub use half::BaseDType;
 pub use lora::{FusedQkv, LoraLinear, LoraPair};
 pub use model::{AdaptedModel, AttentionSite, AttentionStack, ProjNames};
 pub use params::{ParamCountExt, ParamCounts};

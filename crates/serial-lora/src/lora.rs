@@ -10,6 +10,7 @@ use burn::prelude::*;
 
 use crate::config::{AdapterConfig, Init};
 use crate::error::{Error, Result};
+use crate::half::{self, as_dtype_of};
 use crate::layers::on_rows;
 use crate::rng::{self, AdapterDropout, StdRng};
 
@@ -67,9 +68,11 @@ impl<B: Backend> LoraPair<B> {
     }
 }
 
-/// Replaces the value of a frozen parameter, keeping its id.
+/// Replaces the value of a frozen parameter, keeping its id and its dtype (a half base stays
+/// half: `value` is computed in f32 and rounded).
 pub(crate) fn replace_frozen<const D: usize, B: Backend>(param: Param<Tensor<B, D>>, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
-    Param::initialized(param.id, value.detach()).set_require_grad(false)
+    let dtype = param.val().dtype();
+    Param::initialized(param.id, as_dtype_of(value.detach(), dtype)).set_require_grad(false)
 }
 
 /// Fails with [`Error::NonFiniteMerge`] if `w` holds NaN or ±inf.
@@ -107,8 +110,8 @@ impl<B: Backend> LoraLinear<B> {
     /// `x·W + b + s·(dropout(x)·A)·B`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         on_rows(x, |x| match &self.lora {
-            Some(l) if !l.merged => self.base.forward(x.clone()) + l.delta(x),
-            _ => self.base.forward(x),
+            Some(l) if !l.merged => half::linear(&self.base, x.clone()) + l.delta(x),
+            _ => half::linear(&self.base, x),
         })
     }
 
@@ -118,7 +121,7 @@ impl<B: Backend> LoraLinear<B> {
         if lora.merged {
             return Err(Error::MergeState { module: name.into(), message: "already merged" });
         }
-        let w = self.base.weight.val().detach() + lora.weight_delta();
+        let w = half::f32(self.base.weight.val().detach()) + lora.weight_delta();
         check_finite(&w, name)?;
         self.base.weight = replace_frozen(self.base.weight, w);
         lora.merged = true;
@@ -132,7 +135,7 @@ impl<B: Backend> LoraLinear<B> {
         if !lora.merged {
             return Err(Error::MergeState { module: name.into(), message: "not merged" });
         }
-        let w = self.base.weight.val().detach() - lora.weight_delta();
+        let w = half::f32(self.base.weight.val().detach()) - lora.weight_delta();
         self.base.weight = replace_frozen(self.base.weight, w);
         lora.merged = false;
         self.lora = Some(lora);
@@ -174,9 +177,9 @@ impl<B: Backend> FusedQkv<B> {
     fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let active = self.pairs().map(|p| p.filter(|p| !p.merged));
         if active.iter().all(Option::is_none) {
-            return self.base.forward(x);
+            return half::linear(&self.base, x);
         }
-        let y = self.base.forward(x.clone());
+        let y = half::linear(&self.base, x.clone());
         let mut shape = x.dims();
         shape[D - 1] = self.slice_dims()[1];
         let parts: Vec<Tensor<B, D>> = active
@@ -191,7 +194,7 @@ impl<B: Backend> FusedQkv<B> {
 
     fn apply_deltas(mut self, name: &str, merged: bool) -> Result<Self> {
         let [d_in, d] = self.slice_dims();
-        let mut w = self.base.weight.val().detach();
+        let mut w = half::f32(self.base.weight.val().detach());
         let mut pairs = [self.q.take(), self.k.take(), self.v.take()];
         for (i, pair) in pairs.iter_mut().enumerate() {
             let Some(p) = pair else { continue };

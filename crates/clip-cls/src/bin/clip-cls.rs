@@ -13,10 +13,12 @@ use clip_cls::preprocess::{ImageProcessor, load_rgb};
 use clip_cls::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use clip_cls::train::{TrainConfig, evaluate};
 use clip_cls::{ClipModel, load_clip};
+use lora_runtime::cli::DTypeArg;
 use lora_runtime::dist::Peer;
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
+use lora_runtime::export::{ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::run::RunArgs;
+use lora_runtime::weights::with_base_dtype;
 use lora_runtime::{DeviceSpec, cli};
 use serial_lora::analysis::qkv_spectra;
 use serial_lora::io;
@@ -57,6 +59,11 @@ struct ModelArgs {
     /// cpu | cuda[:N] | tch-cpu | tch-cuda[:N] (backends compiled into this binary).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the base weights: f32 | bf16 | f16 | auto (the checkpoint's own). Held in
+    /// memory in it (computed in f32; default f32), or, for `export`, written in it (default:
+    /// the checkpoint's own).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
 }
 
 #[derive(Subcommand)]
@@ -137,9 +144,6 @@ enum Cmd {
         /// Output directory (refused if it exists, unless --force).
         #[arg(long)]
         out: PathBuf,
-        /// Output precision of the float tensors (default: the checkpoint's own).
-        #[arg(long, value_enum)]
-        dtype: Option<ExportDtype>,
         /// Replace an existing --out.
         #[arg(long)]
         force: bool,
@@ -180,9 +184,15 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
 
 fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = &model_dir(&args.model)?;
-    let (model, cfg) = load_clip::<B>(dir, device)?;
+    let (model, cfg) = load_base::<B>(args, dir, device)?;
     let model = cli::merge_adapters(model, &adapters(args)?, device)?;
     Ok(Loaded { model, tokenizer: ClipTokenizer::from_dir(dir)?, processor: ImageProcessor::from_dir(dir, &cfg.vision_config)? })
+}
+
+/// The base model in the precision of `--dtype`.
+fn load_base<B: Backend>(args: &ModelArgs, dir: &Path, device: &B::Device) -> Result<(ClipModel<B>, clip_cls::ClipConfig)> {
+    let dtype = DTypeArg::base(args.dtype, dir)?;
+    Ok(with_base_dtype(dtype, || load_clip::<B>(dir, device))?)
 }
 
 fn adapters(args: &ModelArgs) -> Result<Vec<WeightedAdapter>> {
@@ -214,7 +224,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
         Cmd::Eval { model, dataset, split, batch, template, skip_bad_images } => {
             eval::<B<AB>>(model, dataset, split, *batch, template.as_deref(), *skip_bad_images, device)
         }
-        Cmd::Export { model, out, dtype, force } => export::<B<AB>>(model, out, *dtype, *force, device),
+        Cmd::Export { model, out, force } => export::<B<AB>>(model, out, *force, device),
         Cmd::Proxy { config, out, .. } => proxy::<AB>(config, out, device),
     }
 }
@@ -285,7 +295,7 @@ fn train<AB: AutodiffBackend>(config: &TrainConfig, run: &RunArgs, peer: &Peer, 
 
 fn spectra<B: Backend>(model: &ModelArgs, output: &Path, device: &B::Device) -> Result<()> {
     check_output_dir(output)?;
-    let (base, _) = load_clip::<B>(&model_dir(&model.model)?, device)?;
+    let (base, _) = load_base::<B>(model, &model_dir(&model.model)?, device)?;
     let mut out = serde_json::json!({ "model": model.model, "base": qkv_spectra(&base) });
     if model.adapter.len() > 1 || !model.adapter_weights.is_empty() {
         bail!("spectra takes one --adapter and no --adapter-weights");
@@ -322,8 +332,8 @@ fn eval<B: Backend>(
     Ok(())
 }
 
-fn export<B: Backend>(model: &ModelArgs, out: &Path, dtype: Option<ExportDtype>, force: bool, device: &B::Device) -> Result<()> {
-    let opts = ExportOptions { dtype, force, max_shard_bytes: None };
+fn export<B: Backend>(model: &ModelArgs, out: &Path, force: bool, device: &B::Device) -> Result<()> {
+    let opts = ExportOptions { dtype: DTypeArg::export(model.dtype), force, max_shard_bytes: None };
     let summary = export_clip::<B>(&model_dir(&model.model)?, &adapters(model)?, &opts, out, device)?;
     cli::report_export(out, &summary, "tensors")?;
     Ok(())

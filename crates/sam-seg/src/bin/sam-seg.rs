@@ -7,16 +7,19 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
+use lora_runtime::cli::DTypeArg;
 use lora_runtime::dist::Peer;
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
+use lora_runtime::export::{ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::load_rgb;
 use lora_runtime::run::RunArgs;
+use lora_runtime::weights::with_base_dtype;
 use lora_runtime::{DeviceSpec, cli};
 use sam_seg::data::SegDataset;
 use sam_seg::export::export_sam;
+use sam_seg::processor::SamProcessor;
 use sam_seg::train::{TrainConfig, evaluate};
-use sam_seg::{Prompts, load_sam_sized};
+use sam_seg::{Prompts, SamConfig, SamModel, load_sam_sized};
 use serial_lora::io;
 
 #[derive(Parser)]
@@ -101,6 +104,10 @@ struct PredictArgs {
     /// Square input size (multiple of the patch size; default: the checkpoint's).
     #[arg(long)]
     image_size: Option<usize>,
+    /// Precision the model is held in: f32 | bf16 | f16 | auto (the checkpoint's own);
+    /// computed in f32. Default f32.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +132,10 @@ struct EvalArgs {
     /// Square input size (as given to train).
     #[arg(long)]
     image_size: Option<usize>,
+    /// Precision the model is held in: f32 | bf16 | f16 | auto (the checkpoint's own);
+    /// computed in f32. Default f32.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
 }
 
 #[derive(clap::Args)]
@@ -138,9 +149,10 @@ struct ExportArgs {
     /// Output directory (refused if it exists, unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// Output precision of the float tensors (default: the checkpoint's own).
+    /// Output precision of the float tensors: f32 | bf16 | f16 | auto (default: the
+    /// checkpoint's own).
     #[arg(long, value_enum)]
-    dtype: Option<ExportDtype>,
+    dtype: Option<DTypeArg>,
     /// Replace an existing --out.
     #[arg(long)]
     force: bool,
@@ -184,7 +196,7 @@ fn run<AB: AutodiffBackend>(device: &AB::Device, cmd: &Cmd, peer: &Peer) -> Resu
 }
 
 fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
-    let PredictArgs { model, adapters, image, r#box, points, output, mask_png, image_size, .. } = args;
+    let PredictArgs { model, adapters, image, r#box, points, output, mask_png, image_size, dtype, .. } = args;
     if r#box.is_none() && points.is_empty() {
         bail!("give a prompt: --box x0,y0,x1,y1 and/or --point x,y,label");
     }
@@ -203,7 +215,7 @@ fn predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<()> {
     }
 
     let adapters = adapters.list()?;
-    let (sam, _, proc) = load_sam_sized::<B>(&model_dir(model)?, device, *image_size)?;
+    let (sam, _, proc) = load::<B>(model, *dtype, *image_size, device)?;
     let sam = cli::merge_adapters(sam, &adapters, device)?;
     let px = proc.process(&img);
     let [ph, pw] = proc.pad;
@@ -262,10 +274,17 @@ fn train<AB: AutodiffBackend>(config: &TrainConfig, run: &RunArgs, peer: &Peer, 
     Ok(())
 }
 
+/// The model of `--model` at `--image-size`, held in `--dtype`.
+fn load<B: Backend>(model: &str, dtype: Option<DTypeArg>, image_size: Option<usize>, device: &B::Device) -> Result<(SamModel<B>, SamConfig, SamProcessor)> {
+    let dir = model_dir(model)?;
+    let dtype = DTypeArg::base(dtype, &dir)?;
+    Ok(with_base_dtype(dtype, || load_sam_sized::<B>(&dir, device, image_size))?)
+}
+
 fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
-    let EvalArgs { model, adapters, dataset, split, class_id, seed, test_fraction, image_size, .. } = args;
+    let EvalArgs { model, adapters, dataset, split, class_id, seed, test_fraction, image_size, dtype, .. } = args;
     let dataset = SegDataset::open(dataset, *seed, *test_fraction)?;
-    let (sam, _, proc) = load_sam_sized::<B>(&model_dir(model)?, device, *image_size)?;
+    let (sam, _, proc) = load::<B>(model, *dtype, *image_size, device)?;
     let sam = cli::merge_adapters(sam, &adapters.list()?, device)?;
     let r = cli::with_progress_bar(|progress| evaluate(&sam, &proc, &dataset, split, *class_id, device, progress))?;
     println!("{}", serde_json::to_string(&r)?);
@@ -274,7 +293,7 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
 
 fn export<B: Backend>(args: &ExportArgs, device: &B::Device) -> Result<()> {
     let ExportArgs { model, adapters, out, dtype, force, .. } = args;
-    let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+    let opts = ExportOptions { dtype: DTypeArg::export(*dtype), force: *force, max_shard_bytes: None };
     let summary = export_sam::<B>(&model_dir(model)?, &adapters.list()?, &opts, out, device)?;
     cli::report_export(out, &summary, "tensors")?;
     Ok(())

@@ -7,11 +7,13 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
+use lora_runtime::cli::DTypeArg;
 use lora_runtime::dist::Peer;
-use lora_runtime::export::{ExportDtype, ExportOptions, WeightedAdapter, weighted_adapters};
+use lora_runtime::export::{ExportOptions, WeightedAdapter, weighted_adapters};
 use lora_runtime::hub::{HubOptions, resolve_model_dir};
 use lora_runtime::imaging::save_png;
 use lora_runtime::run::RunArgs;
+use lora_runtime::weights::base_dtype_scope;
 use lora_runtime::{DeviceSpec, cli};
 use sd3_gen::export::{export_sd3, merge_adapters};
 use sd3_gen::load::{OPTIONAL_FILES, pipeline_files};
@@ -169,6 +171,10 @@ struct SampleArgs {
     adapters: AdapterArgs,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision the pipeline's models are held in: f32 | bf16 | f16 | auto (the checkpoint's
+    /// own); computed in f32. Default f32.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     /// Text prompt(s), encoded with the CLIP-L/G and T5 text encoders of --model (repeatable: a batch).
     #[arg(long, conflicts_with = "prompt_embeds")]
     prompt: Vec<String>,
@@ -226,9 +232,10 @@ struct ExportArgs {
     /// Output directory (refused if it exists, unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// Output precision of the transformer's float tensors (default: the checkpoint's own).
+    /// Output precision of the transformer's float tensors: f32 | bf16 | f16 | auto (default:
+    /// the checkpoint's own).
     #[arg(long, value_enum)]
-    dtype: Option<ExportDtype>,
+    dtype: Option<DTypeArg>,
     /// Replace an existing --out.
     #[arg(long)]
     force: bool,
@@ -281,6 +288,7 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device) -> Result<()> {
         width,
         output_latents,
         output,
+        dtype,
         ..
     } = args;
     let mut prompt = prompt.clone();
@@ -298,6 +306,7 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device) -> Result<()> {
     let dir = resolve_model_dir(model, &pipeline_files(!prompt.is_empty(), !prompt.is_empty() && !no_t5), &OPTIONAL_FILES, &HubOptions::from_env())
         .context("--model")?;
     let adapters = adapters.list()?;
+    let _dtype = base_dtype_scope(DTypeArg::base(*dtype, &dir.join("transformer"))?);
     let (mmdit, cfg) = load_transformer::<B>(&dir, device)?;
     // a LoRA with add_* keys (diffusers' --lora_layers incl. the context stream) adapts both streams
     let mmdit = merge_adapters(mmdit, &adapters, device)?;
@@ -384,7 +393,7 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device) -> Result<()> {
 fn export<B: Backend>(args: &ExportArgs, device: &B::Device) -> Result<()> {
     let ExportArgs { model, adapters, out, dtype, force, .. } = args;
     let dir = resolve_model_dir(model, &pipeline_files(true, false), &OPTIONAL_FILES, &HubOptions::from_env()).context("--model")?;
-    let opts = ExportOptions { dtype: *dtype, force: *force, max_shard_bytes: None };
+    let opts = ExportOptions { dtype: DTypeArg::export(*dtype), force: *force, max_shard_bytes: None };
     let summary = export_sd3::<B>(&dir, &adapters.list()?, &opts, out, device)?;
     cli::report_export(out, &summary, "transformer tensors")?;
     Ok(())

@@ -370,7 +370,9 @@ pub fn resize_299<B: Backend>(images: Tensor<B, 4>) -> Tensor<B, 4> {
 /// mis-shaped tensors are one error naming the file). Convert the `.pth` once with
 /// `python -c "import torch; from safetensors.torch import save_file; save_file(torch.load('pt_inception-2015-12-05-6726825d.pth'), 'pt_inception-2015-12-05.safetensors')"`.
 pub fn load_fid_inception<B: Backend>(path: &Path, device: &B::Device) -> Result<FidInceptionV3<B>> {
-    let (model, _) = load_safetensors(FidInceptionV3::new(device), path, &KEY_TABLE, false)?;
+    // the metric's network is always f32, whatever --dtype holds the generator in
+    let (model, _) =
+        lora_runtime::weights::with_base_dtype(serial_lora::BaseDType::F32, || load_safetensors(FidInceptionV3::new(device), path, &KEY_TABLE, false))?;
     Ok(model)
 }
 

@@ -1,0 +1,220 @@
+//! A frozen base held in half precision (`--dtype bf16|f16`), computed in f32.
+//!
+//! What is held in half: every frozen float parameter of rank ≥ 2 (linear and convolution
+//! weights, embedding tables, position embeddings) — the model's bulk. Vectors (biases, norm
+//! scales) stay f32, and so do the adapters, their gradients and the optimizer state, as PEFT
+//! keeps them under autocast. Activations are f32 throughout, so the norms' statistics, the
+//! softmax and the loss are f32 (autocast's rules) — on the CPU backends the point of the half
+//! base is memory.
+//!
+//! How a half parameter meets an f32 activation: each use casts it to f32 (a transient copy
+//! of one layer's weight at a time). The copy must not outlive the layer: a plain
+//! `x·cast(W)` under autodiff keeps `cast(W)` for the backward of a tracked `x`, which would
+//! hold an f32 copy of every weight until the backward — more memory than the f32 model. So
+//! [`linear`] records one op of its own whose backward keeps the half weight and casts it
+//! again (`dx = dy·cast(W)ᵀ`); small layers (convolutions on pixels, embeddings, position
+//! tables) go through [`f32_view`].
+//!
+//! The values are those of the f32 model whose weights are rounded to the half dtype
+//! (`tests/half.rs`: the same bits).
+use std::any::TypeId;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::backend::BackendTypes;
+use serde::{Deserialize, Serialize};
+
+use crate::layers::on_rows;
+use crate::prim::{cast, prim, tensor};
+
+/// The dtype the frozen base is held in (`torch_dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl BaseDType {
+    /// Burn's dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            BaseDType::F32 => DType::F32,
+            BaseDType::Bf16 => DType::BF16,
+            BaseDType::F16 => DType::F16,
+        }
+    }
+
+    /// The dtype of a safetensors header's `dtype` field ("F32", "BF16", "F16"; F64 → f32).
+    pub fn from_safetensors(name: &str) -> Option<Self> {
+        match name {
+            "F32" | "F64" => Some(BaseDType::F32),
+            "BF16" => Some(BaseDType::Bf16),
+            "F16" => Some(BaseDType::F16),
+            _ => None,
+        }
+    }
+
+    /// The name on the command line and in run configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDType::F32 => "f32",
+            BaseDType::Bf16 => "bf16",
+            BaseDType::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for BaseDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(BaseDType::F32),
+            "bf16" | "bfloat16" => Ok(BaseDType::Bf16),
+            "f16" | "float16" => Ok(BaseDType::F16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32, bf16 or f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BaseDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `t` in f32: itself when it is f32, else a cast copy.
+pub fn f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) }
+}
+
+/// `t` in `like`'s dtype (how a computed weight goes back into a half parameter).
+pub fn as_dtype_of<B: Backend, const D: usize>(t: Tensor<B, D>, like: DType) -> Tensor<B, D> {
+    if t.dtype() == like { t } else { t.cast(like) }
+}
+
+/// Casts every float parameter of a module to f32 (see [`f32_view`]).
+struct ToF32;
+
+impl<B: Backend> ModuleMapper<B> for ToF32 {
+    fn map_float<const K: usize>(&mut self, param: Param<Tensor<B, K>>) -> Param<Tensor<B, K>> {
+        let t = param.val();
+        if t.dtype() == DType::F32 {
+            return param;
+        }
+        let require_grad = t.is_require_grad();
+        Param::initialized(param.id, f32(t.detach())).set_require_grad(require_grad)
+    }
+}
+
+/// A copy of a small module with its half parameters cast to f32, to run as it is (no-op
+/// for an f32 module). For layers whose weights are small or whose input is untracked
+/// (convolutions on pixels, embeddings); a large weight applied to a tracked input goes
+/// through [`linear`].
+pub fn f32_view<B: Backend, M: Module<B>>(module: &M) -> M {
+    module.clone().map(&mut ToF32)
+}
+
+/// Holds the frozen base of `module` in `dtype`: every float parameter of rank ≥ 2 that
+/// does not require a gradient. For a model loaded in f32; loaders cast while reading.
+pub fn hold_base_in<B: Backend, M: Module<B>>(module: M, dtype: BaseDType) -> M {
+    struct Cast(DType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const K: usize>(&mut self, param: Param<Tensor<B, K>>) -> Param<Tensor<B, K>> {
+            let t = param.val();
+            if K < 2 || t.is_require_grad() || t.dtype() == self.0 {
+                return param;
+            }
+            Param::initialized(param.id, t.cast(self.0)).set_require_grad(false)
+        }
+    }
+    module.map(&mut Cast(dtype.dtype()))
+}
+
+/// `x·W + b` for a base `Linear` (`W ∈ [in, out]`), also when its weight is held in half
+/// precision: then computed in f32 as `x·cast(W) + cast(b)` without keeping `cast(W)` for the
+/// backward (see the module docs). The same values as `Linear::forward` on the f32 cast.
+pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let w = l.weight.val();
+    if w.dtype() == x.dtype() {
+        return l.forward(x);
+    }
+    on_rows(x, |x| {
+        let is = |t: TypeId| TypeId::of::<B>() == t;
+        #[cfg(feature = "flex")]
+        if is(TypeId::of::<Autodiff<burn::backend::Flex>>()) {
+            return autodiff::<burn::backend::Flex, B>(l, x);
+        }
+        #[cfg(feature = "tch")]
+        if is(TypeId::of::<Autodiff<burn::backend::LibTorch>>()) {
+            return autodiff::<burn::backend::LibTorch, B>(l, x);
+        }
+        #[cfg(feature = "cuda")]
+        if is(TypeId::of::<Autodiff<burn::backend::Cuda>>()) {
+            return autodiff::<burn::backend::Cuda, B>(l, x);
+        }
+        let _ = is;
+        plain(l, x)
+    })
+}
+
+/// The rows of an embedding table for `ids ∈ [batch, seq]`, in f32: looked up in the table's
+/// own dtype, then cast (a half table is never copied whole).
+pub fn embedding<B: Backend>(e: &burn::nn::Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    f32(burn::tensor::module::embedding(e.weight.val(), ids))
+}
+
+/// `x·cast(W) + cast(b)` with the tensor ops of `B`.
+fn plain<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let w = l.weight.val().cast(dtype);
+    let b = l.bias.as_ref().map(|b| as_dtype_of(b.val(), dtype));
+    burn::tensor::module::linear(x, w, b)
+}
+
+type AdPrim<IB> = <Autodiff<IB> as BackendTypes>::FloatTensorPrimitive;
+
+/// The backward of a half-weight linear: `dx = dy·cast(W)ᵀ` (W kept in half).
+#[derive(Debug)]
+struct HalfLinear;
+
+impl<IB: Backend> Backward<IB, 1> for HalfLinear {
+    /// The half weight `[in, out]`.
+    type State = IB::FloatTensorPrimitive;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = tensor::<IB, 2>(grads.consume::<IB>(&ops.node));
+        let w = tensor::<IB, 2>(ops.state).cast(dy.dtype());
+        if let [Some(node)] = ops.parents {
+            grads.register::<IB>(node.id, prim(dy.matmul(w.transpose())));
+        }
+    }
+}
+
+fn autodiff<IB: Backend, B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    // weights that need a gradient (a trained base) keep the plain path and its gradients
+    if l.weight.val().is_require_grad() || l.bias.as_ref().is_some_and(|b| b.val().is_require_grad()) {
+        return plain(l, x);
+    }
+    let inner = |t: Tensor<B, 2>| cast::<_, Tensor<Autodiff<IB>, 2>>(t).inner();
+    let w = inner(l.weight.val());
+    let xa: AdPrim<IB> = cast(prim(x));
+    let xi = tensor::<IB, 2>(xa.primitive.clone());
+    let dtype = xi.dtype();
+    let b = l.bias.as_ref().map(|b| as_dtype_of(cast::<_, Tensor<Autodiff<IB>, 1>>(b.val()).inner(), dtype));
+    let y = prim(burn::tensor::module::linear(xi, w.clone().cast(dtype), b));
+    let out: AdPrim<IB> = match HalfLinear.prepare::<NoCheckpointing>([xa.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(prim(w), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    tensor::<B, 2>(cast(out))
+}

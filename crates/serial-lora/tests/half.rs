@@ -1,0 +1,121 @@
+//! A frozen base held in half precision (`serial_lora::half`): a stack of adapted attention
+//! blocks whose base is held in bf16 / f16 computes exactly what the f32 stack computes with its
+//! base weights rounded to that dtype — the same bits for the output, every adapter gradient
+//! and the input gradient (LoRA, Serial LoRA in both evaluation orders, fused qkv, dropout,
+//! with and without gradient checkpointing) — while the adapters stay f32.
+mod common;
+
+use burn::backend::Autodiff;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::DType;
+use common::{RandomizeB, randn, seeded_stack};
+use serial_lora::half::{BaseDType, hold_base_in};
+use serial_lora::testing::Backend as Inner;
+use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Method, checkpoint, with_checkpointing};
+
+type AB = Autodiff<Inner>;
+
+/// The f32 module with its frozen rank ≥ 2 parameters rounded to `dtype` (still f32).
+struct Round(DType);
+
+impl ModuleMapper<AB> for Round {
+    fn map_float<const K: usize>(&mut self, p: Param<Tensor<AB, K>>) -> Param<Tensor<AB, K>> {
+        let t = p.val();
+        if K < 2 || t.is_require_grad() {
+            return p;
+        }
+        Param::initialized(p.id, t.cast(self.0).cast(DType::F32)).set_require_grad(false)
+    }
+}
+
+/// dtypes of the parameters: (frozen rank ≥ 2, everything else).
+struct DTypes(Vec<DType>, Vec<DType>);
+
+impl ModuleVisitor<AB> for DTypes {
+    fn visit_float<const K: usize>(&mut self, p: &Param<Tensor<AB, K>>) {
+        let t = p.val();
+        if K >= 2 && !t.is_require_grad() { self.0.push(t.dtype()) } else { self.1.push(t.dtype()) }
+    }
+}
+
+struct Grads<'a> {
+    grads: &'a <AB as burn::tensor::backend::AutodiffBackend>::Gradients,
+    out: Vec<Vec<f32>>,
+}
+
+impl ModuleVisitor<AB> for Grads<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        if let Some(g) = p.val().grad(self.grads) {
+            assert_eq!(g.dtype(), DType::F32, "adapter gradients are f32");
+            self.out.push(g.into_data().to_vec().unwrap());
+        }
+    }
+}
+
+type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>);
+
+fn run(m: &AttentionStack<AB>, x: &Tensor<AB, 3>, tracked_input: bool, ckpt: bool) -> Run {
+    let m = &m.clone().with_dropout_seed(3);
+    let x = if tracked_input { x.clone().require_grad() } else { x.clone() };
+    let out = with_checkpointing(ckpt, || m.layers.iter().fold(x.clone(), |x, a| checkpoint(a, x, |a, x| x.clone() + a.forward(x, None, None))));
+    assert_eq!(out.dtype(), DType::F32);
+    let grads = (out.clone() * out.clone()).sum().backward();
+    let mut v = Grads { grads: &grads, out: Vec::new() };
+    m.visit(&mut v);
+    (out.into_data().to_vec().unwrap(), v.out, x.grad(&grads).map(|g| g.into_data().to_vec().unwrap()))
+}
+
+#[test]
+fn a_half_base_computes_the_rounded_f32_model_bit_for_bit() {
+    let dev = Default::default();
+    let cases = [
+        ("lora", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 4).with_alpha(8.0)),
+        ("serial", AttentionConfig::new(16, 2), AdapterConfig::new(Method::SerialLora, 4).with_alpha(8.0)),
+        ("serial fused, dropout", AttentionConfig::new(12, 3).with_fused_qkv(true), AdapterConfig::new(Method::SerialLora, 3).with_dropout(0.3)),
+        ("lora blocks 1, 2", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 2).with_target_blocks(Some(vec![1, 2]))),
+    ];
+    for (i, (name, attn, adapter)) in cases.into_iter().enumerate() {
+        let base = seeded_stack::<AB>(&attn, 3, 40 + i as u64);
+        let m = base.with_adapters(&adapter, 7, &dev).unwrap().map(&mut RandomizeB::new(50 + i as u64));
+        let x = randn::<AB, 3>([2, 9, attn.d_model], 60 + i as u64);
+        for dtype in [BaseDType::Bf16, BaseDType::F16] {
+            let half = hold_base_in(m.clone(), dtype);
+            let mut d = DTypes(Vec::new(), Vec::new());
+            half.visit(&mut d);
+            assert!(!d.0.is_empty() && d.0.iter().all(|t| *t == dtype.dtype()), "{name}: base weights {:?}", d.0);
+            assert!(d.1.iter().all(|t| *t == DType::F32), "{name}: adapters and vectors stay f32: {:?}", d.1);
+            let rounded = m.clone().map(&mut Round(dtype.dtype()));
+            for tracked_input in [false, true] {
+                for ckpt in [false, true] {
+                    let want = run(&rounded, &x, tracked_input, false);
+                    let got = run(&half, &x, tracked_input, ckpt);
+                    let case = format!("{name}, {dtype}, tracked input {tracked_input}, checkpointing {ckpt}");
+                    assert!(!want.1.is_empty(), "{case}: no adapter gradients");
+                    assert_eq!(want.0, got.0, "{case}: outputs differ");
+                    assert_eq!(want.1, got.1, "{case}: adapter gradients differ");
+                    assert_eq!(want.2, got.2, "{case}: input gradients differ");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn merging_into_a_half_base_keeps_it_half() {
+    let dev = Default::default();
+    for method in [Method::Lora, Method::SerialLora] {
+        let m =
+            seeded_stack::<AB>(&AttentionConfig::new(16, 2), 2, 5).with_adapters(&AdapterConfig::new(method, 4), 7, &dev).unwrap().map(&mut RandomizeB::new(9));
+        let half = hold_base_in(m.clone(), BaseDType::Bf16);
+        let merged = half.clone().merge_adapters().unwrap();
+        let mut d = DTypes(Vec::new(), Vec::new());
+        merged.visit(&mut d);
+        assert!(d.0.iter().all(|t| *t == DType::BF16), "{method:?}: {:?}", d.0);
+        // the merged half model is the unmerged one up to bf16 rounding of the merged weights
+        let x = randn::<AB, 3>([1, 5, 16], 11);
+        let (a, b) = (half.forward(x.clone()), merged.forward(x));
+        let err = (a.clone() - b).abs().max().into_scalar().to_f32() / a.abs().max().into_scalar().to_f32();
+        assert!(err < 2e-2, "{method:?}: merged vs unmerged {err} (bf16: 8 bits of mantissa)");
+    }
+}
