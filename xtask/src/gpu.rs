@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const BUNDLE: &str = "gpu-check";
 /// The parity suites: (package, test targets).
 const SUITES: [(&str, &[&str]); 4] =
-    [("serial-lora", &["peft_parity", "checkpoint"]), ("clip-cls", &["parity"]), ("sam-seg", &["parity"]), ("sd3-gen", &["parity", "t5"])];
+    [("serial-lora", &["peft_parity", "checkpoint", "half"]), ("clip-cls", &["parity"]), ("sam-seg", &["parity"]), ("sd3-gen", &["parity", "t5"])];
 
 /// Builds the CUDA binaries and copies them into `gpu-check/`.
 pub fn prepare() -> Result<()> {

@@ -232,7 +232,7 @@ fn main() -> Result<()> {
             let mut tch = cargo("tch");
             tch.args(["test", "-p", "serial-lora", "-p", "clip-cls", "-p", "sam-seg", "-p", "sd3-gen"]);
             tch.args(["--features", "serial-lora/tch,clip-cls/tch,sam-seg/tch,sd3-gen/tch"]);
-            tch.args(["--test", "peft_parity", "--test", "parity", "--test", "t5", "--test", "checkpoint"]);
+            tch.args(["--test", "peft_parity", "--test", "parity", "--test", "t5", "--test", "checkpoint", "--test", "half"]);
             run(with_libtorch(&mut tch)?)?;
             smoke_check()?;
         }

@@ -94,12 +94,37 @@ impl std::fmt::Display for BaseDType {
 
 /// `t` in f32: itself when it is f32, else a cast copy.
 pub fn f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) }
+    as_dtype_of(t, DType::F32)
+}
+
+/// `t.cast(to)`, on Flex by a kernel of ours between f32 and the half types (`flex::convert`:
+/// Burn 0.21's Flex cast makes an f64 copy of the whole tensor) for a `Flex` tensor or an
+/// untracked `Autodiff<Flex>` one.
+fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, to: DType) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    {
+        use crate::flex::{AdTensor, Kind, convert, kind};
+        use burn::backend::Flex;
+        match kind::<B>() {
+            Some(Kind::Inner) => match convert(cast(prim(t)), to) {
+                Ok(y) => return tensor(cast(y)),
+                Err(x) => return tensor::<B, D>(cast(x)).cast(to),
+            },
+            Some(Kind::Autodiff) if crate::flex::is_untracked(&t) => {
+                let a: AdTensor = cast(prim(t.clone()));
+                if let Ok(y) = convert(a.primitive, to) {
+                    return cast::<_, Tensor<B, D>>(Tensor::<Autodiff<Flex>, D>::from_inner(tensor(y)));
+                }
+            }
+            _ => {}
+        }
+    }
+    t.cast(to)
 }
 
 /// `t` in `like`'s dtype (how a computed weight goes back into a half parameter).
 pub fn as_dtype_of<B: Backend, const D: usize>(t: Tensor<B, D>, like: DType) -> Tensor<B, D> {
-    if t.dtype() == like { t } else { t.cast(like) }
+    if t.dtype() == like { t } else { cast_to(t, like) }
 }
 
 /// Casts every float parameter of a module to f32 (see [`f32_view`]).
@@ -134,7 +159,7 @@ pub fn hold_base_in<B: Backend, M: Module<B>>(module: M, dtype: BaseDType) -> M 
             if K < 2 || t.is_require_grad() || t.dtype() == self.0 {
                 return param;
             }
-            Param::initialized(param.id, t.cast(self.0)).set_require_grad(false)
+            Param::initialized(param.id, cast_to(t, self.0)).set_require_grad(false)
         }
     }
     module.map(&mut Cast(dtype.dtype()))
@@ -175,9 +200,8 @@ pub fn embedding<B: Backend>(e: &burn::nn::Embedding<B>, ids: Tensor<B, 2, Int>)
 
 /// `x·cast(W) + cast(b)` with the tensor ops of `B`.
 fn plain<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let dtype = x.dtype();
-    let w = l.weight.val().cast(dtype);
-    let b = l.bias.as_ref().map(|b| as_dtype_of(b.val(), dtype));
+    let w = f32(l.weight.val());
+    let b = l.bias.as_ref().map(|b| f32(b.val()));
     burn::tensor::module::linear(x, w, b)
 }
 
@@ -193,7 +217,7 @@ impl<IB: Backend> Backward<IB, 1> for HalfLinear {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = tensor::<IB, 2>(grads.consume::<IB>(&ops.node));
-        let w = tensor::<IB, 2>(ops.state).cast(dy.dtype());
+        let w = f32(tensor::<IB, 2>(ops.state));
         if let [Some(node)] = ops.parents {
             grads.register::<IB>(node.id, prim(dy.matmul(w.transpose())));
         }
@@ -209,9 +233,8 @@ fn autodiff<IB: Backend, B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B
     let w = inner(l.weight.val());
     let xa: AdPrim<IB> = cast(prim(x));
     let xi = tensor::<IB, 2>(xa.primitive.clone());
-    let dtype = xi.dtype();
-    let b = l.bias.as_ref().map(|b| as_dtype_of(cast::<_, Tensor<Autodiff<IB>, 1>>(b.val()).inner(), dtype));
-    let y = prim(burn::tensor::module::linear(xi, w.clone().cast(dtype), b));
+    let b = l.bias.as_ref().map(|b| f32(cast::<_, Tensor<Autodiff<IB>, 1>>(b.val()).inner()));
+    let y = prim(burn::tensor::module::linear(xi, f32(w.clone()), b));
     let out: AdPrim<IB> = match HalfLinear.prepare::<NoCheckpointing>([xa.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(prim(w), y),
         OpsKind::UnTracked(prep) => prep.finish(y),

@@ -25,7 +25,10 @@ impl ModuleMapper<AB> for Round {
         if K < 2 || t.is_require_grad() {
             return p;
         }
-        Param::initialized(p.id, t.cast(self.0).cast(DType::F32)).set_require_grad(false)
+        // rounded on the host, round-to-nearest-even as torch does (Burn 0.21's Flex cast to
+        // bf16 goes through f64 and ignores the low mantissa bits: not always nearest)
+        let rounded = t.to_data().convert_dtype(self.0).convert_dtype(DType::F32);
+        Param::initialized(p.id, Tensor::from_data(rounded, &t.device())).set_require_grad(false)
     }
 }
 

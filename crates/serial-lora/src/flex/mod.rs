@@ -272,3 +272,32 @@ pub(crate) mod simd {
         }
     }
 }
+
+/// A float tensor converted between f32 and bf16 / f16 in one parallel pass (`Err` for other
+/// pairs of dtypes). Flex's own cast goes through an f64 copy of the whole tensor: 4× the f32
+/// output's memory and time, for every use of a half weight. The values are Flex's (and
+/// `half`'s): exact widening, round-to-nearest-even narrowing.
+pub(crate) fn convert(x: FlexTensor, to: burn::tensor::DType) -> Result<FlexTensor, FlexTensor> {
+    use burn::tensor::{DType, bf16, f16};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    macro_rules! map {
+        ($x:expr, $a:ty, $c:ty, $f:expr) => {{
+            let xs = $x.as_slice::<$a>().expect("contiguous");
+            let mut y = FlexTensor::empty($x.layout().shape().clone(), to);
+            y.storage_mut::<$c>().par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = $f(*x)));
+            y
+        }};
+    }
+    let from = x.dtype();
+    if !matches!((from, to), (DType::BF16 | DType::F16, DType::F32) | (DType::F32, DType::BF16 | DType::F16)) {
+        return Err(x);
+    }
+    let x = if x.layout().contiguous_offsets().is_some_and(|(s, _)| s == 0) { x } else { x.to_contiguous() };
+    Ok(match (from, to) {
+        (DType::BF16, _) => map!(x, bf16, f32, |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16)),
+        (DType::F16, _) => map!(x, f16, f32, |v: f16| v.to_f32()),
+        (_, DType::BF16) => map!(x, f32, bf16, bf16::from_f32),
+        _ => map!(x, f32, f16, f16::from_f32),
+    })
+}
