@@ -27,8 +27,8 @@ use clap::Parser;
 use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use lora_runtime::DeviceSpec;
+use lora_runtime::perf::random_base_in;
 use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
-use serial_lora::half::hold_base_in;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -119,7 +119,7 @@ fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
 
 fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = hold_base_in(ClipModel::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?, args.dtype);
+    let mut model = random_base_in(ClipModel::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
@@ -143,7 +143,7 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
 }
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = hold_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
+    let base = random_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();

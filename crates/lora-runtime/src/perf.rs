@@ -177,3 +177,38 @@ mod tests {
         assert_eq!(infer["images_per_s"], 2.0);
     }
 }
+
+/// The perf programs' random base for `--dtype`: every float parameter of rank ≥ 2 replaced by
+/// uniform values of Linear's init scale (±1/√fan-in) drawn on the
+/// host straight into `dtype` (bf16 / f16), one parameter at a time — as a checkpoint stored in
+/// that dtype loads, with no f32 copy; other parameters are kept. `f32`: the module unchanged
+/// (Burn's own init). Call it before attaching adapters.
+pub fn random_base_in<B: Backend, M: burn::module::Module<B>>(module: M, dtype: serial_lora::BaseDType) -> M {
+    use burn::module::{ModuleMapper, Param};
+    use burn::tensor::{Tensor, TensorData, bf16, f16};
+    use rand::{RngExt, SeedableRng};
+    struct Draw(burn::tensor::DType, rand::rngs::StdRng);
+    impl<B: Backend> ModuleMapper<B> for Draw {
+        fn map_float<const K: usize>(&mut self, param: Param<Tensor<B, K>>) -> Param<Tensor<B, K>> {
+            if K < 2 {
+                return param;
+            }
+            let (shape, device) = (param.lazy_shape(), param.lazy_device());
+            let n = shape.num_elements();
+            let d = shape.dims::<K>();
+            // fan-in: `[in, out]` for a linear weight, `[out, in, …]` for a convolution's
+            let fan_in = if K == 2 { d[0] } else { n / d[0].max(1) };
+            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+            let rng = &mut self.1;
+            let data = match self.0 {
+                burn::tensor::DType::BF16 => TensorData::new((0..n).map(|_| bf16::from_f32(rng.random_range(-bound..bound))).collect::<Vec<_>>(), shape),
+                _ => TensorData::new((0..n).map(|_| f16::from_f32(rng.random_range(-bound..bound))).collect::<Vec<_>>(), shape),
+            };
+            Param::initialized(param.id, Tensor::from_data(data, (&device, self.0))).set_require_grad(false)
+        }
+    }
+    if dtype == serial_lora::BaseDType::F32 {
+        return module;
+    }
+    module.map(&mut Draw(dtype.dtype(), rand::rngs::StdRng::seed_from_u64(0)))
+}

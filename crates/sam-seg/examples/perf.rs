@@ -27,9 +27,9 @@ use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
+use lora_runtime::perf::random_base_in;
 use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use sam_seg::{Prompts, SamConfig, SamModel};
-use serial_lora::half::hold_base_in;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -126,7 +126,7 @@ fn build<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Re
 
 fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = hold_base_in(build::<AB>(cfg, args, device)?.with_adapters(&acfg, 0, device)?, args.dtype);
+    let mut model = random_base_in(build::<AB>(cfg, args, device)?, args.dtype).with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
     let x = Inputs::<AB>::new(cfg, args, device);
@@ -148,7 +148,7 @@ fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Dev
 }
 
 fn infer<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = hold_base_in(build::<B>(cfg, args, device)?, args.dtype);
+    let base = random_base_in(build::<B>(cfg, args, device)?, args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();

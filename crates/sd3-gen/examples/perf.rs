@@ -27,11 +27,11 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
+use lora_runtime::perf::random_base_in;
 use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
 use sd3_gen::train::{clip_grad_norm, flow_matching_loss, training_schedule};
 use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
-use serial_lora::half::hold_base_in;
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::params::param_infos;
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
@@ -133,7 +133,7 @@ fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
 
 fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let acfg = adapter(args)?;
-    let mut model = hold_base_in(Sd3Transformer::<AB>::new(cfg, device).with_adapters(&acfg, 0, device)?, args.dtype);
+    let mut model = random_base_in(Sd3Transformer::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?;
     let trainable = model.param_counts().trainable;
     let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
     let mut optim = loraplus_adamw::<AB, Sd3Transformer<AB>>(&adamw_pytorch_defaults().with_weight_decay(1e-4), acfg.lr_ratio.unwrap_or(1.0));
@@ -159,7 +159,7 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
 }
 
 fn infer<B: Backend>(cfg: &Sd3TransformerConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = hold_base_in(Sd3Transformer::<B>::new(cfg, device), args.dtype);
+    let base = random_base_in(Sd3Transformer::<B>::new(cfg, device), args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let mut times = StepTimes::default();

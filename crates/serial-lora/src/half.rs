@@ -149,20 +149,34 @@ pub fn f32_view<B: Backend, M: Module<B>>(module: &M) -> M {
     module.clone().map(&mut ToF32)
 }
 
-/// Holds the frozen base of `module` in `dtype`: every float parameter of rank ≥ 2 that
-/// does not require a gradient. For a model loaded in f32; loaders cast while reading.
+/// Holds the base of `module` in `dtype`, frozen: every float parameter of rank ≥ 2 outside the
+/// adapter pairs ([`crate::LoraPair`], which stay f32 and trainable). For a model built or loaded in f32 (the
+/// loaders cast while reading instead). A lazily initialized parameter stays lazy: it is made in
+/// f32 and cast on first use, one at a time, so the f32 model never exists whole.
 pub fn hold_base_in<B: Backend, M: Module<B>>(module: M, dtype: BaseDType) -> M {
-    struct Cast(DType);
+    struct Cast {
+        to: DType,
+        /// Depth inside adapter pairs.
+        in_pair: usize,
+    }
     impl<B: Backend> ModuleMapper<B> for Cast {
+        fn enter_module(&mut self, _: &str, container_type: &str) {
+            self.in_pair += usize::from(container_type == "Struct:LoraPair");
+        }
+        fn exit_module(&mut self, _: &str, container_type: &str) {
+            self.in_pair -= usize::from(container_type == "Struct:LoraPair");
+        }
         fn map_float<const K: usize>(&mut self, param: Param<Tensor<B, K>>) -> Param<Tensor<B, K>> {
-            let t = param.val();
-            if K < 2 || t.is_require_grad() || t.dtype() == self.0 {
+            if K < 2 || self.in_pair > 0 {
                 return param;
             }
-            Param::initialized(param.id, cast_to(t, self.0)).set_require_grad(false)
+            let to = self.to;
+            // frozen first: a lazy parameter stays lazy (made untracked in f32 and cast when
+            // first used; a tracked f32 leaf would stay alive in the autodiff graph)
+            param.set_require_grad(false).init_mapper(move |t| as_dtype_of(t, to).detach())
         }
     }
-    module.map(&mut Cast(dtype.dtype()))
+    module.map(&mut Cast { to: dtype.dtype(), in_pair: 0 })
 }
 
 /// `x·W + b` for a base `Linear` (`W ∈ [in, out]`), also when its weight is held in half
