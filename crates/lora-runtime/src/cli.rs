@@ -75,37 +75,6 @@ pub fn report_export(out: &Path, summary: &ExportSummary, tensors: &str) -> serd
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn names_the_flag_the_file_and_the_directory() {
-        let err = super::check_output_parent("--output", std::path::Path::new("/no/such/dir/out.json")).unwrap_err().to_string();
-        assert_eq!(err, "--output /no/such/dir/out.json: directory /no/such/dir does not exist");
-        super::check_output_parent("--output", std::path::Path::new("out.json")).unwrap();
-    }
-
-    #[test]
-    fn check_outputs_names_the_flag_of_the_bad_one_and_skips_those_not_given() {
-        use std::path::Path;
-        super::check_outputs(&[("--output", Some(Path::new("out.json"))), ("--mask-png", None)]).unwrap();
-        let err =
-            super::check_outputs(&[("--output", Some(Path::new("out.json"))), ("--mask-png", Some(Path::new("/no/such/dir/m.png")))]).unwrap_err().to_string();
-        assert_eq!(err, "--mask-png /no/such/dir/m.png: directory /no/such/dir does not exist");
-    }
-
-    #[test]
-    fn the_progress_bar_passes_the_result_through() {
-        let mut seen = Vec::new();
-        let r = super::with_progress_bar(|p| {
-            p(1, 2);
-            p(2, 2);
-            seen.push(2);
-            7
-        });
-        assert_eq!((r, seen), (7, vec![2]));
-    }
-}
-
 /// `--dtype`: the precision of the base model's weights — held in memory (inference and
 /// training commands: default f32) or written (`export`: default the checkpoint's own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -143,5 +112,36 @@ impl DTypeArg {
             DTypeArg::F16 => Some(ExportDtype::F16),
             DTypeArg::Auto => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_the_flag_the_file_and_the_directory() {
+        let err = super::check_output_parent("--output", std::path::Path::new("/no/such/dir/out.json")).unwrap_err().to_string();
+        assert_eq!(err, "--output /no/such/dir/out.json: directory /no/such/dir does not exist");
+        super::check_output_parent("--output", std::path::Path::new("out.json")).unwrap();
+    }
+
+    #[test]
+    fn check_outputs_names_the_flag_of_the_bad_one_and_skips_those_not_given() {
+        use std::path::Path;
+        super::check_outputs(&[("--output", Some(Path::new("out.json"))), ("--mask-png", None)]).unwrap();
+        let err =
+            super::check_outputs(&[("--output", Some(Path::new("out.json"))), ("--mask-png", Some(Path::new("/no/such/dir/m.png")))]).unwrap_err().to_string();
+        assert_eq!(err, "--mask-png /no/such/dir/m.png: directory /no/such/dir does not exist");
+    }
+
+    #[test]
+    fn the_progress_bar_passes_the_result_through() {
+        let mut seen = Vec::new();
+        let r = super::with_progress_bar(|p| {
+            p(1, 2);
+            p(2, 2);
+            seen.push(2);
+            7
+        });
+        assert_eq!((r, seen), (7, vec![2]));
     }
 }

@@ -151,33 +151,6 @@ pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
     line
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_even_and_empty() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&[]).is_nan());
-    }
-
-    #[test]
-    fn json_line_has_the_contract_keys_and_the_train_split() {
-        let mut t = StepTimes::default();
-        let t0 = std::time::Instant::now();
-        t.push_train([t0, t0, t0, t0]);
-        let c = Case { model: "m", method: "lora", mode: "train", framework: "burn-x".into(), batch: 2, steps: 1, warmup: 0, trainable_params: 7 };
-        let v = json_line(&c, &t, json!({"rank": 32}));
-        for k in ["model", "method", "mode", "median_step_s", "peak_rss_mb", "forward_s", "backward_s", "optim_s", "rank"] {
-            assert!(v.get(k).is_some(), "{k} missing in {v}");
-        }
-        let infer = json_line(&Case { mode: "infer", ..c }, &StepTimes { step: vec![1.0], ..Default::default() }, json!({}));
-        assert!(infer.get("forward_s").is_none());
-        assert_eq!(infer["images_per_s"], 2.0);
-    }
-}
-
 /// The perf programs' random base for `--dtype`: every float parameter of rank ≥ 2 replaced by
 /// uniform values of Linear's init scale (±1/√fan-in) drawn on the
 /// host straight into `dtype` (bf16 / f16), one parameter at a time — as a checkpoint stored in
@@ -211,4 +184,31 @@ pub fn random_base_in<B: Backend, M: burn::module::Module<B>>(module: M, dtype: 
         return module;
     }
     module.map(&mut Draw(dtype.dtype(), rand::rngs::StdRng::seed_from_u64(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn json_line_has_the_contract_keys_and_the_train_split() {
+        let mut t = StepTimes::default();
+        let t0 = std::time::Instant::now();
+        t.push_train([t0, t0, t0, t0]);
+        let c = Case { model: "m", method: "lora", mode: "train", framework: "burn-x".into(), batch: 2, steps: 1, warmup: 0, trainable_params: 7 };
+        let v = json_line(&c, &t, json!({"rank": 32}));
+        for k in ["model", "method", "mode", "median_step_s", "peak_rss_mb", "forward_s", "backward_s", "optim_s", "rank"] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        let infer = json_line(&Case { mode: "infer", ..c }, &StepTimes { step: vec![1.0], ..Default::default() }, json!({}));
+        assert!(infer.get("forward_s").is_none());
+        assert_eq!(infer["images_per_s"], 2.0);
+    }
 }
