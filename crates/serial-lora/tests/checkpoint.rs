@@ -5,43 +5,17 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::prelude::*;
-use common::{RandomizeB, randn, seeded_stack};
+use common::{RandomizeB, randn, seeded_stack, stack_run};
 use serial_lora::testing::Backend as Inner;
-use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Method, checkpoint, with_checkpointing};
+use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Method, checkpoint};
 
 type AB = Autodiff<Inner>;
 
 /// The stack's forward with every block checkpointed (a no-op outside `with_checkpointing`).
 fn forward(m: &AttentionStack<AB>, x: Tensor<AB, 3>) -> Tensor<AB, 3> {
     m.layers.iter().fold(x, |x, a| checkpoint(a, x, |a, x| x.clone() + a.forward(x, None, None)))
-}
-
-/// Every trainable parameter's gradient, as flat host values in visiting order.
-struct Grads<'a> {
-    grads: &'a <AB as burn::tensor::backend::AutodiffBackend>::Gradients,
-    out: Vec<Vec<f32>>,
-}
-
-impl ModuleVisitor<AB> for Grads<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
-        if let Some(g) = p.val().grad(self.grads) {
-            self.out.push(g.into_data().to_vec().unwrap());
-        }
-    }
-}
-
-/// Output, adapter gradients and input gradient of `loss = Σ out²` with and without checkpointing
-/// (dropout masks restarted at one seed, as the training loop does per micro-batch).
-fn run(m: &AttentionStack<AB>, x: &Tensor<AB, 3>, tracked_input: bool, on: bool) -> (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>) {
-    let m = &m.clone().with_dropout_seed(3);
-    let x = if tracked_input { x.clone().require_grad() } else { x.clone() };
-    let out = with_checkpointing(on, || forward(m, x.clone()));
-    let grads = (out.clone() * out.clone()).sum().backward();
-    let mut v = Grads { grads: &grads, out: Vec::new() };
-    m.visit(&mut v);
-    (out.into_data().to_vec().unwrap(), v.out, x.grad(&grads).map(|g| g.into_data().to_vec().unwrap()))
 }
 
 #[test]
@@ -59,8 +33,8 @@ fn gradients_are_bit_identical_with_checkpointing() {
         let m = base.with_adapters(&adapter, 7, &dev).unwrap().map(&mut RandomizeB::new(50 + i as u64));
         let x = randn::<AB, 3>([2, 9, attn.d_model], 60 + i as u64);
         for tracked_input in [false, true] {
-            let plain = run(&m, &x, tracked_input, false);
-            let ckpt = run(&m, &x, tracked_input, true);
+            let plain = stack_run(&m, &x, tracked_input, false);
+            let ckpt = stack_run(&m, &x, tracked_input, true);
             assert!(!plain.1.is_empty(), "{name}: no adapter gradients");
             assert_eq!(plain.1.len(), ckpt.1.len(), "{name}");
             assert_eq!(plain.0, ckpt.0, "{name}, tracked input {tracked_input}: outputs differ");

@@ -9,10 +9,10 @@ use burn::backend::Autodiff;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
-use common::{RandomizeB, randn, seeded_stack};
+use common::{RandomizeB, randn, seeded_stack, stack_run};
 use serial_lora::half::{BaseDType, hold_base_in};
 use serial_lora::testing::Backend as Inner;
-use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Method, checkpoint, with_checkpointing};
+use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, Method};
 
 type AB = Autodiff<Inner>;
 
@@ -42,33 +42,6 @@ impl ModuleVisitor<AB> for DTypes {
     }
 }
 
-struct Grads<'a> {
-    grads: &'a <AB as burn::tensor::backend::AutodiffBackend>::Gradients,
-    out: Vec<Vec<f32>>,
-}
-
-impl ModuleVisitor<AB> for Grads<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
-        if let Some(g) = p.val().grad(self.grads) {
-            assert_eq!(g.dtype(), DType::F32, "adapter gradients are f32");
-            self.out.push(g.into_data().to_vec().unwrap());
-        }
-    }
-}
-
-type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>);
-
-fn run(m: &AttentionStack<AB>, x: &Tensor<AB, 3>, tracked_input: bool, ckpt: bool) -> Run {
-    let m = &m.clone().with_dropout_seed(3);
-    let x = if tracked_input { x.clone().require_grad() } else { x.clone() };
-    let out = with_checkpointing(ckpt, || m.layers.iter().fold(x.clone(), |x, a| checkpoint(a, x, |a, x| x.clone() + a.forward(x, None, None))));
-    assert_eq!(out.dtype(), DType::F32);
-    let grads = (out.clone() * out.clone()).sum().backward();
-    let mut v = Grads { grads: &grads, out: Vec::new() };
-    m.visit(&mut v);
-    (out.into_data().to_vec().unwrap(), v.out, x.grad(&grads).map(|g| g.into_data().to_vec().unwrap()))
-}
-
 #[test]
 fn a_half_base_computes_the_rounded_f32_model_bit_for_bit() {
     let dev = Default::default();
@@ -91,8 +64,8 @@ fn a_half_base_computes_the_rounded_f32_model_bit_for_bit() {
             let rounded = m.clone().map(&mut Round(dtype.dtype()));
             for tracked_input in [false, true] {
                 for ckpt in [false, true] {
-                    let want = run(&rounded, &x, tracked_input, false);
-                    let got = run(&half, &x, tracked_input, ckpt);
+                    let want = stack_run(&rounded, &x, tracked_input, false);
+                    let got = stack_run(&half, &x, tracked_input, ckpt);
                     let case = format!("{name}, {dtype}, tracked input {tracked_input}, checkpointing {ckpt}");
                     assert!(!want.1.is_empty(), "{case}: no adapter gradients");
                     assert_eq!(want.0, got.0, "{case}: outputs differ");

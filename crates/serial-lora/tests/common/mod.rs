@@ -126,3 +126,34 @@ impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
         }
     }
 }
+
+/// Output, adapter gradients and input gradient of `loss = Σ out²` for a stack whose blocks each
+/// run through `serial_lora::checkpoint` (checkpointed when `checkpointing`), dropout masks
+/// restarted at one seed as the training loop does per micro-batch. Every value is read as f32
+/// (a half gradient would fail to read).
+pub fn stack_run(m: &AttentionStack<B>, x: &Tensor<B, 3>, tracked_input: bool, checkpointing: bool) -> StackRun {
+    use burn::module::{Module, ModuleVisitor};
+    use serial_lora::AdaptedModel;
+    struct Grads<'a> {
+        grads: &'a <B as burn::tensor::backend::AutodiffBackend>::Gradients,
+        out: Vec<Vec<f32>>,
+    }
+    impl ModuleVisitor<B> for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(g) = p.val().grad(self.grads) {
+                self.out.push(g.into_data().to_vec().unwrap());
+            }
+        }
+    }
+    let m = &m.clone().with_dropout_seed(3);
+    let x = if tracked_input { x.clone().require_grad() } else { x.clone() };
+    let blocks = |x: Tensor<B, 3>| m.layers.iter().fold(x, |x, a| serial_lora::checkpoint(a, x, |a, x| x.clone() + a.forward(x, None, None)));
+    let out = serial_lora::with_checkpointing(checkpointing, || blocks(x.clone()));
+    let grads = (out.clone() * out.clone()).sum().backward();
+    let mut v = Grads { grads: &grads, out: Vec::new() };
+    m.visit(&mut v);
+    (out.into_data().to_vec().unwrap(), v.out, x.grad(&grads).map(|g| g.into_data().to_vec().unwrap()))
+}
+
+/// What [`stack_run`] returns: output, adapter gradients, input gradient (when tracked).
+pub type StackRun = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>);
