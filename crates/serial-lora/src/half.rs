@@ -230,10 +230,11 @@ impl<IB: Backend> Backward<IB, 1> for HalfLinear {
     type State = IB::FloatTensorPrimitive;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = tensor::<IB, 2>(grads.consume::<IB>(&ops.node));
-        let w = f32(tensor::<IB, 2>(ops.state));
+        let dy = grads.consume::<IB>(&ops.node);
+        let w = prim(f32(tensor::<IB, 2>(ops.state)));
         if let [Some(node)] = ops.parents {
-            grads.register::<IB>(node.id, prim(dy.matmul(w.transpose())));
+            // the op autodiff's own `linear` backward calls: the same bits as the f32 model
+            grads.register::<IB>(node.id, IB::linear_x_backward(w, dy));
         }
     }
 }
