@@ -256,6 +256,7 @@ fn main() -> Result<()> {
                 "unusual_images.py",
                 "export_merge.py",
                 "paired_t.py",
+                "half_reference.py",
             ] {
                 // PYTHONHASHSEED: PEFT writes target_modules from a set; fix its order.
                 run(Command::new(&py).arg(format!("tools/fixtures/{script}")).env("PYTHONHASHSEED", "0"))?;
