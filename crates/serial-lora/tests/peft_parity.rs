@@ -13,8 +13,11 @@ use serial_lora::{AdaptedModel, AttentionStack, LoraPair, Method, QkvProjection,
 /// attention blocks, summed in a different order than PyTorch: measured ≤ 4e-7; 5e-6 (≈40 ulp)
 /// still fails for any formula error, which shows up at O(1e-2) or more.
 const FORWARD_TOL: f32 = serial_lora::testing::tolerance(5e-6);
-/// Gradients (backward through softmax and 8 projections): measured ≤ 9e-7 relative.
-const GRAD_TOL: f32 = serial_lora::testing::tolerance(5e-6);
+/// Gradients (backward through softmax and 8 projections): measured ≤ 9e-7 relative on Flex
+/// (AMD EPYC and Intel Xeon) and on LibTorch on an AMD EPYC, but 5.1e-6 on LibTorch (MKL) on an
+/// Intel Xeon (layer 1's `q_proj` lora_B: MKL sums in another order there). 1e-5, the other
+/// parity suites' tolerance, still fails for any formula error (O(1e-2) or more).
+const GRAD_TOL: f32 = serial_lora::testing::tolerance(1e-5);
 /// After AdamW steps with lr 1e-3 (B: 1.6e-2) each update is ≈ lr·sign(g); parameter values
 /// agree to f32 rounding of the update, 1e-5 absolute.
 const OPTIM_TOL: f32 = serial_lora::testing::tolerance(1e-5);
