@@ -5,11 +5,10 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::module::Module;
 use burn::prelude::*;
-use common::{RandomizeB, randn, seeded_stack, stack_run};
+use common::{adapted_stack_cases, randn, seeded_stack, stack_run};
 use serial_lora::testing::Backend as Inner;
-use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, AttentionStack, Method, checkpoint};
+use serial_lora::{AttentionConfig, AttentionStack, checkpoint};
 
 type AB = Autodiff<Inner>;
 
@@ -20,18 +19,7 @@ fn forward(m: &AttentionStack<AB>, x: Tensor<AB, 3>) -> Tensor<AB, 3> {
 
 #[test]
 fn gradients_are_bit_identical_with_checkpointing() {
-    let dev = Default::default();
-    let cases = [
-        ("lora", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 4).with_alpha(8.0)),
-        ("serial", AttentionConfig::new(16, 2), AdapterConfig::new(Method::SerialLora, 4).with_alpha(8.0)),
-        ("serial fused, dropout", AttentionConfig::new(12, 3).with_fused_qkv(true), AdapterConfig::new(Method::SerialLora, 3).with_dropout(0.3)),
-        ("lora blocks 1, 2", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 2).with_target_blocks(Some(vec![1, 2]))),
-    ];
-    for (i, (name, attn, adapter)) in cases.into_iter().enumerate() {
-        let base = seeded_stack::<AB>(&attn, 3, 40 + i as u64);
-        // B matrices random, so that every adapter parameter has a gradient
-        let m = base.with_adapters(&adapter, 7, &dev).unwrap().map(&mut RandomizeB::new(50 + i as u64));
-        let x = randn::<AB, 3>([2, 9, attn.d_model], 60 + i as u64);
+    for (name, m, x) in adapted_stack_cases() {
         for tracked_input in [false, true] {
             let plain = stack_run(&m, &x, tracked_input, false);
             let ckpt = stack_run(&m, &x, tracked_input, true);

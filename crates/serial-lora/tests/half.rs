@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
-use common::{RandomizeB, randn, seeded_stack, stack_run};
+use common::{RandomizeB, adapted_stack_cases, randn, seeded_stack, stack_run};
 use serial_lora::half::{BaseDType, hold_base_in};
 use serial_lora::testing::Backend as Inner;
 use serial_lora::{AdaptedModel, AdapterConfig, AttentionConfig, Method};
@@ -44,17 +44,7 @@ impl ModuleVisitor<AB> for DTypes {
 
 #[test]
 fn a_half_base_computes_the_rounded_f32_model_bit_for_bit() {
-    let dev = Default::default();
-    let cases = [
-        ("lora", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 4).with_alpha(8.0)),
-        ("serial", AttentionConfig::new(16, 2), AdapterConfig::new(Method::SerialLora, 4).with_alpha(8.0)),
-        ("serial fused, dropout", AttentionConfig::new(12, 3).with_fused_qkv(true), AdapterConfig::new(Method::SerialLora, 3).with_dropout(0.3)),
-        ("lora blocks 1, 2", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 2).with_target_blocks(Some(vec![1, 2]))),
-    ];
-    for (i, (name, attn, adapter)) in cases.into_iter().enumerate() {
-        let base = seeded_stack::<AB>(&attn, 3, 40 + i as u64);
-        let m = base.with_adapters(&adapter, 7, &dev).unwrap().map(&mut RandomizeB::new(50 + i as u64));
-        let x = randn::<AB, 3>([2, 9, attn.d_model], 60 + i as u64);
+    for (name, m, x) in adapted_stack_cases() {
         for dtype in [BaseDType::Bf16, BaseDType::F16] {
             let half = hold_base_in(m.clone(), dtype);
             let mut d = DTypes(Vec::new(), Vec::new());

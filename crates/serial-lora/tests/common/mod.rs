@@ -157,3 +157,27 @@ pub fn stack_run(m: &AttentionStack<B>, x: &Tensor<B, 3>, tracked_input: bool, c
 
 /// What [`stack_run`] returns: output, adapter gradients, input gradient (when tracked).
 pub type StackRun = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>);
+
+/// The adapted stacks the checkpoint and half suites compare (LoRA, Serial LoRA, fused qkv with
+/// dropout, targeted blocks): name, 3-block stack with random B matrices (so that every adapter
+/// parameter has a gradient), and an input.
+pub fn adapted_stack_cases() -> Vec<(&'static str, AttentionStack<B>, Tensor<B, 3>)> {
+    use burn::module::Module;
+    use serial_lora::{AdaptedModel, AdapterConfig, Method};
+    let dev = Default::default();
+    let cases = [
+        ("lora", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 4).with_alpha(8.0)),
+        ("serial", AttentionConfig::new(16, 2), AdapterConfig::new(Method::SerialLora, 4).with_alpha(8.0)),
+        ("serial fused, dropout", AttentionConfig::new(12, 3).with_fused_qkv(true), AdapterConfig::new(Method::SerialLora, 3).with_dropout(0.3)),
+        ("lora blocks 1, 2", AttentionConfig::new(16, 2), AdapterConfig::new(Method::Lora, 2).with_target_blocks(Some(vec![1, 2]))),
+    ];
+    cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, attn, adapter))| {
+            let base = seeded_stack::<B>(&attn, 3, 40 + i as u64);
+            let m = base.with_adapters(&adapter, 7, &dev).unwrap().map(&mut RandomizeB::new(50 + i as u64));
+            (name, m, randn::<B, 3>([2, 9, attn.d_model], 60 + i as u64))
+        })
+        .collect()
+}
