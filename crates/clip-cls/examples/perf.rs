@@ -15,6 +15,7 @@
 //! the medians of the forward, backward and optimizer parts).
 //!
 //! cargo run --release -p clip-cls --example perf -- --method serial-lora --mode train --steps 5
+use serial_lora::half::autocast;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -127,7 +128,7 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         model = model.with_dropout_seed(step as u64); // as the training driver, every micro-batch
-        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || logits(&model, &x));
+        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || logits(&model, &x)));
         let loss = log_softmax(logits, 1).gather(1, x.labels.clone().unsqueeze_dim(1)).mean().neg();
         let value = loss.clone().into_scalar().elem::<f32>(); // as `clip-cls train` (and a sync)
         let t1 = Instant::now();

@@ -91,6 +91,9 @@ pub struct StepPlan {
     /// Recompute each transformer block in the backward pass instead of keeping its
     /// activations ([`serial_lora::checkpoint`]; the gradients are the same bits).
     pub gradient_checkpointing: bool,
+    /// The dtype of the frozen base (`--dtype`): the forward runs under
+    /// [`serial_lora::half::autocast`] in it, which keeps the largest saved activations in half.
+    pub dtype: serial_lora::BaseDType,
 }
 
 impl StepPlan {
@@ -258,7 +261,8 @@ where
         if plan.seed_dropout {
             model = model.with_dropout_seed(peer.seed(stream_seed(plan.seed, streams::DROPOUT, index)));
         }
-        let (loss, s) = serial_lora::with_checkpointing(plan.gradient_checkpointing, || task.loss(&model, &micro, device))?;
+        let forward = || task.loss(&model, &micro, device);
+        let (loss, s) = serial_lora::with_checkpointing(plan.gradient_checkpointing, || serial_lora::half::autocast(plan.dtype, forward))?;
         let loss = loss.mul_scalar(peer.weight(mine.len(), batch.len()));
         let value = loss.clone().into_scalar().elem::<f32>();
         let loss = if accum > 1 { loss.div_scalar(accum as f32) } else { loss };

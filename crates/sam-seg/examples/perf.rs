@@ -17,6 +17,7 @@
 //! Prints one JSON line (`lora_runtime::perf::json_line`).
 //!
 //! cargo run --release -p sam-seg --example sam-perf -- --method serial-lora --mode train --steps 3
+use serial_lora::half::autocast;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -133,7 +134,7 @@ fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Dev
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let loss = seg_loss(serial_lora::with_checkpointing(args.gradient_checkpointing, || masks(&model, &x))?, x.target.clone());
+        let loss = seg_loss(serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || masks(&model, &x)))?, x.target.clone());
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sam-seg train` (and a sync)
         let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);

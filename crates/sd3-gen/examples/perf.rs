@@ -17,6 +17,7 @@
 //! Prints one JSON line (`lora_runtime::perf::json_line`).
 //!
 //! cargo run --release -p sd3-gen --example sd3-perf -- --method serial-lora --mode train --steps 3
+use serial_lora::half::autocast;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -142,7 +143,7 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let (loss, _) = serial_lora::with_checkpointing(args.gradient_checkpointing, || {
-            flow_matching_loss(&model, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone())
+            autocast(args.dtype, || flow_matching_loss(&model, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone()))
         })?;
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sd3-gen train` (and a sync)
         let t1 = Instant::now();

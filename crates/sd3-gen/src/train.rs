@@ -548,6 +548,7 @@ pub fn train<AB: AutodiffBackend>(
         seed_dropout: true,
         peer: opts.peer.clone(),
         gradient_checkpointing: cfg.gradient_checkpointing,
+        dtype: cfg.dtype,
     };
     let loop_cfg = LoopConfig {
         plan,

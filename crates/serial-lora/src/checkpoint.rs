@@ -29,7 +29,7 @@
 //!
 //! Switched on per thread: model code calls [`checkpoint`] around each block, and it only
 //! checkpoints inside [`with_checkpointing`]`(true, ..)` and on an autodiff backend.
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::marker::PhantomData;
@@ -44,7 +44,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::backend::BackendTypes;
 
-use crate::prim::{cast, prim, tensor};
+use crate::prim::{cast, prim, return_on_autodiff, tensor};
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
@@ -124,20 +124,8 @@ where
     if !enabled() {
         return f(module, x);
     }
-    let is = |t: TypeId| TypeId::of::<B>() == t;
-    #[cfg(feature = "flex")]
-    if is(TypeId::of::<Autodiff<burn::backend::Flex>>()) {
-        return run::<burn::backend::Flex, B, M, D>(module, x, Arc::new(f));
-    }
-    #[cfg(feature = "tch")]
-    if is(TypeId::of::<Autodiff<burn::backend::LibTorch>>()) {
-        return run::<burn::backend::LibTorch, B, M, D>(module, x, Arc::new(f));
-    }
-    #[cfg(feature = "cuda")]
-    if is(TypeId::of::<Autodiff<burn::backend::Cuda>>()) {
-        return run::<burn::backend::Cuda, B, M, D>(module, x, Arc::new(f));
-    }
-    let _ = is;
+    let f: BlockFn<M, B, D> = Arc::new(f);
+    return_on_autodiff!(B, IB => run::<IB, B, M, D>(module, x, f));
     f(module, x)
 }
 
@@ -190,6 +178,8 @@ struct Recompute<IB: Backend, B: Backend, M, const D: usize> {
     f: BlockFn<M, B, D>,
     /// What the first pass kept ([`memoized`]).
     kept: Vec<Box<dyn Any + Send>>,
+    /// The first pass's [`crate::half::autocast`] setting, for the recomputation.
+    saved_dtype: Option<burn::tensor::DType>,
 }
 
 impl<IB: Backend, B: Backend, M, const D: usize> std::fmt::Debug for Recompute<IB, B, M, D> {
@@ -208,7 +198,8 @@ impl<IB: Backend, B: Backend, M: Module<B> + 'static, const D: usize, const N: u
         let mut leaves = Leaves::<IB, B> { grads: Vec::new(), _b: PhantomData };
         let module = self.module.map(&mut leaves);
         let f = self.f;
-        let (y, _) = with_memo(Memo::Replay(self.kept.into()), || (f)(&module, cast(x.clone())));
+        let replay = || with_memo(Memo::Replay(self.kept.into()), || (f)(&module, cast(x.clone()))).0;
+        let y = crate::half::with_saved_dtype(self.saved_dtype, replay);
         let y: Tensor<Autodiff<IB>, D> = cast(y);
         let g = (y * Tensor::from_inner(dy)).sum().backward();
         let mut parents = ops.parents.iter();
@@ -248,7 +239,7 @@ fn run<IB: Backend, B: Backend, M: Module<B> + 'static, const D: usize>(module: 
     };
     let y: AdPrim<IB> = cast(prim(y));
     let x: AdPrim<IB> = cast(prim(x));
-    let op = Recompute::<IB, B, M, D> { module: module.clone(), x: x.primitive.clone(), x_tracked, f, kept };
+    let op = Recompute::<IB, B, M, D> { module: module.clone(), x: x.primitive.clone(), x_tracked, f, kept, saved_dtype: crate::half::saved_dtype() };
     let out = if trainable.flat.is_empty() {
         finish(op, [&x], y.primitive)
     } else {

@@ -17,7 +17,13 @@
 //!
 //! The values are those of the f32 model whose weights are rounded to the half dtype
 //! (`tests/half.rs`: the same bits).
-use std::any::TypeId;
+//!
+//! Training under [`autocast`] (the train commands do it with `--dtype bf16|f16`) also keeps
+//! the largest activations saved for the backward pass in the half dtype, as `torch.autocast`
+//! keeps the bf16 outputs of its matmuls: the MLP activation's input and the attention's q, k, v
+//! (Flex's fused kernels). The forward is unchanged (computed in f32, the same bits); the
+//! backward reads the rounded copies, so gradients move by bf16's rounding (`tests/half.rs`).
+use std::cell::Cell;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -32,7 +38,7 @@ use burn::tensor::backend::BackendTypes;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::on_rows;
-use crate::prim::{cast, prim, tensor};
+use crate::prim::{cast, prim, return_on_autodiff, tensor};
 
 /// The dtype the frozen base is held in (`torch_dtype`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +96,37 @@ impl std::fmt::Display for BaseDType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+thread_local! {
+    static AUTOCAST: Cell<Option<DType>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (a training forward pass) with the activations that ops save for the backward pass
+/// kept in `dtype` where this crate's kernels save them (Flex: the MLP activations' inputs and
+/// the fused attention's q, k, v), as `torch.autocast(dtype=…)` keeps the half outputs of its
+/// matmuls. Forward values are not changed. `F32` (and other backends) keep everything in f32.
+/// Per thread, restored afterwards; a checkpointed block's recomputation runs under the setting
+/// of its first pass.
+pub fn autocast<R>(dtype: BaseDType, f: impl FnOnce() -> R) -> R {
+    with_saved_dtype((dtype != BaseDType::F32).then(|| dtype.dtype()), f)
+}
+
+/// The dtype [`autocast`] keeps saved activations in on this thread (`None`: f32).
+pub(crate) fn saved_dtype() -> Option<DType> {
+    AUTOCAST.with(Cell::get)
+}
+
+/// Runs `f` with [`saved_dtype`] set to `dtype` (restored afterwards, also on unwinding).
+pub(crate) fn with_saved_dtype<R>(dtype: Option<DType>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<DType>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            AUTOCAST.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(AUTOCAST.with(|a| a.replace(dtype)));
+    f()
 }
 
 /// `t` in f32: itself when it is f32, else a cast copy.
@@ -188,20 +225,7 @@ pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Ten
         return l.forward(x);
     }
     on_rows(x, |x| {
-        let is = |t: TypeId| TypeId::of::<B>() == t;
-        #[cfg(feature = "flex")]
-        if is(TypeId::of::<Autodiff<burn::backend::Flex>>()) {
-            return autodiff::<burn::backend::Flex, B>(l, x);
-        }
-        #[cfg(feature = "tch")]
-        if is(TypeId::of::<Autodiff<burn::backend::LibTorch>>()) {
-            return autodiff::<burn::backend::LibTorch, B>(l, x);
-        }
-        #[cfg(feature = "cuda")]
-        if is(TypeId::of::<Autodiff<burn::backend::Cuda>>()) {
-            return autodiff::<burn::backend::Cuda, B>(l, x);
-        }
-        let _ = is;
+        return_on_autodiff!(B, IB => autodiff::<IB, B>(l, x));
         plain(l, x)
     })
 }

@@ -11,8 +11,16 @@
 //!   [`crate::AdaptedModel::with_dropout_seed`]; `forward` stays `&self`.
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::prelude::*;
+use burn::tensor::backend::BackendTypes;
 use rand::RngExt;
+
+use crate::prim::{cast, prim, return_on_autodiff, tensor};
 pub use rand::SeedableRng;
 pub use rand::rngs::StdRng;
 
@@ -112,22 +120,60 @@ impl AdapterDropout {
         *self.draws.get_mut() = 0;
     }
 
-    /// `x ⊙ mask / keep` under autodiff with `prob > 0`; `x` otherwise.
+    /// `x ⊙ mask / keep` under autodiff with `prob > 0`; `x` otherwise. On the autodiff
+    /// backends of this build the backward draws the mask again from its key instead of keeping
+    /// it (one f32 tensor of `x`'s size less per adapted projection until the backward); the
+    /// same products either way.
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if self.prob == 0.0 || !B::ad_enabled(&x.device()) {
             return x;
         }
-        let mask = self.next_mask::<B, D>(x.dims(), &x.device());
-        x * mask
+        let mask = Mask { key: substream(self.key, self.draws.fetch_add(1, Ordering::Relaxed)), keep: 1.0 - self.prob, shape: x.dims().to_vec() };
+        return_on_autodiff!(B, IB => mask.apply::<IB, B, D>(x));
+        let device = x.device();
+        x * Tensor::from_data(mask.data(), &device)
+    }
+}
+
+/// One drawn dropout mask, by its key: `{0, 1/keep}` values of `shape`.
+#[derive(Clone, Debug)]
+struct Mask {
+    key: u64,
+    keep: f64,
+    shape: Vec<usize>,
+}
+
+impl Mask {
+    fn data(&self) -> TensorData {
+        let mut data = vec![0f32; self.shape.iter().product()];
+        fill_mask(&mut data, self.key, self.keep);
+        TensorData::new(data, self.shape.clone())
     }
 
-    /// The next mask: `{0, 1/keep}` values of `shape`.
-    fn next_mask<B: Backend, const D: usize>(&self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
-        let key = substream(self.key, self.draws.fetch_add(1, Ordering::Relaxed));
-        let keep = 1.0 - self.prob;
-        let mut data = vec![0f32; shape.iter().product()];
-        fill_mask(&mut data, key, keep);
-        Tensor::from_data(TensorData::new(data, shape), device)
+    /// `x ⊙ mask` on `Autodiff<IB>`, recorded with the backward `dx = dy ⊙ mask` (the mask drawn
+    /// again there).
+    fn apply<IB: Backend, B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let xa: <Autodiff<IB> as BackendTypes>::FloatTensorPrimitive = cast(prim(x));
+        let device = IB::float_device(&xa.primitive);
+        let y = IB::float_mul(xa.primitive, IB::float_from_data(self.data(), &device));
+        let out = match Backward::<IB, 1>::prepare::<NoCheckpointing>(self, [xa.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(device, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        tensor(cast(out))
+    }
+}
+
+impl<IB: Backend> Backward<IB, 1> for Mask {
+    /// The device of the mask.
+    type State = IB::Device;
+
+    fn backward(self, ops: Ops<IB::Device, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<IB>(&ops.node);
+        if let [Some(node)] = &ops.parents {
+            // `x * mask`'s own backward multiplies by the same values: the same bits
+            grads.register::<IB>(node.id, IB::float_mul(dy, IB::float_from_data(self.data(), &ops.state)));
+        }
     }
 }
 

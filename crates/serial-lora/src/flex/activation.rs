@@ -11,7 +11,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use super::{AdTensor, simd};
+use super::{AdTensor, keep, simd, widen};
 
 /// The activations served here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,13 +54,14 @@ fn backward(act: Act, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
 struct Activation;
 
 impl Backward<Flex, 1> for Activation {
+    /// The input ([`keep`]: in half under [`crate::half::autocast`]) and the function.
     type State = (FlexTensor, Act);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let (x, act) = &ops.state;
         if let [Some(node)] = &ops.parents {
-            grads.register::<Flex>(node.id, backward(*act, x, &dy));
+            grads.register::<Flex>(node.id, backward(*act, &widen(x), &dy));
         }
     }
 }
@@ -82,7 +83,7 @@ pub(crate) fn autodiff(act: Act, mut x: AdTensor) -> Result<AdTensor, AdTensor> 
     x.primitive = contiguous(x.primitive);
     let y = forward(act, &x.primitive);
     Ok(match Activation.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, act), y),
+        OpsKind::Tracked(prep) => prep.finish((keep(x.primitive), act), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     })
 }

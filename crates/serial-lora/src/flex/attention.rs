@@ -25,7 +25,7 @@ use burn::backend::flex::{Flex, FlexTensor, Layout};
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::{AdTensor, Out, simd};
+use super::{AdTensor, Out, keep, simd, widen};
 
 /// Query rows per block: the `[ROWS, lk]` score block of one thread stays in L2 (lk = 4096:
 /// 2 MiB) and the products keep an inner dimension long enough for gemm's micro-kernel.
@@ -264,7 +264,7 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
 }
 
 /// The saved state of one fused attention: inputs, output and log-sum-exp (inner tensors,
-/// shared, not copied).
+/// shared, not copied; q, k, v in half under [`crate::half::autocast`]: [`keep`]).
 #[derive(Clone, Debug)]
 struct Saved {
     q: FlexTensor,
@@ -279,7 +279,8 @@ struct Saved {
 /// Gradients `[dq, dk, dv, bias terms…]`; those of the bias only when asked (contiguous
 /// `[b, h, lq, lk]`, or `[b, h, lq, kh]` and `[b, h, lq, kw]`).
 fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
-    let (qv, kv, vv, ov) = (View::of(&st.q).unwrap(), View::of(&st.k).unwrap(), View::of(&st.v).unwrap(), View::of(&st.o).unwrap());
+    let [q, k, v] = [&st.q, &st.k, &st.v].map(widen);
+    let (qv, kv, vv, ov) = (View::of(&q).unwrap(), View::of(&k).unwrap(), View::of(&v).unwrap(), View::of(&st.o).unwrap());
     let bv = st.bias.as_ref().map(|b| bias_view(b.as_ref()));
     let dov = View::of(dout).unwrap();
     let lse = st.lse.storage::<f32>();
@@ -430,9 +431,9 @@ pub(crate) fn autodiff(q: AdTensor, k: AdTensor, v: AdTensor, bias: Option<Bias<
     let (o, lse) =
         crate::checkpoint::memoized(fits, || forward(&q.primitive, &k.primitive, &v.primitive, bias.as_ref().map(|b| b.as_ref().map(|t| &t.primitive)), scale));
     let st = Saved {
-        q: q.primitive.clone(),
-        k: k.primitive.clone(),
-        v: v.primitive.clone(),
+        q: keep(q.primitive.clone()),
+        k: keep(k.primitive.clone()),
+        v: keep(v.primitive.clone()),
         bias: bias.as_ref().map(|b| b.as_ref().map(|t| t.primitive.clone())),
         o,
         lse,

@@ -41,6 +41,20 @@ pub(crate) fn is_untracked<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool
     matches!(kind::<B>(), Some(Kind::Autodiff)) && cast::<_, AdTensor>(prim(x.clone())).node.requirement.is_none()
 }
 
+/// `t` (f32) as an op keeps it for its backward pass: in the [`crate::half::autocast`] dtype
+/// when one is set on this thread, else itself.
+pub(crate) fn keep(t: FlexTensor) -> FlexTensor {
+    match crate::half::saved_dtype() {
+        Some(d) => convert(t, d).unwrap_or_else(|t| t),
+        None => t,
+    }
+}
+
+/// A tensor [`keep`] kept, in f32 again (itself when it is f32; contiguous when it was half).
+pub(crate) fn widen(t: &FlexTensor) -> FlexTensor {
+    convert(t.clone(), burn::tensor::DType::F32).unwrap_or_else(|t| t)
+}
+
 /// Raw output pointer shared by the tasks of one op; each task writes disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(*mut f32);

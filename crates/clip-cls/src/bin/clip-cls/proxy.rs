@@ -255,6 +255,7 @@ pub fn adapt<AB: AutodiffBackend>(pretrained: ProxyModel<AB>, digits: &Digits, s
         seed_dropout: true,
         peer: Peer::single(),
         gradient_checkpointing: false,
+        dtype: serial_lora::BaseDType::F32,
     };
     let mut task = FullBatch { x: digits.pixels::<AB>(shots, device), y: digits.targets::<AB>(shots, TRANSFER_CLASSES.start, device), lr: cfg.lr };
     let mut loss_log = Vec::with_capacity(cfg.iters);

@@ -165,6 +165,7 @@ pub fn pretrain<AB: AutodiffBackend>(
         seed_dropout: false,
         peer: Peer::single(),
         gradient_checkpointing: false,
+        dtype: serial_lora::BaseDType::F32,
     };
     let steps_per_epoch = plan.steps_per_epoch();
     let total = recipe.epochs * steps_per_epoch;
