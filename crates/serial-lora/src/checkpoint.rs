@@ -97,6 +97,18 @@ pub fn with_checkpointing<R>(on: bool, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// A process-wide lock for a training step (forward and backward). Burn 0.21's autodiff keeps
+/// one registry of graphs per process and tidies all of them after every backward pass. When a
+/// checkpointed step ran in one thread while other threads of the process built and ran graphs
+/// of their own, the checkpointed step's gradients came out wrong (three threads in one test
+/// binary: about half the runs; one thread: never). Not found in this session; until it is,
+/// steps that may run beside a checkpointed one hold this lock (the training loop of
+/// `lora-runtime` does, so concurrent trainings in one process take turns per step).
+pub fn step_lock() -> std::sync::MutexGuard<'static, ()> {
+    static STEP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    STEP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Whether [`checkpoint`] checkpoints on this thread.
 pub fn enabled() -> bool {
     ENABLED.with(Cell::get)

@@ -8,7 +8,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use common::{adapted_stack_cases, randn, seeded_stack, stack_run};
 use serial_lora::testing::Backend as Inner;
-use serial_lora::{AttentionConfig, AttentionStack, checkpoint};
+use serial_lora::{AttentionConfig, AttentionStack, BaseDType, checkpoint};
 
 type AB = Autodiff<Inner>;
 
@@ -21,8 +21,8 @@ fn forward(m: &AttentionStack<AB>, x: Tensor<AB, 3>) -> Tensor<AB, 3> {
 fn gradients_are_bit_identical_with_checkpointing() {
     for (name, m, x) in adapted_stack_cases() {
         for tracked_input in [false, true] {
-            let plain = stack_run(&m, &x, tracked_input, false);
-            let ckpt = stack_run(&m, &x, tracked_input, true);
+            let plain = stack_run(&m, &x, tracked_input, false, BaseDType::F32);
+            let ckpt = stack_run(&m, &x, tracked_input, true, BaseDType::F32);
             assert!(!plain.1.is_empty(), "{name}: no adapter gradients");
             assert_eq!(plain.1.len(), ckpt.1.len(), "{name}");
             assert_eq!(plain.0, ckpt.0, "{name}, tracked input {tracked_input}: outputs differ");

@@ -131,7 +131,9 @@ impl<Bk: Backend> ModuleMapper<Bk> for RandomizeB {
 /// run through `serial_lora::checkpoint` (checkpointed when `checkpointing`), dropout masks
 /// restarted at one seed as the training loop does per micro-batch. Every value is read as f32
 /// (a half gradient would fail to read).
-pub fn stack_run(m: &AttentionStack<B>, x: &Tensor<B, 3>, tracked_input: bool, checkpointing: bool) -> StackRun {
+/// `autocast`: the dtype of [`serial_lora::half::autocast`] around the forward (the backward
+/// runs outside it, as in the training loops).
+pub fn stack_run(m: &AttentionStack<B>, x: &Tensor<B, 3>, tracked_input: bool, checkpointing: bool, autocast: serial_lora::BaseDType) -> StackRun {
     use burn::module::{Module, ModuleVisitor};
     use serial_lora::AdaptedModel;
     struct Grads<'a> {
@@ -145,10 +147,11 @@ pub fn stack_run(m: &AttentionStack<B>, x: &Tensor<B, 3>, tracked_input: bool, c
             }
         }
     }
+    let _step = serial_lora::checkpoint::step_lock(); // the tests of a binary run in threads
     let m = &m.clone().with_dropout_seed(3);
     let x = if tracked_input { x.clone().require_grad() } else { x.clone() };
     let blocks = |x: Tensor<B, 3>| m.layers.iter().fold(x, |x, a| serial_lora::checkpoint(a, x, |a, x| x.clone() + a.forward(x, None, None)));
-    let out = serial_lora::with_checkpointing(checkpointing, || blocks(x.clone()));
+    let out = serial_lora::with_checkpointing(checkpointing, || serial_lora::half::autocast(autocast, || blocks(x.clone())));
     let grads = (out.clone() * out.clone()).sum().backward();
     let mut v = Grads { grads: &grads, out: Vec::new() };
     m.visit(&mut v);
