@@ -238,9 +238,24 @@ pub fn embedding<B: Backend>(e: &burn::nn::Embedding<B>, ids: Tensor<B, 2, Int>)
 
 /// `x·cast(W) + cast(b)` with the tensor ops of `B`.
 fn plain<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let w = f32(l.weight.val());
-    let b = l.bias.as_ref().map(|b| f32(b.val()));
-    burn::tensor::module::linear(x, w, b)
+    cast_linear(x, l.weight.val(), l.bias.as_ref().map(|b| b.val()))
+}
+
+/// `x·cast(w) + cast(b)`: on Flex without an f32 copy of the whole weight
+/// ([`crate::flex::half_linear`]: a block of columns at a time, the same values), elsewhere
+/// with the weight cast whole.
+fn cast_linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    if matches!(crate::flex::kind::<B>(), Some(crate::flex::Kind::Inner)) {
+        use burn::backend::flex::FlexTensor;
+        let flex = |t: burn::tensor::TensorPrimitive<B>| cast::<_, FlexTensor>(t.tensor());
+        let (xp, wp) = (flex(x.clone().into_primitive()), flex(w.clone().into_primitive()));
+        let bp = b.as_ref().map(|b| flex(b.clone().into_primitive()));
+        if let Some(y) = crate::flex::half_linear(&xp, &wp, bp.as_ref()) {
+            return tensor(cast(y));
+        }
+    }
+    burn::tensor::module::linear(x, f32(w), b.map(f32))
 }
 
 type AdPrim<IB> = <Autodiff<IB> as BackendTypes>::FloatTensorPrimitive;
@@ -272,8 +287,8 @@ fn autodiff<IB: Backend, B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B
     let w = inner(l.weight.val());
     let xa: AdPrim<IB> = cast(prim(x));
     let xi = tensor::<IB, 2>(xa.primitive.clone());
-    let b = l.bias.as_ref().map(|b| f32(cast::<_, Tensor<Autodiff<IB>, 1>>(b.val()).inner()));
-    let y = prim(burn::tensor::module::linear(xi, f32(w.clone()), b));
+    let b = l.bias.as_ref().map(|b| cast::<_, Tensor<Autodiff<IB>, 1>>(b.val()).inner());
+    let y = prim(cast_linear(xi, w.clone(), b));
     let out: AdPrim<IB> = match HalfLinear.prepare::<NoCheckpointing>([xa.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(prim(w), y),
         OpsKind::UnTracked(prep) => prep.finish(y),

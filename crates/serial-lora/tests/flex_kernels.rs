@@ -173,3 +173,40 @@ fn decomposed_rel_pos_matches_materialised_bias() {
         close(&format!("rel-pos: {what}"), t.grad(&g1).unwrap(), t.grad(&g2).unwrap());
     }
 }
+
+/// A linear layer with a bf16 / f16 weight (`half::linear`, Flex: cast a block of columns at a
+/// time) gives the bits of the f32 layer whose weight is that weight widened, for several
+/// column blocks and a ragged last one, with and without bias, for one row and for many, and
+/// under autodiff (forward and input gradient).
+#[test]
+fn half_linear_casts_by_blocks_to_the_same_bits() {
+    use burn::module::AutodiffModule;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{DType, Distribution};
+    use serial_lora::half::{BaseDType, hold_base_in};
+    let dev = Default::default();
+    for (k, n, bias) in [(300, 700, true), (64, 256, false), (33, 1030, true)] {
+        for dtype in [BaseDType::Bf16, BaseDType::F16] {
+            let f32_layer = LinearConfig::new(k, n).with_bias(bias).init::<AB>(&dev);
+            let half = hold_base_in(f32_layer, dtype);
+            assert_eq!(half.weight.val().dtype(), dtype.dtype());
+            let _ = half.bias.as_ref().map(|b| b.val()); // initialized before the copy (lazy: else drawn twice)
+            let mut widened = half.clone();
+            widened.weight = widened.weight.map(|w| w.cast(DType::F32));
+            for m in [1, 37, 200] {
+                let x = Tensor::<Flex, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &dev);
+                let case = format!("k {k}, n {n}, bias {bias}, {dtype}, m {m}");
+                let (got, want) = (serial_lora::half::linear(&half.valid(), x.clone()), widened.valid().forward(x.clone()));
+                assert_eq!(got.into_data().to_vec::<f32>().unwrap(), want.into_data().to_vec::<f32>().unwrap(), "{case}");
+                // autodiff: the same forward, and the input gradient of the f32 layer
+                let (ha, wa) = (&half, &widened);
+                let (xa, xb) = (Tensor::<AB, 2>::from_inner(x.clone()).require_grad(), Tensor::<AB, 2>::from_inner(x).require_grad());
+                let (ya, yb) = (serial_lora::half::linear(ha, xa.clone()), wa.forward(xb.clone()));
+                assert_eq!(ya.clone().into_data().to_vec::<f32>().unwrap(), yb.clone().into_data().to_vec::<f32>().unwrap(), "{case}: autodiff");
+                let (ga, gb) = ((ya.clone() * ya).sum().backward(), (yb.clone() * yb).sum().backward());
+                let (da, db) = (xa.grad(&ga).unwrap(), xb.grad(&gb).unwrap());
+                assert_eq!(da.into_data().to_vec::<f32>().unwrap(), db.into_data().to_vec::<f32>().unwrap(), "{case}: input gradient");
+            }
+        }
+    }
+}
