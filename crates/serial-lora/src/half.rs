@@ -3,9 +3,9 @@
 //! What is held in half: every frozen float parameter of rank ≥ 2 (linear and convolution
 //! weights, embedding tables, position embeddings) — the model's bulk. Vectors (biases, norm
 //! scales) stay f32, and so do the adapters, their gradients and the optimizer state, as PEFT
-//! keeps them under autocast. Activations are f32 throughout, so the norms' statistics, the
-//! softmax and the loss are f32 (autocast's rules) — on the CPU backends the point of the half
-//! base is memory.
+//! keeps them under autocast. The forward's activations are f32 throughout, so the norms'
+//! statistics, the softmax and the loss are f32 (autocast's rules) — on the CPU backends the
+//! point of the half base is memory.
 //!
 //! How a half parameter meets an f32 activation: each use casts it to f32 (a transient copy
 //! of one layer's weight at a time). The copy must not outlive the layer: a plain
