@@ -261,14 +261,12 @@ where
         if plan.seed_dropout {
             model = model.with_dropout_seed(peer.seed(stream_seed(plan.seed, streams::DROPOUT, index)));
         }
-        let step_lock = serial_lora::checkpoint::step_lock();
         let forward = || task.loss(&model, &micro, device);
         let (loss, s) = serial_lora::with_checkpointing(plan.gradient_checkpointing, || serial_lora::half::autocast(plan.dtype, forward))?;
         let loss = loss.mul_scalar(peer.weight(mine.len(), batch.len()));
         let value = loss.clone().into_scalar().elem::<f32>();
         let loss = if accum > 1 { loss.div_scalar(accum as f32) } else { loss };
         let g = GradientsParams::from_grads(loss.backward(), &model);
-        drop(step_lock);
         grads = Some(match grads {
             None => g,
             Some(mut acc) => {

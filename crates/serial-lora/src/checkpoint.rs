@@ -97,18 +97,6 @@ pub fn with_checkpointing<R>(on: bool, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// A process-wide lock for a training step (forward and backward). Burn 0.21's autodiff keeps
-/// one registry of graphs per process and tidies all of them after every backward pass. When a
-/// checkpointed step ran in one thread while other threads of the process built and ran graphs
-/// of their own, the checkpointed step's gradients came out wrong (three threads in one test
-/// binary: about half the runs; one thread: never). Not found in this session; until it is,
-/// steps that may run beside a checkpointed one hold this lock (the training loop of
-/// `lora-runtime` does, so concurrent trainings in one process take turns per step).
-pub fn step_lock() -> std::sync::MutexGuard<'static, ()> {
-    static STEP: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    STEP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Whether [`checkpoint`] checkpoints on this thread.
 pub fn enabled() -> bool {
     ENABLED.with(Cell::get)
@@ -255,7 +243,13 @@ fn run<IB: Backend, B: Backend, M: Module<B> + 'static, const D: usize>(module: 
     let out = if trainable.flat.is_empty() {
         finish(op, [&x], y.primitive)
     } else {
+        // The flattened parameters stay referenced until `cat` is recorded: each is a graph of
+        // its own until then, and a graph no live tensor refers to is freed by the sweep that
+        // ends any backward pass in the process (another thread's too), which would cut the
+        // parameters off this op's gradient.
+        let held = trainable.flat.clone();
         let p: AdPrim<IB> = cast(prim(Tensor::cat(trainable.flat, 0)));
+        drop(held);
         finish(op, [&x, &p], y.primitive)
     };
     tensor::<B, D>(cast(out))

@@ -108,7 +108,6 @@ fn autocast_keeps_the_mlp_activation_input_in_half() {
     for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh] {
         let mlp = hold_base_in(Mlp::<AB>::new(8, 32, act, &dev), BaseDType::Bf16);
         let run = |dtype| {
-            let _step = serial_lora::checkpoint::step_lock(); // beside the checkpointed tests
             let x = randn::<AB, 3>([2, 5, 8], 3).require_grad();
             let y = autocast(dtype, || mlp.forward(x.clone()));
             let g = (y.clone() * y.clone()).sum().backward();
@@ -131,7 +130,6 @@ fn merging_into_a_half_base_keeps_it_half() {
     for method in [Method::Lora, Method::SerialLora] {
         let m =
             seeded_stack::<AB>(&AttentionConfig::new(16, 2), 2, 5).with_adapters(&AdapterConfig::new(method, 4), 7, &dev).unwrap().map(&mut RandomizeB::new(9));
-        let _step = serial_lora::checkpoint::step_lock(); // beside the checkpointed tests
         let half = hold_base_in(m.clone(), BaseDType::Bf16);
         let merged = half.clone().merge_adapters().unwrap();
         let mut d = DTypes(Vec::new(), Vec::new());
