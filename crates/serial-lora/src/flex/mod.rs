@@ -337,7 +337,7 @@ pub(crate) fn half_linear(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>
         return None;
     }
     let (m, k, n) = (xs[0], ws[0], ws[1]);
-    let widen: fn(&FlexTensor, usize, usize, &mut [f32]) = match w.dtype() {
+    let widen_block: fn(&FlexTensor, usize, usize, &mut [f32]) = match w.dtype() {
         DType::BF16 => |w, row, col, out| {
             let s = &w.storage::<bf16>()[row * w.layout().shape()[1] + col..][..out.len()];
             out.iter_mut().zip(s).for_each(|(o, v)| *o = f32::from_bits(u32::from(v.to_bits()) << 16));
@@ -356,7 +356,7 @@ pub(crate) fn half_linear(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>
     for j0 in (0..n).step_by(HALF_COLS) {
         let cw = HALF_COLS.min(n - j0);
         let block = &mut buf[..k * cw];
-        block.par_chunks_mut(cw).enumerate().for_each(|(row, out)| widen(w, row, j0, out));
+        block.par_chunks_mut(cw).enumerate().for_each(|(row, out)| widen_block(w, row, j0, out));
         // SAFETY: `x` is `[m, k]` and `block` `[k, cw]`, both row-major; the destination is
         // columns `j0..j0 + cw` of the row-major `[m, n]` output
         unsafe {
