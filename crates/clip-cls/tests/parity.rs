@@ -215,31 +215,13 @@ fn clip_in_bf16_matches_transformers_in_bf16() {
 #[test]
 fn a_bf16_training_step_under_autocast_matches_peft_under_autocast() {
     use burn::backend::Autodiff;
-    use burn::module::{Module, ModuleMapper, Param};
     use burn::tensor::activation::log_softmax;
     use lora_runtime::weights::with_base_dtype;
     use serial_lora::BaseDType;
     type AB = Autodiff<B>;
-    struct ToGrad<'a>(&'a <AB as burn::tensor::backend::AutodiffBackend>::Gradients);
-    impl ModuleMapper<AB> for ToGrad<'_> {
-        fn map_float<const K: usize>(&mut self, p: Param<Tensor<AB, K>>) -> Param<Tensor<AB, K>> {
-            let t = p.val();
-            match t.grad(self.0) {
-                Some(g) if t.is_require_grad() => Param::initialized(p.id, Tensor::from_inner(g)),
-                _ => p,
-            }
-        }
-    }
     let dev = Default::default();
     let (want, _) = read_safetensors(&dir().join("bf16_train_reference.safetensors")).unwrap();
     let r = reference();
-    let host = |t: &HostTensor| t.data.clone();
-    let torch_drift = {
-        let keys: Vec<&String> = want.keys().filter(|k| k.starts_with("autocast.") && !k.ends_with(".loss")).collect();
-        let a: Vec<f32> = keys.iter().flat_map(|k| host(&want[*k])).collect();
-        let b: Vec<f32> = keys.iter().flat_map(|k| host(&want[&k.replacen("autocast.", "f32.", 1)])).collect();
-        parity::rel_err(&a, &b)
-    };
     for (name, dtype) in [("f32", BaseDType::F32), ("autocast", BaseDType::Bf16)] {
         let (model, _) = with_base_dtype(dtype, || load_clip::<AB>(&dir(), &dev)).unwrap();
         let (model, cfg) = serial_lora::io::load_adapter(model.no_grad(), dir().join("peft_lora"), &dev).unwrap();
@@ -250,25 +232,8 @@ fn a_bf16_training_step_under_autocast_matches_peft_under_autocast() {
             let labels = Tensor::<AB, 1, Int>::arange(0..logits.dims()[0] as i64, &dev);
             log_softmax(logits, 1).gather(1, labels.unsqueeze_dim(1)).mean().neg()
         });
-        let grads = loss.backward();
-        let tmp = tempfile::tempdir().unwrap();
-        serial_lora::io::save_adapter(&model.clone().map(&mut ToGrad(&grads)), &cfg, tmp.path(), None).unwrap();
-        let (got, _) = read_safetensors(&tmp.path().join("adapter_model.safetensors")).unwrap();
-        let keys: Vec<&String> = got.keys().collect();
-        assert_eq!(keys.len() * 2 + 2, want.len(), "{name}: adapter tensors");
-        let g: Vec<f32> = keys.iter().flat_map(|k| host(&got[*k])).collect();
-        let reference = |prefix: &str| -> Vec<f32> { keys.iter().flat_map(|k| host(&want[&format!("{prefix}.{k}")])).collect() };
-        let loss = loss.into_scalar().elem::<f32>();
-        let (e_loss, e) = ((loss - want[&format!("{name}.loss")].data[0]).abs(), parity::rel_err(&g, &reference(name)));
-        println!("{name}: loss {loss} ({e_loss:.2e} from PEFT), gradients {e:.2e} from PEFT's (torch's own autocast drift {torch_drift:.2e})");
-        if dtype == BaseDType::F32 {
-            assert!(e_loss < TOL && e < TOL, "{name}: loss {e_loss:e}, gradients {e:e}");
-        } else {
-            let tol = parity::BF16_TOL.max(1.5 * torch_drift);
-            assert!(e_loss < tol && e < tol, "{name}: loss {e_loss:e}, gradients {e:e} vs PEFT under autocast (tolerance {tol:e})");
-            let e32 = parity::rel_err(&g, &reference("f32"));
-            println!("{name}: gradients {e32:.2e} from PEFT's f32 ones");
-            assert!(e32 < parity::BF16_TOL, "{name}: gradients {e32:e} from PEFT's f32 ones");
-        }
+        let loss_value = loss.clone().into_scalar().elem::<f32>();
+        let got = parity::adapter_gradients(&model, &loss.backward(), &cfg, serial_lora::io::PEFT_PREFIX);
+        parity::check_train_step(name, loss_value, &got, &want, TOL);
     }
 }

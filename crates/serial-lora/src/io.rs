@@ -207,16 +207,19 @@ fn collect<B: Backend, M: AdaptedModel<B>>(model: &M, cfg: &AdapterConfig, prefi
             QkvProjection::Separate(s) => linears.extend([(&s.q, n.q), (&s.k, n.k), (&s.v, n.v)]),
             QkvProjection::Fused(f) if f.pairs().iter().any(Option::is_some) => {
                 let [d_in, d] = f.slice_dims();
-                let r = cfg.rank;
+                // the pairs' own rank (a loaded PEFT adapter of rank 3r has pairs of rank r; a
+                // smaller pair fills the top of its block, the rest stays zero)
+                let r = f.pairs().iter().flatten().map(|p| p.lora_b.val().dims()[0]).max().unwrap_or(cfg.rank);
                 let mut a_cat = HostTensor { shape: vec![3 * r, d_in], data: vec![0.0; 3 * r * d_in] };
                 let mut b_diag = HostTensor { shape: vec![3 * d, 3 * r], data: vec![0.0; 9 * d * r] };
                 for (i, p) in f.pairs().iter().enumerate() {
                     let Some(p) = p else { continue };
-                    let (ta, tb) = pair_host(p); // [r, d_in], [d, r]
-                    a_cat.data[i * r * d_in..(i + 1) * r * d_in].copy_from_slice(&ta.data);
+                    let (ta, tb) = pair_host(p); // [ri, d_in], [d, ri]
+                    let ri = ta.shape[0];
+                    a_cat.data[i * r * d_in..(i * r + ri) * d_in].copy_from_slice(&ta.data);
                     for row in 0..d {
                         let dst = (i * d + row) * 3 * r + i * r;
-                        b_diag.data[dst..dst + r].copy_from_slice(&tb.data[row * r..(row + 1) * r]);
+                        b_diag.data[dst..dst + ri].copy_from_slice(&tb.data[row * ri..(row + 1) * ri]);
                     }
                 }
                 let module = format!("{}.{}", site.path, n.qkv);
