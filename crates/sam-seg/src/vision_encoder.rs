@@ -9,7 +9,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::ops::PadMode;
 use serial_lora::half::{f32, f32_view};
-use serial_lora::layers::Mlp;
+use serial_lora::layers::{Mlp, contiguous};
 use serial_lora::{Attention, AttentionConfig, sdpa, sdpa_rel_pos};
 
 use crate::config::SamVisionConfig;
@@ -48,11 +48,11 @@ impl<B: Backend> RelPos<B> {
         let rh = rel_pos_lookup(f32(self.rel_pos_h.val()), h); // [h, kh, hd]
         let rw = rel_pos_lookup(f32(self.rel_pos_w.val()), w); // [w, kw, hd]
         // rel_h[b, y, x, k] = Σ_c q[b, y, x, c] · rh[y, k, c]
-        let qy = q.clone().permute([1, 0, 2, 3]).reshape([h, nh * w, hd]);
-        let rel_h = qy.matmul(rh.swap_dims(1, 2)).reshape([h, nh, w, h]).permute([1, 0, 2, 3]);
+        let qy = contiguous(q.clone().permute([1, 0, 2, 3])).reshape([h, nh * w, hd]);
+        let rel_h = contiguous(qy.matmul(rh.swap_dims(1, 2)).reshape([h, nh, w, h]).permute([1, 0, 2, 3]));
         // rel_w[b, y, x, k] = Σ_c q[b, y, x, c] · rw[x, k, c]
-        let qx = q.permute([2, 0, 1, 3]).reshape([w, nh * h, hd]);
-        let rel_w = qx.matmul(rw.swap_dims(1, 2)).reshape([w, nh, h, w]).permute([1, 2, 0, 3]);
+        let qx = contiguous(q.permute([2, 0, 1, 3])).reshape([w, nh * h, hd]);
+        let rel_w = contiguous(qx.matmul(rw.swap_dims(1, 2)).reshape([w, nh, h, w]).permute([1, 2, 0, 3]));
         (rel_h.reshape([n, heads, h * w, h]), rel_w.reshape([n, heads, h * w, w]))
     }
 }
@@ -132,7 +132,7 @@ pub fn window_partition<B: Backend>(x: Tensor<B, 4>, ws: usize) -> (Tensor<B, 4>
     let (ph, pw) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
     let x = if (ph, pw) != (h, w) { x.pad([(0, 0), (0, ph - h), (0, pw - w), (0, 0)], PadMode::Constant(0.0)) } else { x };
     let x = x.reshape([b, ph / ws, ws, pw / ws, ws, c]).permute([0, 1, 3, 2, 4, 5]);
-    (x.reshape([b * (ph / ws) * (pw / ws), ws, ws, c]), (ph, pw))
+    (contiguous(x).reshape([b * (ph / ws) * (pw / ws), ws, ws, c]), (ph, pw))
 }
 
 /// `[b, h, w, d]` padded at the bottom/right to whole `ws × ws` windows with copies of `row`
@@ -146,7 +146,7 @@ fn pad_with_row<B: Backend>(x: Tensor<B, 4>, row: Tensor<B, 4>, ws: usize) -> Te
 
 /// Inverse of [`window_partition`], cropping the padding.
 pub fn window_unpartition<B: Backend>(windows: Tensor<B, 4>, ws: usize, (ph, pw): (usize, usize), (h, w): (usize, usize), b: usize, c: usize) -> Tensor<B, 4> {
-    let x = windows.reshape([b, ph / ws, pw / ws, ws, ws, c]).permute([0, 1, 3, 2, 4, 5]).reshape([b, ph, pw, c]);
+    let x = contiguous(windows.reshape([b, ph / ws, pw / ws, ws, ws, c]).permute([0, 1, 3, 2, 4, 5])).reshape([b, ph, pw, c]);
     if (ph, pw) != (h, w) { x.slice([0..b, 0..h, 0..w, 0..c]) } else { x }
 }
 

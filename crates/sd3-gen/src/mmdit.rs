@@ -13,7 +13,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serial_lora::half::{f32, f32_view, linear};
-use serial_lora::layers::{Activation, Mlp};
+use serial_lora::layers::{Activation, Mlp, contiguous};
 use serial_lora::{AdaptedModel, Attention, AttentionConfig, AttentionSite, ProjNames, sdpa};
 
 use crate::config::Sd3TransformerConfig;
@@ -54,7 +54,8 @@ pub struct AdaNorm<B: Backend> {
 
 impl<B: Backend> AdaNorm<B> {
     fn chunks(&self, temb: Tensor<B, 2>, n: usize) -> Vec<Tensor<B, 2>> {
-        linear(&self.linear, silu(temb)).chunk(n, 1)
+        // contiguous chunks: Flex multiplies a strided operand element by element
+        linear(&self.linear, silu(temb)).chunk(n, 1).into_iter().map(contiguous).collect()
     }
 
     /// `AdaLayerNormContinuous`: `LN(x)·(1 + scale) + shift`.
@@ -91,9 +92,12 @@ impl<B: Backend> JointAttention<B> {
         let (q, k, v) = self.image.qkv(x);
         let (cq, ck, cv) = self.context.qkv(c);
         let (a, ctx) = (&self.image, &self.context);
-        let q = Tensor::cat(vec![norm(&self.norm_q, a.split_heads(q)), norm(&self.norm_added_q, ctx.split_heads(cq))], 2);
-        let k = Tensor::cat(vec![norm(&self.norm_k, a.split_heads(k)), norm(&self.norm_added_k, ctx.split_heads(ck))], 2);
-        let v = Tensor::cat(vec![a.split_heads(v), ctx.split_heads(cv)], 2);
+        // the two token sets joined token-major (`[b, n + m, heads, head_dim]`: contiguous
+        // copies), then viewed head-major for the attention, which reads the view in place
+        let joint = |x: Tensor<B, 4>, c: Tensor<B, 4>| Tensor::cat(vec![x.swap_dims(1, 2), c.swap_dims(1, 2)], 1).swap_dims(1, 2);
+        let q = joint(norm(&self.norm_q, a.split_heads(q)), norm(&self.norm_added_q, ctx.split_heads(cq)));
+        let k = joint(norm(&self.norm_k, a.split_heads(k)), norm(&self.norm_added_k, ctx.split_heads(ck)));
+        let v = joint(a.split_heads(v), ctx.split_heads(cv));
         let o = sdpa(q, k, v, None, None);
         (a.output(o.clone().narrow(2, 0, n)), ctx.output(o.narrow(2, n, m)))
     }

@@ -209,7 +209,7 @@ fn chunk3<B: Backend>(t: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B,
 /// attention wrote its output tokens-major, as the fused Flex op does).
 pub fn merge_heads<B: Backend>(o: Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, l, hd] = o.dims();
-    o.swap_dims(1, 2).reshape([b, l, h * hd])
+    crate::layers::contiguous(o.swap_dims(1, 2)).reshape([b, l, h * hd])
 }
 
 impl<B: Backend> Attention<B> {
@@ -357,7 +357,7 @@ impl<B: Backend> Attention<B> {
     /// `[batch, tokens, heads·head_dim]` → `[batch, heads, tokens, head_dim]`.
     pub fn split_heads(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, l, inner] = t.dims();
-        t.reshape([b, l, self.num_heads, inner / self.num_heads]).swap_dims(1, 2)
+        crate::layers::contiguous(t).reshape([b, l, self.num_heads, inner / self.num_heads]).swap_dims(1, 2)
     }
 
     /// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]` → output projection.

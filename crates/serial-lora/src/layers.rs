@@ -18,6 +18,22 @@ pub fn on_rows<B: Backend, const D: usize>(x: Tensor<B, D>, f: impl FnOnce(Tenso
     y.reshape(dims)
 }
 
+/// `x` laid out contiguously, so that the reshape after a permute, a narrow or a window
+/// partition is free: on Flex one parallel copy ([`crate::flex::layout`]; the gradient passes
+/// through), elsewhere `x` itself (those backends copy inside their reshape as they need).
+pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    {
+        use crate::flex::{Kind, cast, layout, prim, tensor};
+        match crate::flex::kind::<B>() {
+            Some(Kind::Inner) => return tensor(cast(layout::contiguous(cast(prim(x))))),
+            Some(Kind::Autodiff) => return tensor(cast(layout::autodiff(cast(prim(x))))),
+            None => {}
+        }
+    }
+    x
+}
+
 /// Activation functions by their HF `hidden_act` names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {

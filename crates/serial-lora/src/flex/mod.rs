@@ -5,6 +5,7 @@
 //! every other backend.
 pub(crate) mod activation;
 pub(crate) mod attention;
+pub(crate) mod layout;
 
 pub(crate) use crate::prim::{cast, prim, tensor};
 
@@ -88,7 +89,10 @@ pub(crate) mod simd {
         let r = xc - n * LN2_HI - n * LN2_LO;
         let z = r * r;
         let y = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5e-1) * z + r + 1.0;
-        let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2ⁿ from the bits of n + 1.5·2²³ (whose low mantissa bits are n): integer ops that
+        // vectorise, where `n as i32` (saturating) compiles to one scalar conversion per lane
+        const SHIFTER: f32 = 12_582_912.0;
+        let pow2 = f32::from_bits((n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
         if x < -87.336_54 { 0.0 } else { y * pow2 }
     }
 
