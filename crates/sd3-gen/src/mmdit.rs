@@ -13,24 +13,11 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serial_lora::half::{f32, f32_view, linear};
-use serial_lora::layers::{Activation, Mlp, contiguous};
+use serial_lora::layers::{Activation, Mlp, contiguous, gated_residual, modulated_layer_norm};
 use serial_lora::{AdaptedModel, Attention, AttentionConfig, AttentionSite, ProjNames, sdpa};
 
 use crate::config::Sd3TransformerConfig;
 use crate::error::{Result, Sd3Error};
-
-/// LayerNorm without affine parameters over the last dimension (biased variance).
-fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centered = x - mean;
-    let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
-    centered / var.add_scalar(eps).sqrt()
-}
-
-/// `[b, n]` → `[b, 1, n]` for broadcasting over tokens.
-fn tok<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 3> {
-    t.unsqueeze_dim(1)
-}
 
 /// diffusers `RMSNorm` with a weight (qk-norm over the head dimension).
 #[derive(Module, Debug)]
@@ -61,7 +48,7 @@ impl<B: Backend> AdaNorm<B> {
     /// `AdaLayerNormContinuous`: `LN(x)·(1 + scale) + shift`.
     fn continuous(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
         let c = self.chunks(temb, 2);
-        layer_norm(x, 1e-6) * tok(c[0].clone()).add_scalar(1.0) + tok(c[1].clone())
+        modulated_layer_norm(x, Some(c[0].clone().add_scalar(1.0)), Some(c[1].clone()), 1e-6)
     }
 }
 
@@ -163,28 +150,29 @@ impl<B: Backend> JointBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>, temb: Tensor<B, 2>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         // shift, scale, gate (msa), shift, scale, gate (mlp)[, shift, scale, gate (msa2)]
         let e = self.norm1.chunks(temb.clone(), if self.attn2.is_some() { 9 } else { 6 });
-        let ln_x = layer_norm(x.clone(), 1e-6);
-        let nx = ln_x.clone() * tok(e[1].clone()).add_scalar(1.0) + tok(e[0].clone());
+        let modulate = |x: Tensor<B, 3>, e: &[Tensor<B, 2>], scale: usize, shift: usize| {
+            modulated_layer_norm(x, Some(e[scale].clone().add_scalar(1.0)), Some(e[shift].clone()), 1e-6)
+        };
+        let nx = modulate(x.clone(), &e, 1, 0);
         let (nc, ce) = match &self.ff_context {
             Some(_) => {
                 let ce = self.norm1_context.chunks(temb.clone(), 6);
-                (layer_norm(c.clone(), 1e-6) * tok(ce[1].clone()).add_scalar(1.0) + tok(ce[0].clone()), Some(ce))
+                (modulate(c.clone(), &ce, 1, 0), Some(ce))
             }
             None => (self.norm1_context.continuous(c.clone(), temb), None),
         };
         let (ax, ac) = self.attn.forward(nx, nc);
-        let mut x = x + tok(e[2].clone()) * ax;
+        let mut y = gated_residual(x.clone(), ax, e[2].clone());
         if let Some(a2) = &self.attn2 {
-            let nx2 = ln_x * tok(e[7].clone()).add_scalar(1.0) + tok(e[6].clone());
-            x = x + tok(e[8].clone()) * a2.forward(nx2);
+            y = gated_residual(y, a2.forward(modulate(x, &e, 7, 6)), e[8].clone());
         }
-        let nx = layer_norm(x.clone(), 1e-6) * tok(e[4].clone()).add_scalar(1.0) + tok(e[3].clone());
-        let x = x + tok(e[5].clone()) * self.ff.forward(nx);
+        let nx = modulate(y.clone(), &e, 4, 3);
+        let x = gated_residual(y, self.ff.forward(nx), e[5].clone());
         let c = match (ce, &self.ff_context) {
             (Some(ce), Some(ff)) => {
-                let c = c + tok(ce[2].clone()) * ac;
-                let nc = layer_norm(c.clone(), 1e-6) * tok(ce[4].clone()).add_scalar(1.0) + tok(ce[3].clone());
-                Some(c + tok(ce[5].clone()) * ff.forward(nc))
+                let c = gated_residual(c, ac, ce[2].clone());
+                let nc = modulate(c.clone(), &ce, 4, 3);
+                Some(gated_residual(c, ff.forward(nc), ce[5].clone()))
             }
             _ => None,
         };

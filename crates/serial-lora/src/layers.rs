@@ -34,6 +34,63 @@ pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x
 }
 
+/// LayerNorm over the last dimension without affine parameters of its own (biased variance),
+/// then `·w + b` with `w`, `b` of `[g, d]`: one row for all tokens, or one per sample (`g` =
+/// the batch; adaLN's `1 + scale` and `shift`). On Flex one parallel pass with its own
+/// backward ([`crate::flex::norm`]); elsewhere Burn's ops.
+pub fn modulated_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: Option<Tensor<B, 2>>, b: Option<Tensor<B, 2>>, eps: f64) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = flex_rows(crate::flex::norm::Op::Norm { eps: eps as f32 }, &x, None, w.as_ref(), b.as_ref()) {
+        return y;
+    }
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let g = w.as_ref().or(b.as_ref()).map_or(1, |t| t.dims()[0]);
+    let x = x.reshape([g, dims.iter().product::<usize>() / d / g, d]);
+    let centered = x.clone() - x.mean_dim(2);
+    let var = centered.clone().powi_scalar(2).mean_dim(2);
+    let mut y = centered / var.add_scalar(eps).sqrt();
+    if let Some(w) = w {
+        y = y * w.unsqueeze_dim(1);
+    }
+    if let Some(b) = b {
+        y = y + b.unsqueeze_dim(1);
+    }
+    y.reshape(dims)
+}
+
+/// `x + w·h`, the gated residual of adaLN-Zero blocks, with the gate `w` of `[g, d]` (one row
+/// per sample). On Flex one parallel pass with its own backward; elsewhere Burn's ops.
+pub fn gated_residual<B: Backend, const D: usize>(x: Tensor<B, D>, h: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = flex_rows(crate::flex::norm::Op::Gate, &x, Some(&h), Some(&w), None) {
+        return y;
+    }
+    let dims = x.dims();
+    let (d, g) = (dims[D - 1], w.dims()[0]);
+    let shape = [g, dims.iter().product::<usize>() / d / g, d];
+    (x.reshape(shape) + w.unsqueeze_dim(1) * h.reshape(shape)).reshape(dims)
+}
+
+/// [`crate::flex::norm`] when `B` is Flex (with or without autodiff) and the shapes are its own.
+#[cfg(feature = "flex")]
+fn flex_rows<B: Backend, const D: usize>(
+    op: crate::flex::norm::Op,
+    x: &Tensor<B, D>,
+    h: Option<&Tensor<B, D>>,
+    w: Option<&Tensor<B, 2>>,
+    b: Option<&Tensor<B, 2>>,
+) -> Option<Tensor<B, D>> {
+    use crate::flex::{Kind, cast, norm, prim, tensor};
+    fn p<B: Backend, const N: usize, T: 'static>(t: &Tensor<B, N>) -> T {
+        cast(prim(t.clone()))
+    }
+    Some(tensor(match crate::flex::kind::<B>()? {
+        Kind::Inner => cast(norm::inference(op, p(x), h.map(p), w.map(p), b.map(p))?),
+        Kind::Autodiff => cast(norm::autodiff(op, p(x), h.map(p), w.map(p), b.map(p))?),
+    }))
+}
+
 /// Activation functions by their HF `hidden_act` names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {
