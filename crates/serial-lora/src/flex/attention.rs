@@ -69,11 +69,22 @@ fn readable(t: FlexTensor) -> FlexTensor {
     if View::of(&t).is_some() { t } else { t.to_contiguous() }
 }
 
-/// A zeroed `[b, l, h, d]` buffer and the `[b, h, l, d]` view of it.
-fn heads_major(b: usize, h: usize, l: usize, d: usize) -> FlexTensor {
-    let t = FlexTensor::zeros(Shape::new([b, l, h, d]), DType::F32);
+/// A `[b, l, h, d]` buffer and the `[b, h, l, d]` view of it: zeroed unless the caller writes
+/// every element (`written`).
+fn heads_major(b: usize, h: usize, l: usize, d: usize, written: bool) -> FlexTensor {
+    let shape = Shape::new([b, l, h, d]);
+    let t = if written { FlexTensor::empty(shape, DType::F32) } else { FlexTensor::zeros(shape, DType::F32) };
     let layout = Layout::new(Shape::new([b, h, l, d]), vec![(l * h * d) as isize, d as isize, (h * d) as isize, 1], 0);
     t.with_layout(layout)
+}
+
+/// The first `n` elements of a scratch buffer that only grows (its stale contents are
+/// overwritten by the caller: no clearing per block).
+fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 /// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]`, single-threaded (the tasks are the parallelism).
@@ -212,8 +223,9 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
     let bv = bias.map(bias_view);
     let [b, h, lq, d] = qv.shape;
     let (lk, dv) = (kv.shape[2], vv.shape[3]);
-    let mut o = heads_major(b, h, lq, dv);
-    let mut lse = FlexTensor::zeros(Shape::new([b, h, lq]), DType::F32);
+    // every output row is written below when there are keys (one gemm per block of rows)
+    let mut o = heads_major(b, h, lq, dv, lk > 0);
+    let mut lse = FlexTensor::empty(Shape::new([b, h, lq]), DType::F32);
     let (o_ptr, lse_ptr) = (Out::of(&mut o), Out::of(&mut lse));
     let blocks = lq.div_ceil(ROWS);
     (0..b * h * blocks).into_par_iter().for_each_init(Vec::new, |s: &mut Vec<f32>, task| {
@@ -221,8 +233,7 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
         let (bi, hi) = (bh / h, bh % h);
         let i0 = blk * ROWS;
         let rows = ROWS.min(lq - i0);
-        s.clear();
-        s.resize(rows * lk, 0.0);
+        let s = scratch(s, rows * lk);
         // SAFETY: the views address [rows, d] / [lk, d] / [lk, dv]; s is [rows, lk]
         unsafe {
             mm(
@@ -287,9 +298,11 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
     let [b, h, lq, d] = qv.shape;
     let (lk, dv) = (kv.shape[2], vv.shape[3]);
     let scale = st.scale;
-    let mut dq = heads_major(b, h, lq, d);
-    let mut dk = heads_major(b, h, lk, d);
-    let mut dvt = heads_major(b, h, lk, dv);
+    // written by the first block of rows (lq > 0) and accumulated by the others; dq by every block
+    let written = lq > 0 && lk > 0;
+    let mut dq = heads_major(b, h, lq, d, written);
+    let mut dk = heads_major(b, h, lk, d, written);
+    let mut dvt = heads_major(b, h, lk, dv, written);
     let kw = match &bv {
         Some(Bias::Decomposed(_, vw)) => vw.shape[3],
         _ => lk,
@@ -311,10 +324,7 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
             let dv_rows = dv_ptr.at(bi * lk * h * dv + hi * dv);
             for (blk, i0) in (0..lq).step_by(ROWS).enumerate() {
                 let rows = ROWS.min(lq - i0);
-                p.clear();
-                p.resize(rows * lk, 0.0);
-                dp.clear();
-                dp.resize(rows * lk, 0.0);
+                let (p, dp) = (scratch(p, rows * lk), scratch(dp, rows * lk));
                 let q_blk = qv.row(bi, hi, i0);
                 let do_blk = dov.row(bi, hi, i0);
                 // SAFETY: every view addresses the blocks named; the (bi, hi) gradient rows belong
