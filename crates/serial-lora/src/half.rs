@@ -222,12 +222,33 @@ pub fn hold_base_in<B: Backend, M: Module<B>>(module: M, dtype: BaseDType) -> M 
 pub fn linear<B: Backend, const D: usize>(l: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = l.weight.val();
     if w.dtype() == x.dtype() {
+        #[cfg(feature = "flex")]
+        if crate::flex::kind::<B>().is_some() {
+            return on_rows(x, |x| flex_linear(l, x));
+        }
         return l.forward(x);
     }
     on_rows(x, |x| {
         return_on_autodiff!(B, IB => autodiff::<IB, B>(l, x));
         plain(l, x)
     })
+}
+
+/// An f32 `Linear` on Flex ([`crate::flex::linear`]: the bias added inside the product, the
+/// columns split among threads), `Linear::forward` where the dtypes are not its own.
+#[cfg(feature = "flex")]
+fn flex_linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    use crate::flex::{Kind, linear};
+    let (w, b) = (prim(l.weight.val()), l.bias.as_ref().map(|b| prim(b.val())));
+    let y = match crate::flex::kind::<B>() {
+        Some(Kind::Inner) => linear::inference(cast(prim(x.clone())), cast(w), b.map(cast)).map(cast),
+        Some(Kind::Autodiff) => linear::autodiff(cast(prim(x.clone())), cast(w), b.map(cast)).map(cast),
+        None => None,
+    };
+    match y {
+        Some(y) => tensor(y),
+        None => l.forward(x),
+    }
 }
 
 /// The rows of an embedding table for `ids ∈ [batch, seq]`, in f32: looked up in the table's

@@ -27,9 +27,16 @@ use rayon::prelude::*;
 
 use super::{AdTensor, Out, keep, simd, widen};
 
-/// Query rows per block: the `[ROWS, lk]` score block of one thread stays in L2 (lk = 4096:
-/// 2 MiB) and the products keep an inner dimension long enough for gemm's micro-kernel.
-const ROWS: usize = 128;
+/// Query rows per block: as many as keep the `[rows, lk]` score block of one thread within
+/// [`SCORE_FLOATS`] (2 MiB, the L2 of one core), at most [`MAX_ROWS`]: long blocks keep the
+/// products' dimensions long enough for gemm's micro-kernel and pack K and V fewer times (SD3's
+/// joint attention, lk = 1178: 384 rows, 1.3× faster than 128 on one core).
+fn rows_per_block(lk: usize) -> usize {
+    (SCORE_FLOATS / lk.max(1)).clamp(64, MAX_ROWS) / 16 * 16
+}
+
+const SCORE_FLOATS: usize = 1 << 19;
+const MAX_ROWS: usize = 384;
 
 /// A rank-4 f32 tensor read in place: storage, offset and element strides (≥ 0; 0 = broadcast).
 #[derive(Clone, Copy)]
@@ -227,12 +234,13 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
     let mut o = heads_major(b, h, lq, dv, lk > 0);
     let mut lse = FlexTensor::empty(Shape::new([b, h, lq]), DType::F32);
     let (o_ptr, lse_ptr) = (Out::of(&mut o), Out::of(&mut lse));
-    let blocks = lq.div_ceil(ROWS);
+    let block = rows_per_block(lk);
+    let blocks = lq.div_ceil(block);
     (0..b * h * blocks).into_par_iter().for_each_init(Vec::new, |s: &mut Vec<f32>, task| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / h, bh % h);
-        let i0 = blk * ROWS;
-        let rows = ROWS.min(lq - i0);
+        let i0 = blk * block;
+        let rows = block.min(lq - i0);
         let s = scratch(s, rows * lk);
         // SAFETY: the views address [rows, d] / [lk, d] / [lk, dv]; s is [rows, lk]
         unsafe {
@@ -251,7 +259,7 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
         if let Some(bv) = &bv {
             add_bias(s, bv, bi, hi, i0, lk);
         }
-        let mut inv = [0f32; ROWS];
+        let mut inv = [0f32; MAX_ROWS];
         for (i, row) in s.chunks_exact_mut(lk).enumerate() {
             let m = simd::max(row);
             let m = if m == f32::NEG_INFINITY { 0.0 } else { m };
@@ -322,8 +330,9 @@ fn backward(st: &Saved, dout: &FlexTensor, want_bias: bool) -> Vec<FlexTensor> {
             let dq_rows = dq_ptr.at(bi * lq * h * d + hi * d);
             let dk_rows = dk_ptr.at(bi * lk * h * d + hi * d);
             let dv_rows = dv_ptr.at(bi * lk * h * dv + hi * dv);
-            for (blk, i0) in (0..lq).step_by(ROWS).enumerate() {
-                let rows = ROWS.min(lq - i0);
+            let block = rows_per_block(lk);
+            for (blk, i0) in (0..lq).step_by(block).enumerate() {
+                let rows = block.min(lq - i0);
                 let (p, dp) = (scratch(p, rows * lk), scratch(dp, rows * lk));
                 let q_blk = qv.row(bi, hi, i0);
                 let do_blk = dov.row(bi, hi, i0);

@@ -6,6 +6,7 @@
 pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod layout;
+pub(crate) mod linear;
 pub(crate) mod norm;
 
 pub(crate) use crate::prim::{cast, prim, tensor};
