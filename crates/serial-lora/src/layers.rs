@@ -1,5 +1,6 @@
-//! Small building blocks shared by the model crates: HF activations, the two-layer MLP, and
-//! [`on_rows`] for token-wise layers.
+//! Small building blocks shared by the model crates: HF activations, the two-layer MLP,
+//! [`on_rows`] for token-wise layers, [`contiguous`], and adaLN's [`modulated_layer_norm`] and
+//! [`gated_residual`].
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;

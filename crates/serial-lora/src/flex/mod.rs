@@ -1,8 +1,9 @@
 //! Kernels of our own for the Flex CPU backend, each with its own backward pass: the fused
-//! attention ([`attention`]) and the MLP activations ([`activation`]). Model code stays generic
-//! over `B: Backend`; [`sdpa`](crate::sdpa) and [`Activation`](crate::layers::Activation) call
-//! these when `B` is `Flex` or `Autodiff<Flex>` (checked by type id, [`kind`]) and Burn's ops on
-//! every other backend.
+//! attention ([`attention`]), the MLP activations ([`activation`]), the base linears
+//! ([`linear`]), adaLN's row ops ([`norm`]) and a parallel contiguous copy ([`layout`]). Model
+//! code stays generic over `B: Backend`; [`sdpa`](crate::sdpa), [`crate::layers`] and
+//! [`crate::half::linear`] call these when `B` is `Flex` or `Autodiff<Flex>` (checked by type
+//! id, [`kind`]) and Burn's ops on every other backend.
 pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod layout;
