@@ -11,6 +11,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::DType;
 use rayon::prelude::*;
 
+use super::layout::contiguous;
 use super::{AdTensor, keep, simd, widen};
 
 /// The activations served here.
@@ -26,10 +27,6 @@ pub(crate) enum Act {
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.layout().contiguous_offsets().is_some_and(|(s, _)| s == 0) { t } else { t.to_contiguous() }
-}
 
 /// `f(x)` in one pass; `None` for a dtype other than f32 (the caller uses Burn's ops).
 fn forward(act: Act, x: &FlexTensor) -> FlexTensor {

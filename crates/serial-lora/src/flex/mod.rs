@@ -314,7 +314,7 @@ pub(crate) fn convert(x: FlexTensor, to: burn::tensor::DType) -> Result<FlexTens
     if !matches!((from, to), (DType::BF16 | DType::F16, DType::F32) | (DType::F32, DType::BF16 | DType::F16)) {
         return Err(x);
     }
-    let x = if x.layout().contiguous_offsets().is_some_and(|(s, _)| s == 0) { x } else { x.to_contiguous() };
+    let x = layout::contiguous(x);
     Ok(match (from, to) {
         (DType::BF16, _) => map!(x, bf16, f32, |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16)),
         (DType::F16, _) => map!(x, f16, f32, |v: f16| v.to_f32()),
@@ -334,8 +334,8 @@ const HALF_COLS: usize = 256;
 /// for other dtypes or layouts.
 pub(crate) fn half_linear(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<FlexTensor> {
     use burn::tensor::{DType, bf16, f16};
+    use layout::is_contiguous as contiguous;
     use rayon::prelude::*;
-    let contiguous = |t: &FlexTensor| t.layout().contiguous_offsets().is_some_and(|(s, _)| s == 0);
     let (xs, ws) = (x.layout().shape(), w.layout().shape());
     if x.dtype() != DType::F32 || xs.num_dims() != 2 || ws.num_dims() != 2 || xs[1] != ws[0] || !contiguous(w) {
         return None;
@@ -355,7 +355,7 @@ pub(crate) fn half_linear(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>
         },
         _ => return None,
     };
-    let x = if contiguous(x) { x.clone() } else { x.to_contiguous() };
+    let x = layout::contiguous(x.clone());
     let mut out = FlexTensor::empty(Shape::new([m, n]), DType::F32);
     let dst = Out::of(&mut out);
     let mut buf = vec![0f32; k * HALF_COLS.min(n)];
