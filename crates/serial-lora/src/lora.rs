@@ -55,11 +55,14 @@ impl<B: Backend> LoraPair<B> {
         self.lora_a.lazy_shape().dims::<2>()[1]
     }
 
-    /// `s·(dropout(x)·A)·B` for `x ∈ [..., in]`. Dropout is active only under autodiff; each
-    /// call draws the next mask of the pair's stream ([`AdapterDropout`]).
+    /// `s·(dropout(x)·A)·B` for `x ∈ [..., in]`, computed as `(s·(dropout(x)·A))·B`: the scale
+    /// on the rank-r intermediate (`r/out` of the multiplications, forward and backward; exact
+    /// for s = 1 and powers of two, else a rounding-level difference) and the products 2-D.
+    /// Dropout is active only under autodiff; each call draws the next mask of the pair's
+    /// stream ([`AdapterDropout`]).
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        x.matmul(self.lora_a.val().unsqueeze()).matmul(self.lora_b.val().unsqueeze()).mul_scalar(self.scale)
+        on_rows(x, |x| x.matmul(self.lora_a.val()).mul_scalar(self.scale).matmul(self.lora_b.val()))
     }
 
     /// The dense update `s·A·B ∈ [in, out]`, detached from the autodiff graph.
