@@ -12,7 +12,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use super::layout::contiguous;
-use super::{AdTensor, keep, simd, widen};
+use super::{AdTensor, keep, simd, uninit, widen};
 
 /// The activations served here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +31,8 @@ const CHUNK: usize = 1 << 14;
 /// `f(x)` in one pass; `None` for a dtype other than f32 (the caller uses Burn's ops).
 fn forward(act: Act, x: &FlexTensor) -> FlexTensor {
     let xs = x.as_slice::<f32>().expect("contiguous f32");
-    let mut y = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    // SAFETY: the chunks below cover every element
+    let mut y = unsafe { uninit(x.layout().shape().clone()) };
     y.storage_mut::<f32>().par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(y, x)| simd::activation(act, x, y));
     y
 }
@@ -39,7 +40,8 @@ fn forward(act: Act, x: &FlexTensor) -> FlexTensor {
 /// `f'(x)·dy` in one pass.
 fn backward(act: Act, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let (xs, gs) = (x.as_slice::<f32>().expect("contiguous f32"), dy.as_slice::<f32>().expect("contiguous f32"));
-    let mut dx = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    // SAFETY: the chunks below cover every element
+    let mut dx = unsafe { uninit(x.layout().shape().clone()) };
     dx.storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))

@@ -25,7 +25,7 @@ use burn::backend::flex::{Flex, FlexTensor, Layout};
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::{AdTensor, Out, keep, simd, widen};
+use super::{AdTensor, Out, keep, simd, uninit, widen};
 
 /// Query rows per block: as many as keep the `[rows, lk]` score block of one thread within
 /// [`SCORE_FLOATS`] (2 MiB, the L2 of one core), at most [`MAX_ROWS`]: long blocks keep the
@@ -80,7 +80,8 @@ fn readable(t: FlexTensor) -> FlexTensor {
 /// every element (`written`).
 fn heads_major(b: usize, h: usize, l: usize, d: usize, written: bool) -> FlexTensor {
     let shape = Shape::new([b, l, h, d]);
-    let t = if written { FlexTensor::empty(shape, DType::F32) } else { FlexTensor::zeros(shape, DType::F32) };
+    // SAFETY (written): the caller writes every element
+    let t = if written { unsafe { uninit(shape) } } else { FlexTensor::zeros(shape, DType::F32) };
     let layout = Layout::new(Shape::new([b, h, l, d]), vec![(l * h * d) as isize, d as isize, (h * d) as isize, 1], 0);
     t.with_layout(layout)
 }
@@ -232,7 +233,8 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: Option<Bias<&Fl
     let (lk, dv) = (kv.shape[2], vv.shape[3]);
     // every output row is written below when there are keys (one gemm per block of rows)
     let mut o = heads_major(b, h, lq, dv, lk > 0);
-    let mut lse = FlexTensor::empty(Shape::new([b, h, lq]), DType::F32);
+    // SAFETY: every (b, h, row) task writes its row's entry
+    let mut lse = unsafe { uninit(Shape::new([b, h, lq])) };
     let (o_ptr, lse_ptr) = (Out::of(&mut o), Out::of(&mut lse));
     let block = rows_per_block(lk);
     let blocks = lq.div_ceil(block);

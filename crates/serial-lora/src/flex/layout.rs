@@ -64,7 +64,8 @@ pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     }
     let offset = layout.start_offset() as isize;
     let src = t.storage::<f32>();
-    let mut out = FlexTensor::empty(layout.shape().clone(), DType::F32);
+    // SAFETY: the rows below cover every element (inner > 0)
+    let mut out = unsafe { super::uninit(layout.shape().clone()) };
     let rows_per_task = (CHUNK / inner).max(1);
     let outer = &dims[..dims.len() - 1];
     out.storage_mut::<f32>().par_chunks_mut(inner * rows_per_task).enumerate().for_each(|(task, chunk)| {

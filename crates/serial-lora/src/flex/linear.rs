@@ -17,7 +17,7 @@ use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::layout::contiguous;
-use super::{AdTensor, Out, keep, widen};
+use super::{AdTensor, Out, keep, uninit, widen};
 
 /// An f32 matrix read in place: pointer and (row, column) strides in elements.
 #[derive(Clone, Copy)]
@@ -55,9 +55,16 @@ impl Mat {
 /// Column slices narrower than this are not split further among threads.
 const MIN_COLS: usize = 64;
 
-/// `c[m×n] (+)= a[m×k]·b[k×n]` into a row-major `c`, the columns split among the threads.
+/// `c[m×n] (+)= a[m×k]·b[k×n]` into a row-major `c`, the columns split among the threads;
+/// without `accumulate`, every element of `c` is written (it may start uninitialised).
 fn gemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut FlexTensor, accumulate: bool) {
     if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.storage_mut::<f32>().fill(0.0);
+        }
         return;
     }
     let out = Out::of(c);
@@ -112,7 +119,8 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<Fle
         Some(b) => Some(contiguous(b.clone())),
         None => None,
     };
-    let mut y = FlexTensor::empty(Shape::new([m, n]), DType::F32);
+    // SAFETY: every element is the bias written below, or written by `gemm` without it
+    let mut y = unsafe { uninit(Shape::new([m, n])) };
     if let Some(bias) = &bias {
         let bias = bias.storage::<f32>();
         y.storage_mut::<f32>().par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
@@ -148,13 +156,15 @@ impl<const N: usize> Backward<Flex, N> for Linear<N> {
         let m = dy.layout().shape()[0];
         let mut out = Vec::new();
         if let Some(Some(node)) = ops.parents.first() {
-            let mut dx = FlexTensor::empty(Shape::new([m, k]), DType::F32);
+            // SAFETY: written whole by `gemm` (no accumulation)
+            let mut dx = unsafe { uninit(Shape::new([m, k])) };
             gemm(m, k, n, dym, wm.t(), &mut dx, false);
             out.push((node.id, dx));
         }
         if let (Some(Some(node)), Some(x)) = (ops.parents.get(1), &st.x) {
             let x = widen(x);
-            let mut dw = FlexTensor::empty(Shape::new([k, n]), DType::F32);
+            // SAFETY: written whole by `gemm` (no accumulation)
+            let mut dw = unsafe { uninit(Shape::new([k, n])) };
             gemm(k, n, m, Mat::of(&x).expect("f32 input").t(), dym, &mut dw, false);
             out.push((node.id, dw));
         }
