@@ -36,6 +36,12 @@ pub struct PerfArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Runs of every case, one process each, in rounds over all cases; a case's time is the
+    /// median of its runs' medians, its peak RSS the largest. The same binary on the same case
+    /// varies 10–15 % from process to process on a shared VM (more than between steps of one
+    /// process), which decides comparisons such as merged ÷ base inference (one computation).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// Also run every case in PyTorch 2.9 + PEFT (.venv) and print both side by side.
     #[arg(long)]
     pub vs_pytorch: bool,
@@ -99,12 +105,28 @@ pub fn json_line(c: &CaseResult) -> String {
         format!("\"median_step_s\":{}", json!(c.median_step_s)),
         format!("\"peak_rss_mb\":{}", json!(c.peak_rss_mb)),
     ];
-    for k in ["framework", "images_per_s", "forward_s", "backward_s", "optim_s", "threads", "steps"] {
+    for k in ["framework", "images_per_s", "forward_s", "backward_s", "optim_s", "threads", "steps", "process_medians_s"] {
         if let Some(v) = c.raw.get(k) {
             parts.push(format!("{}:{v}", json!(k)));
         }
     }
     format!("{{{}}}", parts.join(","))
+}
+
+/// One case measured in several processes: the median of their medians (the forward / backward /
+/// optimizer split and images/s of the run that gave it), the largest peak RSS, and every run's
+/// median as `process_medians_s`.
+pub fn combine(runs: Vec<CaseResult>) -> Result<CaseResult> {
+    let mut medians: Vec<f64> = runs.iter().map(|c| c.median_step_s).collect();
+    let peak = runs.iter().map(|c| c.peak_rss_mb).fold(f64::NAN, f64::max);
+    medians.sort_by(f64::total_cmp);
+    let mid = *medians.get(medians.len().saturating_sub(1) / 2).context("no runs")?;
+    let mut c = runs.into_iter().find(|c| c.median_step_s == mid).context("no runs")?;
+    c.peak_rss_mb = peak;
+    if medians.len() > 1 {
+        c.raw["process_medians_s"] = json!(medians);
+    }
+    Ok(c)
 }
 
 /// The cases to run: `(method, mode)`, with the frozen base forward (`base`, `infer`) once when
@@ -316,8 +338,8 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
     let exe: PathBuf = crate::target_dir(suffix).join("release/examples").join(prog.example);
     let py = if a.vs_pytorch { Some(crate::venv_python()?) } else { None };
 
-    let (mut ours, mut torch) = (Vec::new(), Vec::new());
-    for (method, mode) in &cases {
+    let (mut ours, mut torch) = (vec![Vec::new(); cases.len()], vec![Vec::new(); cases.len()]);
+    for (i, (method, mode)) in (0..a.repeats.max(1)).flat_map(|_| cases.iter().enumerate()) {
         let (steps, warmup) = (a.steps.to_string(), a.warmup.to_string());
         let case = ["--method", method, "--mode", mode, "--steps", &steps, "--warmup", &warmup, "--model-name", &a.model];
         let mut cmd = Command::new(&exe);
@@ -328,15 +350,24 @@ pub fn perf(a: &PerfArgs) -> Result<()> {
             cmd.arg("--gradient-checkpointing");
         }
         cmd.args(["--dtype", &a.dtype]);
-        ours.push(run_case(cmd.args(["--device", &a.device]).args(&prog.args).args(case))?);
+        ours[i].push(run_case(cmd.args(["--device", &a.device]).args(&prog.args).args(case))?);
         if let Some(py) = &py {
             let device = a.device.strip_prefix("tch-").unwrap_or(&a.device);
             let device = if device.starts_with("cuda") { device } else { "cpu" };
-            torch.push(run_case(Command::new(py).arg(python_script(&a.model)?).args(case).args(["--threads", &a.threads.to_string(), "--device", device]))?);
+            torch[i].push(run_case(Command::new(py).arg(python_script(&a.model)?).args(case).args(["--threads", &a.threads.to_string(), "--device", device]))?);
         }
     }
+    let combined = |runs: Vec<Vec<CaseResult>>| runs.into_iter().filter(|r| !r.is_empty()).map(combine).collect::<Result<Vec<_>>>();
+    let (ours, torch) = (combined(ours)?, combined(torch)?);
 
-    println!("## `cargo xtask perf` — {} on {} ({} timed steps after {} warm-up)\n", a.model, a.device, a.steps, a.warmup);
+    println!(
+        "## `cargo xtask perf` — {} on {} ({} timed steps after {} warm-up, {} process(es) per case)\n",
+        a.model,
+        a.device,
+        a.steps,
+        a.warmup,
+        a.repeats.max(1)
+    );
     println!("{}", table(&ours, &torch));
     let all: Vec<&CaseResult> = ours.iter().chain(torch.iter()).collect();
     if all.iter().any(|c| c.mode == "train") {
@@ -367,6 +398,19 @@ mod tests {
         assert_eq!((c.median_step_s, c.peak_rss_mb, c.num("forward_s")), (1.5, 900.0, Some(0.5)));
         assert!(parse_case("{\"model\":\"x\"}").is_err(), "missing keys must fail");
         assert!(parse_case("no json").is_err());
+    }
+
+    #[test]
+    fn combine_takes_the_median_process_and_the_largest_peak() {
+        let runs = [(1.3, 500.0), (1.1, 520.0), (1.2, 510.0)].map(|(s, mb)| case("lora", "infer-merged", s, mb, "burn-flex"));
+        let c = combine(runs.to_vec()).unwrap();
+        assert_eq!((c.median_step_s, c.peak_rss_mb), (1.2, 520.0));
+        assert_eq!(c.raw["process_medians_s"], json!([1.1, 1.2, 1.3]));
+        assert!(json_line(&c).contains("\"process_medians_s\":[1.1,1.2,1.3]"));
+        // one run: unchanged, no list
+        let one = combine(vec![case("lora", "train", 2.0, 100.0, "burn-flex")]).unwrap();
+        assert_eq!((one.median_step_s, one.raw.get("process_medians_s")), (2.0, None));
+        assert!(combine(Vec::new()).is_err());
     }
 
     #[test]
