@@ -7,7 +7,9 @@
 //!   `-plus` methods) through `serial_lora::optim`.
 //! - `infer`: the same forward (image + class text features + logits), adapters unmerged, no
 //!   autodiff.
-//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture).
+//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
+//!   alternated with a freshly built base model in this process (`merged_over_base`,
+//!   `lora_runtime::perf::alternate_with_base`).
 //! - `--method base --mode infer`: the frozen base model, the reference for `infer-merged`.
 //!
 //! Prints one JSON line: `model`, `method`, `mode`, `median_step_s`, `peak_rss_mb` (the
@@ -29,7 +31,7 @@ use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -144,15 +146,21 @@ fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device
 }
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = random_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
-    let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
+    let new_base = || random_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
+    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
+    let forward = |m: &ClipModel<B>| -> Result<()> {
+        let _ = logits(m, &x).into_data(); // sync: the logits on the host
+        Ok(())
+    };
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let l = logits(&model, &x);
-        let _ = l.into_data(); // sync: the logits on the host
+        forward(&model)?;
         times.record_infer(step, args.warmup, t0);
+    }
+    if args.mode == "infer-merged" {
+        alternate_with_base(&mut times, &model, || Ok(new_base()), forward, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

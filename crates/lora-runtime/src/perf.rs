@@ -17,6 +17,10 @@ pub struct StepTimes {
     pub forward: Vec<f64>,
     pub backward: Vec<f64>,
     pub optim: Vec<f64>,
+    /// [`alternate_with_base`]: `(base, merged)` seconds of each alternated round, and the peak
+    /// RSS taken before the base model was built.
+    pub alternated: Vec<(f64, f64)>,
+    pub peak_rss_before_base_mb: Option<f64>,
 }
 
 impl StepTimes {
@@ -69,6 +73,43 @@ pub fn infer_model<B: Backend, M: AdaptedModel<B>>(
     let trainable = adapter_params(&adapted);
     let model = if mode == "infer-merged" { adapted.merge_and_unload()? } else { adapted };
     Ok((model, trainable))
+}
+
+/// For `infer-merged`, after the merged model's own timed steps: a freshly built base model
+/// (`base()`, the same architecture; weights do not change the work) and `merged` run `step`
+/// alternately in this process, `warmup + steps` rounds with the order swapped every round, so
+/// that merged ÷ base compares the two computations without the 10–15 % by which one process
+/// differs from the next (where the heap and the weights land). The JSON line then reports
+/// `merged_over_base` (median merged ÷ median base of the alternated rounds) and its peak RSS is
+/// the merged case's own, taken before the base is built.
+pub fn alternate_with_base<M, E>(
+    times: &mut StepTimes,
+    merged: &M,
+    base: impl FnOnce() -> std::result::Result<M, E>,
+    step: impl Fn(&M) -> std::result::Result<(), E>,
+    steps: usize,
+    warmup: usize,
+) -> std::result::Result<(), E> {
+    times.peak_rss_before_base_mb = Some(peak_rss_mb());
+    let base = base()?;
+    let timed = |m: &M| -> std::result::Result<f64, E> {
+        let t0 = Instant::now();
+        step(m)?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    for round in 0..warmup + steps {
+        let (b, m) = if round % 2 == 0 {
+            let b = timed(&base)?;
+            (b, timed(merged)?)
+        } else {
+            let m = timed(merged)?;
+            (timed(&base)?, m)
+        };
+        if round >= warmup {
+            times.alternated.push((b, m));
+        }
+    }
+    Ok(())
 }
 
 /// Median (mean of the middle two for an even count; NaN when empty).
@@ -130,7 +171,7 @@ pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
         "method": c.method,
         "mode": c.mode,
         "median_step_s": med,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": times.peak_rss_before_base_mb.unwrap_or_else(peak_rss_mb),
         "framework": c.framework,
         "images_per_s": c.batch as f64 / med,
         "batch": c.batch,
@@ -144,6 +185,12 @@ pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
         line["forward_s"] = median(&times.forward).into();
         line["backward_s"] = median(&times.backward).into();
         line["optim_s"] = median(&times.optim).into();
+    }
+    if !times.alternated.is_empty() {
+        let (base, merged): (Vec<f64>, Vec<f64>) = times.alternated.iter().copied().unzip();
+        line["merged_over_base"] = (median(&merged) / median(&base)).into();
+        line["alternated_base_s"] = base.into();
+        line["alternated_merged_s"] = merged.into();
     }
     if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
         obj.extend(more);
@@ -210,5 +257,29 @@ mod tests {
         let infer = json_line(&Case { mode: "infer", ..c }, &StepTimes { step: vec![1.0], ..Default::default() }, json!({}));
         assert!(infer.get("forward_s").is_none());
         assert_eq!(infer["images_per_s"], 2.0);
+        assert!(infer.get("merged_over_base").is_none());
+    }
+
+    #[test]
+    fn alternate_with_base_swaps_the_order_and_reports_the_ratio() {
+        use std::cell::RefCell;
+        // the "models" are their names; the log records the order they ran in
+        let log = RefCell::new(Vec::new());
+        let mut t = StepTimes { step: vec![1.0], ..Default::default() };
+        let step = |m: &&'static str| -> std::result::Result<(), ()> {
+            log.borrow_mut().push(*m);
+            std::thread::sleep(std::time::Duration::from_millis(if *m == "merged" { 4 } else { 2 }));
+            Ok(())
+        };
+        alternate_with_base(&mut t, &"merged", || Ok("base"), step, 2, 1).unwrap();
+        assert_eq!(*log.borrow(), ["base", "merged", "merged", "base", "base", "merged"]);
+        assert_eq!(t.alternated.len(), 2, "the warm-up round is not kept");
+        assert!(t.peak_rss_before_base_mb.is_some());
+        let c = Case { model: "m", method: "lora", mode: "infer-merged", framework: "burn-x".into(), batch: 1, steps: 1, warmup: 0, trainable_params: 0 };
+        let v = json_line(&c, &t, json!({}));
+        let r = v["merged_over_base"].as_f64().unwrap();
+        assert!(r > 1.0, "merged sleeps twice as long: {r}");
+        assert_eq!(v["alternated_base_s"].as_array().unwrap().len(), 2);
+        assert!(alternate_with_base(&mut t, &"merged", || Err::<&str, _>("no base"), |_| Ok(()), 1, 0).is_err());
     }
 }

@@ -7,7 +7,9 @@
 //!   decoder (single mask), BCE-with-logits + soft Dice on the low-resolution logits, backward,
 //!   AdamW (PyTorch defaults, LoRA+ with the `-plus` methods) through `serial_lora::optim`.
 //! - `infer`: the same forward (masks on the host), adapters unmerged, no autodiff.
-//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture).
+//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
+//!   alternated with a freshly built base model in this process (`merged_over_base`,
+//!   `lora_runtime::perf::alternate_with_base`).
 //! - `--method base --mode infer`: the frozen base model, the reference for `infer-merged`.
 //!
 //! `--image-size` (default 512, not the checkpoint's 1024): a 1024² step is about 4× the
@@ -29,7 +31,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
 use sam_seg::{Prompts, SamConfig, SamModel};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
@@ -152,11 +154,18 @@ fn infer<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Re
     let base = random_base_in(build::<B>(cfg, args, device)?, args.dtype);
     let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
+    let forward = |m: &SamModel<B>| -> Result<()> {
+        let _ = masks(m, &x)?.into_data(); // sync: the masks on the host
+        Ok(())
+    };
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let _ = masks(&model, &x)?.into_data(); // sync: the masks on the host
+        forward(&model)?;
         times.record_infer(step, args.warmup, t0);
+    }
+    if args.mode == "infer-merged" {
+        alternate_with_base(&mut times, &model, || Ok(random_base_in(build::<B>(cfg, args, device)?, args.dtype)), forward, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

@@ -11,7 +11,9 @@
 //!   methods). Latents of a `--resolution` image (512² → 16×64×64, 1024 image tokens), prompt
 //!   embeddings without T5 (77 CLIP + 77 zero T5 tokens of width 4096; random here), pooled 2048.
 //! - `infer`: one MMDiT forward (a denoising step's model call), adapters unmerged, no autodiff.
-//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture).
+//! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
+//!   alternated with a freshly built base model in this process (`merged_over_base`,
+//!   `lora_runtime::perf::alternate_with_base`).
 //! - `--method base --mode infer`: the frozen base slice, the reference for `infer-merged`.
 //!
 //! Prints one JSON line (`lora_runtime::perf::json_line`).
@@ -29,7 +31,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
 use sd3_gen::train::{clip_grad_norm, flow_matching_loss, training_schedule};
 use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
@@ -148,6 +150,7 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sd3-gen train` (and a sync)
         let t1 = Instant::now();
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+
         let _ = AB::sync(device);
         let t2 = Instant::now();
         clip_grad_norm::<AB>(&mut grads, &ids, 1.0);
@@ -160,15 +163,22 @@ fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &
 }
 
 fn infer<B: Backend>(cfg: &Sd3TransformerConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
-    let base = random_base_in(Sd3Transformer::<B>::new(cfg, device), args.dtype);
-    let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
+    let new_base = || random_base_in(Sd3Transformer::<B>::new(cfg, device), args.dtype);
+    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
+    let forward = |m: &Sd3Transformer<B>| -> Result<()> {
+        let out = m.forward(x.noisy(), x.embeds.clone(), x.pooled.clone(), &x.timesteps)?;
+        let _ = out.into_data(); // sync: the velocity on the host
+        Ok(())
+    };
     let mut times = StepTimes::default();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let out = model.forward(x.noisy(), x.embeds.clone(), x.pooled.clone(), &x.timesteps)?;
-        let _ = out.into_data(); // sync: the velocity on the host
+        forward(&model)?;
         times.record_infer(step, args.warmup, t0);
+    }
+    if args.mode == "infer-merged" {
+        alternate_with_base(&mut times, &model, || Ok(new_base()), forward, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

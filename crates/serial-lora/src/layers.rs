@@ -19,6 +19,25 @@ pub fn on_rows<B: Backend, const D: usize>(x: Tensor<B, D>, f: impl FnOnce(Tenso
     y.reshape(dims)
 }
 
+/// `x·w` for `x ∈ [m, k]`, `w ∈ [k, n]`: on f32 Flex (outside [`crate::half::autocast`]) through
+/// [`crate::flex::linear`], whose threads split the output by columns, or by rows where it is
+/// narrow (a LoRA product's rank-r side); elsewhere `matmul`. The same dot products either way.
+pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    if crate::half::saved_dtype().is_none() && x.dtype() == burn::tensor::DType::F32 && w.dtype() == burn::tensor::DType::F32 {
+        use crate::flex::{Kind, cast, linear, prim, tensor};
+        let y = match crate::flex::kind::<B>() {
+            Some(Kind::Inner) => linear::inference(cast(prim(x.clone())), cast(prim(w.clone())), None).map(cast),
+            Some(Kind::Autodiff) => linear::autodiff(cast(prim(x.clone())), cast(prim(w.clone())), None).map(cast),
+            None => None,
+        };
+        if let Some(y) = y {
+            return tensor(y);
+        }
+    }
+    x.matmul(w)
+}
+
 /// `x` laid out contiguously, so that the reshape after a permute, a narrow or a window
 /// partition is free: on Flex one parallel copy ([`crate::flex::layout`]; the gradient passes
 /// through), elsewhere `x` itself (those backends copy inside their reshape as they need).

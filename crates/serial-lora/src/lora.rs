@@ -11,7 +11,7 @@ use burn::prelude::*;
 use crate::config::{AdapterConfig, Init};
 use crate::error::{Error, Result};
 use crate::half::{self, as_dtype_of};
-use crate::layers::on_rows;
+use crate::layers::{matmul, on_rows};
 use crate::rng::{self, AdapterDropout, StdRng};
 
 /// One low-rank pair: `delta(x) = s·(dropout(x)·A)·B`.
@@ -62,7 +62,7 @@ impl<B: Backend> LoraPair<B> {
     /// stream ([`AdapterDropout`]).
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        on_rows(x, |x| x.matmul(self.lora_a.val()).mul_scalar(self.scale).matmul(self.lora_b.val()))
+        on_rows(x, |x| matmul(matmul(x, self.lora_a.val()).mul_scalar(self.scale), self.lora_b.val()))
     }
 
     /// The dense update `s·A·B ∈ [in, out]`, detached from the autodiff graph.

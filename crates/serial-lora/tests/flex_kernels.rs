@@ -299,3 +299,27 @@ fn flex_linear_matches_burn_linear() {
         }
     }
 }
+
+/// A LoRA pair's products through `layers::matmul` (Flex: `flex::linear` without bias, the
+/// threads splitting the narrow rank-r outputs by rows, an odd row count) against Burn's
+/// `matmul`: forward and the gradients of x, A and B.
+#[test]
+fn flex_matmul_with_a_narrow_side_matches_burn_matmul() {
+    use burn::tensor::Distribution;
+    let dev = Default::default();
+    let (m, k, r, n) = (301, 200, 8, 150);
+    let rand = |shape: [usize; 2]| Tensor::<AB, 2>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let (x, a, b) = (rand([m, k]).require_grad(), rand([k, r]).require_grad(), rand([r, n]).require_grad());
+    let up = rand([m, n]).detach();
+    let run = |f: &dyn Fn(Tensor<AB, 2>, Tensor<AB, 2>) -> Tensor<AB, 2>| {
+        let y = f(f(x.clone(), a.clone()).mul_scalar(0.5), b.clone());
+        let g = (y.clone() * up.clone()).sum().backward();
+        (y.inner(), x.grad(&g).unwrap(), a.grad(&g).unwrap(), b.grad(&g).unwrap())
+    };
+    let want = run(&|p, q| p.matmul(q));
+    let got = run(&|p, q| serial_lora::layers::matmul(p, q));
+    close("lora forward", got.0, want.0);
+    close("lora dx", got.1, want.1);
+    close("lora dA", got.2, want.2);
+    close("lora dB", got.3, want.3);
+}
