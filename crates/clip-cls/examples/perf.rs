@@ -8,8 +8,9 @@
 //! - `infer`: the same forward (image + class text features + logits), adapters unmerged, no
 //!   autodiff.
 //! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
-//!   alternated with a freshly built base model in this process (`merged_over_base`,
-//!   `lora_runtime::perf::alternate_with_base`).
+//!   alternated with a freshly built base model in this process (`over_alternated`,
+//!   `lora_runtime::perf::alternate`). `train --alternate-with lora` does the same for a
+//!   training step against another method's.
 //! - `--method base --mode infer`: the frozen base model, the reference for `infer-merged`.
 //!
 //! Prints one JSON line: `model`, `method`, `mode`, `median_step_s`, `peak_rss_mb` (the
@@ -20,7 +21,7 @@
 use serial_lora::half::autocast;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -31,7 +32,7 @@ use clip_cls::ClipConfig;
 use clip_cls::model::{ClipModel, l2_normalize};
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, TrainStep, alternate, infer_model, json_line, timed};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
 
@@ -49,6 +50,10 @@ struct Args {
     /// train | infer | infer-merged
     #[arg(long, default_value = "train")]
     mode: String,
+    /// `train`: after the timed steps, alternate steps with a model trained by this method in
+    /// the same process (`over_alternated` in the JSON line; e.g. `lora` for `serial-lora`).
+    #[arg(long)]
+    alternate_with: Option<String>,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -116,38 +121,62 @@ fn logits<B: Backend>(model: &ClipModel<B>, x: &Inputs<B>) -> Tensor<B, 2> {
     image.matmul(text.transpose()).mul_scalar(100.0)
 }
 
-fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
-    Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(1.0).with_dropout(args.dropout))
+fn adapter(args: &Args, method: &str) -> serial_lora::Result<AdapterConfig> {
+    Ok(AdapterConfig::from_method_name(method, args.rank, args.lr_ratio)?.with_alpha(1.0).with_dropout(args.dropout))
 }
 
-fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
-    let acfg = adapter(args)?;
-    let mut model = random_base_in(ClipModel::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?;
-    let trainable = model.param_counts().trainable;
+/// A model with `method`'s adapter, stepped as `clip-cls train` steps it: each call runs one
+/// step ([`TrainStep`]).
+fn trainer<'a, AB: AutodiffBackend>(
+    cfg: &ClipConfig,
+    args: &'a Args,
+    method: &str,
+    x: &'a Inputs<AB>,
+    device: &'a AB::Device,
+) -> Result<(impl FnMut() -> Result<TrainStep> + use<'a, AB>, usize)> {
+    let acfg = adapter(args, method)?;
+    let mut model = Some(random_base_in(ClipModel::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?);
+    let trainable = model.as_ref().map_or(0, |m| m.param_counts().trainable);
     let mut optim = loraplus_adamw::<AB, ClipModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
-    let x = Inputs::<AB>::new(cfg, args, device);
-    let mut times = StepTimes::default();
-    for step in 0..args.warmup + args.steps {
+    let mut step = 0u64;
+    let run = move || {
         let t0 = Instant::now();
-        model = model.with_dropout_seed(step as u64); // as the training driver, every micro-batch
-        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || logits(&model, &x)));
+        // as the training driver, a dropout seed per micro-batch
+        let m = model.take().context("an earlier step failed")?.with_dropout_seed(step);
+        step += 1;
+        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || logits(&m, x)));
         let loss = log_softmax(logits, 1).gather(1, x.labels.clone().unsqueeze_dim(1)).mean().neg();
         let value = loss.clone().into_scalar().elem::<f32>(); // as `clip-cls train` (and a sync)
         let t1 = Instant::now();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
         let _ = AB::sync(device);
         let t2 = Instant::now();
-        model = optim.step(2e-4, model, grads);
+        model = Some(optim.step(2e-4, m, grads));
         let _ = AB::sync(device);
-        let t3 = Instant::now();
-        times.record_train(step, args.warmup, value, [t0, t1, t2, t3])?;
+        Ok((value, [t0, t1, t2, Instant::now()]))
+    };
+    Ok((run, trainable))
+}
+
+fn train<AB: AutodiffBackend>(cfg: &ClipConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
+    let x = Inputs::<AB>::new(cfg, args, device);
+    let (mut step, trainable) = trainer(cfg, args, &args.method, &x, device)?;
+    let mut times = StepTimes::default();
+    for i in 0..args.warmup + args.steps {
+        let (loss, t) = step()?;
+        times.record_train(i, args.warmup, loss, t)?;
+    }
+    if let Some(other) = &args.alternate_with {
+        let seconds = |(_, t): TrainStep| (t[3] - t[0]).as_secs_f64();
+        let other_step = || trainer(cfg, args, other, &x, device).map(|(mut s, _)| move || s().map(seconds));
+        alternate(&mut times, other, || step().map(seconds), other_step, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }
 
 fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let new_base = || random_base_in(ClipModel::<B>::new(cfg, device), args.dtype);
-    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args), device)?;
+    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args, &args.method), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let forward = |m: &ClipModel<B>| -> Result<()> {
         let _ = logits(m, &x).into_data(); // sync: the logits on the host
@@ -160,7 +189,9 @@ fn infer<B: Backend>(cfg: &ClipConfig, args: &Args, device: &B::Device) -> Resul
         times.record_infer(step, args.warmup, t0);
     }
     if args.mode == "infer-merged" {
-        alternate_with_base(&mut times, &model, || Ok(new_base()), forward, args.steps, args.warmup)?;
+        let forward = &forward;
+        let base = || Ok(new_base()).map(|b| move || timed(|| forward(&b)));
+        alternate(&mut times, "base", || timed(|| forward(&model)), base, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

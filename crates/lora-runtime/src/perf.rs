@@ -17,10 +17,11 @@ pub struct StepTimes {
     pub forward: Vec<f64>,
     pub backward: Vec<f64>,
     pub optim: Vec<f64>,
-    /// [`alternate_with_base`]: `(base, merged)` seconds of each alternated round, and the peak
-    /// RSS taken before the base model was built.
+    /// [`alternate`]: the other case, `(other, own)` seconds of each alternated round, and the
+    /// peak RSS taken before the other case was built.
+    pub alternated_with: Option<String>,
     pub alternated: Vec<(f64, f64)>,
-    pub peak_rss_before_base_mb: Option<f64>,
+    pub peak_rss_before_alternating_mb: Option<f64>,
 }
 
 impl StepTimes {
@@ -75,41 +76,53 @@ pub fn infer_model<B: Backend, M: AdaptedModel<B>>(
     Ok((model, trainable))
 }
 
-/// For `infer-merged`, after the merged model's own timed steps: a freshly built base model
-/// (`base()`, the same architecture; weights do not change the work) and `merged` run `step`
-/// alternately in this process, `warmup + steps` rounds with the order swapped every round, so
-/// that merged ÷ base compares the two computations without the 10–15 % by which one process
-/// differs from the next (where the heap and the weights land). The JSON line then reports
-/// `merged_over_base` (median merged ÷ median base of the alternated rounds) and its peak RSS is
-/// the merged case's own, taken before the base is built.
-pub fn alternate_with_base<M, E>(
+/// What a perf program's training step returns: the loss and the step's four instants
+/// ([`StepTimes::push_train`]).
+pub type TrainStep = (f32, [Instant; 4]);
+
+/// Timed rounds of [`alternate`] at least: with 3, the ratio of two identical computations
+/// still spread 0.94–1.06 on a 2-core machine (sam-b merged ÷ base); with 10, 0.99–1.00.
+pub const ALTERNATED_ROUNDS: usize = 10;
+
+/// After a case's own timed steps: a second case built now (`other()`, which returns its step)
+/// and this case's `own` step run alternately in this process, `warmup` rounds and then at least
+/// [`ALTERNATED_ROUNDS`] timed ones (`steps` if more), the order swapped every round; each step
+/// returns its seconds. Their ratio then compares the two computations without the 10–15 % by
+/// which one process differs from the next (where the heap and the weights land): the JSON line
+/// reports `alternated_with` (`with`: `base` for merged inference, `lora` for a Serial LoRA
+/// step) and `over_alternated` (median own ÷ median other), and its peak RSS stays the case's
+/// own, taken before `other()` builds anything.
+pub fn alternate<E, F: FnMut() -> std::result::Result<f64, E>>(
     times: &mut StepTimes,
-    merged: &M,
-    base: impl FnOnce() -> std::result::Result<M, E>,
-    step: impl Fn(&M) -> std::result::Result<(), E>,
+    with: &str,
+    mut own: impl FnMut() -> std::result::Result<f64, E>,
+    other: impl FnOnce() -> std::result::Result<F, E>,
     steps: usize,
     warmup: usize,
 ) -> std::result::Result<(), E> {
-    times.peak_rss_before_base_mb = Some(peak_rss_mb());
-    let base = base()?;
-    let timed = |m: &M| -> std::result::Result<f64, E> {
-        let t0 = Instant::now();
-        step(m)?;
-        Ok(t0.elapsed().as_secs_f64())
-    };
-    for round in 0..warmup + steps {
-        let (b, m) = if round % 2 == 0 {
-            let b = timed(&base)?;
-            (b, timed(merged)?)
+    times.peak_rss_before_alternating_mb = Some(peak_rss_mb());
+    let mut other = other()?;
+    for round in 0..warmup + steps.max(ALTERNATED_ROUNDS) {
+        let (o, m) = if round % 2 == 0 {
+            let o = other()?;
+            (o, own()?)
         } else {
-            let m = timed(merged)?;
-            (timed(&base)?, m)
+            let m = own()?;
+            (other()?, m)
         };
         if round >= warmup {
-            times.alternated.push((b, m));
+            times.alternated.push((o, m));
         }
     }
+    times.alternated_with = Some(with.to_string());
     Ok(())
+}
+
+/// Seconds of `f()` (which ends with a host read or a sync).
+pub fn timed<E>(f: impl FnOnce() -> std::result::Result<(), E>) -> std::result::Result<f64, E> {
+    let t0 = Instant::now();
+    f()?;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Median (mean of the middle two for an even count; NaN when empty).
@@ -171,7 +184,7 @@ pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
         "method": c.method,
         "mode": c.mode,
         "median_step_s": med,
-        "peak_rss_mb": times.peak_rss_before_base_mb.unwrap_or_else(peak_rss_mb),
+        "peak_rss_mb": times.peak_rss_before_alternating_mb.unwrap_or_else(peak_rss_mb),
         "framework": c.framework,
         "images_per_s": c.batch as f64 / med,
         "batch": c.batch,
@@ -186,11 +199,12 @@ pub fn json_line(c: &Case, times: &StepTimes, extra: Value) -> Value {
         line["backward_s"] = median(&times.backward).into();
         line["optim_s"] = median(&times.optim).into();
     }
-    if !times.alternated.is_empty() {
-        let (base, merged): (Vec<f64>, Vec<f64>) = times.alternated.iter().copied().unzip();
-        line["merged_over_base"] = (median(&merged) / median(&base)).into();
-        line["alternated_base_s"] = base.into();
-        line["alternated_merged_s"] = merged.into();
+    if let Some(with) = &times.alternated_with {
+        let (other, own): (Vec<f64>, Vec<f64>) = times.alternated.iter().copied().unzip();
+        line["alternated_with"] = with.as_str().into();
+        line["over_alternated"] = (median(&own) / median(&other)).into();
+        line["alternated_own_s"] = own.into();
+        line["alternated_other_s"] = other.into();
     }
     if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
         obj.extend(more);
@@ -257,29 +271,36 @@ mod tests {
         let infer = json_line(&Case { mode: "infer", ..c }, &StepTimes { step: vec![1.0], ..Default::default() }, json!({}));
         assert!(infer.get("forward_s").is_none());
         assert_eq!(infer["images_per_s"], 2.0);
-        assert!(infer.get("merged_over_base").is_none());
+        assert!(infer.get("over_alternated").is_none());
     }
 
     #[test]
-    fn alternate_with_base_swaps_the_order_and_reports_the_ratio() {
+    fn alternate_swaps_the_order_and_reports_the_ratio() {
         use std::cell::RefCell;
-        // the "models" are their names; the log records the order they ran in
+        // the log records the order the two "cases" ran in; "own" sleeps twice as long
         let log = RefCell::new(Vec::new());
-        let mut t = StepTimes { step: vec![1.0], ..Default::default() };
-        let step = |m: &&'static str| -> std::result::Result<(), ()> {
-            log.borrow_mut().push(*m);
-            std::thread::sleep(std::time::Duration::from_millis(if *m == "merged" { 4 } else { 2 }));
-            Ok(())
+        let run = |name: &'static str, ms: u64| {
+            let log = &log;
+            move || {
+                timed(|| {
+                    log.borrow_mut().push(name);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    Ok::<(), ()>(())
+                })
+            }
         };
-        alternate_with_base(&mut t, &"merged", || Ok("base"), step, 2, 1).unwrap();
-        assert_eq!(*log.borrow(), ["base", "merged", "merged", "base", "base", "merged"]);
-        assert_eq!(t.alternated.len(), 2, "the warm-up round is not kept");
-        assert!(t.peak_rss_before_base_mb.is_some());
+        let mut t = StepTimes { step: vec![1.0], ..Default::default() };
+        alternate(&mut t, "base", run("own", 4), || Ok(run("other", 2)), 2, 1).unwrap();
+        assert_eq!(log.borrow()[..6], ["other", "own", "own", "other", "other", "own"]);
+        assert_eq!(t.alternated.len(), ALTERNATED_ROUNDS, "the warm-up round is not kept");
+        assert!(t.peak_rss_before_alternating_mb.is_some());
         let c = Case { model: "m", method: "lora", mode: "infer-merged", framework: "burn-x".into(), batch: 1, steps: 1, warmup: 0, trainable_params: 0 };
         let v = json_line(&c, &t, json!({}));
-        let r = v["merged_over_base"].as_f64().unwrap();
-        assert!(r > 1.0, "merged sleeps twice as long: {r}");
-        assert_eq!(v["alternated_base_s"].as_array().unwrap().len(), 2);
-        assert!(alternate_with_base(&mut t, &"merged", || Err::<&str, _>("no base"), |_| Ok(()), 1, 0).is_err());
+        assert_eq!(v["alternated_with"], "base");
+        let r = v["over_alternated"].as_f64().unwrap();
+        assert!(r > 1.0, "own sleeps twice as long: {r}");
+        assert_eq!(v["alternated_other_s"].as_array().unwrap().len(), ALTERNATED_ROUNDS);
+        let fail = || Err::<fn() -> std::result::Result<f64, &'static str>, _>("no other case");
+        assert!(alternate(&mut t, "base", || Ok(1.0), fail, 1, 0).is_err());
     }
 }

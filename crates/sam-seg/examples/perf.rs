@@ -8,8 +8,9 @@
 //!   AdamW (PyTorch defaults, LoRA+ with the `-plus` methods) through `serial_lora::optim`.
 //! - `infer`: the same forward (masks on the host), adapters unmerged, no autodiff.
 //! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
-//!   alternated with a freshly built base model in this process (`merged_over_base`,
-//!   `lora_runtime::perf::alternate_with_base`).
+//!   alternated with a freshly built base model in this process (`over_alternated`,
+//!   `lora_runtime::perf::alternate`). `train --alternate-with lora` does the same for a
+//!   training step against another method's.
 //! - `--method base --mode infer`: the frozen base model, the reference for `infer-merged`.
 //!
 //! `--image-size` (default 512, not the checkpoint's 1024): a 1024² step is about 4× the
@@ -22,7 +23,7 @@
 use serial_lora::half::autocast;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -31,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, TrainStep, alternate, infer_model, json_line, timed};
 use sam_seg::{Prompts, SamConfig, SamModel};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
@@ -50,6 +51,10 @@ struct Args {
     /// train | infer | infer-merged
     #[arg(long, default_value = "train")]
     mode: String,
+    /// `train`: after the timed steps, alternate steps with a model trained by this method in
+    /// the same process (`over_alternated` in the JSON line; e.g. `lora` for `serial-lora`).
+    #[arg(long)]
+    alternate_with: Option<String>,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -95,7 +100,8 @@ impl<B: Backend> Inputs<B> {
         let pixels = Tensor::random([b, cfg.vision_config.num_channels, s, s], Distribution::Normal(0.0, 1.0), device);
         let q = s as f32 / 4.0;
         let boxes = Tensor::from_data(TensorData::new([q, q, 3.0 * q, 3.0 * q].repeat(b), [b, 1, 4]), device);
-        let low = 4 * cfg.vision_config.grid();
+        // the encoder's grid at `--image-size` (`cfg` may still have the checkpoint's)
+        let low = 4 * (s / cfg.vision_config.patch_size);
         let inside = |i: usize| (low / 4..3 * low / 4).contains(&i);
         let mask: Vec<f32> = (0..low * low).map(|p| if inside(p / low) && inside(p % low) { 1.0 } else { 0.0 }).collect();
         let target = Tensor::from_data(TensorData::new(mask.repeat(b), [b, low * low]), device);
@@ -119,40 +125,63 @@ fn seg_loss<B: Backend>(logits: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 1> {
 }
 
 /// `sam-seg train`'s adapter: alpha = rank (s = 1).
-fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
-    Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(args.rank as f64).with_dropout(args.dropout))
+fn adapter(args: &Args, method: &str) -> serial_lora::Result<AdapterConfig> {
+    Ok(AdapterConfig::from_method_name(method, args.rank, args.lr_ratio)?.with_alpha(args.rank as f64).with_dropout(args.dropout))
 }
 
 fn build<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Result<SamModel<B>> {
     Ok(SamModel::<B>::new(cfg, device).with_image_size(cfg, args.image_size)?)
 }
 
-fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
-    let acfg = adapter(args)?;
-    let mut model = random_base_in(build::<AB>(cfg, args, device)?, args.dtype).with_adapters(&acfg, 0, device)?;
-    let trainable = model.param_counts().trainable;
+/// A model with `method`'s adapter, stepped as `sam-seg train` steps it: each call runs one
+/// step ([`TrainStep`]).
+fn trainer<'a, AB: AutodiffBackend>(
+    cfg: &mut SamConfig,
+    args: &'a Args,
+    method: &str,
+    x: &'a Inputs<AB>,
+    device: &'a AB::Device,
+) -> Result<(impl FnMut() -> Result<TrainStep> + use<'a, AB>, usize)> {
+    let acfg = adapter(args, method)?;
+    let mut model = Some(random_base_in(build::<AB>(cfg, args, device)?, args.dtype).with_adapters(&acfg, 0, device)?);
+    let trainable = model.as_ref().map_or(0, |m| m.param_counts().trainable);
     let mut optim = loraplus_adamw::<AB, SamModel<AB>>(&adamw_pytorch_defaults(), acfg.lr_ratio.unwrap_or(1.0));
-    let x = Inputs::<AB>::new(cfg, args, device);
-    let mut times = StepTimes::default();
-    for step in 0..args.warmup + args.steps {
+    let run = move || {
         let t0 = Instant::now();
-        let loss = seg_loss(serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || masks(&model, &x)))?, x.target.clone());
+        let m = model.take().context("an earlier step failed")?;
+        let logits = serial_lora::with_checkpointing(args.gradient_checkpointing, || autocast(args.dtype, || masks(&m, x)))?;
+        let loss = seg_loss(logits, x.target.clone());
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sam-seg train` (and a sync)
         let t1 = Instant::now();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
         let _ = AB::sync(device);
         let t2 = Instant::now();
-        model = optim.step(1e-4, model, grads);
+        model = Some(optim.step(1e-4, m, grads));
         let _ = AB::sync(device);
-        let t3 = Instant::now();
-        times.record_train(step, args.warmup, value, [t0, t1, t2, t3])?;
+        Ok((value, [t0, t1, t2, Instant::now()]))
+    };
+    Ok((run, trainable))
+}
+
+fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
+    let x = Inputs::<AB>::new(cfg, args, device);
+    let (mut step, trainable) = trainer(cfg, args, &args.method, &x, device)?;
+    let mut times = StepTimes::default();
+    for i in 0..args.warmup + args.steps {
+        let (loss, t) = step()?;
+        times.record_train(i, args.warmup, loss, t)?;
+    }
+    if let Some(other) = &args.alternate_with {
+        let seconds = |(_, t): TrainStep| (t[3] - t[0]).as_secs_f64();
+        let other_step = || trainer(&mut cfg.clone(), args, other, &x, device).map(|(mut s, _)| move || s().map(seconds));
+        alternate(&mut times, other, || step().map(seconds), other_step, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }
 
 fn infer<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let base = random_base_in(build::<B>(cfg, args, device)?, args.dtype);
-    let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args), device)?;
+    let (model, trainable) = infer_model(base, &args.method, &args.mode, || adapter(args, &args.method), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let forward = |m: &SamModel<B>| -> Result<()> {
         let _ = masks(m, &x)?.into_data(); // sync: the masks on the host
@@ -165,7 +194,9 @@ fn infer<B: Backend>(cfg: &mut SamConfig, args: &Args, device: &B::Device) -> Re
         times.record_infer(step, args.warmup, t0);
     }
     if args.mode == "infer-merged" {
-        alternate_with_base(&mut times, &model, || Ok(random_base_in(build::<B>(cfg, args, device)?, args.dtype)), forward, args.steps, args.warmup)?;
+        let forward = &forward;
+        let base = || Ok(random_base_in(build::<B>(cfg, args, device)?, args.dtype)).map(|b| move || timed(|| forward(&b)));
+        alternate(&mut times, "base", || timed(|| forward(&model)), base, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

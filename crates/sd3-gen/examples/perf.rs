@@ -12,8 +12,9 @@
 //!   embeddings without T5 (77 CLIP + 77 zero T5 tokens of width 4096; random here), pooled 2048.
 //! - `infer`: one MMDiT forward (a denoising step's model call), adapters unmerged, no autodiff.
 //! - `infer-merged`: the same after `merge_and_unload` (the base model's architecture); then
-//!   alternated with a freshly built base model in this process (`merged_over_base`,
-//!   `lora_runtime::perf::alternate_with_base`).
+//!   alternated with a freshly built base model in this process (`over_alternated`,
+//!   `lora_runtime::perf::alternate`). `train --alternate-with lora` does the same for a
+//!   training step against another method's.
 //! - `--method base --mode infer`: the frozen base slice, the reference for `infer-merged`.
 //!
 //! Prints one JSON line (`lora_runtime::perf::json_line`).
@@ -22,7 +23,7 @@
 use serial_lora::half::autocast;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::module::ParamId;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -31,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, alternate_with_base, infer_model, json_line};
+use lora_runtime::perf::{Case, StepTimes, TrainStep, alternate, infer_model, json_line, timed};
 use sd3_gen::train::{clip_grad_norm, flow_matching_loss, training_schedule};
 use sd3_gen::{Sd3Transformer, Sd3TransformerConfig};
 use serial_lora::config::Init;
@@ -56,6 +57,10 @@ struct Args {
     /// train | infer | infer-merged
     #[arg(long, default_value = "train")]
     mode: String,
+    /// `train`: after the timed steps, alternate steps with a model trained by this method in
+    /// the same process (`over_alternated` in the JSON line; e.g. `lora` for `serial-lora`).
+    #[arg(long)]
+    alternate_with: Option<String>,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -130,41 +135,62 @@ impl<B: Backend> Inputs<B> {
 }
 
 /// `sd3-gen train`'s adapter: Gaussian init of A, alpha = rank (s = 1), no dropout.
-fn adapter(args: &Args) -> serial_lora::Result<AdapterConfig> {
-    Ok(AdapterConfig::from_method_name(&args.method, args.rank, args.lr_ratio)?.with_alpha(args.rank as f64).with_init(Init::Gaussian))
+fn adapter(args: &Args, method: &str) -> serial_lora::Result<AdapterConfig> {
+    Ok(AdapterConfig::from_method_name(method, args.rank, args.lr_ratio)?.with_alpha(args.rank as f64).with_init(Init::Gaussian))
 }
 
-fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
-    let acfg = adapter(args)?;
-    let mut model = random_base_in(Sd3Transformer::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?;
-    let trainable = model.param_counts().trainable;
-    let ids: Vec<(ParamId, usize)> = param_infos(&model).into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
+/// A model with `method`'s adapter, stepped as `sd3-gen train` steps it: each call runs one
+/// step ([`TrainStep`]).
+fn trainer<'a, AB: AutodiffBackend>(
+    cfg: &Sd3TransformerConfig,
+    args: &'a Args,
+    method: &str,
+    x: &'a Inputs<AB>,
+    device: &'a AB::Device,
+) -> Result<(impl FnMut() -> Result<TrainStep> + use<'a, AB>, usize)> {
+    let acfg = adapter(args, method)?;
+    let mut model = Some(random_base_in(Sd3Transformer::<AB>::new(cfg, device), args.dtype).with_adapters(&acfg, 0, device)?);
+    let trainable = model.as_ref().map_or(0, |m| m.param_counts().trainable);
+    let ids: Vec<(ParamId, usize)> = model.as_ref().map(param_infos).unwrap_or_default().into_iter().filter(|p| p.trainable).map(|p| (p.id, p.ndim)).collect();
     let mut optim = loraplus_adamw::<AB, Sd3Transformer<AB>>(&adamw_pytorch_defaults().with_weight_decay(1e-4), acfg.lr_ratio.unwrap_or(1.0));
-    let x = Inputs::<AB>::new(cfg, args, device);
-    let mut times = StepTimes::default();
-    for step in 0..args.warmup + args.steps {
+    let run = move || {
         let t0 = Instant::now();
+        let m = model.take().context("an earlier step failed")?;
         let (loss, _) = serial_lora::with_checkpointing(args.gradient_checkpointing, || {
-            autocast(args.dtype, || flow_matching_loss(&model, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone()))
+            autocast(args.dtype, || flow_matching_loss(&m, x.x0.clone(), x.noise.clone(), &x.sigmas, &x.timesteps, x.embeds.clone(), x.pooled.clone()))
         })?;
         let value = loss.clone().into_scalar().elem::<f32>(); // as `sd3-gen train` (and a sync)
         let t1 = Instant::now();
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-
+        let mut grads = GradientsParams::from_grads(loss.backward(), &m);
         let _ = AB::sync(device);
         let t2 = Instant::now();
         clip_grad_norm::<AB>(&mut grads, &ids, 1.0);
-        model = optim.step(1e-4, model, grads);
+        model = Some(optim.step(1e-4, m, grads));
         let _ = AB::sync(device);
-        let t3 = Instant::now();
-        times.record_train(step, args.warmup, value, [t0, t1, t2, t3])?;
+        Ok((value, [t0, t1, t2, Instant::now()]))
+    };
+    Ok((run, trainable))
+}
+
+fn train<AB: AutodiffBackend>(cfg: &Sd3TransformerConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
+    let x = Inputs::<AB>::new(cfg, args, device);
+    let (mut step, trainable) = trainer(cfg, args, &args.method, &x, device)?;
+    let mut times = StepTimes::default();
+    for i in 0..args.warmup + args.steps {
+        let (loss, t) = step()?;
+        times.record_train(i, args.warmup, loss, t)?;
+    }
+    if let Some(other) = &args.alternate_with {
+        let seconds = |(_, t): TrainStep| (t[3] - t[0]).as_secs_f64();
+        let other_step = || trainer(cfg, args, other, &x, device).map(|(mut s, _)| move || s().map(seconds));
+        alternate(&mut times, other, || step().map(seconds), other_step, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }
 
 fn infer<B: Backend>(cfg: &Sd3TransformerConfig, args: &Args, device: &B::Device) -> Result<(StepTimes, usize)> {
     let new_base = || random_base_in(Sd3Transformer::<B>::new(cfg, device), args.dtype);
-    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args), device)?;
+    let (model, trainable) = infer_model(new_base(), &args.method, &args.mode, || adapter(args, &args.method), device)?;
     let x = Inputs::<B>::new(cfg, args, device);
     let forward = |m: &Sd3Transformer<B>| -> Result<()> {
         let out = m.forward(x.noisy(), x.embeds.clone(), x.pooled.clone(), &x.timesteps)?;
@@ -178,7 +204,9 @@ fn infer<B: Backend>(cfg: &Sd3TransformerConfig, args: &Args, device: &B::Device
         times.record_infer(step, args.warmup, t0);
     }
     if args.mode == "infer-merged" {
-        alternate_with_base(&mut times, &model, || Ok(new_base()), forward, args.steps, args.warmup)?;
+        let forward = &forward;
+        let base = || Ok(new_base()).map(|b| move || timed(|| forward(&b)));
+        alternate(&mut times, "base", || timed(|| forward(&model)), base, args.steps, args.warmup)?;
     }
     Ok((times, trainable))
 }

@@ -16,7 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::config::{AdapterConfig, Method, Projection};
 use crate::error::{Error, Result};
 use crate::half;
-use crate::layers::on_rows;
+use crate::layers::{matmul, on_rows};
 use crate::lora::{FusedQkv, LoraLinear, check_finite, replace_frozen};
 use crate::rng::StdRng;
 use crate::serial::SerialLora;
@@ -324,10 +324,10 @@ impl<B: Backend> Attention<B> {
     /// [`Attention::serial_factored`]).
     fn qkv_serial_factored(&self, s: &SerialLora<B>, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let pair = &s.pair;
-        let xa = on_rows(x.clone(), |x| pair.dropout.forward(x).matmul(pair.lora_a.val()).mul_scalar(pair.scale));
+        let xa = on_rows(x.clone(), |x| matmul(pair.dropout.forward(x), pair.lora_a.val()).mul_scalar(pair.scale));
         let project = |l: &Linear<B>, x: Tensor<B, 3>| {
-            let bw = pair.lora_b.val().matmul(half::f32(l.weight.val()));
-            half::linear(l, x) + on_rows(xa.clone(), |xa| xa.matmul(bw))
+            let bw = matmul(pair.lora_b.val(), half::f32(l.weight.val()));
+            half::linear(l, x) + on_rows(xa.clone(), |xa| matmul(xa, bw))
         };
         match &self.qkv {
             QkvProjection::Separate(p) => (project(&p.q.base, x.clone()), project(&p.k.base, x.clone()), project(&p.v.base, x)),
