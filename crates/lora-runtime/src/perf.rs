@@ -118,6 +118,28 @@ pub fn alternate<E, F: FnMut() -> std::result::Result<f64, E>>(
     Ok(())
 }
 
+/// A perf program's training case: `warmup + steps` calls of `step` recorded, then, with
+/// `alternate_with = Some((method, build))`, that method's step (`build()`) alternated with it
+/// ([`alternate`]).
+pub fn train_case<E: From<Error>, G: FnMut() -> std::result::Result<TrainStep, E>>(
+    mut step: impl FnMut() -> std::result::Result<TrainStep, E>,
+    alternate_with: Option<(&str, impl FnOnce() -> std::result::Result<G, E>)>,
+    steps: usize,
+    warmup: usize,
+) -> std::result::Result<StepTimes, E> {
+    let mut times = StepTimes::default();
+    for i in 0..warmup + steps {
+        let (loss, t) = step()?;
+        times.record_train(i, warmup, loss, t)?;
+    }
+    if let Some((method, build)) = alternate_with {
+        let seconds = |(_, t): TrainStep| (t[3] - t[0]).as_secs_f64();
+        let other = || build().map(|mut s| move || s().map(seconds));
+        alternate(&mut times, method, || step().map(seconds), other, steps, warmup)?;
+    }
+    Ok(times)
+}
+
 /// Seconds of `f()` (which ends with a host read or a sync).
 pub fn timed<E>(f: impl FnOnce() -> std::result::Result<(), E>) -> std::result::Result<f64, E> {
     let t0 = Instant::now();

@@ -32,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use lora_runtime::DeviceSpec;
 use lora_runtime::perf::random_base_in;
-use lora_runtime::perf::{Case, StepTimes, TrainStep, alternate, infer_model, json_line, timed};
+use lora_runtime::perf::{Case, StepTimes, TrainStep, alternate, infer_model, json_line, timed, train_case};
 use sam_seg::{Prompts, SamConfig, SamModel};
 use serial_lora::optim::{adamw_pytorch_defaults, loraplus_adamw};
 use serial_lora::{AdaptedModel, AdapterConfig, ParamCountExt};
@@ -165,17 +165,9 @@ fn trainer<'a, AB: AutodiffBackend>(
 
 fn train<AB: AutodiffBackend>(cfg: &mut SamConfig, args: &Args, device: &AB::Device) -> Result<(StepTimes, usize)> {
     let x = Inputs::<AB>::new(cfg, args, device);
-    let (mut step, trainable) = trainer(cfg, args, &args.method, &x, device)?;
-    let mut times = StepTimes::default();
-    for i in 0..args.warmup + args.steps {
-        let (loss, t) = step()?;
-        times.record_train(i, args.warmup, loss, t)?;
-    }
-    if let Some(other) = &args.alternate_with {
-        let seconds = |(_, t): TrainStep| (t[3] - t[0]).as_secs_f64();
-        let other_step = || trainer(&mut cfg.clone(), args, other, &x, device).map(|(mut s, _)| move || s().map(seconds));
-        alternate(&mut times, other, || step().map(seconds), other_step, args.steps, args.warmup)?;
-    }
+    let (step, trainable) = trainer(cfg, args, &args.method, &x, device)?;
+    let other = args.alternate_with.as_deref().map(|other| (other, || trainer(&mut cfg.clone(), args, other, &x, device).map(|(s, _)| s)));
+    let times = train_case(step, other, args.steps, args.warmup)?;
     Ok((times, trainable))
 }
 
